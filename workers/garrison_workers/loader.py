@@ -1,0 +1,60 @@
+"""Open a model by path (HF directory or .gguf file) and build it, weights in place, on one device."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from garrison_workers.config import ModelConfig, from_hf_config
+from garrison_workers.errors import ModelLoadError
+from garrison_workers.model import CausalLM
+from garrison_workers.tokenizer import Tokenizer
+from garrison_workers.weights.gguf_source import GGUFSource, config_from_gguf, open_reader
+from garrison_workers.weights.safetensors_source import SafetensorsSource
+from garrison_workers.weights.source import WeightSource, fill_parameters
+
+
+@dataclass(slots=True)
+class ModelFiles:
+    """A model's configuration, tokenizer (None for test models saved without one) and weights."""
+
+    config: ModelConfig
+    tokenizer: Tokenizer | None
+    source: WeightSource
+
+
+def open_model_files(path: str | Path) -> ModelFiles:
+    path = Path(path)
+    if not path.exists():
+        raise ModelLoadError(f"model path {path} does not exist; pass an HF model directory or a .gguf file")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelLoadError(f"{path} is a file but not a .gguf; pass a .gguf file or an HF model directory")
+        reader = open_reader(path)
+        config = config_from_gguf(reader, path)
+        return ModelFiles(config, Tokenizer.from_gguf(reader), GGUFSource(reader, path, config))
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise ModelLoadError(f"{path} has no config.json; is it a Hugging Face model directory?")
+    try:
+        raw = json.loads(config_file.read_text())
+    except ValueError as err:
+        raise ModelLoadError(f"{config_file} is not valid JSON: {err}") from None
+    config = from_hf_config(raw)
+    return ModelFiles(config, Tokenizer.from_pretrained_dir(path),
+                      SafetensorsSource(path, dense_llama=config.architecture == "llama"))
+
+
+def build_model(config: ModelConfig, source: WeightSource, dtype: torch.dtype = torch.float32,
+                device: str | torch.device = "cpu") -> CausalLM:
+    # Built on the meta device so that no memory is spent on random init the checkpoint overwrites.
+    with torch.device("meta"):
+        model = CausalLM(config)
+    model = model.to_empty(device=device).to(dtype)
+    if config.tie_word_embeddings:  # to_empty gives the tied pair two separate tensors
+        model.lm_head.weight = model.model.embed_tokens.weight
+    fill_parameters(model, source)
+    return model.eval()

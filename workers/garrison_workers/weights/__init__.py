@@ -1,0 +1,1 @@
+"""Where weights come from: HF safetensors directories, GGUF files (and, later, the encrypted store)."""
