@@ -174,6 +174,8 @@ class LLMEngine:
         if state is None:
             return ""
         state.text += state.detokenizer.push(token)
+        if seq.finish_reason is not None:  # nothing follows: release a held-back partial character
+            state.text += state.detokenizer.flush()
         stops = seq.params.stop
         cut = len(state.text)
         for stop in stops:
