@@ -65,3 +65,10 @@ def save_tiny_llama(directory: Path, seed: int = 0, **overrides) -> Path:
     model = LlamaForCausalLM(LlamaConfig(**raw)).eval()
     model.save_pretrained(directory)
     return directory
+
+
+@pytest.fixture(scope="session")
+def smollm2_engine(smollm2_path: Path):
+    from garrison_workers.engine.llm_engine import EngineConfig, LLMEngine
+
+    return LLMEngine.from_path(smollm2_path, EngineConfig(kv_cache_bytes=256 << 20, max_num_batched_tokens=512))

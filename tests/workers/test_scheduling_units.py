@@ -1,0 +1,118 @@
+"""Block manager, scheduler and sampler on their own: sequences and block ids, no model."""
+
+from __future__ import annotations
+
+import torch
+
+from garrison_workers.engine.block_manager import BlockManager
+from garrison_workers.engine.sampler import sample
+from garrison_workers.engine.scheduler import Scheduler
+from garrison_workers.engine.sequence import SamplingParams, Sequence
+
+
+def seq(request_id: str, tokens: list[int], salt: bytes = b"", **params) -> Sequence:
+    return Sequence(request_id, list(tokens), len(tokens), SamplingParams(**params), salt)
+
+
+def compute(manager: BlockManager, s: Sequence, upto: int) -> None:
+    assert manager.ensure_slots(s, upto)
+    s.num_computed_tokens = upto
+    manager.publish_full_blocks(s)
+
+
+def test_ref_counts_and_prefix_reuse() -> None:
+    manager = BlockManager(num_blocks=8, block_size=4)
+    a = seq("a", list(range(10)))
+    manager.reuse_cached_prefix(a)
+    compute(manager, a, 10)
+    assert len(a.block_table) == 3 and manager.num_free_blocks == 5
+    b = seq("b", list(range(10)) + [99])
+    manager.reuse_cached_prefix(b)
+    assert b.num_computed_tokens == 8 and b.block_table == a.block_table[:2]
+    manager.free(a)
+    assert manager.num_free_blocks == 6  # the two shared blocks are still held by b
+    manager.free(b)
+    assert manager.num_free_blocks == 8
+
+
+def test_last_prompt_token_is_always_recomputed() -> None:
+    manager = BlockManager(num_blocks=8, block_size=4)
+    a = seq("a", list(range(8)))
+    compute(manager, a, 8)
+    b = seq("b", list(range(8)))
+    manager.reuse_cached_prefix(b)
+    assert b.num_computed_tokens == 4
+
+
+def test_salt_isolates_prefix_cache() -> None:
+    manager = BlockManager(num_blocks=8, block_size=4)
+    compute(manager, seq("a", list(range(9)), salt=b"tenant-a"), 9)
+    b = seq("b", list(range(9)), salt=b"tenant-b")
+    manager.reuse_cached_prefix(b)
+    assert b.num_computed_tokens == 0
+
+
+def test_freed_blocks_stay_reusable_until_handed_out() -> None:
+    manager = BlockManager(num_blocks=4, block_size=4)
+    a = seq("a", list(range(9)))
+    compute(manager, a, 9)
+    manager.free(a)
+    again = seq("again", list(range(9)))
+    manager.reuse_cached_prefix(again)
+    assert again.num_computed_tokens == 8
+    manager.free(again)
+    hog = seq("hog", list(range(100, 116)))
+    assert manager.ensure_slots(hog, 16)  # takes every block, evicting the cached prefix
+    manager.free(hog)
+    late = seq("late", list(range(9)))
+    manager.reuse_cached_prefix(late)
+    assert late.num_computed_tokens == 0
+
+
+def test_scheduler_chunks_prompts_under_the_budget_and_decodes_first() -> None:
+    scheduler = Scheduler(BlockManager(num_blocks=64, block_size=4), max_num_seqs=8, max_num_batched_tokens=10)
+    decoding = seq("decoding", [1, 2, 3])
+    scheduler.add(decoding)
+    batch = scheduler.schedule()
+    assert batch.work == [(decoding, 3)]
+    decoding.num_computed_tokens = 3
+    decoding.token_ids.append(7)
+    long = seq("long", list(range(25)))
+    scheduler.add(long)
+    budgets = []
+    for _ in range(3):
+        batch = scheduler.schedule()
+        assert batch.work[0] == (decoding, 1)  # the stream keeps flowing while the long prompt advances
+        budgets.append(batch.work[1][1])
+        long.num_computed_tokens += batch.work[1][1]
+        decoding.num_computed_tokens += 1
+        decoding.token_ids.append(7)
+    assert budgets == [9, 9, 7]
+
+
+def test_scheduler_preempts_newest_when_blocks_run_out() -> None:
+    scheduler = Scheduler(BlockManager(num_blocks=4, block_size=4), max_num_seqs=8, max_num_batched_tokens=64)
+    old, new = seq("old", list(range(8))), seq("new", list(range(50, 58)))
+    scheduler.add(old)
+    scheduler.add(new)
+    batch = scheduler.schedule()
+    assert [s.request_id for s, _ in batch.work] == ["old", "new"]
+    for s in (old, new):
+        s.num_computed_tokens = 8
+        s.token_ids.append(1)
+    batch = scheduler.schedule()  # each needs a third block; only one can have it
+    assert [s.request_id for s, _ in batch.work] == ["old"]
+    assert batch.preempted == [new] and new.block_table == [] and scheduler.waiting[0] is new
+
+
+def test_sampler_greedy_topk_topp_seed_and_logprobs() -> None:
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    greedy = seq("g", [1], logprobs=True)
+    tokens, logprobs = sample(logits, [greedy])
+    assert tokens == [0] and abs(logprobs[0] - torch.log(torch.tensor(0.5)).item()) < 1e-6
+    top_k = [sample(logits, [seq("k", [1], temperature=1.0, top_k=2, seed=s)])[0][0] for s in range(200)]
+    assert set(top_k) == {0, 1}
+    top_p = [sample(logits, [seq("p", [1], temperature=1.0, top_p=0.7, seed=s)])[0][0] for s in range(200)]
+    assert set(top_p) == {0, 1}  # 0.5 alone is short of 0.7; 0.5 + 0.3 reaches it
+    first = [sample(logits, [seq("s", [1], temperature=1.0, seed=42)])[0][0] for _ in range(5)]
+    assert len(set(first)) == 1
