@@ -51,7 +51,7 @@ def assert_all_blocks_free(engine: LLMEngine) -> None:
 @pytest.mark.parametrize("which", ["tiny_llama4", "smollm2"])
 def test_batch_invariance(request, which: str) -> None:
     engine = request.getfixturevalue("tiny_engine" if which == "tiny_llama4" else "smollm2_engine")
-    prompts = mixed_prompts(16, engine.model.config.vocab_size, seed=11)
+    prompts = mixed_prompts(16, engine.model_config.vocab_size, seed=11)
     params = SamplingParams(max_tokens=12, ignore_eos=True)
     together = run_staggered(engine, prompts, params)
     for i, prompt in enumerate(prompts):

@@ -26,3 +26,11 @@ class ModelLoadError(GarrisonError):
 
 class CapacityError(GarrisonError):
     """The engine cannot hold the request even when it runs alone (KV cache too small)."""
+
+
+class LayoutError(GarrisonError):
+    """A tensor/expert-parallel layout does not fit the model (e.g. tp does not divide the heads)."""
+
+
+class WorkerLostError(GarrisonError):
+    """A rank of a worker group died; its in-flight requests failed and the group must be restarted."""

@@ -10,7 +10,9 @@ import torch
 
 from garrison_workers.config import ModelConfig, from_hf_config
 from garrison_workers.errors import ModelLoadError
-from garrison_workers.model import CausalLM
+from garrison_workers.model import CausalLM, MoE
+from garrison_workers.parallel.context import ParallelContext
+from garrison_workers.parallel.moe import ParallelMoE
 from garrison_workers.tokenizer import Tokenizer
 from garrison_workers.weights.gguf_source import GGUFSource, config_from_gguf, open_reader
 from garrison_workers.weights.safetensors_source import SafetensorsSource
@@ -49,10 +51,14 @@ def open_model_files(path: str | Path) -> ModelFiles:
 
 
 def build_model(config: ModelConfig, source: WeightSource, dtype: torch.dtype = torch.float32,
-                device: str | torch.device = "cpu") -> CausalLM:
+                device: str | torch.device = "cpu", par: ParallelContext | None = None) -> CausalLM:
+    """This rank's part of the model, holding (and reading) only the weights `par` assigns it."""
+    par = par or ParallelContext.single()
+    par.dims.validate(config)
+    moe_cls = MoE if par.dims.world_size == 1 else ParallelMoE
     # Built on the meta device so that no memory is spent on random init the checkpoint overwrites.
     with torch.device("meta"):
-        model = CausalLM(config)
+        model = CausalLM(config, par, moe_cls)
     model = model.to_empty(device=device).to(dtype)
     if config.tie_word_embeddings:  # to_empty gives the tied pair two separate tensors
         model.lm_head.weight = model.model.embed_tokens.weight

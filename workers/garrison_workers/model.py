@@ -3,8 +3,11 @@
 Modules and parameter names follow transformers' `Llama4ForCausalLM` so a checkpoint's names map
 one to one (dense Llama's `mlp.` is renamed `feed_forward.` by the loaders). Tokens are a flat
 `[T, H]` batch of every sequence of the step; attention reads and writes the paged KV cache
-through `AttentionMetadata`. Parallel variants of the linear layers (TP) and experts (EP) replace
-the single-device ones without changing this file's forward logic.
+through `AttentionMetadata`.
+
+Tensor parallelism enters only through the column/row-parallel linear layers (with tp = 1 they are
+plain linears), and expert parallelism through the MoE class the builder passes in
+(`garrison_workers.parallel.moe.ParallelMoE`); the forward logic here is the same on one device or many.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from torch import nn
 
 from garrison_workers.attention import AttentionMetadata, paged_attention, write_kv
 from garrison_workers.config import ModelConfig
+from garrison_workers.parallel.context import ParallelContext
+from garrison_workers.parallel.layers import ColumnParallelLinear, RowParallelLinear
 
 KVCaches = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -94,7 +99,7 @@ class StepContext:
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int, rotary: Rotary) -> None:
+    def __init__(self, config: ModelConfig, layer: int, rotary: Rotary, par: ParallelContext) -> None:
         super().__init__()
         self.config, self.rotary = config, rotary
         self.head_dim = config.head_dim
@@ -104,10 +109,11 @@ class Attention(nn.Module):
         self.temperature_tuning = config.attn_temperature_tuning and not self.use_rope
         bias = config.attention_bias
         h, d = config.hidden_size, config.head_dim
-        self.q_proj = nn.Linear(h, config.num_heads * d, bias=bias)
-        self.k_proj = nn.Linear(h, config.num_kv_heads * d, bias=bias)
-        self.v_proj = nn.Linear(h, config.num_kv_heads * d, bias=bias)
-        self.o_proj = nn.Linear(config.num_heads * d, h, bias=bias)
+        # Heads split across the TP group; each rank attends with its own heads and KV cache shard.
+        self.q_proj = ColumnParallelLinear(h, config.num_heads * d, par, bias=bias)
+        self.k_proj = ColumnParallelLinear(h, config.num_kv_heads * d, par, bias=bias)
+        self.v_proj = ColumnParallelLinear(h, config.num_kv_heads * d, par, bias=bias)
+        self.o_proj = RowParallelLinear(config.num_heads * d, h, par, bias=bias)
 
     def forward(self, x_TH: torch.Tensor, ctx: StepContext, kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         d = self.head_dim
@@ -128,11 +134,11 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+    def __init__(self, hidden_size: int, intermediate_size: int, par: ParallelContext, reduce: bool = True) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_proj = ColumnParallelLinear(hidden_size, intermediate_size, par)
+        self.up_proj = ColumnParallelLinear(hidden_size, intermediate_size, par)
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, par, reduce=reduce)
 
     def forward(self, x_TH: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x_TH)) * self.up_proj(x_TH))
@@ -160,13 +166,15 @@ class Experts(nn.Module):
 
 
 class MoE(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    """The single-device MoE layer; `ParallelMoE` is its TP × EP counterpart."""
+
+    def __init__(self, config: ModelConfig, par: ParallelContext) -> None:
         super().__init__()
         self.top_k = config.num_experts_per_tok
         self.num_experts = config.num_experts
         self.router = nn.Linear(config.hidden_size, config.num_experts, bias=False)
         self.experts = Experts(config.num_experts, config.hidden_size, config.intermediate_size)
-        self.shared_expert = MLP(config.hidden_size, config.intermediate_size)
+        self.shared_expert = MLP(config.hidden_size, config.intermediate_size, par)
 
     def forward(self, x_TH: torch.Tensor) -> torch.Tensor:
         """1. route: top-k of the router logits, each kept score squashed by a sigmoid;
@@ -185,13 +193,16 @@ class MoE(nn.Module):
         return self.shared_expert(x_TH).index_add_(0, token_P, y_PH)
 
 
+MoEClass = type[nn.Module]  # built as cls(config, par); MoE or ParallelMoE
+
+
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int, rotary: Rotary) -> None:
+    def __init__(self, config: ModelConfig, layer: int, rotary: Rotary, par: ParallelContext, moe_cls: MoEClass) -> None:
         super().__init__()
-        self.self_attn = Attention(config, layer, rotary)
+        self.self_attn = Attention(config, layer, rotary, par)
         self.feed_forward: nn.Module = (
-            MoE(config) if config.is_moe_layer(layer)
-            else MLP(config.hidden_size, config.intermediate_size_mlp or config.intermediate_size))
+            moe_cls(config, par) if config.is_moe_layer(layer)
+            else MLP(config.hidden_size, config.intermediate_size_mlp or config.intermediate_size, par))
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -201,19 +212,23 @@ class DecoderLayer(nn.Module):
 
 
 class TextModel(nn.Module):
-    def __init__(self, config: ModelConfig, rotary: Rotary) -> None:
+    def __init__(self, config: ModelConfig, rotary: Rotary, par: ParallelContext, moe_cls: MoEClass) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i, rotary) for i in range(config.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, i, rotary, par, moe_cls) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
 class CausalLM(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    """Embedding and LM head are replicated on every rank: small beside the experts, and it keeps
+    sampling local to any rank."""
+
+    def __init__(self, config: ModelConfig, par: ParallelContext | None = None, moe_cls: MoEClass = MoE) -> None:
         super().__init__()
         self.config = config
+        self.par = par or ParallelContext.single()
         self.rotary = Rotary(config)
-        self.model = TextModel(config, self.rotary)
+        self.model = TextModel(config, self.rotary, self.par, moe_cls)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -225,6 +240,10 @@ class CausalLM(nn.Module):
         for layer, kv_cache in zip(self.model.layers, kv_caches):
             x_TH = layer(x_TH, ctx, kv_cache)
         return self.model.norm(x_TH)
+
+    @property
+    def num_local_kv_heads(self) -> int:
+        return self.config.num_kv_heads // self.par.dims.tp
 
     def compute_logits(self, hidden_NH: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden_NH).float()

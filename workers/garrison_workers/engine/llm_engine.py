@@ -13,14 +13,16 @@ from pathlib import Path
 
 import torch
 
+from garrison_workers.config import ModelConfig
 from garrison_workers.engine.block_manager import BlockManager
-from garrison_workers.engine.model_runner import ModelRunner
+from garrison_workers.engine.executor import Executor, LocalExecutor
+from garrison_workers.engine.model_runner import ModelRunner, SeqChunk
 from garrison_workers.engine.sampler import sample
 from garrison_workers.engine.scheduler import Scheduler
 from garrison_workers.engine.sequence import SamplingParams, Sequence, SequenceStatus
-from garrison_workers.errors import CapacityError, ContextLengthError, InvalidRequestError
+from garrison_workers.errors import CapacityError, ContextLengthError, InvalidRequestError, WorkerLostError
 from garrison_workers.loader import build_model, open_model_files
-from garrison_workers.model import CausalLM
+from garrison_workers.parallel.dims import ParallelDims
 from garrison_workers.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
@@ -50,10 +52,11 @@ class RequestOutput:
     new_text: str
     new_logprobs: list[float | None]
     finished: bool
-    finish_reason: str | None  # "stop", "length" or "abort"
+    finish_reason: str | None  # "stop", "length", "abort" or "error"
     num_prompt_tokens: int
     num_output_tokens: int
     num_cached_prompt_tokens: int
+    error: str | None = None  # why the request failed (finish_reason "error"), e.g. a lost worker rank
 
 
 @dataclass(slots=True)
@@ -74,31 +77,63 @@ class _TextState:
     emitted: int = 0  # characters already streamed
 
 
+def num_kv_blocks(model_config: ModelConfig, config: EngineConfig, tp: int = 1) -> int:
+    """Blocks that fit the per-rank KV budget (each TP rank holds 1/tp of every block)."""
+    block_bytes = ModelRunner.kv_block_bytes(model_config, config.block_size, config.dtype, tp)
+    return config.num_kv_blocks or max(1, config.kv_cache_bytes // block_bytes)
+
+
 class LLMEngine:
-    def __init__(self, model: CausalLM, tokenizer: Tokenizer | None, config: EngineConfig = EngineConfig()) -> None:
-        self.model, self.tokenizer, self.config = model, tokenizer, config
-        model_config = model.config
-        block_bytes = ModelRunner.kv_block_bytes(model_config, config.block_size, config.dtype)
-        num_blocks = config.num_kv_blocks or max(1, config.kv_cache_bytes // block_bytes)
-        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(model, num_blocks, config.block_size, config.dtype, config.device)
+    def __init__(self, executor: Executor, model_config: ModelConfig, tokenizer: Tokenizer | None,
+                 config: EngineConfig, num_blocks: int) -> None:
+        self.executor, self.model_config, self.tokenizer, self.config = executor, model_config, tokenizer, config
+        self.num_blocks = num_blocks
+        self._new_scheduler()
         self.max_model_len = min(config.max_model_len or model_config.max_position_embeddings,
                                  model_config.max_position_embeddings, num_blocks * config.block_size)
         self.eos_token_ids = frozenset(model_config.eos_token_ids) | frozenset(
             tokenizer.eos_token_ids if tokenizer else ())
         self._seqs: dict[str, Sequence] = {}
         self._text: dict[str, _TextState] = {}
+        self.failure: WorkerLostError | None = None
 
     @classmethod
-    def from_path(cls, path: str | Path, config: EngineConfig = EngineConfig()) -> "LLMEngine":
+    def from_path(cls, path: str | Path, config: EngineConfig = EngineConfig(),
+                  dims: ParallelDims = ParallelDims()) -> "LLMEngine":
+        """An engine over one replica: in this process, or as a `tp × ep` worker group on Ray."""
         files = open_model_files(path)
-        return cls(build_model(files.config, files.source, config.dtype, config.device), files.tokenizer, config)
+        dims.validate(files.config)
+        num_blocks = num_kv_blocks(files.config, config, dims.tp)
+        executor: Executor
+        if dims.world_size == 1:
+            model = build_model(files.config, files.source, config.dtype, config.device)
+            executor = LocalExecutor(model, num_blocks, config.block_size, config.dtype, config.device)
+        else:
+            from garrison_workers.worker_group import WorkerGroup  # Ray is needed only for parallel replicas
+
+            executor = WorkerGroup(str(path), dims, num_blocks, config.block_size, config.dtype, config.device).start()
+        return cls(executor, files.config, files.tokenizer, config, num_blocks)
+
+    def _new_scheduler(self) -> None:
+        config = self.config
+        self.block_manager = BlockManager(self.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+
+    def restart(self) -> None:
+        """Bring a failed executor back with an empty KV cache (and so an empty prefix cache)."""
+        self.executor.restart()
+        self._new_scheduler()
+        self.failure = None
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()
 
     # -- requests ---------------------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     salt: bytes = b"") -> None:
+        if self.failure is not None:
+            raise WorkerLostError(f"{self.failure}")
         if request_id in self._seqs:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         self._validate_prompt(prompt_token_ids)
@@ -128,7 +163,7 @@ class LLMEngine:
     def _validate_prompt(self, prompt: list[int]) -> None:
         if not prompt:
             raise InvalidRequestError("the prompt is empty; give at least one token")
-        vocab = self.model.config.vocab_size
+        vocab = self.model_config.vocab_size
         bad = [t for t in prompt if not isinstance(t, int) or not 0 <= t < vocab]
         if bad:
             raise InvalidRequestError(f"token id {bad[0]!r} is outside the vocabulary (0..{vocab - 1})")
@@ -136,7 +171,7 @@ class LLMEngine:
             limit = self.max_model_len
             raise ContextLengthError(
                 f"the prompt has {len(prompt)} tokens but at most {limit - 1} fit with room to generate "
-                f"(model context {self.model.config.max_position_embeddings}, KV cache "
+                f"(model context {self.model_config.max_position_embeddings}, KV cache "
                 f"{self.block_manager.num_blocks * self.config.block_size} tokens); shorten the prompt")
         if self.block_manager.blocks_needed(len(prompt) + 1) > self.block_manager.num_blocks:
             raise CapacityError(f"the KV cache holds {self.block_manager.num_blocks} blocks, too few for this prompt")
@@ -147,12 +182,30 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch.work:
             return []
-        sampled, logits_NV = self.runner.run(batch.work)
+        chunks = [SeqChunk(seq.token_ids[seq.num_computed_tokens:seq.num_computed_tokens + count],
+                           seq.num_computed_tokens, seq.block_table, seq.num_computed_tokens + count == seq.num_tokens)
+                  for seq, count in batch.work]
+        try:
+            logits_NV = self.executor.execute(chunks)
+        except WorkerLostError as err:
+            return self._fail_all(err)
         for seq, count in batch.work:
             seq.num_computed_tokens += count
             self.block_manager.publish_full_blocks(seq)
+        sampled = [seq for (seq, _), chunk in zip(batch.work, chunks) if chunk.needs_logits]
         tokens, logprobs = sample(logits_NV, sampled) if sampled else ([], [])
         return [self._append(seq, token, logprob) for seq, token, logprob in zip(sampled, tokens, logprobs)]
+
+    def _fail_all(self, err: WorkerLostError) -> list[RequestOutput]:
+        """The executor lost a rank: every in-flight request ends with the error and frees its blocks."""
+        self.failure = err
+        outputs = []
+        for seq in list(self._seqs.values()):
+            seq.finish_reason = "error"
+            self._finish(seq)
+            outputs.append(RequestOutput(seq.request_id, [], "", [], True, "error", seq.num_prompt_tokens,
+                                         seq.num_output_tokens, seq.num_cached_prompt_tokens, error=str(err)))
+        return outputs
 
     def _append(self, seq: Sequence, token: int, logprob: float | None) -> RequestOutput:
         seq.token_ids.append(token)

@@ -6,12 +6,27 @@ prefill chunk contiguously (see `garrison_workers.attention`).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from garrison_workers.attention import AttentionMetadata, PrefillSegment, causal_masks
 from garrison_workers.config import ModelConfig
-from garrison_workers.engine.sequence import Sequence
 from garrison_workers.model import CausalLM
+
+
+@dataclass(slots=True)
+class SeqChunk:
+    """One sequence's share of a step: all a rank needs to compute it (plain data, cheap to ship)."""
+
+    token_ids: list[int]  # the tokens computed in this step
+    start: int  # position of token_ids[0]; positions before it are already in the cache
+    block_table: list[int]
+    needs_logits: bool  # the chunk ends at the sequence's last known token: sample from it
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.token_ids)
 
 
 class ModelRunner:
@@ -19,32 +34,30 @@ class ModelRunner:
                  device: torch.device | str = "cpu") -> None:
         self.model, self.config = model, model.config
         self.block_size, self.device = block_size, torch.device(device)
-        shape = (num_blocks * block_size, self.config.num_kv_heads, self.config.head_dim)
+        shape = (num_blocks * block_size, model.num_local_kv_heads, self.config.head_dim)
         # Zero-filled so that padded gathers read finite values (0 * garbage could be NaN).
         self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
                           for _ in range(self.config.num_layers)]
 
     @staticmethod
-    def kv_block_bytes(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-        return config.kv_bytes_per_token(torch.finfo(dtype).bits // 8) * block_size
+    def kv_block_bytes(config: ModelConfig, block_size: int, dtype: torch.dtype, tp: int = 1) -> int:
+        """Bytes one block takes on one rank (each TP rank holds num_kv_heads / tp heads)."""
+        return config.kv_bytes_per_token(torch.finfo(dtype).bits // 8) * block_size // tp
 
     @torch.inference_mode()
-    def run(self, work: list[tuple[Sequence, int]]) -> tuple[list[Sequence], torch.Tensor]:
-        """Compute the scheduled tokens; return the sequences that reached their end and their logits `[N, V]`."""
-        decode = [seq for seq, count in work if count == 1]
-        prefill = [(seq, count) for seq, count in work if count != 1]
-        ordered = [(seq, 1) for seq in decode] + prefill
-        input_ids, positions, slots, sample_rows, sampled = [], [], [], [], []
-        row = 0
-        for seq, count in ordered:
-            start = seq.num_computed_tokens
-            input_ids.extend(seq.token_ids[start:start + count])
-            positions.append(torch.arange(start, start + count))
-            slots.append(self._slots(seq, start, start + count))
-            row += count
-            if start + count == seq.num_tokens:
-                sample_rows.append(row - 1)
-                sampled.append(seq)
+    def run(self, chunks: list[SeqChunk], want_logits: bool = True) -> torch.Tensor | None:
+        """Compute every chunk's tokens into the cache; logits `[N, V]` of the chunks that need them, in order."""
+        order = sorted(range(len(chunks)), key=lambda i: len(chunks[i].token_ids) != 1)  # decode rows first
+        decode = [chunks[i] for i in order if len(chunks[i].token_ids) == 1]
+        prefill = [chunks[i] for i in order if len(chunks[i].token_ids) != 1]
+        input_ids, positions, slots, sample_rows = [], [], [], []
+        for i in order:
+            chunk = chunks[i]
+            input_ids.extend(chunk.token_ids)
+            positions.append(torch.arange(chunk.start, chunk.end))
+            slots.append(self._slots(chunk.block_table, chunk.start, chunk.end))
+            if chunk.needs_logits:
+                sample_rows.append((i, len(input_ids) - 1))
         meta = AttentionMetadata(
             positions_T=torch.cat(positions), slot_mapping_T=torch.cat(slots), num_decode=len(decode),
             decode_slots_BL=None, decode_mask_global_B11L=None, decode_mask_chunked_B11L=None,
@@ -52,36 +65,40 @@ class ModelRunner:
         if decode:
             self._decode_metadata(decode, meta)
         hidden_TH = self.model(torch.tensor(input_ids, device=self.device), self._to_device(meta), self.kv_caches)
-        return sampled, self.model.compute_logits(hidden_TH[sample_rows])
+        if not want_logits:
+            return None
+        rows = [row for _, row in sorted(sample_rows)]  # back in the caller's chunk order
+        return self.model.compute_logits(hidden_TH[rows])
 
-    def _slots(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
+    def _slots(self, block_table: list[int], start: int, end: int) -> torch.Tensor:
         positions = torch.arange(start, end)
-        table = torch.tensor(seq.block_table[start // self.block_size:(end - 1) // self.block_size + 1])
-        return table[(positions // self.block_size) - start // self.block_size] * self.block_size + positions % self.block_size
+        first = start // self.block_size
+        table = torch.tensor(block_table[first:(end - 1) // self.block_size + 1])
+        return table[positions // self.block_size - first] * self.block_size + positions % self.block_size
 
-    def _prefill_segments(self, prefill: list[tuple[Sequence, int]], first_row: int) -> list[PrefillSegment]:
+    def _prefill_segments(self, prefill: list[SeqChunk], first_row: int) -> list[PrefillSegment]:
         segments, row = [], first_row
-        for seq, count in prefill:
-            context = seq.num_computed_tokens + count
-            positions = torch.arange(seq.num_computed_tokens, context)
-            global_mask, key_start, chunked_mask = causal_masks(positions, context, self.config.attention_chunk_size)
-            segments.append(PrefillSegment(row, count, self._slots(seq, 0, context), global_mask, key_start, chunked_mask))
-            row += count
+        for chunk in prefill:
+            positions = torch.arange(chunk.start, chunk.end)
+            global_mask, key_start, chunked_mask = causal_masks(positions, chunk.end, self.config.attention_chunk_size)
+            segments.append(PrefillSegment(row, len(chunk.token_ids), self._slots(chunk.block_table, 0, chunk.end),
+                                           global_mask, key_start, chunked_mask))
+            row += len(chunk.token_ids)
         return segments
 
-    def _decode_metadata(self, decode: list[Sequence], meta: AttentionMetadata) -> None:
-        lengths = torch.tensor([seq.num_computed_tokens + 1 for seq in decode])
+    def _decode_metadata(self, decode: list[SeqChunk], meta: AttentionMetadata) -> None:
+        lengths = torch.tensor([chunk.end for chunk in decode])
         max_len = int(lengths.max())
         slots_BL = torch.zeros(len(decode), max_len, dtype=torch.long)
-        for b, seq in enumerate(decode):
-            slots_BL[b, :lengths[b]] = self._slots(seq, 0, int(lengths[b]))
+        for b, chunk in enumerate(decode):
+            slots_BL[b, :chunk.end] = self._slots(chunk.block_table, 0, chunk.end)
         keys_L = torch.arange(max_len)
         valid = keys_L[None, :] < lengths[:, None]
         meta.decode_slots_BL = slots_BL
         meta.decode_mask_global_B11L = valid[:, None, None, :]
-        chunk = self.config.attention_chunk_size
-        if chunk is not None:
-            window_start = (lengths - 1) // chunk * chunk
+        chunk_size = self.config.attention_chunk_size
+        if chunk_size is not None:
+            window_start = (lengths - 1) // chunk_size * chunk_size
             meta.decode_mask_chunked_B11L = (valid & (keys_L[None, :] >= window_start[:, None]))[:, None, None, :]
 
     def _to_device(self, meta: AttentionMetadata) -> AttentionMetadata:

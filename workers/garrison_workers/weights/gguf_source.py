@@ -77,7 +77,7 @@ class GGUFSource:
     def names(self) -> Iterable[str]:
         return self._tensors.keys()
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str, index: Any = None) -> torch.Tensor:
         from gguf import dequantize
 
         tensor = self._tensors[name]
@@ -90,6 +90,8 @@ class GGUFSource:
             weights = _unpermute(weights, self.config.num_heads)
         elif name.endswith("k_proj.weight"):
             weights = _unpermute(weights, self.config.num_kv_heads)
+        if index is not None:  # quantized rows are dequantized whole; shards are cut afterwards
+            weights = weights[index]
         # Copied out of the read-only memory map: the model owns its parameters.
         return torch.from_numpy(np.require(weights, np.float32, ["C_CONTIGUOUS", "WRITEABLE"]))
 

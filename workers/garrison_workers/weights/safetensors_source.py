@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -28,11 +28,14 @@ class SafetensorsSource:
     def names(self) -> Iterable[str]:
         return self._location.keys()
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str, index: Any = None) -> torch.Tensor:
         file, stored = self._location[name]
         try:
             with safe_open(file, framework="pt") as handle:
-                return handle.get_tensor(stored)
+                if index is None:
+                    return handle.get_tensor(stored)
+                # get_slice reads only the requested part of the file: a rank's shard, one expert.
+                return handle.get_slice(stored)[index]
         except (SafetensorError, OSError, RuntimeError) as err:
             raise ModelLoadError(f"cannot read tensor {stored} from {file}: {err}") from None
 

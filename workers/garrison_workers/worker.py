@@ -1,0 +1,68 @@
+"""One rank of a worker group: holds its shard of the model and of the KV cache, runs every step.
+
+Runs inside a Ray actor (see `worker_group`), but is a plain class so it can be read and tested as such.
+"""
+
+from __future__ import annotations
+
+import socket
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from garrison_workers.engine.executor import parameter_bytes
+from garrison_workers.engine.model_runner import ModelRunner, SeqChunk
+from garrison_workers.loader import build_model, open_model_files
+from garrison_workers.parallel.context import ParallelContext
+from garrison_workers.parallel.dims import ParallelDims
+from garrison_workers.parallel.moe import ParallelMoE
+from garrison_workers.weights.source import load_parameter
+
+# A collective that waits longer than this means a peer is gone; the group reports the rank lost.
+COLLECTIVE_TIMEOUT = timedelta(seconds=60)
+
+
+class Worker:
+    def __init__(self, rank: int, dims: ParallelDims, model_path: str, num_blocks: int, block_size: int,
+                 dtype: torch.dtype, device: str, num_threads: int) -> None:
+        self.rank, self.dims, self.model_path = rank, dims, model_path
+        self.num_blocks, self.block_size, self.dtype, self.device = num_blocks, block_size, dtype, device
+        torch.set_num_threads(num_threads)
+
+    def rendezvous_address(self) -> tuple[str, int]:
+        """An address of this host and a free port for the process group (asked of rank 0)."""
+        with socket.socket() as sock:
+            sock.bind(("", 0))
+            port = sock.getsockname()[1]
+        return socket.gethostbyname(socket.gethostname()), port
+
+    def setup(self, host: str, port: int) -> int:
+        """Join the process group, load this rank's weights, allocate its KV cache; returns weight bytes."""
+        backend = "nccl" if self.device.startswith("cuda") else "gloo"
+        dist.init_process_group(backend, init_method=f"tcp://{host}:{port}", rank=self.rank,
+                                world_size=self.dims.world_size, timeout=COLLECTIVE_TIMEOUT)
+        self.par = ParallelContext.from_initialized(self.dims, self.rank)
+        files = open_model_files(self.model_path)
+        self.source = files.source
+        self.model = build_model(files.config, files.source, self.dtype, self.device, self.par)
+        self.runner = ModelRunner(self.model, self.num_blocks, self.block_size, self.dtype, self.device)
+        return parameter_bytes(self.model)
+
+    def execute(self, chunks: list[SeqChunk]) -> torch.Tensor | None:
+        # Every rank runs the model; rank 0 alone computes and returns the logits.
+        return self.runner.run(chunks, want_logits=self.rank == 0)
+
+    def set_expert_placement(self, layer: int, placement: list[int]) -> None:
+        prefix = f"model.layers.{layer}.feed_forward."
+        moe = self.model.model.layers[layer].feed_forward
+        assert isinstance(moe, ParallelMoE)
+        moe.set_placement(placement, lambda name, module, param: load_parameter(self.source, name, module, param), prefix)
+
+    def expert_load(self) -> dict[int, list[int]]:
+        return {i: layer.feed_forward.expert_load_E.tolist() for i, layer in enumerate(self.model.model.layers)
+                if isinstance(layer.feed_forward, ParallelMoE)}
+
+    def local_experts(self) -> dict[int, list[int]]:
+        return {i: layer.feed_forward.local_expert_ids for i, layer in enumerate(self.model.model.layers)
+                if isinstance(layer.feed_forward, ParallelMoE)}

@@ -1,0 +1,155 @@
+"""A worker group: one model replica as `tp × ep` Ray actors in one placement group.
+
+The group is the engine's executor for a parallel replica. It ships each step to every rank and
+returns rank 0's logits. If any rank dies the step fails at once with the rank named (Ray resolves a
+dead actor's pending call with an error), the surviving ranks are killed (they would otherwise wait
+in a collective), and the group stays failed until `restart()`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import ray
+import torch
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from garrison_workers.engine.model_runner import SeqChunk
+from garrison_workers.errors import GarrisonError, WorkerLostError
+from garrison_workers.parallel.dims import ParallelDims
+from garrison_workers.worker import Worker
+
+log = logging.getLogger(__name__)
+STARTUP_TIMEOUT_S = 600.0
+STEP_TIMEOUT_S = 600.0
+_POLL_S = 0.2
+
+
+def ensure_ray(address: str | None = None, min_cpus: int = 1) -> None:
+    """Connect to `address`, or start a local Ray instance if none is running in this process.
+
+    A local instance advertises at least `min_cpus` CPU slots: on a small machine a tp × ep group
+    still gets one slot per rank (the ranks then share the cores).
+    """
+    if ray.is_initialized():
+        return
+    num_cpus = None if address else max(os.cpu_count() or 1, min_cpus)
+    ray.init(address=address, num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+             configure_logging=False)
+
+
+class WorkerGroup:
+    def __init__(self, model_path: str, dims: ParallelDims, num_blocks: int, block_size: int, dtype: torch.dtype,
+                 device: str = "cpu", name: str = "group-0") -> None:
+        self.model_path, self.dims, self.name = model_path, dims, name
+        self.num_blocks, self.block_size, self.dtype, self.device = num_blocks, block_size, dtype, device
+        self.actors: list[Any] = []
+        self._pg: Any = None
+        self.failure: WorkerLostError | None = None
+        self._weight_bytes: list[int] = []
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    def start(self) -> "WorkerGroup":
+        ensure_ray(min_cpus=self.dims.world_size)
+        gpu = self.device.startswith("cuda")
+        bundle = {"GPU": 1, "CPU": 1} if gpu else {"CPU": 1}
+        self._pg = placement_group([bundle] * self.dims.world_size, strategy="PACK")
+        try:
+            ray.get(self._pg.ready(), timeout=STARTUP_TIMEOUT_S)
+        except GetTimeoutError:
+            self.shutdown()
+            raise GarrisonError(f"worker group {self.name}: the Ray cluster cannot place {self.dims.world_size} "
+                                f"ranks of {bundle} within {STARTUP_TIMEOUT_S:.0f}s; add nodes or lower tp × ep") from None
+        threads = max(1, int(ray.available_resources().get("CPU", 1) + self.dims.world_size) // self.dims.world_size)
+        remote = ray.remote(Worker)
+        self.actors = [
+            remote.options(num_cpus=1, num_gpus=1 if gpu else 0, max_restarts=0,
+                           scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=r)
+                           ).remote(r, self.dims, self.model_path, self.num_blocks, self.block_size, self.dtype,
+                                    self.device, min(threads, 4))
+            for r in range(self.dims.world_size)]
+        self.failure = None
+        try:
+            host, port = ray.get(self.actors[0].rendezvous_address.remote(), timeout=STARTUP_TIMEOUT_S)
+            self._weight_bytes = self._call_all("setup", host, port, timeout=STARTUP_TIMEOUT_S)
+        except BaseException:
+            self.shutdown()
+            raise
+        return self
+
+    def restart(self) -> None:
+        self.shutdown()
+        self.start()
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        self.actors = []
+        if self._pg is not None:
+            remove_placement_group(self._pg)
+            self._pg = None
+
+    # -- Executor ---------------------------------------------------------------------------------
+
+    def execute(self, chunks: list[SeqChunk]) -> torch.Tensor:
+        chunks_ref = ray.put(chunks)  # serialized once, read by every rank
+        return self._call_all("execute", chunks_ref, timeout=STEP_TIMEOUT_S)[0]
+
+    def resident_weight_bytes(self) -> list[int]:
+        return list(self._weight_bytes)
+
+    def set_expert_placement(self, layer: int, placement: list[int]) -> None:
+        self._call_all("set_expert_placement", layer, placement, timeout=STARTUP_TIMEOUT_S)
+
+    def expert_load(self) -> dict[int, list[int]]:
+        """Per MoE layer, tokens per expert, summed over the ranks that own them."""
+        total: dict[int, list[int]] = {}
+        for per_rank in self._call_all("expert_load", timeout=STEP_TIMEOUT_S):
+            for layer, counts in per_rank.items():
+                total[layer] = [a + b for a, b in zip(total.get(layer, [0] * len(counts)), counts)]
+        return total
+
+    def local_experts(self) -> list[dict[int, list[int]]]:
+        return self._call_all("local_experts", timeout=STEP_TIMEOUT_S)
+
+    def _call_all(self, method: str, *args: Any, timeout: float) -> list[Any]:
+        """Call `method` on every rank; fail fast, naming the rank, if any of them dies."""
+        if self.failure is not None:
+            raise self.failure
+        refs = [getattr(actor, method).remote(*args) for actor in self.actors]
+        rank_of = {ref: rank for rank, ref in enumerate(refs)}
+        results: dict[int, Any] = {}
+        pending, waited = list(refs), 0.0
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=_POLL_S)
+            waited += _POLL_S if not ready else 0.0
+            for ref in ready:
+                results[rank_of[ref]] = self._result(ref, rank_of[ref])
+            if waited > timeout and pending:
+                self._fail(rank_of[pending[0]], f"did not answer {method} within {timeout:.0f}s")
+        return [results[rank] for rank in range(len(refs))]
+
+    def _result(self, ref: Any, rank: int) -> Any:
+        try:
+            return ray.get(ref)
+        except RayTaskError as err:
+            cause = err.cause
+            if isinstance(cause, GarrisonError):
+                raise cause from None  # a user-facing error raised inside the rank (bad weights, bad layout)
+            self._fail(rank, f"raised {type(cause).__name__}: {cause}")
+        except RayActorError as err:
+            self._fail(rank, f"died ({type(err).__name__})")
+
+    def _fail(self, rank: int, what: str) -> None:
+        ep_rank, tp_rank = self.dims.coords(rank)
+        self.failure = WorkerLostError(
+            f"worker group {self.name}: rank {rank} (ep {ep_rank}, tp {tp_rank}) {what}; its in-flight "
+            "requests failed; restart the group to serve again")
+        log.error("%s", self.failure)
+        self.shutdown()
+        raise self.failure
