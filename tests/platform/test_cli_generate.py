@@ -91,3 +91,11 @@ def test_broken_models_are_refused_clearly(tiny_dir: Path, tmp_path: Path) -> No
 ])
 def test_bad_requests_are_refused_clearly(tiny_dir: Path, args: list[str], phrase: str) -> None:
     assert_clean_failure(garrison("generate", "--model", str(tiny_dir), *args), phrase)
+
+
+def test_parallel_layout_gives_the_same_tokens(tiny_dir: Path) -> None:
+    args = ["generate", "--model", str(tiny_dir), "--token-ids", "5,6,7,8,9", "--max-new-tokens", "6", "--json"]
+    single = garrison(*args)
+    parallel = garrison(*args, "--tp", "2", "--ep", "2")
+    assert parallel.returncode == 0, parallel.stderr
+    assert json.loads(parallel.stdout)["token_ids"] == json.loads(single.stdout)["token_ids"]

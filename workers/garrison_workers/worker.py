@@ -63,6 +63,10 @@ class Worker:
         return {i: layer.feed_forward.expert_load_E.tolist() for i, layer in enumerate(self.model.model.layers)
                 if isinstance(layer.feed_forward, ParallelMoE)}
 
+    def a2a_bytes_sent(self) -> int:
+        return sum(layer.feed_forward.a2a_bytes_sent for layer in self.model.model.layers
+                   if isinstance(layer.feed_forward, ParallelMoE))
+
     def local_experts(self) -> dict[int, list[int]]:
         return {i: layer.feed_forward.local_expert_ids for i, layer in enumerate(self.model.model.layers)
                 if isinstance(layer.feed_forward, ParallelMoE)}

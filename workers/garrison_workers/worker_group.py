@@ -114,6 +114,10 @@ class WorkerGroup:
                 total[layer] = [a + b for a, b in zip(total.get(layer, [0] * len(counts)), counts)]
         return total
 
+    def a2a_bytes_sent(self) -> int:
+        """All-to-all bytes that crossed between ranks so far, summed over ranks and MoE layers."""
+        return sum(self._call_all("a2a_bytes_sent", timeout=STEP_TIMEOUT_S))
+
     def local_experts(self) -> list[dict[int, list[int]]]:
         return self._call_all("local_experts", timeout=STEP_TIMEOUT_S)
 

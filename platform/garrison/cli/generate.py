@@ -12,7 +12,8 @@ import torch
 from garrison.model_refs import resolve_model
 from garrison_workers.engine.llm_engine import EngineConfig, LLMEngine
 from garrison_workers.engine.sequence import SamplingParams
-from garrison_workers.errors import InvalidRequestError
+from garrison_workers.errors import InvalidRequestError, WorkerLostError
+from garrison_workers.parallel.dims import ParallelDims
 
 
 def register(commands: Any) -> None:
@@ -32,6 +33,8 @@ def register(commands: Any) -> None:
     parser.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest (0 disables)")
     parser.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (split attention heads, MLP widths)")
+    parser.add_argument("--ep", type=int, default=1, help="expert-parallel ranks (split each MoE layer's experts)")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object with token_ids, text, logprobs and finish_reason")
     parser.set_defaults(run=run)
@@ -48,7 +51,16 @@ def run(args: argparse.Namespace) -> int:
     params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, stop=tuple(args.stop), logprobs=True)
     torch.set_grad_enabled(False)
-    engine = LLMEngine.from_path(resolve_model(args.model), EngineConfig(kv_cache_bytes=512 << 20))
+    # With tp × ep > 1 the replica runs as Ray actors on a local Ray instance (started if none runs).
+    dims = ParallelDims(tp=args.tp, ep=args.ep)
+    engine = LLMEngine.from_path(resolve_model(args.model), EngineConfig(kv_cache_bytes=512 << 20), dims)
+    try:
+        return _generate(engine, args, params)
+    finally:
+        engine.shutdown()
+
+
+def _generate(engine: LLMEngine, args: argparse.Namespace, params: SamplingParams) -> int:
     prompt = _prompt_ids(engine, args)
     engine.add_request("cli", prompt, params)
     result: dict[str, Any] = {"token_ids": [], "text": "", "logprobs": [], "finish_reason": None,
@@ -59,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
             result["text"] += out.new_text
             result["logprobs"] += out.new_logprobs
             result["finish_reason"] = out.finish_reason
+            if out.error:
+                raise WorkerLostError(out.error)
             if not args.json:
                 print(out.new_text, end="", flush=True)
     if args.json:

@@ -39,6 +39,7 @@ class ParallelMoE(nn.Module):
         self.experts = self._local_experts()
         # Tokens each local expert has processed (counted on TP rank 0 of each EP rank), for rebalancing.
         self.expert_load_E = torch.zeros(config.num_experts, dtype=torch.long, device="cpu")
+        self.a2a_bytes_sent = 0  # all_to_all payload this rank sent to other ranks (its own share excluded)
 
     @property
     def local_expert_ids(self) -> list[int]:
@@ -113,6 +114,8 @@ class ParallelMoE(nn.Module):
         if self.par.dims.ep == 1:
             return rows
         out = rows.new_empty((int(recv_counts.sum()), *rows.shape[1:]))
+        to_others = int(send_counts.sum() - send_counts[self.par.ep_rank])
+        self.a2a_bytes_sent += to_others * rows[0:1].numel() * rows.element_size()
         dist.all_to_all_single(out, rows.contiguous(), recv_counts.tolist(), send_counts.tolist(), group=self.par.ep_group)
         return out
 
