@@ -65,12 +65,15 @@ def check_parity(model_dir: Path, prompt: list[int], engine_config: EngineConfig
 
 
 @pytest.mark.parametrize("variant", sorted(LLAMA4_VARIANTS))
-def test_llama4_matches_transformers(tmp_path: Path, variant: str) -> None:
+@pytest.mark.parametrize("key_block", [4096, 16], ids=["one-key-block", "blockwise"])
+def test_llama4_matches_transformers(tmp_path: Path, variant: str, key_block: int) -> None:
     model_dir = save_tiny_llama4(tmp_path, seed=len(variant), **LLAMA4_VARIANTS[variant])
     prompt = torch.randint(3, 512, (41,), generator=torch.Generator().manual_seed(7)).tolist()
     # A 41-token prompt against chunk 8/16 and floor 4/8: local windows and temperature tuning both bite;
-    # a 12-token step budget splits the prompt into chunked-prefill steps.
-    check_parity(model_dir, prompt, EngineConfig(block_size=4, max_num_batched_tokens=12, num_kv_blocks=64))
+    # a 12-token step budget splits the prompt into chunked-prefill steps; a 16-key block sends the
+    # global layers' later chunks through the blockwise online-softmax path.
+    check_parity(model_dir, prompt, EngineConfig(block_size=4, max_num_batched_tokens=12, num_kv_blocks=64,
+                                                 attention_key_block=key_block))
 
 
 def test_dense_llama_matches_transformers(tmp_path: Path) -> None:

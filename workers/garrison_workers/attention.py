@@ -4,6 +4,10 @@ The model runner lays out each step's tokens as: all decode rows first (one quer
 then every prefill chunk contiguously. Decode rows are attended in one padded batch; prefill
 chunks one sequence at a time, each against its own blocks. Masks are built once per step (one
 for global layers, one for chunked-local layers) and shared by every layer.
+
+Long contexts stay in bounded memory: a chunked-local layer gathers only its window, and a global
+layer whose context exceeds one key block is attended block by block with an online softmax, so a
+prefill chunk never materializes a (chunk × context) matrix.
 """
 
 from __future__ import annotations
@@ -21,9 +25,11 @@ class PrefillSegment:
     query_start: int
     query_len: int
     slots_L: torch.Tensor  # cache slots of every key the chunk may see (context so far + itself)
-    mask_global_QL: torch.Tensor  # bool, True = may attend
+    positions_Q: torch.Tensor
+    mask_global_QL: torch.Tensor | None  # bool, True = may attend; None when attended blockwise
     chunked_key_start: int  # keys before this are outside every query's local window
     mask_chunked_QL: torch.Tensor  # bool over keys[chunked_key_start:]
+    key_block: int  # keys per block of the blockwise path
 
 
 @dataclass(slots=True)
@@ -70,13 +76,49 @@ def _decode_attention(q_THD: torch.Tensor, out_THD: torch.Tensor, k_cache: torch
 def _prefill_attention(q_THD: torch.Tensor, out_THD: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                        seg: PrefillSegment, chunked: bool, scale: float) -> None:
     rows = slice(seg.query_start, seg.query_start + seg.query_len)
+    q_HQD = q_THD[rows].transpose(0, 1)
+    if not chunked and seg.mask_global_QL is None:
+        out_THD[rows] = _blockwise_attention(q_HQD, k_cache, v_cache, seg, scale).transpose(0, 1)
+        return
     slots_L = seg.slots_L[seg.chunked_key_start:] if chunked else seg.slots_L
     mask_QL = seg.mask_chunked_QL if chunked else seg.mask_global_QL
-    q_HQD = q_THD[rows].transpose(0, 1)
     k_KLD = _gather(k_cache, slots_L).transpose(0, 1)
     v_KLD = _gather(v_cache, slots_L).transpose(0, 1)
     o_HQD = F.scaled_dot_product_attention(q_HQD, k_KLD, v_KLD, attn_mask=mask_QL, scale=scale, enable_gqa=True)
     out_THD[rows] = o_HQD.transpose(0, 1)
+
+
+def _blockwise_attention(q_HQD: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         seg: PrefillSegment, scale: float) -> torch.Tensor:
+    """Causal attention over a long context one key block at a time (the flash-attention recurrence).
+
+    Each query row keeps a running max `m`, normalizer `l` and weighted sum `acc`; memory is
+    O(query_len × key_block) whatever the context length. Query heads are grouped under their KV
+    head (GQA) so keys are gathered once per KV head.
+    """
+    num_heads, num_queries, head_dim = q_HQD.shape
+    num_kv = k_cache.shape[1]
+    rows = num_heads // num_kv * num_queries
+    q_KRD = q_HQD.reshape(num_kv, rows, head_dim) * scale
+    positions_R = seg.positions_Q.to(q_HQD.device).repeat(num_heads // num_kv)
+    m_KR1 = q_KRD.new_full((num_kv, rows, 1), float("-inf"))
+    l_KR1 = q_KRD.new_zeros((num_kv, rows, 1))
+    acc_KRD = q_KRD.new_zeros((num_kv, rows, head_dim))
+    context = seg.slots_L.shape[0]
+    for start in range(0, context, seg.key_block):
+        stop = min(start + seg.key_block, context)
+        slots = seg.slots_L[start:stop]
+        s_KRB = q_KRD @ _gather(k_cache, slots).permute(1, 2, 0)
+        if stop - 1 > int(seg.positions_Q[0]):  # the block reaches past the first query: mask the future
+            keys_B = torch.arange(start, stop, device=q_HQD.device)
+            s_KRB.masked_fill_(keys_B[None, :] > positions_R[:, None], float("-inf"))
+        m_new = torch.maximum(m_KR1, s_KRB.amax(dim=-1, keepdim=True))  # finite: key 0 is always visible
+        p_KRB = torch.exp(s_KRB - m_new)
+        correction = torch.exp(m_KR1 - m_new)
+        l_KR1 = l_KR1 * correction + p_KRB.sum(dim=-1, keepdim=True)
+        acc_KRD = acc_KRD * correction + p_KRB @ _gather(v_cache, slots).transpose(0, 1)
+        m_KR1 = m_new
+    return (acc_KRD / l_KR1).reshape(num_heads, num_queries, head_dim)
 
 
 def _gather(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
@@ -84,18 +126,20 @@ def _gather(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     return cache.index_select(0, slots.flatten()).view(*slots.shape, *cache.shape[1:])
 
 
-def causal_masks(positions_Q: torch.Tensor, context_len: int, chunk_size: int | None
-                 ) -> tuple[torch.Tensor, int, torch.Tensor]:
+def causal_masks(positions_Q: torch.Tensor, context_len: int, chunk_size: int | None, key_block: int
+                 ) -> tuple[torch.Tensor | None, int, torch.Tensor]:
     """Masks of queries at `positions_Q` over keys 0..context_len-1: global causal, and local chunked.
 
+    The global mask is None when the context exceeds `key_block` (attended blockwise instead).
     Chunked layers (Llama 4's RoPE layers) let position p see keys in `[p // c * c, p]`, as
     transformers' `create_chunked_causal_mask` does. Returns the chunked mask cut to the keys from
     the first query's window start, so chunked layers never gather keys no query can see.
     """
     keys_L = torch.arange(context_len)
-    global_QL = keys_L[None, :] <= positions_Q[:, None]
+    global_QL = keys_L[None, :] <= positions_Q[:, None] if context_len <= key_block else None
     if chunk_size is None:
-        return global_QL, 0, global_QL
+        no_chunked_layers = torch.empty((0, 0), dtype=torch.bool)
+        return global_QL, 0, no_chunked_layers
     key_start = int(positions_Q[0]) // chunk_size * chunk_size
     local_keys = keys_L[key_start:]
     chunked_QL = (local_keys[None, :] <= positions_Q[:, None]) & (

@@ -11,6 +11,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from garrison_workers.engine.config import EngineConfig
 from garrison_workers.engine.executor import parameter_bytes
 from garrison_workers.engine.model_runner import ModelRunner, SeqChunk
 from garrison_workers.loader import build_model, open_model_files
@@ -24,10 +25,10 @@ COLLECTIVE_TIMEOUT = timedelta(seconds=60)
 
 
 class Worker:
-    def __init__(self, rank: int, dims: ParallelDims, model_path: str, num_blocks: int, block_size: int,
-                 dtype: torch.dtype, device: str, num_threads: int) -> None:
+    def __init__(self, rank: int, dims: ParallelDims, model_path: str, num_blocks: int, config: EngineConfig,
+                 num_threads: int) -> None:
         self.rank, self.dims, self.model_path = rank, dims, model_path
-        self.num_blocks, self.block_size, self.dtype, self.device = num_blocks, block_size, dtype, device
+        self.num_blocks, self.config = num_blocks, config
         torch.set_num_threads(num_threads)
 
     def rendezvous_address(self) -> tuple[str, int]:
@@ -39,14 +40,14 @@ class Worker:
 
     def setup(self, host: str, port: int) -> int:
         """Join the process group, load this rank's weights, allocate its KV cache; returns weight bytes."""
-        backend = "nccl" if self.device.startswith("cuda") else "gloo"
+        backend = "nccl" if self.config.device.startswith("cuda") else "gloo"
         dist.init_process_group(backend, init_method=f"tcp://{host}:{port}", rank=self.rank,
                                 world_size=self.dims.world_size, timeout=COLLECTIVE_TIMEOUT)
         self.par = ParallelContext.from_initialized(self.dims, self.rank)
         files = open_model_files(self.model_path)
         self.source = files.source
-        self.model = build_model(files.config, files.source, self.dtype, self.device, self.par)
-        self.runner = ModelRunner(self.model, self.num_blocks, self.block_size, self.dtype, self.device)
+        self.model = build_model(files.config, files.source, self.config.dtype, self.config.device, self.par)
+        self.runner = ModelRunner(self.model, self.num_blocks, self.config)
         return parameter_bytes(self.model)
 
     def execute(self, chunks: list[SeqChunk]) -> torch.Tensor | None:

@@ -18,6 +18,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from garrison_workers.engine.config import EngineConfig
 from garrison_workers.engine.model_runner import SeqChunk
 from garrison_workers.errors import GarrisonError, WorkerLostError
 from garrison_workers.parallel.dims import ParallelDims
@@ -43,10 +44,10 @@ def ensure_ray(address: str | None = None, min_cpus: int = 1) -> None:
 
 
 class WorkerGroup:
-    def __init__(self, model_path: str, dims: ParallelDims, num_blocks: int, block_size: int, dtype: torch.dtype,
-                 device: str = "cpu", name: str = "group-0") -> None:
+    def __init__(self, model_path: str, dims: ParallelDims, num_blocks: int, config: EngineConfig,
+                 name: str = "group-0") -> None:
         self.model_path, self.dims, self.name = model_path, dims, name
-        self.num_blocks, self.block_size, self.dtype, self.device = num_blocks, block_size, dtype, device
+        self.num_blocks, self.config = num_blocks, config
         self.actors: list[Any] = []
         self._pg: Any = None
         self.failure: WorkerLostError | None = None
@@ -56,7 +57,7 @@ class WorkerGroup:
 
     def start(self) -> "WorkerGroup":
         ensure_ray(min_cpus=self.dims.world_size)
-        gpu = self.device.startswith("cuda")
+        gpu = self.config.device.startswith("cuda")
         bundle = {"GPU": 1, "CPU": 1} if gpu else {"CPU": 1}
         self._pg = placement_group([bundle] * self.dims.world_size, strategy="PACK")
         try:
@@ -70,8 +71,7 @@ class WorkerGroup:
         self.actors = [
             remote.options(num_cpus=1, num_gpus=1 if gpu else 0, max_restarts=0,
                            scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=r)
-                           ).remote(r, self.dims, self.model_path, self.num_blocks, self.block_size, self.dtype,
-                                    self.device, min(threads, 4))
+                           ).remote(r, self.dims, self.model_path, self.num_blocks, self.config, min(threads, 4))
             for r in range(self.dims.world_size)]
         self.failure = None
         try:

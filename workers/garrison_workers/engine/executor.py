@@ -9,6 +9,7 @@ from typing import Protocol
 
 import torch
 
+from garrison_workers.engine.config import EngineConfig
 from garrison_workers.engine.model_runner import ModelRunner, SeqChunk
 from garrison_workers.errors import LayoutError
 from garrison_workers.model import CausalLM
@@ -44,10 +45,9 @@ def parameter_bytes(model: torch.nn.Module) -> int:
 class LocalExecutor:
     """One process, one device: the model runner called directly."""
 
-    def __init__(self, model: CausalLM, num_blocks: int, block_size: int, dtype: torch.dtype, device: str) -> None:
-        self.model = model
-        self._shape = (num_blocks, block_size, dtype, device)
-        self.runner = ModelRunner(model, *self._shape)
+    def __init__(self, model: CausalLM, num_blocks: int, config: EngineConfig) -> None:
+        self.model, self.num_blocks, self.config = model, num_blocks, config
+        self.runner = ModelRunner(model, num_blocks, config)
 
     def execute(self, chunks: list[SeqChunk]) -> torch.Tensor:
         logits = self.runner.run(chunks)
@@ -55,7 +55,7 @@ class LocalExecutor:
         return logits
 
     def restart(self) -> None:
-        self.runner = ModelRunner(self.model, *self._shape)  # a fresh, empty KV cache
+        self.runner = ModelRunner(self.model, self.num_blocks, self.config)  # a fresh, empty KV cache
 
     def resident_weight_bytes(self) -> list[int]:
         return [parameter_bytes(self.model)]

@@ -11,10 +11,10 @@ import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 
 from garrison_workers.config import ModelConfig
 from garrison_workers.engine.block_manager import BlockManager
+from garrison_workers.engine.config import EngineConfig
 from garrison_workers.engine.executor import Executor, LocalExecutor
 from garrison_workers.engine.model_runner import ModelRunner, SeqChunk
 from garrison_workers.engine.sampler import sample
@@ -24,23 +24,6 @@ from garrison_workers.errors import CapacityError, ContextLengthError, InvalidRe
 from garrison_workers.loader import build_model, open_model_files
 from garrison_workers.parallel.dims import ParallelDims
 from garrison_workers.tokenizer import IncrementalDetokenizer, Tokenizer
-
-
-@dataclass(slots=True, frozen=True)
-class EngineConfig:
-    block_size: int = 16
-    kv_cache_bytes: int = 1 << 30  # sizes the cache when num_kv_blocks is None
-    num_kv_blocks: int | None = None
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    max_model_len: int | None = None  # None: the model's context, capped by what the KV cache holds
-    enable_prefix_caching: bool = True
-    dtype: torch.dtype = torch.float32
-    device: str = "cpu"
-
-    def __post_init__(self) -> None:
-        if self.block_size < 1 or self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
-            raise ValueError("block_size, max_num_seqs and max_num_batched_tokens must be >= 1")
 
 
 @dataclass(slots=True)
@@ -107,11 +90,11 @@ class LLMEngine:
         executor: Executor
         if dims.world_size == 1:
             model = build_model(files.config, files.source, config.dtype, config.device)
-            executor = LocalExecutor(model, num_blocks, config.block_size, config.dtype, config.device)
+            executor = LocalExecutor(model, num_blocks, config)
         else:
             from garrison_workers.worker_group import WorkerGroup  # Ray is needed only for parallel replicas
 
-            executor = WorkerGroup(str(path), dims, num_blocks, config.block_size, config.dtype, config.device).start()
+            executor = WorkerGroup(str(path), dims, num_blocks, config).start()
         return cls(executor, files.config, files.tokenizer, config, num_blocks)
 
     def _new_scheduler(self) -> None:

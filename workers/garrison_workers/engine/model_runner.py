@@ -12,6 +12,7 @@ import torch
 
 from garrison_workers.attention import AttentionMetadata, PrefillSegment, causal_masks
 from garrison_workers.config import ModelConfig
+from garrison_workers.engine.config import EngineConfig
 from garrison_workers.model import CausalLM
 
 
@@ -30,11 +31,12 @@ class SeqChunk:
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, num_blocks: int, block_size: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu") -> None:
+    def __init__(self, model: CausalLM, num_blocks: int, engine_config: EngineConfig) -> None:
         self.model, self.config = model, model.config
-        self.block_size, self.device = block_size, torch.device(device)
-        shape = (num_blocks * block_size, model.num_local_kv_heads, self.config.head_dim)
+        self.key_block = engine_config.attention_key_block
+        self.block_size, self.device = engine_config.block_size, torch.device(engine_config.device)
+        dtype, device = engine_config.dtype, self.device
+        shape = (num_blocks * self.block_size, model.num_local_kv_heads, self.config.head_dim)
         # Zero-filled so that padded gathers read finite values (0 * garbage could be NaN).
         self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
                           for _ in range(self.config.num_layers)]
@@ -80,9 +82,10 @@ class ModelRunner:
         segments, row = [], first_row
         for chunk in prefill:
             positions = torch.arange(chunk.start, chunk.end)
-            global_mask, key_start, chunked_mask = causal_masks(positions, chunk.end, self.config.attention_chunk_size)
+            global_mask, key_start, chunked_mask = causal_masks(
+                positions, chunk.end, self.config.attention_chunk_size, self.key_block)
             segments.append(PrefillSegment(row, len(chunk.token_ids), self._slots(chunk.block_table, 0, chunk.end),
-                                           global_mask, key_start, chunked_mask))
+                                           positions, global_mask, key_start, chunked_mask, self.key_block))
             row += len(chunk.token_ids)
         return segments
 
@@ -108,5 +111,5 @@ class ModelRunner:
         return AttentionMetadata(
             move(meta.positions_T), move(meta.slot_mapping_T), meta.num_decode, move(meta.decode_slots_BL),
             move(meta.decode_mask_global_B11L), move(meta.decode_mask_chunked_B11L),
-            [PrefillSegment(s.query_start, s.query_len, move(s.slots_L), move(s.mask_global_QL), s.chunked_key_start,
-                            move(s.mask_chunked_QL)) for s in meta.prefills])
+            [PrefillSegment(s.query_start, s.query_len, move(s.slots_L), move(s.positions_Q), move(s.mask_global_QL),
+                            s.chunked_key_start, move(s.mask_chunked_QL), s.key_block) for s in meta.prefills])
