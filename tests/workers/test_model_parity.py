@@ -27,16 +27,16 @@ LLAMA4_VARIANTS = {
 def greedy_with_logits(engine: LLMEngine, prompt: list[int], new_tokens: int) -> tuple[list[int], torch.Tensor]:
     """Run one greedy request, recording the logits each sampling step saw."""
     steps: list[torch.Tensor] = []
-    run = engine.executor.execute
+    run = engine.executor.submit
 
     def recording(chunks):
-        logits = run(chunks)
-        steps.append(logits.clone())
-        return logits
+        future = run(chunks)
+        steps.append(future.result().clone())
+        return future
 
-    engine.executor.execute = recording
+    engine.executor.submit = recording
     [done] = engine.generate([prompt], SamplingParams(max_tokens=new_tokens, ignore_eos=True))
-    engine.executor.execute = run
+    engine.executor.submit = run
     return done.token_ids, torch.cat([s for s in steps if s.shape[0]])
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import socket
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -14,6 +15,7 @@ import torch.distributed as dist
 from garrison_workers.engine.config import EngineConfig
 from garrison_workers.engine.executor import parameter_bytes
 from garrison_workers.engine.model_runner import ModelRunner, SeqChunk
+from garrison_workers.kv_transfer import RayObjectStoreTransport, assemble_heads
 from garrison_workers.loader import build_model, open_model_files
 from garrison_workers.parallel.context import ParallelContext
 from garrison_workers.parallel.dims import ParallelDims
@@ -30,6 +32,7 @@ class Worker:
         self.rank, self.dims, self.model_path = rank, dims, model_path
         self.num_blocks, self.config = num_blocks, config
         torch.set_num_threads(num_threads)
+        self.transport = RayObjectStoreTransport()
 
     def rendezvous_address(self) -> tuple[str, int]:
         """An address of this host and a free port for the process group (asked of rank 0)."""
@@ -53,6 +56,20 @@ class Worker:
     def execute(self, chunks: list[SeqChunk]) -> torch.Tensor | None:
         # Every rank runs the model; rank 0 alone computes and returns the logits.
         return self.runner.run(chunks, want_logits=self.rank == 0)
+
+    def export_kv(self, block_table: list[int], num_tokens: int) -> Any:
+        """A transfer handle for this rank's KV heads; EP ranks > 0 hold copies and send nothing."""
+        if self.par.ep_rank:
+            return None
+        head_start = self.par.tp_rank * self.model.num_local_kv_heads
+        payload = self.runner.export_kv(block_table, num_tokens, head_start, self.config.kv_transfer_checksum)
+        return self.transport.send(payload)
+
+    def import_kv(self, block_table: list[int], num_tokens: int, handles: list[Any]) -> None:
+        payloads = [self.transport.receive(h) for h in handles]
+        heads = self.model.num_local_kv_heads
+        k, v = assemble_heads(payloads, num_tokens, self.model.config.num_kv_heads, self.par.tp_rank * heads, heads)
+        self.runner.import_kv(block_table, k, v)
 
     def set_expert_placement(self, layer: int, placement: list[int]) -> None:
         prefix = f"model.layers.{layer}.feed_forward."

@@ -96,9 +96,16 @@ class WorkerGroup:
 
     # -- Executor ---------------------------------------------------------------------------------
 
-    def execute(self, chunks: list[SeqChunk]) -> torch.Tensor:
+    def submit(self, chunks: list[SeqChunk]) -> "PendingStep":
         chunks_ref = ray.put(chunks)  # serialized once, read by every rank
-        return self._call_all("execute", chunks_ref, timeout=STEP_TIMEOUT_S)[0]
+        return PendingStep(self, self._start_all("execute", chunks_ref))
+
+    def export_kv(self, block_table: list[int], num_tokens: int) -> list[Any]:
+        handles = self._call_all("export_kv", block_table, num_tokens, timeout=STEP_TIMEOUT_S)
+        return [h for h in handles if h is not None]
+
+    def import_kv(self, block_table: list[int], num_tokens: int, handles: list[Any]) -> None:
+        self._call_all("import_kv", block_table, num_tokens, handles, timeout=STEP_TIMEOUT_S)
 
     def resident_weight_bytes(self) -> list[int]:
         return list(self._weight_bytes)
@@ -123,9 +130,14 @@ class WorkerGroup:
 
     def _call_all(self, method: str, *args: Any, timeout: float) -> list[Any]:
         """Call `method` on every rank; fail fast, naming the rank, if any of them dies."""
+        return self._collect(method, self._start_all(method, *args), timeout)
+
+    def _start_all(self, method: str, *args: Any) -> list[Any]:
         if self.failure is not None:
             raise self.failure
-        refs = [getattr(actor, method).remote(*args) for actor in self.actors]
+        return [getattr(actor, method).remote(*args) for actor in self.actors]
+
+    def _collect(self, method: str, refs: list[Any], timeout: float) -> list[Any]:
         rank_of = {ref: rank for rank, ref in enumerate(refs)}
         results: dict[int, Any] = {}
         pending, waited = list(refs), 0.0
@@ -139,6 +151,7 @@ class WorkerGroup:
         return [results[rank] for rank in range(len(refs))]
 
     def _result(self, ref: Any, rank: int) -> Any:
+        """A rank's answer; its user-facing errors (GarrisonError) pass through, anything else fails the group."""
         try:
             return ray.get(ref)
         except RayTaskError as err:
@@ -157,3 +170,13 @@ class WorkerGroup:
         log.error("%s", self.failure)
         self.shutdown()
         raise self.failure
+
+
+class PendingStep:
+    """A step running on every rank of a group; `result()` waits for it (rank 0's logits)."""
+
+    def __init__(self, group: WorkerGroup, refs: list[Any]) -> None:
+        self.group, self.refs = group, refs
+
+    def result(self) -> torch.Tensor:
+        return self.group._collect("execute", self.refs, STEP_TIMEOUT_S)[0]

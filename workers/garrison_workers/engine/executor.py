@@ -5,22 +5,38 @@ The engine (scheduler, block manager, sampler) stays in one process and sees onl
 
 from __future__ import annotations
 
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 
 from garrison_workers.engine.config import EngineConfig
 from garrison_workers.engine.model_runner import ModelRunner, SeqChunk
 from garrison_workers.errors import LayoutError
+from garrison_workers.kv_transfer import InProcessTransport, KVTransport, assemble_heads
 from garrison_workers.model import CausalLM
 
 
-class Executor(Protocol):
-    def execute(self, chunks: list[SeqChunk]) -> torch.Tensor:
-        """Run one step; logits `[N, V]` of the chunks with `needs_logits`, in order.
+class StepFuture(Protocol):
+    def result(self) -> torch.Tensor:
+        """Logits `[N, V]` of the step's chunks with `needs_logits`, in order.
 
         Raises WorkerLostError when a rank died; the executor is then unusable until `restart()`.
         """
+        ...
+
+
+class Executor(Protocol):
+    def submit(self, chunks: list[SeqChunk]) -> StepFuture:
+        """Start one step; another executor's step may run while this one does (disaggregation)."""
+        ...
+
+    def export_kv(self, block_table: list[int], num_tokens: int) -> list[Any]:
+        """Transfer handles, one per TP shard, for a sequence's first `num_tokens` tokens of KV."""
+        ...
+
+    def import_kv(self, block_table: list[int], num_tokens: int, handles: list[Any]) -> None:
+        """Receive a sequence's KV (from a group of any tp) into `block_table`; KVTransferError if bad."""
         ...
 
     def restart(self) -> None: ...
@@ -42,17 +58,35 @@ def parameter_bytes(model: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
+@dataclass(slots=True)
+class DoneStep:
+    logits: torch.Tensor
+
+    def result(self) -> torch.Tensor:
+        return self.logits
+
+
 class LocalExecutor:
-    """One process, one device: the model runner called directly."""
+    """One process, one device: the model runner called directly (a step is done when submitted)."""
 
     def __init__(self, model: CausalLM, num_blocks: int, config: EngineConfig) -> None:
         self.model, self.num_blocks, self.config = model, num_blocks, config
         self.runner = ModelRunner(model, num_blocks, config)
+        self.transport: KVTransport = InProcessTransport()
 
-    def execute(self, chunks: list[SeqChunk]) -> torch.Tensor:
+    def submit(self, chunks: list[SeqChunk]) -> StepFuture:
         logits = self.runner.run(chunks)
         assert logits is not None
-        return logits
+        return DoneStep(logits)
+
+    def export_kv(self, block_table: list[int], num_tokens: int) -> list[Any]:
+        return [self.transport.send(self.runner.export_kv(block_table, num_tokens, 0, self.config.kv_transfer_checksum))]
+
+    def import_kv(self, block_table: list[int], num_tokens: int, handles: list[Any]) -> None:
+        payloads = [self.transport.receive(h) for h in handles]
+        num_kv = self.model.config.num_kv_heads
+        k, v = assemble_heads(payloads, num_tokens, num_kv, 0, num_kv)
+        self.runner.import_kv(block_table, k, v)
 
     def restart(self) -> None:
         self.runner = ModelRunner(self.model, self.num_blocks, self.config)  # a fresh, empty KV cache

@@ -10,12 +10,13 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal
 
 
 from garrison_workers.config import ModelConfig
 from garrison_workers.engine.block_manager import BlockManager
 from garrison_workers.engine.config import EngineConfig
-from garrison_workers.engine.executor import Executor, LocalExecutor
+from garrison_workers.engine.executor import Executor, LocalExecutor, StepFuture
 from garrison_workers.engine.model_runner import ModelRunner, SeqChunk
 from garrison_workers.engine.sampler import sample
 from garrison_workers.engine.scheduler import Scheduler
@@ -53,6 +54,17 @@ class Completion:
     finish_reason: str | None = None
 
 
+Role = Literal["both", "prefill", "decode"]
+
+
+@dataclass(slots=True)
+class _Step:
+    work: list[tuple[Sequence, int]]
+    chunks: list[SeqChunk]
+    future: StepFuture | None
+    error: WorkerLostError | None = None
+
+
 @dataclass(slots=True)
 class _TextState:
     detokenizer: IncrementalDetokenizer
@@ -68,7 +80,7 @@ def num_kv_blocks(model_config: ModelConfig, config: EngineConfig, tp: int = 1) 
 
 class LLMEngine:
     def __init__(self, executor: Executor, model_config: ModelConfig, tokenizer: Tokenizer | None,
-                 config: EngineConfig, num_blocks: int) -> None:
+                 config: EngineConfig, num_blocks: int, role: Role = "both") -> None:
         self.executor, self.model_config, self.tokenizer, self.config = executor, model_config, tokenizer, config
         self.num_blocks = num_blocks
         self._new_scheduler()
@@ -79,10 +91,12 @@ class LLMEngine:
         self._seqs: dict[str, Sequence] = {}
         self._text: dict[str, _TextState] = {}
         self.failure: WorkerLostError | None = None
+        self.role = role
+        self.handoffs: list[Sequence] = []
 
     @classmethod
     def from_path(cls, path: str | Path, config: EngineConfig = EngineConfig(),
-                  dims: ParallelDims = ParallelDims()) -> "LLMEngine":
+                  dims: ParallelDims = ParallelDims(), role: Role = "both") -> "LLMEngine":
         """An engine over one replica: in this process, or as a `tp × ep` worker group on Ray."""
         files = open_model_files(path)
         dims.validate(files.config)
@@ -95,7 +109,7 @@ class LLMEngine:
             from garrison_workers.worker_group import WorkerGroup  # Ray is needed only for parallel replicas
 
             executor = WorkerGroup(str(path), dims, num_blocks, config).start()
-        return cls(executor, files.config, files.tokenizer, config, num_blocks)
+        return cls(executor, files.config, files.tokenizer, config, num_blocks, role)
 
     def _new_scheduler(self) -> None:
         config = self.config
@@ -162,24 +176,83 @@ class LLMEngine:
     # -- the loop ---------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        return self.finish_step(self.begin_step())
+
+    def begin_step(self) -> "_Step | None":
+        """Schedule and start a step on the executor; `finish_step` samples it. Split so that a
+        prefill group and a decode group can compute at the same time."""
         batch = self.scheduler.schedule()
-        if not batch.work:
-            return []
+        if not batch.work or self.failure is not None:
+            return None
         chunks = [SeqChunk(seq.token_ids[seq.num_computed_tokens:seq.num_computed_tokens + count],
                            seq.num_computed_tokens, seq.block_table, seq.num_computed_tokens + count == seq.num_tokens)
                   for seq, count in batch.work]
         try:
-            logits_NV = self.executor.execute(chunks)
+            return _Step(batch.work, chunks, self.executor.submit(chunks))
         except WorkerLostError as err:
-            return self._fail_all(err)
-        for seq, count in batch.work:
+            return _Step(batch.work, chunks, None, err)
+
+    def finish_step(self, step: "_Step | None") -> list[RequestOutput]:
+        if step is None:
+            return []
+        try:
+            if step.error is not None:
+                raise step.error
+            assert step.future is not None
+            logits_NV = step.future.result()
+        except WorkerLostError as err:
+            return self.fail_all(err)
+        for seq, count in step.work:
             seq.num_computed_tokens += count
             self.block_manager.publish_full_blocks(seq)
-        sampled = [seq for (seq, _), chunk in zip(batch.work, chunks) if chunk.needs_logits]
+        sampled = [seq for (seq, _), chunk in zip(step.work, step.chunks) if chunk.needs_logits]
         tokens, logprobs = sample(logits_NV, sampled) if sampled else ([], [])
-        return [self._append(seq, token, logprob) for seq, token, logprob in zip(sampled, tokens, logprobs)]
+        outputs = [self._append(seq, token, logprob) for seq, token, logprob in zip(sampled, tokens, logprobs)]
+        if self.role == "prefill":
+            self._hold_for_handoff(sampled)
+        return outputs
 
-    def _fail_all(self, err: WorkerLostError) -> list[RequestOutput]:
+    # -- disaggregation: a prefill engine hands sequences to a decode engine ----------------------
+
+    def _hold_for_handoff(self, sampled: list[Sequence]) -> None:
+        """Prefilled sequences leave the batch (their blocks stay) until their KV is handed over."""
+        for seq in sampled:
+            if not seq.is_finished:
+                self.scheduler.running.remove(seq)
+                self.handoffs.append(seq)
+
+    def take_handoffs(self) -> list[Sequence]:
+        ready, self.handoffs = self.handoffs, []
+        return ready
+
+    def release(self, seq: Sequence) -> None:
+        """Forget a handed-off (or failed) sequence and free its blocks here."""
+        self.block_manager.free(seq)
+        self._seqs.pop(seq.request_id, None)
+        self._text.pop(seq.request_id, None)
+
+    def adopt(self, seq: Sequence, handles: list[Any]) -> None:
+        """Continue decoding a sequence prefilled elsewhere, receiving its KV into new blocks."""
+        if self.failure is not None:
+            raise WorkerLostError(f"{self.failure}")
+        computed = seq.num_computed_tokens
+        seq.block_table, seq.num_hashed_blocks, seq.num_computed_tokens = [], 0, 0
+        if not self.block_manager.ensure_slots(seq, computed + 1):
+            raise CapacityError(f"the decode group has {self.block_manager.num_free_blocks} free KV blocks, too few "
+                                f"for {computed} tokens")
+        try:
+            self.executor.import_kv(seq.block_table, computed, handles)
+        except BaseException:
+            self.block_manager.free(seq)
+            raise
+        seq.num_computed_tokens = computed
+        self._seqs[seq.request_id] = seq
+        if self.tokenizer is not None:  # continue the text after what the prefill side already streamed
+            self._text[seq.request_id] = _TextState(IncrementalDetokenizer(self.tokenizer, seq.token_ids))
+        seq.status = SequenceStatus.RUNNING
+        self.scheduler.running.append(seq)
+
+    def fail_all(self, err: WorkerLostError) -> list[RequestOutput]:
         """The executor lost a rank: every in-flight request ends with the error and frees its blocks."""
         self.failure = err
         outputs = []

@@ -13,6 +13,7 @@ import torch
 from garrison_workers.attention import AttentionMetadata, PrefillSegment, causal_masks
 from garrison_workers.config import ModelConfig
 from garrison_workers.engine.config import EngineConfig
+from garrison_workers.kv_transfer import KVPayload
 from garrison_workers.model import CausalLM
 
 
@@ -71,6 +72,24 @@ class ModelRunner:
             return None
         rows = [row for _, row in sorted(sample_rows)]  # back in the caller's chunk order
         return self.model.compute_logits(hidden_TH[rows])
+
+    @torch.inference_mode()
+    def export_kv(self, block_table: list[int], num_tokens: int, head_start: int, checksum: bool) -> KVPayload:
+        """This rank's K and V of every layer for tokens 0..num_tokens-1 of a sequence (copied out)."""
+        slots = self._slots(block_table, 0, num_tokens).to(self.device)
+        k = torch.stack([k_cache.index_select(0, slots) for k_cache, _ in self.kv_caches]).cpu()
+        v = torch.stack([v_cache.index_select(0, slots) for _, v_cache in self.kv_caches]).cpu()
+        payload = KVPayload(num_tokens, head_start, k, v)
+        payload.checksum = payload.digest() if checksum else None
+        return payload
+
+    @torch.inference_mode()
+    def import_kv(self, block_table: list[int], k_LTKD: torch.Tensor, v_LTKD: torch.Tensor) -> None:
+        """Write a sequence's K and V (this rank's heads) into its blocks."""
+        slots = self._slots(block_table, 0, k_LTKD.shape[1]).to(self.device)
+        for (k_cache, v_cache), k_TKD, v_TKD in zip(self.kv_caches, k_LTKD, v_LTKD):
+            k_cache.index_copy_(0, slots, k_TKD.to(self.device, k_cache.dtype))
+            v_cache.index_copy_(0, slots, v_TKD.to(self.device, v_cache.dtype))
 
     def _slots(self, block_table: list[int], start: int, end: int) -> torch.Tensor:
         positions = torch.arange(start, end)

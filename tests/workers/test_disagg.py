@@ -1,0 +1,145 @@
+"""Disaggregated prefill and decode: same tokens as colocated, across layouts; clean failures."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+
+from conftest import save_tiny_llama4
+from garrison_workers.engine.disagg import DisaggregatedEngine
+from garrison_workers.engine.llm_engine import EngineConfig, LLMEngine
+from garrison_workers.engine.sequence import SamplingParams
+from garrison_workers.kv_transfer import KVPayload, KVTransferError, assemble_heads
+from garrison_workers.parallel.dims import ParallelDims
+
+CONFIG = EngineConfig(block_size=4, max_num_batched_tokens=24, num_kv_blocks=256, kv_transfer_checksum=True)
+PARAMS = SamplingParams(max_tokens=12, ignore_eos=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tiny_moe(tmp_path_factory) -> Path:
+    return save_tiny_llama4(tmp_path_factory.mktemp("moe"), seed=8, num_experts_per_tok=2)
+
+
+def prompts(vocab: int, count: int = 4) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(4)
+    return [torch.randint(3, vocab, (int(n),), generator=gen).tolist() for n in torch.randint(5, 60, (count,), generator=gen)]
+
+
+def run(engine, batch: list[list[int]]) -> dict[str, list[int]]:
+    tokens: dict[str, list[int]] = {}
+    for i, prompt in enumerate(batch):
+        engine.add_request(f"r{i}", prompt, PARAMS)
+        tokens[f"r{i}"] = []
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            assert out.error is None, out.error
+            tokens[out.request_id] += out.new_token_ids
+    return tokens
+
+
+def disaggregated(path: Path, prefill: ParallelDims, decode: ParallelDims) -> DisaggregatedEngine:
+    return DisaggregatedEngine(LLMEngine.from_path(path, CONFIG, prefill, role="prefill"),
+                               [LLMEngine.from_path(path, CONFIG, decode, role="decode")])
+
+
+def shutdown(engine: DisaggregatedEngine) -> None:
+    for e in (engine.prefill, *engine.decoders):
+        e.shutdown()
+
+
+def assert_no_blocks_held(engine: DisaggregatedEngine) -> None:
+    for e in (engine.prefill, *engine.decoders):
+        assert e.block_manager.num_free_blocks == e.block_manager.num_blocks
+
+
+@pytest.mark.parametrize("prefill, decode", [
+    (ParallelDims(tp=1), ParallelDims(tp=2)),
+    (ParallelDims(tp=2), ParallelDims(tp=1)),
+    (ParallelDims(ep=2), ParallelDims(tp=1)),
+], ids=["p-tp1_d-tp2", "p-tp2_d-tp1", "p-ep2_d-tp1"])
+def test_disaggregated_matches_colocated_tiny_llama4(tiny_moe: Path, prefill: ParallelDims, decode: ParallelDims) -> None:
+    batch = prompts(512)
+    expected = run(LLMEngine.from_path(tiny_moe, CONFIG), batch)
+    engine = disaggregated(tiny_moe, prefill, decode)
+    try:
+        assert run(engine, batch) == expected
+        assert_no_blocks_held(engine)
+    finally:
+        shutdown(engine)
+
+
+def test_disaggregated_matches_colocated_smollm2(smollm2_path: Path) -> None:
+    config = EngineConfig(block_size=16, max_num_batched_tokens=64, num_kv_blocks=64, kv_transfer_checksum=True)
+    colocated = LLMEngine.from_path(smollm2_path, config)
+    batch = [colocated.tokenizer.encode(t) for t in ("The capital of France is", "Once upon a time, in a land far")]
+    expected = run(colocated, batch)
+    engine = DisaggregatedEngine(LLMEngine.from_path(smollm2_path, config, role="prefill"),
+                                 [LLMEngine.from_path(smollm2_path, config, ParallelDims(tp=3), role="decode")])
+    try:
+        assert run(engine, batch) == expected
+    finally:
+        shutdown(engine)
+
+
+def stream_until_error(engine: DisaggregatedEngine, kill, kill_after_steps: int) -> tuple[str, float]:
+    for step in range(500):
+        if step == kill_after_steps:
+            killed_at = time.monotonic()
+            kill()
+        for out in engine.step():
+            if out.finish_reason == "error":
+                return out.error or "", time.monotonic() - killed_at
+    raise AssertionError("no error reached the caller")
+
+
+def test_killing_decode_actor_mid_stream(tiny_moe: Path) -> None:
+    engine = disaggregated(tiny_moe, ParallelDims(), ParallelDims(tp=2))
+    try:
+        engine.add_request("streaming", prompts(512, 1)[0], SamplingParams(max_tokens=400, ignore_eos=True))
+        group = engine.decoders[0].executor
+        error, latency = stream_until_error(engine, lambda: ray.kill(group.actors[1], no_restart=True), 6)
+        assert "rank 1 (ep 0, tp 1)" in error and latency < 10
+        assert_no_blocks_held(engine)
+    finally:
+        shutdown(engine)
+
+
+def test_killing_prefill_actor_mid_prompt(tiny_moe: Path) -> None:
+    engine = disaggregated(tiny_moe, ParallelDims(tp=2), ParallelDims())
+    try:
+        long_prompt = torch.randint(3, 512, (400,), generator=torch.Generator().manual_seed(2)).tolist()
+        engine.add_request("long", long_prompt, PARAMS)  # 400 tokens at 24 per step: many prefill steps
+        group = engine.prefill.executor
+        error, latency = stream_until_error(engine, lambda: ray.kill(group.actors[0], no_restart=True), 3)
+        assert "rank 0 (ep 0, tp 0)" in error and latency < 10
+        assert_no_blocks_held(engine)
+    finally:
+        shutdown(engine)
+
+
+def test_transfer_checks_refuse_partial_or_corrupt_shards() -> None:
+    k = torch.randn(2, 5, 1, 4)
+    good = KVPayload(5, 0, k, k.clone())
+    good.checksum = good.digest()
+    other = KVPayload(5, 1, k.clone(), k.clone())
+    assert assemble_heads([good, other], 5, 2, 1, 1)[0].shape == (2, 5, 1, 4)
+    with pytest.raises(KVTransferError, match="not exactly 0..2"):
+        assemble_heads([good], 5, 2, 0, 2)
+    short = KVPayload(5, 1, k[:, :3].clone(), k[:, :3].clone())
+    with pytest.raises(KVTransferError, match="holds 3 tokens"):
+        assemble_heads([good, short], 5, 2, 0, 2)
+    good.k_LTKD[0, 0, 0, 0] += 1.0
+    with pytest.raises(KVTransferError, match="checksum"):
+        assemble_heads([good, other], 5, 2, 0, 2)

@@ -1,0 +1,69 @@
+"""Disaggregated serving: one engine prefills, others decode, and KV caches move between them.
+
+A long prompt then occupies the prefill group while the decode groups keep streaming. Both kinds
+of group compute at the same time: each step starts the prefill step and every decode step before
+waiting for any of them. After its prompt is prefilled (and its first token sampled), a sequence's
+KV leaves the prefill group, whose blocks are freed at once, for the decode engine with the most
+free blocks. A transfer that fails ends that request with an error; nothing is decoded from half a
+cache, and neither side keeps its blocks.
+"""
+
+from __future__ import annotations
+
+from garrison_workers.engine.llm_engine import LLMEngine, RequestOutput
+from garrison_workers.engine.sequence import SamplingParams, Sequence, SequenceStatus
+from garrison_workers.errors import GarrisonError, WorkerLostError
+
+
+class DisaggregatedEngine:
+    def __init__(self, prefill: LLMEngine, decoders: list[LLMEngine]) -> None:
+        if prefill.role != "prefill" or not decoders or any(d.role != "decode" for d in decoders):
+            raise ValueError("need one engine with role 'prefill' and at least one with role 'decode'")
+        self.prefill, self.decoders = prefill, decoders
+        self.tokenizer = prefill.tokenizer
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    salt: bytes = b"") -> None:
+        self.prefill.add_request(request_id, prompt_token_ids, params, salt)
+
+    def abort_request(self, request_id: str) -> bool:
+        return any(engine.abort_request(request_id) for engine in (self.prefill, *self.decoders))
+
+    def has_unfinished_requests(self) -> bool:
+        return any(e.has_unfinished_requests() or e.handoffs for e in (self.prefill, *self.decoders))
+
+    def step(self) -> list[RequestOutput]:
+        prefill_step = self.prefill.begin_step()
+        decode_steps = [decoder.begin_step() for decoder in self.decoders]
+        outputs = [out for decoder, step in zip(self.decoders, decode_steps) for out in decoder.finish_step(step)]
+        outputs += self.prefill.finish_step(prefill_step)
+        for seq in self.prefill.take_handoffs():
+            if not seq.is_finished:  # aborted while waiting for its handoff
+                outputs += self._hand_over(seq)
+        return outputs
+
+    def _hand_over(self, seq: Sequence) -> list[RequestOutput]:
+        num_tokens = seq.num_computed_tokens
+        try:
+            handles = self.prefill.executor.export_kv(seq.block_table, num_tokens)
+        except WorkerLostError as err:
+            return self.prefill.fail_all(err)
+        self.prefill.release(seq)  # the payload is out of the prefill cache: its blocks are free now
+        live = [d for d in self.decoders if d.failure is None]
+        if not live:
+            return [_failed(seq, "no decode group is serving; restart the failed decode groups")]
+        decoder = max(live, key=lambda d: d.block_manager.num_free_blocks)
+        seq.num_computed_tokens = num_tokens
+        try:
+            decoder.adopt(seq, handles)
+        except WorkerLostError as err:
+            return decoder.fail_all(err) + [_failed(seq, str(err))]
+        except GarrisonError as err:
+            return [_failed(seq, f"KV transfer to the decode group failed: {err}")]
+        return []
+
+
+def _failed(seq: Sequence, why: str) -> RequestOutput:
+    seq.status, seq.finish_reason = SequenceStatus.FINISHED, "error"
+    return RequestOutput(seq.request_id, [], "", [], True, "error", seq.num_prompt_tokens, seq.num_output_tokens,
+                         seq.num_cached_prompt_tokens, error=why)
