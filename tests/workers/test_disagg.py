@@ -13,6 +13,7 @@ from conftest import save_tiny_llama4
 from garrison_workers.engine.disagg import DisaggregatedEngine
 from garrison_workers.engine.llm_engine import EngineConfig, LLMEngine
 from garrison_workers.engine.sequence import SamplingParams
+from garrison_workers.errors import ContextLengthError
 from garrison_workers.kv_transfer import KVPayload, KVTransferError, assemble_heads
 from garrison_workers.parallel.dims import ParallelDims
 
@@ -143,3 +144,12 @@ def test_transfer_checks_refuse_partial_or_corrupt_shards() -> None:
     good.k_LTKD[0, 0, 0, 0] += 1.0
     with pytest.raises(KVTransferError, match="checksum"):
         assemble_heads([good, other], 5, 2, 0, 2)
+
+
+def test_prompt_too_long_for_the_decode_side_is_refused_up_front(tiny_moe: Path) -> None:
+    small = EngineConfig(block_size=4, num_kv_blocks=8)
+    engine = DisaggregatedEngine(LLMEngine.from_path(tiny_moe, CONFIG, role="prefill"),
+                                 [LLMEngine.from_path(tiny_moe, small, role="decode")])
+    with pytest.raises(ContextLengthError, match="hold at most 31"):
+        engine.add_request("big", list(range(3, 60)), PARAMS)
+    assert not engine.has_unfinished_requests()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from garrison_workers.engine.llm_engine import LLMEngine, RequestOutput
 from garrison_workers.engine.sequence import SamplingParams, Sequence, SequenceStatus
-from garrison_workers.errors import GarrisonError, WorkerLostError
+from garrison_workers.errors import ContextLengthError, GarrisonError, WorkerLostError
 
 
 class DisaggregatedEngine:
@@ -24,6 +24,11 @@ class DisaggregatedEngine:
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     salt: bytes = b"") -> None:
+        # Refused up front if no decode engine could ever hold it, rather than after a long prefill.
+        fits = max(d.max_model_len for d in self.decoders) - 1
+        if len(prompt_token_ids) > fits:
+            raise ContextLengthError(f"the prompt has {len(prompt_token_ids)} tokens but the decode groups hold at "
+                                     f"most {fits} with room to generate; shorten the prompt")
         self.prefill.add_request(request_id, prompt_token_ids, params, salt)
 
     def abort_request(self, request_id: str) -> bool:
