@@ -72,3 +72,13 @@ def smollm2_engine(smollm2_path: Path):
     from garrison_workers.engine.llm_engine import EngineConfig, LLMEngine
 
     return LLMEngine.from_path(smollm2_path, EngineConfig(kv_cache_bytes=256 << 20, max_num_batched_tokens=512))
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A real local Ray instance with four CPU slots, so a 4-rank group fits on a 2-core machine."""
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()

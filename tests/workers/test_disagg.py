@@ -21,11 +21,7 @@ CONFIG = EngineConfig(block_size=4, max_num_batched_tokens=24, num_kv_blocks=256
 PARAMS = SamplingParams(max_tokens=12, ignore_eos=True)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("local_ray")
 
 
 @pytest.fixture(scope="module")

@@ -21,11 +21,7 @@ ENGINE = EngineConfig(block_size=4, max_num_batched_tokens=16, num_kv_blocks=128
 LAYOUTS = [(1, 2), (1, 4), (2, 1), (2, 2)]  # (tp, ep); (1, 1) is the single-process reference
 
 
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("local_ray")
 
 
 @pytest.fixture(scope="module")
