@@ -39,7 +39,8 @@ class AttentionMetadata:
     num_decode: int
     decode_slots_BL: torch.Tensor | None  # padded gather index of every decode row's keys
     decode_mask_global_B11L: torch.Tensor | None
-    decode_mask_chunked_B11L: torch.Tensor | None
+    decode_mask_chunked_B11W: torch.Tensor | None
+    decode_chunked_slots_BW: torch.Tensor | None  # only the keys inside each row's local window
     prefills: list[PrefillSegment]
 
 
@@ -66,9 +67,11 @@ def _decode_attention(q_THD: torch.Tensor, out_THD: torch.Tensor, k_cache: torch
     num_decode = meta.num_decode
     q_BH1D = q_THD[:num_decode].unsqueeze(2)
     # Padding slots point at slot 0, which always holds finite values, so masked keys add exact zeros.
-    k_BKLD = _gather(k_cache, meta.decode_slots_BL).transpose(1, 2)
-    v_BKLD = _gather(v_cache, meta.decode_slots_BL).transpose(1, 2)
-    mask = meta.decode_mask_chunked_B11L if chunked else meta.decode_mask_global_B11L
+    slots = meta.decode_chunked_slots_BW if chunked else meta.decode_slots_BL
+    assert slots is not None
+    k_BKLD = _gather(k_cache, slots).transpose(1, 2)
+    v_BKLD = _gather(v_cache, slots).transpose(1, 2)
+    mask = meta.decode_mask_chunked_B11W if chunked else meta.decode_mask_global_B11L
     o_BH1D = F.scaled_dot_product_attention(q_BH1D, k_BKLD, v_BKLD, attn_mask=mask, scale=scale, enable_gqa=True)
     out_THD[:num_decode] = o_BH1D.squeeze(2)
 
@@ -84,8 +87,10 @@ def _prefill_attention(q_THD: torch.Tensor, out_THD: torch.Tensor, k_cache: torc
     mask_QL = seg.mask_chunked_QL if chunked else seg.mask_global_QL
     k_KLD = _gather(k_cache, slots_L).transpose(0, 1)
     v_KLD = _gather(v_cache, slots_L).transpose(0, 1)
-    o_HQD = F.scaled_dot_product_attention(q_HQD, k_KLD, v_KLD, attn_mask=mask_QL, scale=scale, enable_gqa=True)
-    out_THD[rows] = o_HQD.transpose(0, 1)
+    # 4-D inputs: on CPU only those reach the fused (flash) kernel; 3-D ones materialize the scores.
+    o_1HQD = F.scaled_dot_product_attention(q_HQD[None], k_KLD[None], v_KLD[None], attn_mask=mask_QL,
+                                            scale=scale, enable_gqa=True)
+    out_THD[rows] = o_1HQD[0].transpose(0, 1)
 
 
 def _blockwise_attention(q_HQD: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -17,7 +17,7 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's context, capped by what the KV cache holds
     enable_prefix_caching: bool = True
     kv_transfer_checksum: bool = False  # debug mode: hash every KV transfer shard and verify on arrival
-    attention_key_block: int = 4096  # longer global contexts are attended blockwise (bounded memory)
+    attention_key_block: int = 1024  # longer global contexts are attended blockwise (bounded memory)
     dtype: torch.dtype = torch.float32
     device: str = "cpu"
 

@@ -63,7 +63,8 @@ class ModelRunner:
                 sample_rows.append((i, len(input_ids) - 1))
         meta = AttentionMetadata(
             positions_T=torch.cat(positions), slot_mapping_T=torch.cat(slots), num_decode=len(decode),
-            decode_slots_BL=None, decode_mask_global_B11L=None, decode_mask_chunked_B11L=None,
+            decode_slots_BL=None, decode_mask_global_B11L=None, decode_mask_chunked_B11W=None,
+            decode_chunked_slots_BW=None,
             prefills=self._prefill_segments(prefill, len(decode)))
         if decode:
             self._decode_metadata(decode, meta)
@@ -109,19 +110,22 @@ class ModelRunner:
         return segments
 
     def _decode_metadata(self, decode: list[SeqChunk], meta: AttentionMetadata) -> None:
-        lengths = torch.tensor([chunk.end for chunk in decode])
-        max_len = int(lengths.max())
-        slots_BL = torch.zeros(len(decode), max_len, dtype=torch.long)
-        for b, chunk in enumerate(decode):
-            slots_BL[b, :chunk.end] = self._slots(chunk.block_table, 0, chunk.end)
-        keys_L = torch.arange(max_len)
-        valid = keys_L[None, :] < lengths[:, None]
-        meta.decode_slots_BL = slots_BL
-        meta.decode_mask_global_B11L = valid[:, None, None, :]
+        lengths = [chunk.end for chunk in decode]
+        meta.decode_slots_BL, meta.decode_mask_global_B11L = self._padded_keys(decode, [0] * len(decode), lengths)
         chunk_size = self.config.attention_chunk_size
-        if chunk_size is not None:
-            window_start = (lengths - 1) // chunk_size * chunk_size
-            meta.decode_mask_chunked_B11L = (valid & (keys_L[None, :] >= window_start[:, None]))[:, None, None, :]
+        if chunk_size is not None:  # chunked layers read only each row's window, however long the context
+            starts = [(n - 1) // chunk_size * chunk_size for n in lengths]
+            meta.decode_chunked_slots_BW, meta.decode_mask_chunked_B11W = self._padded_keys(decode, starts, lengths)
+
+    def _padded_keys(self, decode: list[SeqChunk], starts: list[int], ends: list[int]
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gather index of keys [start, end) per row, padded (with slot 0) to the longest, and its mask."""
+        sizes = torch.tensor([e - s for s, e in zip(starts, ends)])
+        slots_BL = torch.zeros(len(decode), int(sizes.max()), dtype=torch.long)
+        for b, (chunk, start, end) in enumerate(zip(decode, starts, ends)):
+            slots_BL[b, :end - start] = self._slots(chunk.block_table, start, end)
+        valid_BL = torch.arange(slots_BL.shape[1])[None, :] < sizes[:, None]
+        return slots_BL, valid_BL[:, None, None, :]
 
     def _to_device(self, meta: AttentionMetadata) -> AttentionMetadata:
         if self.device.type == "cpu":
@@ -129,6 +133,6 @@ class ModelRunner:
         move = lambda t: None if t is None else t.to(self.device, non_blocking=True)  # noqa: E731
         return AttentionMetadata(
             move(meta.positions_T), move(meta.slot_mapping_T), meta.num_decode, move(meta.decode_slots_BL),
-            move(meta.decode_mask_global_B11L), move(meta.decode_mask_chunked_B11L),
+            move(meta.decode_mask_global_B11L), move(meta.decode_mask_chunked_B11W), move(meta.decode_chunked_slots_BW),
             [PrefillSegment(s.query_start, s.query_len, move(s.slots_L), move(s.positions_Q), move(s.mask_global_QL),
                             s.chunked_key_start, move(s.mask_chunked_QL), s.key_block) for s in meta.prefills])
