@@ -18,7 +18,6 @@ rule 9). Progress goes to stderr, so `--json` leaves stdout pure JSON.
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import itertools
 import json
@@ -29,7 +28,7 @@ import resource
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -42,9 +41,12 @@ from garrison.model_refs import resolve_model  # noqa: E402
 from garrison_workers.engine.llm_engine import EngineConfig, LLMEngine  # noqa: E402
 from garrison_workers.engine.sequence import SamplingParams  # noqa: E402
 
+from _common import (  # noqa: E402  (this folder is on sys.path: the benchmarks run as scripts)
+    GiB, Machine, engine_config_dict, finite_or_none, fmt, fmt_load, machine_busy_s, machine_facts, own_cpu_s,
+    proc_kib, progress)
+
 MODEL = "smollm2"
 FIRST_PLAIN_TOKEN_ID = 100  # SmolLM2's special tokens sit at the bottom of the vocabulary
-GiB = 1 << 30
 
 
 # -- workload and results ---------------------------------------------------------------------------
@@ -101,20 +103,6 @@ class Result:
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "decode_s": self.decode_s, **self.figures()}
-
-
-@dataclass(slots=True)
-class Machine:
-    cpu: str
-    os_cpu_count: int | None
-    torch_threads: int
-    ram_gib: float
-    torch_version: str
-    transformers_version: str
-    python_version: str
-    date: str
-    load_average_start: tuple[float, float, float]
-    load_average_end: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
 
 @dataclass(slots=True)
@@ -213,17 +201,6 @@ def hf_generate(model: Any, prompts: list[list[int]], new_tokens: int, pad_token
 # -- measuring --------------------------------------------------------------------------------------
 
 
-def machine_busy_s() -> float:
-    """CPU seconds every process on the machine has used (and the hypervisor has stolen) since boot."""
-    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, Path("/proc/stat").read_text().split()[1:9])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-def own_cpu_s() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
 def timed_run(system: System, prompts: list[list[int]], new_tokens: int) -> Timing:
     busy, own, start = machine_busy_s(), own_cpu_s(), time.perf_counter()
     checked_run(system, prompts, new_tokens)
@@ -300,32 +277,6 @@ def weight_bytes(model: torch.nn.Module) -> int:
 # -- the run ----------------------------------------------------------------------------------------
 
 
-def machine_facts() -> Machine:
-    import transformers
-
-    return Machine(
-        cpu=cpuinfo_field("model name"), os_cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
-        ram_gib=proc_kib("/proc/meminfo", "MemTotal") * 1024 / GiB, torch_version=torch.__version__,
-        transformers_version=transformers.__version__, python_version=sys.version.split()[0],
-        date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        load_average_start=os.getloadavg())
-
-
-def cpuinfo_field(name: str) -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == name:
-            return value.strip()
-    return "unknown"
-
-
-def proc_kib(file: str, name: str) -> int:
-    for line in Path(file).read_text().splitlines():
-        if line.startswith(name + ":"):
-            return int(line.split()[1])
-    return 0
-
-
 def garrison_phase(report: Report, path: Path, config: EngineConfig) -> list[list[int]]:
     progress("garrison: loading")
     start_phase_peak()
@@ -376,15 +327,6 @@ def run_benchmark(quick: bool, repeats: int) -> Report:
     return report
 
 
-def engine_config_dict(config: EngineConfig) -> dict[str, Any]:
-    values = {f.name: getattr(config, f.name) for f in fields(config)}
-    return {name: v if isinstance(v, (bool, int, float, str, type(None))) else str(v) for name, v in values.items()}
-
-
-def progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 # -- output -----------------------------------------------------------------------------------------
 
 
@@ -419,15 +361,6 @@ def header_lines(report: Report) -> list[str]:
         f"           one warm-up per system; every time is the best of {report.repeats} runs; others = cores other",
         "           processes kept busy during the kept runs (well above 0: the row was disturbed)",
     ]
-
-
-def fmt_load(load: tuple[float, float, float]) -> str:
-    return " ".join(f"{x:.2f}" for x in load)
-
-
-def fmt(value: float, width: int, precision: int = 1, suffix: str = "") -> str:
-    """Right-aligned in `width`; a figure that could not be measured prints as '-'."""
-    return f"{'-':>{width}}" if math.isnan(value) else f"{value:>{width - len(suffix)}.{precision}f}{suffix}"
 
 
 def results_lines(report: Report) -> list[str]:
@@ -476,17 +409,6 @@ def memory_lines(report: Report) -> list[str]:
         f"           garrison batch-1 decode {measured:.1f} tok/s = {100 * measured / bound:.0f}% of the bound"
         f" ({bound / measured:.1f}x below it)",
     ]
-
-
-def finite_or_none(value: Any) -> Any:
-    """JSON has no NaN: a figure that could not be measured (decode time <= 0) becomes null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: finite_or_none(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [finite_or_none(v) for v in value]
-    return value
 
 
 def to_json(report: Report) -> str:

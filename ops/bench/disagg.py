@@ -1,0 +1,713 @@
+"""Disaggregated prefill/decode against colocated, under long prompts, on a tiny random Llama 4 on this CPU.
+
+    .venv/bin/python ops/bench/disagg.py [--quick] [--json] [--threads N]
+
+Garrison issue 4. Eight streaming requests decode while long prompts keep arriving (closed loop: the
+next long prompt arrives as soon as the previous one has its first token, so there is always a prompt
+being prefilled). The same workload runs through two systems, one after the other, in one process:
+
+- colocated: one `LLMEngine` in this process; chunked prefill interleaves each long prompt's chunks
+  with the streams' decode steps under one token budget;
+- disaggregated: a `DisaggregatedEngine` whose prefill engine is a Ray worker group (tp=2, two actors)
+  and whose decode engine runs in this process, with the KV cache handed over through Ray's object
+  store. The prefill side must be the Ray group: a step starts the prefill step first, and a local
+  engine computes synchronously, so a local prefill engine would finish its chunk before decode began.
+
+Figures: p50/p99 time per output token (TPOT: gaps between a stream's consecutive tokens while long
+prompts are arriving) and time to first token (TTFT) of the streams and of each long prompt; the
+same 8 streams decoding with no long prompt arriving (the baseline); the ratio disaggregated p99
+TPOT / baseline p99 TPOT (issue 4's target: at most 1.5x); where inside a disaggregated step the
+streams' tokens wait; and the KV transfer's throughput beside a plain memory copy (torch `clone`) of
+the same bytes. A token's time is when the `step()` call that returned it ended.
+
+The model is random and tiny (a few MB) so that 16k-64k-token prompts are affordable on two cores;
+the figures show the scheduling, not a real model's speed. On a 2-core machine the prefill group and
+the decode engine share the same cores: disaggregation here can overlap work, not add hardware.
+A benchmark prints figures; it asserts nothing about time (DESIGN.md, rule 9). Progress goes to
+stderr, so `--json` leaves stdout pure JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import itertools
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+import types
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from _common import (  # noqa: E402  (this folder is on sys.path: the benchmarks run as scripts)
+    Machine, engine_config_dict, finite_or_none, fmt, fmt_load, machine_busy_s, machine_facts, progress)
+from garrison_workers.config import from_hf_config, tiny_llama4  # noqa: E402
+from garrison_workers.engine.disagg import DisaggregatedEngine  # noqa: E402
+from garrison_workers.engine.llm_engine import EngineConfig, LLMEngine, RequestOutput  # noqa: E402
+from garrison_workers.engine.sequence import SamplingParams  # noqa: E402
+from garrison_workers.parallel.dims import ParallelDims  # noqa: E402
+
+MB = 1e6
+FIRST_TOKEN_ID = 3  # 0, 1, 2 are pad, BOS and EOS in tiny_llama4
+DTYPE_BYTES = 4  # fp32
+MODEL_SEED = 0
+PREFILL_DIMS = ParallelDims(tp=2)  # the prefill worker group (Ray actors)
+DECODE_DIMS = ParallelDims()  # the decode engine, in this process
+# Ray's CPU slots: a tp=2 group on 2 slots leaves none free, so WorkerGroup gives each rank one torch thread.
+# With more slots each rank would get two: 4+ busy threads on 2 cores, which stalls torch's thread pool.
+RAY_CPUS = 2
+
+# Llama 4's layout (RoPE layers with chunked local attention, NoPE global layers, every layer MoE),
+# shrunk: hidden 64, 4 layers (1 and 3 global), 4 experts top-1; a 1024-token local chunk and
+# temperature-tuning floor, and a context that holds the longest prompt.
+MODEL_OVERRIDES: dict[str, Any] = dict(attention_chunk_size=1024, floor_scale=1024, max_position_embeddings=73_728)
+
+
+@dataclass(slots=True, frozen=True)
+class Workload:
+    long_prompt_tokens: tuple[int, ...]  # arriving one after another (closed loop)
+    baseline_tokens: int  # tokens each stream generates in the no-long-prompt baseline
+    num_streams: int = 8
+    stream_prompt_tokens: int = 128
+    stream_max_tokens: int = 4096  # more than any run needs: streams are aborted once the long prompts are done
+    long_new_tokens: int = 4  # >= 2, so every long prompt's KV is handed over in the disaggregated run
+    block_size: int = 16
+    max_num_batched_tokens: int = 512
+    seed: int = 0
+
+    @property
+    def num_kv_blocks(self) -> int:
+        """Per engine: two long prompts (one decoding while the next prefills) and every stream at its longest."""
+        tokens = 2 * (max(self.long_prompt_tokens) + self.long_new_tokens) + self.num_streams * (
+            self.stream_prompt_tokens + self.stream_max_tokens)
+        return -(-tokens // self.block_size) + 64
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(block_size=self.block_size, num_kv_blocks=self.num_kv_blocks,
+                            max_num_batched_tokens=self.max_num_batched_tokens, enable_prefix_caching=False)
+
+
+FULL = Workload(long_prompt_tokens=(16_384, 24_576, 32_768, 49_152, 65_536), baseline_tokens=64)
+QUICK = Workload(long_prompt_tokens=(4096, 8192), baseline_tokens=16)
+
+
+def random_prompt(rng: random.Random, length: int, vocab_size: int) -> list[int]:
+    return [rng.randrange(FIRST_TOKEN_ID, vocab_size) for _ in range(length)]
+
+
+def save_model(directory: Path) -> dict[str, Any]:
+    """The random tiny Llama 4, saved like tests/conftest.py's save_tiny_llama4; returns its config dict."""
+    from transformers import Llama4ForCausalLM, Llama4TextConfig
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    raw = tiny_llama4(**MODEL_OVERRIDES)
+    torch.manual_seed(MODEL_SEED)
+    config = Llama4TextConfig(**{k: v for k, v in raw.items() if k != "model_type"}, initializer_range=0.15)
+    Llama4ForCausalLM(config).eval().save_pretrained(directory)
+    return raw
+
+
+# -- CPU accounting across this process and its children (Ray's daemons and actors) -----------------
+
+
+def tree_cpu_s() -> float:
+    """CPU seconds used by this process and every live descendant (the Ray actors included)."""
+    parent: dict[int, int] = {}
+    cpu: dict[int, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
+        pid = int(entry.name)
+        parent[pid] = int(fields[1])
+        cpu[pid] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return sum(seconds for pid, seconds in cpu.items() if _descends(pid, os.getpid(), parent))
+
+
+def _descends(pid: int, root: int, parent: dict[int, int]) -> bool:
+    for _ in range(64):
+        if pid == root:
+            return True
+        if pid not in parent or pid <= 1:
+            return False
+        pid = parent[pid]
+    return False
+
+
+def other_benchmarks() -> list[str]:
+    """Other processes running a script under ops/bench/ (a shared machine's other benchmarks)."""
+    found = []
+    parent: dict[int, int] = {}
+    cmdlines: dict[int, str] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+        parent[int(entry.name)] = int(stat[stat.rindex(")") + 2:].split()[1])
+        cmdlines[int(entry.name)] = cmd
+    for pid, cmd in cmdlines.items():
+        if "ops/bench/" in cmd and "python" in cmd and not _descends(pid, os.getpid(), parent):
+            script = next((part for part in cmd.split() if "ops/bench/" in part), cmd)
+            found.append(f"{pid} {Path(script).name}")
+    return sorted(found)
+
+
+class CpuWindow:
+    """Cores other processes (or the hypervisor) kept busy, on average, between start and stop."""
+
+    def __init__(self) -> None:
+        self.busy, self.own, self.start = machine_busy_s(), tree_cpu_s(), time.perf_counter()
+
+    def others_cores(self) -> float:
+        seconds = time.perf_counter() - self.start
+        others = (machine_busy_s() - self.busy) - (tree_cpu_s() - self.own)
+        return max(0.0, others / seconds) if seconds > 0 else 0.0
+
+
+# -- driving an engine and timing every token -------------------------------------------------------
+
+
+Engine = LLMEngine | DisaggregatedEngine
+
+
+@dataclass(slots=True)
+class Trace:
+    """When each request was added and when each of its tokens came out (the end of its step)."""
+
+    added: dict[str, float] = field(default_factory=dict)
+    tokens: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    finished: set[str] = field(default_factory=set)
+
+    def ttft(self, request_id: str) -> float:
+        return self.tokens[request_id][0] - self.added[request_id]
+
+
+class Driver:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.trace = Trace()
+
+    def add(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
+        self.engine.add_request(request_id, prompt, params)
+        self.trace.added[request_id] = time.perf_counter()
+
+    def step(self) -> list[RequestOutput]:
+        outputs = self.engine.step()
+        now = time.perf_counter()
+        for out in outputs:
+            if out.error is not None:
+                raise RuntimeError(f"request {out.request_id} failed: {out.error}")
+            self.trace.tokens[out.request_id] += [now] * len(out.new_token_ids)
+            if out.finished:
+                self.trace.finished.add(out.request_id)
+        return outputs
+
+    def run_until(self, done: Callable[[], bool], max_steps: int = 1_000_000) -> None:
+        for _ in range(max_steps):
+            if done():
+                return
+            if not self.engine.has_unfinished_requests():
+                raise RuntimeError("the engine ran out of work before the phase was done")
+            self.step()
+        raise RuntimeError(f"the phase did not finish within {max_steps} steps")
+
+
+@dataclass(slots=True)
+class Phase:
+    """One system, one phase: the streams' TPOT samples and the TTFTs."""
+
+    system: str  # "colocated" or "disaggregated"
+    loaded: bool  # long prompts arriving (True) or the baseline (False)
+    tpot_s: list[float] = field(default_factory=list)
+    stream_ttft_s: list[float] = field(default_factory=list)
+    long_ttft_s: dict[int, float] = field(default_factory=dict)  # prompt tokens -> TTFT
+    window_s: float = 0.0  # the span the TPOT samples come from
+    wall_s: float = 0.0
+    steps: int = 0
+    others_cores: float = 0.0
+
+    def figures(self) -> dict[str, float]:
+        return {"tpot_p50_s": percentile(self.tpot_s, 50), "tpot_p99_s": percentile(self.tpot_s, 99),
+                "tpot_max_s": max(self.tpot_s, default=math.nan),
+                "stream_ttft_p50_s": percentile(self.stream_ttft_s, 50),
+                "stream_ttft_p99_s": percentile(self.stream_ttft_s, 99)}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"system": self.system, "loaded": self.loaded, **self.figures(), "tpot_samples": len(self.tpot_s),
+                "stream_ttft_s": self.stream_ttft_s, "long_ttft_s": {str(k): v for k, v in self.long_ttft_s.items()},
+                "window_s": self.window_s, "wall_s": self.wall_s, "steps": self.steps,
+                "others_cores": self.others_cores}
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear interpolation between the closest ranks (numpy's default); NaN for no values."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q / 100
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def gaps(times: list[float], start: float, stop: float) -> list[float]:
+    """Gaps between consecutive tokens that both came out within [start, stop]."""
+    return [b - a for a, b in itertools.pairwise(times) if a >= start and b <= stop]
+
+
+def stream_prompts(workload: Workload, vocab_size: int, tag: int) -> list[list[int]]:
+    rng = random.Random(workload.seed * 1000 + tag)
+    return [random_prompt(rng, workload.stream_prompt_tokens, vocab_size) for _ in range(workload.num_streams)]
+
+
+def warm_up(engine: Engine, workload: Workload, vocab_size: int) -> None:
+    """First-call allocations, every attention path (chunked, blockwise global) and, disaggregated, a handover."""
+    rng = random.Random(99)
+    driver = Driver(engine)
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    for i, length in enumerate((4608, workload.stream_prompt_tokens, workload.stream_prompt_tokens)):
+        driver.add(f"warm-{i}", random_prompt(rng, length, vocab_size), params)
+    driver.run_until(lambda: not engine.has_unfinished_requests())
+
+
+def baseline_phase(system: str, engine: Engine, workload: Workload, vocab_size: int) -> Phase:
+    """The 8 streams alone: no long prompt arrives."""
+    phase, cpu, start = Phase(system, loaded=False), CpuWindow(), time.perf_counter()
+    driver = Driver(engine)
+    params = SamplingParams(max_tokens=workload.baseline_tokens, ignore_eos=True)
+    ids = [f"base-{i}" for i in range(workload.num_streams)]
+    for request_id, prompt in zip(ids, stream_prompts(workload, vocab_size, 1)):
+        driver.add(request_id, prompt, params)
+    driver.run_until(lambda: all(i in driver.trace.finished for i in ids))
+    trace = driver.trace
+    decoding_from = max(trace.tokens[i][0] for i in ids)  # every stream decoding: the steady state
+    for request_id in ids:
+        phase.tpot_s += gaps(trace.tokens[request_id], decoding_from, math.inf)
+        phase.stream_ttft_s.append(trace.ttft(request_id))
+    phase.window_s = max(trace.tokens[i][-1] for i in ids) - decoding_from
+    phase.wall_s, phase.others_cores = time.perf_counter() - start, cpu.others_cores()
+    phase.steps = len(trace.tokens[ids[0]])
+    return phase
+
+
+def loaded_phase(system: str, engine: Engine, workload: Workload, vocab_size: int) -> tuple[Phase, list[float]]:
+    """Long prompts keep arriving; the streams arrive just after the first one and decode meanwhile.
+
+    Returns the phase and the end time of every step (for the step anatomy of the disaggregated run).
+    """
+    phase, cpu, start = Phase(system, loaded=True), CpuWindow(), time.perf_counter()
+    driver = Driver(engine)
+    trace = driver.trace
+    rng = random.Random(workload.seed * 1000 + 2)
+    longs = [(f"long-{i}", random_prompt(rng, n, vocab_size)) for i, n in enumerate(workload.long_prompt_tokens)]
+    long_params = SamplingParams(max_tokens=workload.long_new_tokens, ignore_eos=True)
+    stream_params = SamplingParams(max_tokens=workload.stream_max_tokens, ignore_eos=True)
+    streams = [f"stream-{i}" for i in range(workload.num_streams)]
+
+    driver.add(*longs[0], long_params)
+    for request_id, prompt in zip(streams, stream_prompts(workload, vocab_size, 2)):
+        driver.add(request_id, prompt, stream_params)
+    step_ends, next_long = [], 1
+    while not all(request_id in trace.finished for request_id, _ in longs):
+        if not engine.has_unfinished_requests():
+            raise RuntimeError("the engine ran out of work before the long prompts were done")
+        driver.step()
+        step_ends.append(time.perf_counter())
+        if any(r in trace.finished for r in streams):
+            raise RuntimeError("a stream finished before the long prompts did; raise stream_max_tokens")
+        if next_long < len(longs) and trace.tokens.get(longs[next_long - 1][0]):  # closed loop: the next arrives
+            driver.add(*longs[next_long], long_params)
+            next_long += 1
+    for request_id in streams:
+        engine.abort_request(request_id)
+
+    decoding_from = max(trace.tokens[r][0] for r in streams)
+    until = max(trace.tokens[r][-1] for r, _ in longs)
+    for request_id in streams:
+        phase.tpot_s += gaps(trace.tokens[request_id], decoding_from, until)
+        phase.stream_ttft_s.append(trace.ttft(request_id))
+    phase.long_ttft_s = {len(prompt): trace.ttft(request_id) for request_id, prompt in longs}
+    phase.window_s = until - decoding_from
+    phase.wall_s, phase.others_cores = time.perf_counter() - start, cpu.others_cores()
+    phase.steps = len(step_ends)
+    phase_window = [t for t in step_ends if decoding_from < t <= until]
+    return phase, phase_window
+
+
+# -- the disaggregated engine, instrumented ---------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Transfer:
+    request_id: str
+    tokens: int
+    seconds: float  # export on the prefill ranks + object store + import on the decode side
+    clone_s: float = math.nan  # torch clone of a tensor of the same bytes (allocation included), best of 3
+    copy_s: float = math.nan  # copy_ of the same bytes into a tensor already allocated and touched, best of 3
+
+    def nbytes(self, kv_bytes_per_token: int) -> int:
+        return self.tokens * kv_bytes_per_token
+
+
+@dataclass(slots=True)
+class StepMarks:
+    """Per disaggregated step: start, when the decode outputs were ready (prefill wait begins), end."""
+
+    begin: list[float] = field(default_factory=list)
+    decode_ready: list[float] = field(default_factory=list)
+
+
+def instrument(engine: DisaggregatedEngine, transfers: list[Transfer], marks: StepMarks) -> None:
+    """Time every handover and mark each step's phases (instance attributes shadow the methods)."""
+    hand_over, begin_step, finish_step = engine._hand_over, engine.prefill.begin_step, engine.prefill.finish_step
+
+    def timed_hand_over(self: DisaggregatedEngine, seq: Any) -> list[RequestOutput]:
+        tokens, start = seq.num_computed_tokens, time.perf_counter()
+        outputs = hand_over(seq)
+        transfers.append(Transfer(seq.request_id, tokens, time.perf_counter() - start))
+        return outputs
+
+    def marked_begin(*args: Any) -> Any:
+        marks.begin.append(time.perf_counter())
+        return begin_step(*args)
+
+    def marked_finish(*args: Any) -> Any:  # the step calls this after every decode engine's finish_step
+        marks.decode_ready.append(time.perf_counter())
+        return finish_step(*args)
+
+    engine._hand_over = types.MethodType(timed_hand_over, engine)  # type: ignore[method-assign]
+    engine.prefill.begin_step = marked_begin  # type: ignore[method-assign]
+    engine.prefill.finish_step = marked_finish  # type: ignore[method-assign]
+
+
+@dataclass(slots=True)
+class Anatomy:
+    """Inside the disaggregated steps of the loaded window: how long the streams' tokens waited."""
+
+    steps: int = 0
+    decode_ready_p50_s: float = math.nan  # step start -> decode outputs ready
+    held_p50_s: float = math.nan  # decode outputs ready -> step returns (prefill chunk, handovers)
+    held_p99_s: float = math.nan
+
+
+def anatomy(marks: StepMarks, step_ends: list[float]) -> Anatomy:
+    rows = [(b, r, e) for b, r, e in zip(marks.begin, marks.decode_ready, _ends_after(marks.begin, step_ends))
+            if e is not None]
+    if not rows:
+        return Anatomy()
+    ready = [r - b for b, r, _ in rows]
+    held = [e - r for _, r, e in rows]
+    return Anatomy(len(rows), percentile(ready, 50), percentile(held, 50), percentile(held, 99))
+
+
+def _ends_after(begins: list[float], ends: list[float]) -> list[float | None]:
+    """For each step start, the first step end after it (None when it is outside the window)."""
+    out: list[float | None] = []
+    j = 0
+    for i, begin in enumerate(begins):
+        while j < len(ends) and ends[j] < begin:
+            j += 1
+        nxt = begins[i + 1] if i + 1 < len(begins) else math.inf
+        out.append(ends[j] if j < len(ends) and ends[j] <= nxt else None)
+    return out
+
+
+def copy_seconds(num_bytes: int, repeats: int = 3) -> tuple[float, float]:
+    """A plain memory copy of the same bytes, best of `repeats`: (`clone` of an fp32 tensor, allocation
+    included; `copy_` into a tensor whose pages are already mapped)."""
+    src = torch.ones(max(1, num_bytes // 4), dtype=torch.float32)
+    clone_s = copy_s = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        copy = src.clone()
+        clone_s = min(clone_s, time.perf_counter() - start)
+        del copy
+    dst = torch.zeros_like(src)
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        copy_s = min(copy_s, time.perf_counter() - start)
+    return clone_s, copy_s
+
+
+# -- the run ----------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Report:
+    machine: Machine
+    workload: Workload
+    quick: bool
+    threads: int
+    engine_config: dict[str, Any]
+    model: dict[str, Any]
+    kv_bytes_per_token: int = 0
+    phases: list[Phase] = field(default_factory=list)
+    transfers: list[Transfer] = field(default_factory=list)
+    anatomy: Anatomy = field(default_factory=Anatomy)
+    colocated_step_p50_s: float = math.nan
+    load_s: dict[str, float] = field(default_factory=dict)
+    other_benchmarks: dict[str, list[str]] = field(default_factory=dict)  # when checked -> what ran
+    wall_s: float = 0.0
+
+    def phase(self, system: str, loaded: bool) -> Phase:
+        return next(p for p in self.phases if p.system == system and p.loaded == loaded)
+
+    @property
+    def quiet(self) -> bool:
+        return not any(self.other_benchmarks.values()) and all(p.others_cores < 0.1 for p in self.phases)
+
+
+def colocated_run(report: Report, model_dir: Path, vocab_size: int) -> None:
+    workload, config = report.workload, report.workload.engine_config()
+    torch.set_num_threads(report.threads)
+    progress(f"colocated: loading (torch threads: {report.threads})")
+    start = time.perf_counter()
+    engine = LLMEngine.from_path(model_dir, config)
+    report.load_s["colocated"] = time.perf_counter() - start
+    warm_up(engine, workload, vocab_size)
+    report.other_benchmarks["colocated"] = other_benchmarks()
+    progress("colocated: baseline (streams alone)")
+    report.phases.append(baseline_phase("colocated", engine, workload, vocab_size))
+    progress("colocated: long prompts arriving")
+    phase, step_ends = loaded_phase("colocated", engine, workload, vocab_size)
+    report.phases.append(phase)
+    report.colocated_step_p50_s = percentile([b - a for a, b in itertools.pairwise(step_ends)], 50)
+    engine.shutdown()
+
+
+def disaggregated_run(report: Report, model_dir: Path, vocab_size: int) -> None:
+    import ray
+
+    workload, config = report.workload, report.workload.engine_config()
+    torch.set_num_threads(1)  # the decode engine, in this process; each prefill rank gets one thread
+    progress(f"disaggregated: starting Ray ({RAY_CPUS} CPU slots) and loading")
+    start = time.perf_counter()
+    ray.init(num_cpus=RAY_CPUS, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    prefill = LLMEngine.from_path(model_dir, config, PREFILL_DIMS, role="prefill")
+    decoders = [LLMEngine.from_path(model_dir, config, DECODE_DIMS, role="decode")]
+    engine = DisaggregatedEngine(prefill, decoders)
+    report.load_s["disaggregated"] = time.perf_counter() - start
+    try:
+        warm_up(engine, workload, vocab_size)
+        report.other_benchmarks["disaggregated"] = other_benchmarks()
+        progress("disaggregated: baseline (streams alone)")
+        report.phases.append(baseline_phase("disaggregated", engine, workload, vocab_size))
+        transfers, marks = [], StepMarks()
+        instrument(engine, transfers, marks)
+        progress("disaggregated: long prompts arriving")
+        phase, step_ends = loaded_phase("disaggregated", engine, workload, vocab_size)
+        report.phases.append(phase)
+        report.anatomy = anatomy(marks, step_ends)
+    finally:
+        for e in (engine.prefill, *engine.decoders):
+            e.shutdown()
+        ray.shutdown()
+    torch.set_num_threads(report.threads)
+    progress("memory copy of the same bytes")
+    long_ids = {f"long-{i}" for i in range(len(workload.long_prompt_tokens))}
+    report.transfers = [t for t in transfers if t.request_id in long_ids]
+    for transfer in report.transfers:
+        transfer.clone_s, transfer.copy_s = copy_seconds(transfer.nbytes(report.kv_bytes_per_token))
+
+
+def run_benchmark(quick: bool, threads: int) -> Report:
+    started = time.perf_counter()
+    workload = QUICK if quick else FULL
+    with tempfile.TemporaryDirectory(prefix="garrison-disagg-") as tmp:
+        model_dir = Path(tmp)
+        progress("building and saving the tiny Llama 4")
+        raw = save_model(model_dir)
+        report = Report(machine_facts(), workload, quick, threads, engine_config_dict(workload.engine_config()), raw)
+        report.machine.torch_threads = threads
+        report.other_benchmarks["start"] = other_benchmarks()
+        report.kv_bytes_per_token = from_hf_config(raw).kv_bytes_per_token(DTYPE_BYTES)
+        vocab_size = raw["vocab_size"]
+        colocated_run(report, model_dir, vocab_size)
+        gc.collect()
+        disaggregated_run(report, model_dir, vocab_size)
+    report.other_benchmarks["end"] = other_benchmarks()
+    report.machine.load_average_end = os.getloadavg()
+    report.wall_s = time.perf_counter() - started
+    return report
+
+
+# -- output -----------------------------------------------------------------------------------------
+
+
+def ms(seconds: float, width: int) -> str:
+    return fmt(seconds * 1e3, width, 1)
+
+
+def ratios(report: Report) -> dict[str, float]:
+    dis = report.phase("disaggregated", True).figures()["tpot_p99_s"]
+    col = report.phase("colocated", True).figures()["tpot_p99_s"]
+    dis_base = report.phase("disaggregated", False).figures()["tpot_p99_s"]
+    col_base = report.phase("colocated", False).figures()["tpot_p99_s"]
+    return {"disaggregated_over_own_baseline": dis / dis_base, "disaggregated_over_colocated_baseline": dis / col_base,
+            "colocated_over_own_baseline": col / col_base, "disaggregated_over_colocated": dis / col}
+
+
+def render(report: Report) -> str:
+    return "\n".join([*header_lines(report), "", *tpot_lines(report), "", *ttft_lines(report), "",
+                      *ratio_lines(report), "", *anatomy_lines(report), "", *transfer_lines(report)])
+
+
+def header_lines(report: Report) -> list[str]:
+    m, w, c, r = report.machine, report.workload, report.engine_config, report.model
+    mode = "QUICK (smoke test: 4k-8k-token long prompts)" if report.quick else "full"
+    seen = sorted({b for found in report.other_benchmarks.values() for b in found})
+    others = max((p.others_cores for p in report.phases), default=0.0)
+    quiet = ("yes: no other benchmark ran" if report.quiet else
+             f"NO: other benchmarks seen: {', '.join(seen) or 'none'}") + f"; others used at most {others:.2f} cores in any phase"
+    return [
+        "Garrison disaggregated vs colocated prefill/decode under long prompts: tiny random Llama 4, fp32, CPU",
+        f"machine    {m.cpu}; os.cpu_count {m.os_cpu_count}; RAM {m.ram_gib:.1f} GiB",
+        f"software   torch {m.torch_version}; transformers {m.transformers_version}; python {m.python_version}",
+        f"date       {m.date}; load average start {fmt_load(m.load_average_start)}, end {fmt_load(m.load_average_end)}",
+        f"quiet      {quiet}",
+        f"mode       {mode}; run wall time {report.wall_s:.0f} s; load colocated {report.load_s['colocated']:.1f} s,"
+        f" disaggregated (Ray start + 2 actors + decode engine) {report.load_s['disaggregated']:.1f} s",
+        f"model      random Llama 4 text: hidden {r['hidden_size']}, {r['num_hidden_layers']} layers (RoPE layers with "
+        f"{r['attention_chunk_size']}-token local chunks, every {r['no_rope_layer_interval']}nd layer global NoPE), "
+        f"{r['num_local_experts']} experts top-{r['num_experts_per_tok']}, {r['num_attention_heads']} heads / "
+        f"{r['num_key_value_heads']} KV heads of {r['head_dim']}; KV {report.kv_bytes_per_token} B/token",
+        f"workload   {w.num_streams} streams ({w.stream_prompt_tokens}-token prompts, greedy, EOS ignored) arrive just after"
+        f" the first long prompt; long prompts {', '.join(map(str, w.long_prompt_tokens))} tokens arrive one after",
+        f"           another (the next as soon as the previous has its first token), {w.long_new_tokens} new tokens each;"
+        f" the streams are aborted when the last long prompt is done; random token ids (seed {w.seed})",
+        f"baseline   the same {w.num_streams} streams alone, {w.baseline_tokens} tokens each, on the same engine",
+        f"engines    block {c['block_size']}, {c['num_kv_blocks']} KV blocks per engine, max_num_batched_tokens "
+        f"{c['max_num_batched_tokens']} (the prefill chunk), prefix cache off",
+        f"colocated  one engine in this process; torch threads: {report.threads}",
+        f"disagg     prefill: Ray worker group tp={PREFILL_DIMS.tp} (2 actors, 1 torch thread each); decode: one engine in"
+        f" this process (1 thread); KV handed over through Ray's object store",
+        "           2 cores: the prefill group and the decode engine share the same cores (no hardware of their own)",
+        "method     a token's time = end of the step() that returned it; TPOT = gaps between a stream's consecutive"
+        " tokens,",
+        "           from when all streams have their first token until the last long prompt is done (baseline: from"
+        " all",
+        "           first tokens to the end); TTFT = first token - add_request; one warm-up per system; others ="
+        " cores other",
+        "           processes kept busy (this process, Ray's daemons and the actors excluded)",
+    ]
+
+
+def tpot_lines(report: Report) -> list[str]:
+    lines = ["TPOT of the streams (ms)                   p50      p99      max  samples  window s  steps  others"]
+    for loaded in (False, True):
+        for system in ("colocated", "disaggregated"):
+            p = report.phase(system, loaded)
+            f = p.figures()
+            label = f"{'long prompts arriving' if loaded else 'no long prompts'}, {system}"
+            lines.append(f"{label:<40}{ms(f['tpot_p50_s'], 8)}{ms(f['tpot_p99_s'], 9)}{ms(f['tpot_max_s'], 9)}"
+                         f"{len(p.tpot_s):>9}{p.window_s:>10.2f}{p.steps:>7}{p.others_cores:>8.2f}")
+    return lines
+
+
+def ttft_lines(report: Report) -> list[str]:
+    lengths = report.workload.long_prompt_tokens
+    head = "TTFT (s)                                stream p50  stream p99" + "".join(
+        f"{f'long {n}':>13}" for n in lengths)
+    lines = [head]
+    for loaded in (False, True):
+        for system in ("colocated", "disaggregated"):
+            p = report.phase(system, loaded)
+            f = p.figures()
+            label = f"{'long prompts arriving' if loaded else 'no long prompts'}, {system}"
+            longs = "".join(fmt(p.long_ttft_s.get(n, math.nan), 13, 2) for n in lengths)
+            lines.append(f"{label:<40}{fmt(f['stream_ttft_p50_s'], 11, 3)}{fmt(f['stream_ttft_p99_s'], 12, 3)}"
+                         + (longs if loaded else ""))
+    lines.append("  (while long prompts arrive the streams come in just after the first one and wait for its prefill)")
+    return lines
+
+
+def ratio_lines(report: Report) -> list[str]:
+    r = ratios(report)
+    return [
+        f"disaggregated p99 TPOT / no-long-prompt p99 TPOT: {r['disaggregated_over_own_baseline']:.1f}x against the"
+        f" disaggregated baseline, {r['disaggregated_over_colocated_baseline']:.1f}x against the colocated baseline"
+        " (issue 4's target: <= 1.5x)",
+        f"colocated p99 TPOT / its no-long-prompt p99 TPOT: {r['colocated_over_own_baseline']:.1f}x;"
+        f" disaggregated / colocated p99 TPOT under long prompts: {r['disaggregated_over_colocated']:.2f}x",
+    ]
+
+
+def anatomy_lines(report: Report) -> list[str]:
+    a = report.anatomy
+    return [
+        f"disaggregated steps while long prompts arrive ({a.steps} steps): the decode engine's outputs are ready"
+        f" {a.decode_ready_p50_s * 1e3:.1f} ms (p50) into a step,",
+        f"           then wait {a.held_p50_s * 1e3:.1f} ms (p50), {a.held_p99_s * 1e3:.1f} ms (p99) for the prefill"
+        " group's chunk (and any handover) before step() returns them;",
+        f"           colocated step while long prompts arrive: {report.colocated_step_p50_s * 1e3:.1f} ms (p50)",
+    ]
+
+
+def transfer_lines(report: Report) -> list[str]:
+    lines = ["KV transfer of each long prompt (prefill group -> decode engine: export on the ranks, Ray object store,"
+             " import) vs a plain copy of the same bytes",
+             f"{'tokens':>8}{'MB':>8}{'transfer ms':>13}{'GB/s':>7}{'clone ms':>10}{'GB/s':>7}{'copy_ ms':>10}{'GB/s':>7}"
+             f"{'transfer / clone':>18}{'transfer / copy_':>18}"]
+    for t in report.transfers:
+        nbytes = t.nbytes(report.kv_bytes_per_token)
+        lines.append(f"{t.tokens:>8}{nbytes / MB:>8.1f}{ms(t.seconds, 13)}{fmt(nbytes / t.seconds / 1e9, 7, 2)}"
+                     f"{fmt(t.clone_s * 1e3, 10, 2)}{fmt(nbytes / t.clone_s / 1e9, 7, 2)}"
+                     f"{fmt(t.copy_s * 1e3, 10, 2)}{fmt(nbytes / t.copy_s / 1e9, 7, 2)}"
+                     f"{fmt(t.seconds / t.clone_s, 18, 1, 'x')}{fmt(t.seconds / t.copy_s, 18, 1, 'x')}")
+    lines.append("  (GB/s = KV bytes / time, each byte counted once; best of 3; clone = torch clone of an fp32 tensor of"
+                 " the same size,")
+    lines.append("   allocation and page faults included; copy_ = into a tensor already allocated and touched)")
+    return lines
+
+
+def to_json(report: Report) -> str:
+    body = {
+        "machine": asdict(report.machine), "workload": asdict(report.workload), "quick": report.quick,
+        "threads": report.threads, "engine_config": report.engine_config, "model": report.model,
+        "kv_bytes_per_token": report.kv_bytes_per_token, "load_s": report.load_s, "wall_s": report.wall_s,
+        "quiet": report.quiet, "other_benchmarks": report.other_benchmarks,
+        "phases": [p.to_dict() for p in report.phases], "ratios": ratios(report),
+        "anatomy": asdict(report.anatomy), "colocated_step_p50_s": report.colocated_step_p50_s,
+        "transfers": [{**asdict(t), "bytes": t.nbytes(report.kv_bytes_per_token),
+                       "gb_s": t.nbytes(report.kv_bytes_per_token) / t.seconds / 1e9,
+                       "clone_gb_s": t.nbytes(report.kv_bytes_per_token) / t.clone_s / 1e9,
+                       "copy_gb_s": t.nbytes(report.kv_bytes_per_token) / t.copy_s / 1e9}
+                      for t in report.transfers],
+    }
+    return json.dumps(finite_or_none(body), indent=2)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="4k-8k-token long prompts: a smoke test of the script")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON instead of a table")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="torch threads of the colocated engine (default: one per core)")
+    args = parser.parse_args()
+    report = run_benchmark(args.quick, max(1, args.threads))
+    print(to_json(report) if args.json else render(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
