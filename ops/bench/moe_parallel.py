@@ -76,7 +76,7 @@ class Workload:
     decode_batch: int = 8
     decode_prompt_tokens: int = 128
     warmup_decode_steps: int = 2
-    max_attempts: int = 3  # timed phases per engine while other processes disturb them
+    max_attempts: int = 2  # timed phases per engine while other processes disturb them
     seed: int = 0
 
     def engine_config(self) -> EngineConfig:
@@ -91,7 +91,7 @@ class Workload:
         return -(-self.decode_batch * self.decode_prompt_tokens // self.prefill_chunk_tokens) + 2
 
 
-FULL = Workload(top_ks=(1, 2), eps=(1, 2, 4), prefill_chunks=16, decode_steps=64)
+FULL = Workload(top_ks=(1, 2), eps=(1, 2, 4), prefill_chunks=12, decode_steps=48)
 QUICK = Workload(top_ks=(1,), eps=(1, 2, 4), prefill_chunks=2, decode_steps=4, warmup_decode_steps=1,
                  max_attempts=1)
 
