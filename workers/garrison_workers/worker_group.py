@@ -66,12 +66,13 @@ class WorkerGroup:
             self.shutdown()
             raise GarrisonError(f"worker group {self.name}: the Ray cluster cannot place {self.dims.world_size} "
                                 f"ranks of {bundle} within {STARTUP_TIMEOUT_S:.0f}s; add nodes or lower tp × ep") from None
-        threads = max(1, int(ray.available_resources().get("CPU", 1) + self.dims.world_size) // self.dims.world_size)
+        # Ranks of one node share its cores: more intra-op threads than cores only adds contention.
+        threads = min(4, max(1, (os.cpu_count() or 1) // self.dims.world_size))
         remote = ray.remote(Worker)
         self.actors = [
             remote.options(num_cpus=1, num_gpus=1 if gpu else 0, max_restarts=0,
                            scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=r)
-                           ).remote(r, self.dims, self.model_path, self.num_blocks, self.config, min(threads, 4))
+                           ).remote(r, self.dims, self.model_path, self.num_blocks, self.config, threads)
             for r in range(self.dims.world_size)]
         self.failure = None
         try:
