@@ -259,8 +259,8 @@ def decode_steps(engine: LLMEngine, rng: random.Random, workload: Workload, tag:
     return times, sent
 
 
-def tree_cpu_s() -> float:
-    """CPU seconds used so far by this process and every live descendant (Ray's processes and the ranks)."""
+def tree_cpu_s() -> dict[int, float]:
+    """CPU seconds used so far by this process and each live descendant (Ray's processes, the ranks), by pid."""
     tick = os.sysconf("SC_CLK_TCK")
     parent, cpu = {}, {}
     for entry in Path("/proc").iterdir():
@@ -282,7 +282,13 @@ def tree_cpu_s() -> float:
             if child not in ours:
                 ours.add(child)
                 frontier.append(child)
-    return sum(cpu.get(pid, 0.0) for pid in ours)
+    return {pid: cpu[pid] for pid in ours if pid in cpu}
+
+
+def tree_cpu_since(before: dict[int, float]) -> float:
+    """CPU seconds this run's processes used since `before`. A process that ended meanwhile (a rank of the
+    previous group, killed asynchronously) is left out rather than subtracted."""
+    return sum(seconds - before.get(pid, 0.0) for pid, seconds in tree_cpu_s().items())
 
 
 def rank_threads(engine: LLMEngine) -> list[int]:
@@ -316,7 +322,7 @@ def timed_attempt(engine: LLMEngine, workload: Workload, tag: str) -> Attempt:
     prefill_ms, prefill_sent = prefill_steps(engine, rng, workload, tag, workload.prefill_chunks)
     decode_ms, decode_sent = decode_steps(engine, rng, workload, tag, workload.decode_steps)
     elapsed = time.perf_counter() - start
-    others = ((machine_busy_s() - busy) - (tree_cpu_s() - ours)) / elapsed
+    others = ((machine_busy_s() - busy) - tree_cpu_since(ours)) / elapsed
     progress(f"{tag}: prefill {statistics.median(prefill_ms):7.1f} ms/chunk, decode {statistics.median(decode_ms):7.1f}"
              f" ms/step, a2a {prefill_sent + decode_sent} B, others {max(0.0, others):.2f} cores")
     return Attempt(prefill_ms, prefill_sent, decode_ms, decode_sent, max(0.0, others))
