@@ -108,3 +108,18 @@ def finite_or_none(value: Any) -> Any:
     if isinstance(value, list):
         return [finite_or_none(v) for v in value]
     return value
+
+
+def save_random_llama4(directory: Path, seed: int, **overrides: Any) -> dict[str, Any]:
+    """A random tiny Llama 4 saved with transformers (as tests/conftest.py's save_tiny_llama4); its config dict."""
+    from transformers import Llama4ForCausalLM, Llama4TextConfig
+    from transformers.utils import logging as hf_logging
+
+    from garrison_workers.config import tiny_llama4
+
+    hf_logging.disable_progress_bar()
+    raw = tiny_llama4(**overrides)
+    torch.manual_seed(seed)
+    config = Llama4TextConfig(**{k: v for k, v in raw.items() if k != "model_type"}, initializer_range=0.15)
+    Llama4ForCausalLM(config).eval().save_pretrained(directory)
+    return raw

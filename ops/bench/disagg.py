@@ -49,8 +49,8 @@ from typing import Any
 import torch
 
 from _common import (  # noqa: E402  (this folder is on sys.path: the benchmarks run as scripts)
-    Machine, engine_config_dict, finite_or_none, fmt, fmt_load, machine_busy_s, machine_facts, progress)
-from garrison_workers.config import from_hf_config, tiny_llama4  # noqa: E402
+    Machine, engine_config_dict, finite_or_none, fmt, fmt_load, machine_busy_s, machine_facts, progress, save_random_llama4)
+from garrison_workers.config import from_hf_config  # noqa: E402
 from garrison_workers.engine.disagg import DisaggregatedEngine  # noqa: E402
 from garrison_workers.engine.llm_engine import EngineConfig, LLMEngine, RequestOutput  # noqa: E402
 from garrison_workers.engine.sequence import SamplingParams  # noqa: E402
@@ -105,16 +105,7 @@ def random_prompt(rng: random.Random, length: int, vocab_size: int) -> list[int]
 
 
 def save_model(directory: Path) -> dict[str, Any]:
-    """The random tiny Llama 4, saved like tests/conftest.py's save_tiny_llama4; returns its config dict."""
-    from transformers import Llama4ForCausalLM, Llama4TextConfig
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    raw = tiny_llama4(**MODEL_OVERRIDES)
-    torch.manual_seed(MODEL_SEED)
-    config = Llama4TextConfig(**{k: v for k, v in raw.items() if k != "model_type"}, initializer_range=0.15)
-    Llama4ForCausalLM(config).eval().save_pretrained(directory)
-    return raw
+    return save_random_llama4(directory, MODEL_SEED, **MODEL_OVERRIDES)
 
 
 # -- CPU accounting across this process and its children (Ray's daemons and actors) -----------------

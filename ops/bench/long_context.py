@@ -50,8 +50,8 @@ from _common import (  # this folder is on sys.path: the benchmarks run as scrip
     own_cpu_s,
     proc_kib,
     progress,
+    save_random_llama4,
 )
-from garrison_workers.config import tiny_llama4
 from garrison_workers.engine.llm_engine import EngineConfig, LLMEngine
 from garrison_workers.engine.sequence import SamplingParams
 
@@ -105,14 +105,7 @@ def make_prompt(length: int, vocab_size: int, seed: int) -> list[int]:
 
 
 def save_model(directory: Path) -> dict[str, Any]:
-    """The random tiny Llama 4, saved like tests/conftest.py's save_tiny_llama4; returns its config dict."""
-    from transformers import Llama4ForCausalLM, Llama4TextConfig
-
-    raw = tiny_llama4(**MODEL_OVERRIDES)
-    torch.manual_seed(MODEL_SEED)
-    config = Llama4TextConfig(**{k: v for k, v in raw.items() if k != "model_type"}, initializer_range=0.15)
-    Llama4ForCausalLM(config).eval().save_pretrained(directory)
-    return raw
+    return save_random_llama4(directory, MODEL_SEED, **MODEL_OVERRIDES)
 
 
 # -- memory -----------------------------------------------------------------------------------------
