@@ -8,21 +8,24 @@ being prefilled). The same workload runs through two systems, one after the othe
 
 - colocated: one `LLMEngine` in this process; chunked prefill interleaves each long prompt's chunks
   with the streams' decode steps under one token budget;
-- disaggregated: a `DisaggregatedEngine` whose prefill engine is a Ray worker group (tp=2, two actors)
-  and whose decode engine runs in this process, with the KV cache handed over through Ray's object
-  store. The prefill side must be the Ray group: a step starts the prefill step first, and a local
-  engine computes synchronously, so a local prefill engine would finish its chunk before decode began.
+- disaggregated: a `DisaggregatedEngine` whose prefill engine is a Ray worker group (one actor, one
+  torch thread) and whose decode engine runs in this process (one torch thread), with the KV cache
+  handed over through Ray's object store. A prefill step stays in flight across decode steps; the
+  decode engine never waits for it. The prefill side must be the Ray group: a local engine computes
+  synchronously inside `begin_step`.
 
 Figures: p50/p99 time per output token (TPOT: gaps between a stream's consecutive tokens while long
 prompts are arriving) and time to first token (TTFT) of the streams and of each long prompt; the
 same 8 streams decoding with no long prompt arriving (the baseline); the ratio disaggregated p99
-TPOT / baseline p99 TPOT (issue 4's target: at most 1.5x); where inside a disaggregated step the
-streams' tokens wait; and the KV transfer's throughput beside a plain memory copy (torch `clone`) of
+TPOT / baseline p99 TPOT (issue 4's target: at most 1.5x); how long the disaggregated steps that
+finish a prefill step (sampling its first tokens, handing KV over) hold the streams' tokens; and the
+KV transfer's throughput beside a plain memory copy (torch `clone`) of
 the same bytes. A token's time is when the `step()` call that returned it ended.
 
 The model is random and tiny (a few MB) so that 16k-64k-token prompts are affordable on two cores;
-the figures show the scheduling, not a real model's speed. On a 2-core machine the prefill group and
-the decode engine share the same cores: disaggregation here can overlap work, not add hardware.
+the figures show the scheduling, not a real model's speed. Both systems get the same 2 cores: the
+colocated engine uses both (2 torch threads); disaggregation gives one to the prefill group and one
+to the decode engine, as a cluster gives each pool its own GPUs.
 A benchmark prints figures; it asserts nothing about time (DESIGN.md, rule 9). Progress goes to
 stderr, so `--json` leaves stdout pure JSON.
 """
@@ -42,7 +45,7 @@ import time
 import types
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -60,10 +63,8 @@ MB = 1e6
 FIRST_TOKEN_ID = 3  # 0, 1, 2 are pad, BOS and EOS in tiny_llama4
 DTYPE_BYTES = 4  # fp32
 MODEL_SEED = 0
-PREFILL_DIMS = ParallelDims(tp=2)  # the prefill worker group (Ray actors)
-DECODE_DIMS = ParallelDims()  # the decode engine, in this process
-# Ray's CPU slots: a tp=2 group on 2 slots leaves none free, so WorkerGroup gives each rank one torch thread.
-# With more slots each rank would get two: 4+ busy threads on 2 cores, which stalls torch's thread pool.
+PREFILL_DIMS = ParallelDims()  # the prefill worker group: one Ray actor with one torch thread (one core's worth)
+DECODE_DIMS = ParallelDims()  # the decode engine, in this process, one torch thread (the other core)
 RAY_CPUS = 2
 
 # Llama 4's layout (RoPE layers with chunked local attention, NoPE global layers, every layer MoE),
@@ -359,17 +360,10 @@ class Transfer:
         return self.tokens * kv_bytes_per_token
 
 
-@dataclass(slots=True)
-class StepMarks:
-    """Per disaggregated step: start, when the decode outputs were ready (prefill wait begins), end."""
-
-    begin: list[float] = field(default_factory=list)
-    decode_ready: list[float] = field(default_factory=list)
-
-
-def instrument(engine: DisaggregatedEngine, transfers: list[Transfer], marks: StepMarks) -> None:
-    """Time every handover and mark each step's phases (instance attributes shadow the methods)."""
-    hand_over, begin_step, finish_step = engine._hand_over, engine.prefill.begin_step, engine.prefill.finish_step
+def instrument(engine: DisaggregatedEngine, transfers: list[Transfer], stalls: list[tuple[float, float]]) -> None:
+    """Time every handover, and every finished prefill step's bookkeeping (sampling, handovers): the only
+    part of a disaggregated step that keeps the streams' tokens waiting. Instance attributes shadow the methods."""
+    hand_over, finish_prefill = engine._hand_over, engine._finish_prefill
 
     def timed_hand_over(self: DisaggregatedEngine, seq: Any) -> list[RequestOutput]:
         tokens, start = seq.num_computed_tokens, time.perf_counter()
@@ -377,49 +371,31 @@ def instrument(engine: DisaggregatedEngine, transfers: list[Transfer], marks: St
         transfers.append(Transfer(seq.request_id, tokens, time.perf_counter() - start))
         return outputs
 
-    def marked_begin(*args: Any) -> Any:
-        marks.begin.append(time.perf_counter())
-        return begin_step(*args)
-
-    def marked_finish(*args: Any) -> Any:  # the step calls this after every decode engine's finish_step
-        marks.decode_ready.append(time.perf_counter())
-        return finish_step(*args)
+    def timed_finish_prefill(self: DisaggregatedEngine, step: Any) -> list[RequestOutput]:
+        start = time.perf_counter()
+        outputs = finish_prefill(step)
+        stalls.append((start, time.perf_counter()))
+        return outputs
 
     engine._hand_over = types.MethodType(timed_hand_over, engine)  # type: ignore[method-assign]
-    engine.prefill.begin_step = marked_begin  # type: ignore[method-assign]
-    engine.prefill.finish_step = marked_finish  # type: ignore[method-assign]
+    engine._finish_prefill = types.MethodType(timed_finish_prefill, engine)  # type: ignore[method-assign]
 
 
 @dataclass(slots=True)
 class Anatomy:
-    """Inside the disaggregated steps of the loaded window: how long the streams' tokens waited."""
+    """The disaggregated steps of the loaded window, and the ones that also finished a prefill step."""
 
     steps: int = 0
-    decode_ready_p50_s: float = math.nan  # step start -> decode outputs ready
-    held_p50_s: float = math.nan  # decode outputs ready -> step returns (prefill chunk, handovers)
-    held_p99_s: float = math.nan
+    prefill_finishes: int = 0
+    stall_p50_s: float = math.nan  # time such a step spent finishing the prefill step (sampling, handovers)
+    stall_max_s: float = math.nan
 
 
-def anatomy(marks: StepMarks, step_ends: list[float]) -> Anatomy:
-    rows = [(b, r, e) for b, r, e in zip(marks.begin, marks.decode_ready, _ends_after(marks.begin, step_ends))
-            if e is not None]
-    if not rows:
+def anatomy(stalls: list[tuple[float, float]], step_ends: list[float]) -> Anatomy:
+    if not step_ends:
         return Anatomy()
-    ready = [r - b for b, r, _ in rows]
-    held = [e - r for _, r, e in rows]
-    return Anatomy(len(rows), percentile(ready, 50), percentile(held, 50), percentile(held, 99))
-
-
-def _ends_after(begins: list[float], ends: list[float]) -> list[float | None]:
-    """For each step start, the first step end after it (None when it is outside the window)."""
-    out: list[float | None] = []
-    j = 0
-    for i, begin in enumerate(begins):
-        while j < len(ends) and ends[j] < begin:
-            j += 1
-        nxt = begins[i + 1] if i + 1 < len(begins) else math.inf
-        out.append(ends[j] if j < len(ends) and ends[j] <= nxt else None)
-    return out
+    inside = [end - start for start, end in stalls if step_ends[0] <= end <= step_ends[-1]]
+    return Anatomy(len(step_ends), len(inside), percentile(inside, 50), max(inside, default=math.nan))
 
 
 def copy_seconds(num_bytes: int, repeats: int = 3) -> tuple[float, float]:
@@ -501,11 +477,12 @@ def disaggregated_run(report: Report, model_dir: Path, vocab_size: int) -> None:
     import ray
 
     workload, config = report.workload, report.workload.engine_config()
-    torch.set_num_threads(1)  # the decode engine, in this process; each prefill rank gets one thread
+    torch.set_num_threads(1)  # the decode engine, in this process; the prefill rank gets one thread too
     progress(f"disaggregated: starting Ray ({RAY_CPUS} CPU slots) and loading")
     start = time.perf_counter()
     ray.init(num_cpus=RAY_CPUS, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    prefill = LLMEngine.from_path(model_dir, config, PREFILL_DIMS, role="prefill")
+    prefill = LLMEngine.from_path(model_dir, replace(config, worker_threads=1), PREFILL_DIMS, role="prefill",
+                                  on_ray=True)
     decoders = [LLMEngine.from_path(model_dir, config, DECODE_DIMS, role="decode")]
     engine = DisaggregatedEngine(prefill, decoders)
     report.load_s["disaggregated"] = time.perf_counter() - start
@@ -514,12 +491,13 @@ def disaggregated_run(report: Report, model_dir: Path, vocab_size: int) -> None:
         report.other_benchmarks["disaggregated"] = other_benchmarks()
         progress("disaggregated: baseline (streams alone)")
         report.phases.append(baseline_phase("disaggregated", engine, workload, vocab_size))
-        transfers, marks = [], StepMarks()
-        instrument(engine, transfers, marks)
+        transfers: list[Transfer] = []
+        stalls: list[tuple[float, float]] = []
+        instrument(engine, transfers, stalls)
         progress("disaggregated: long prompts arriving")
         phase, step_ends = loaded_phase("disaggregated", engine, workload, vocab_size)
         report.phases.append(phase)
-        report.anatomy = anatomy(marks, step_ends)
+        report.anatomy = anatomy(stalls, step_ends)
     finally:
         for e in (engine.prefill, *engine.decoders):
             e.shutdown()
@@ -601,9 +579,8 @@ def header_lines(report: Report) -> list[str]:
         f"engines    block {c['block_size']}, {c['num_kv_blocks']} KV blocks per engine, max_num_batched_tokens "
         f"{c['max_num_batched_tokens']} (the prefill chunk), prefix cache off",
         f"colocated  one engine in this process; torch threads: {report.threads}",
-        f"disagg     prefill: Ray worker group tp={PREFILL_DIMS.tp} (2 actors, 1 torch thread each); decode: one engine in"
-        f" this process (1 thread); KV handed over through Ray's object store",
-        "           2 cores: the prefill group and the decode engine share the same cores (no hardware of their own)",
+        "disagg     prefill: Ray worker group tp=1 (1 actor, 1 torch thread); decode: one engine in this process"
+        " (1 thread); KV handed over through Ray's object store; a prefill step stays in flight across decode steps",
         "method     a token's time = end of the step() that returned it; TPOT = gaps between a stream's consecutive"
         " tokens,",
         "           from when all streams have their first token until the last long prompt is done (baseline: from"
@@ -657,10 +634,9 @@ def ratio_lines(report: Report) -> list[str]:
 def anatomy_lines(report: Report) -> list[str]:
     a = report.anatomy
     return [
-        f"disaggregated steps while long prompts arrive ({a.steps} steps): the decode engine's outputs are ready"
-        f" {a.decode_ready_p50_s * 1e3:.1f} ms (p50) into a step,",
-        f"           then wait {a.held_p50_s * 1e3:.1f} ms (p50), {a.held_p99_s * 1e3:.1f} ms (p99) for the prefill"
-        " group's chunk (and any handover) before step() returns them;",
+        f"disaggregated steps while long prompts arrive: {a.steps}; {a.prefill_finishes} of them also finished a"
+        f" prefill step (sampling, KV handovers), which held the streams' tokens {a.stall_p50_s * 1e3:.1f} ms (p50),"
+        f" {a.stall_max_s * 1e3:.1f} ms (max);",
         f"           colocated step while long prompts arrive: {report.colocated_step_p50_s * 1e3:.1f} ms (p50)",
     ]
 

@@ -90,6 +90,40 @@ def test_disaggregated_matches_colocated_smollm2(smollm2_path: Path) -> None:
         shutdown(engine)
 
 
+def test_streams_keep_decoding_while_a_prefill_step_is_in_flight(tiny_moe: Path) -> None:
+    """A prefill group on its own Ray actor: decode steps do not wait for its chunks, and a request
+    aborted while its chunk is being computed frees its blocks on both sides."""
+    batch = prompts(512, count=3)
+    long_prompt = batch[0] * 8  # several chunks of the 24-token budget
+    expected = run(LLMEngine.from_path(tiny_moe, CONFIG), [batch[1], long_prompt])
+    engine = DisaggregatedEngine(LLMEngine.from_path(tiny_moe, CONFIG, role="prefill", on_ray=True),
+                                 [LLMEngine.from_path(tiny_moe, CONFIG, role="decode")])
+    try:
+        tokens: dict[str, list[int]] = {"r0": [], "r1": []}
+        engine.add_request("r0", batch[1], PARAMS)
+        while not tokens["r0"]:
+            for out in engine.step():
+                tokens[out.request_id] += out.new_token_ids
+        engine.add_request("r1", long_prompt, PARAMS)
+        engine.add_request("doomed", batch[2] * 6, PARAMS)
+        steps_with_prefill_in_flight = 0
+        aborted = False
+        while engine.has_unfinished_requests():
+            outputs = engine.step()
+            steps_with_prefill_in_flight += engine.prefill_in_flight
+            if engine.prefill_in_flight and not aborted:
+                aborted = engine.abort_request("doomed")  # its chunk may be running right now
+            for out in outputs:
+                assert out.error is None, out.error
+                assert out.request_id != "doomed" or not aborted
+                tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+        assert aborted and steps_with_prefill_in_flight > 0
+        assert tokens["r0"] == expected["r0"] and tokens["r1"] == expected["r1"]
+        assert_no_blocks_held(engine)
+    finally:
+        shutdown(engine)
+
+
 def stream_until_error(engine: DisaggregatedEngine, kill, kill_after_steps: int) -> tuple[str, float]:
     for step in range(500):
         if step == kill_after_steps:

@@ -90,6 +90,27 @@ def test_scheduler_chunks_prompts_under_the_budget_and_decodes_first() -> None:
     assert budgets == [9, 9, 7]
 
 
+def test_a_long_prompt_leaves_room_for_a_short_one_that_arrives() -> None:
+    scheduler = Scheduler(BlockManager(num_blocks=64, block_size=4), max_num_seqs=8, max_num_batched_tokens=16)
+    long = seq("long", list(range(100)))
+    scheduler.add(long)
+    batch = scheduler.schedule()
+    assert batch.work == [(long, 16)]  # alone, it takes the whole budget
+    long.num_computed_tokens += 16
+    short = seq("short", list(range(5)))
+    scheduler.add(short)
+    batch = scheduler.schedule()
+    assert batch.work == [(long, 11), (short, 5)]  # the short prompt starts at once, whole
+    long.num_computed_tokens += 11
+    short.num_computed_tokens += 5
+    short.token_ids.append(9)
+    huge = seq("huge", list(range(200)))
+    scheduler.add(huge)
+    batch = scheduler.schedule()
+    # One token for the decoding stream; the waiting huge prompt is owed at most half the budget.
+    assert batch.work == [(long, 8), (short, 1), (huge, 7)]
+
+
 def test_scheduler_preempts_newest_when_blocks_run_out() -> None:
     scheduler = Scheduler(BlockManager(num_blocks=4, block_size=4), max_num_seqs=8, max_num_batched_tokens=64)
     old, new = seq("old", list(range(8))), seq("new", list(range(50, 58)))

@@ -67,7 +67,7 @@ class WorkerGroup:
             raise GarrisonError(f"worker group {self.name}: the Ray cluster cannot place {self.dims.world_size} "
                                 f"ranks of {bundle} within {STARTUP_TIMEOUT_S:.0f}s; add nodes or lower tp × ep") from None
         # Ranks of one node share its cores: more intra-op threads than cores only adds contention.
-        threads = min(4, max(1, (os.cpu_count() or 1) // self.dims.world_size))
+        threads = self.config.worker_threads or min(4, max(1, (os.cpu_count() or 1) // self.dims.world_size))
         remote = ray.remote(Worker)
         self.actors = [
             remote.options(num_cpus=1, num_gpus=1 if gpu else 0, max_restarts=0,
@@ -178,6 +178,10 @@ class PendingStep:
 
     def __init__(self, group: WorkerGroup, refs: list[Any]) -> None:
         self.group, self.refs = group, refs
+
+    def done(self) -> bool:
+        ready, _ = ray.wait(self.refs, num_returns=len(self.refs), timeout=0)
+        return len(ready) == len(self.refs)
 
     def result(self) -> torch.Tensor:
         return self.group._collect("execute", self.refs, STEP_TIMEOUT_S)[0]

@@ -18,6 +18,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     kv_transfer_checksum: bool = False  # debug mode: hash every KV transfer shard and verify on arrival
     attention_key_block: int = 1024  # longer global contexts are attended blockwise (bounded memory)
+    worker_threads: int | None = None  # torch threads per Ray rank; None: the node's cores / ranks, at most 4
     dtype: torch.dtype = torch.float32
     device: str = "cpu"
 

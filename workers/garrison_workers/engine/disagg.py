@@ -1,14 +1,20 @@
 """Disaggregated serving: one engine prefills, others decode, and KV caches move between them.
 
 A long prompt then occupies the prefill group while the decode groups keep streaming. Both kinds
-of group compute at the same time: each step starts the prefill step and every decode step before
-waiting for any of them. After its prompt is prefilled (and its first token sampled), a sequence's
+of group compute at the same time, and the decode groups never wait for the prefill group: a
+prefill step (one chunk of a long prompt can take a second) stays in flight across as many `step()`
+calls as it needs, while each call runs one decode step and returns its tokens. Only when no decode
+group has work does a call wait for the prefill step. For the overlap, the prefill engine must run
+on its own ranks (a Ray group, `on_ray=True` for tp=1); a local one computes inside `begin_step`.
+After its prompt is prefilled (and its first token sampled), a sequence's
 KV leaves the prefill group, whose blocks are freed at once, for the decode engine with the most
 free blocks. A transfer that fails ends that request with an error; nothing is decoded from half a
 cache, and neither side keeps its blocks.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from garrison_workers.engine.llm_engine import LLMEngine, RequestOutput
 from garrison_workers.engine.sequence import SamplingParams, Sequence, SequenceStatus
@@ -21,6 +27,7 @@ class DisaggregatedEngine:
             raise ValueError("need one engine with role 'prefill' and at least one with role 'decode'")
         self.prefill, self.decoders = prefill, decoders
         self.tokenizer = prefill.tokenizer
+        self._prefill_step: Any = None  # the prefill engine's step in flight, kept across step() calls
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     salt: bytes = b"") -> None:
@@ -34,14 +41,28 @@ class DisaggregatedEngine:
     def abort_request(self, request_id: str) -> bool:
         return any(engine.abort_request(request_id) for engine in (self.prefill, *self.decoders))
 
+    @property
+    def prefill_in_flight(self) -> bool:
+        return self._prefill_step is not None
+
     def has_unfinished_requests(self) -> bool:
-        return any(e.has_unfinished_requests() or e.handoffs for e in (self.prefill, *self.decoders))
+        return self._prefill_step is not None or any(
+            e.has_unfinished_requests() or e.handoffs for e in (self.prefill, *self.decoders))
 
     def step(self) -> list[RequestOutput]:
-        prefill_step = self.prefill.begin_step()
+        """One decode step on every decode group, plus the prefill step if it has finished meanwhile."""
+        if self._prefill_step is None:
+            self._prefill_step = self.prefill.begin_step()
         decode_steps = [decoder.begin_step() for decoder in self.decoders]
         outputs = [out for decoder, step in zip(self.decoders, decode_steps) for out in decoder.finish_step(step)]
-        outputs += self.prefill.finish_step(prefill_step)
+        prefill_step = self._prefill_step
+        if prefill_step is not None and (prefill_step.done() or all(step is None for step in decode_steps)):
+            self._prefill_step = None
+            outputs += self._finish_prefill(prefill_step)
+        return outputs
+
+    def _finish_prefill(self, prefill_step: Any) -> list[RequestOutput]:
+        outputs = self.prefill.finish_step(prefill_step)
         for seq in self.prefill.take_handoffs():
             if not seq.is_finished:  # aborted while waiting for its handoff
                 outputs += self._hand_over(seq)

@@ -18,6 +18,10 @@ from garrison_workers.model import CausalLM
 
 
 class StepFuture(Protocol):
+    def done(self) -> bool:
+        """True once `result()` would not block."""
+        ...
+
     def result(self) -> torch.Tensor:
         """Logits `[N, V]` of the step's chunks with `needs_logits`, in order.
 
@@ -61,6 +65,9 @@ def parameter_bytes(model: torch.nn.Module) -> int:
 @dataclass(slots=True)
 class DoneStep:
     logits: torch.Tensor
+
+    def done(self) -> bool:
+        return True
 
     def result(self) -> torch.Tensor:
         return self.logits

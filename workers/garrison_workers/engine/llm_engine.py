@@ -64,6 +64,9 @@ class _Step:
     future: StepFuture | None
     error: WorkerLostError | None = None
 
+    def done(self) -> bool:
+        return self.future is None or self.future.done()
+
 
 @dataclass(slots=True)
 class _TextState:
@@ -96,13 +99,17 @@ class LLMEngine:
 
     @classmethod
     def from_path(cls, path: str | Path, config: EngineConfig = EngineConfig(),
-                  dims: ParallelDims = ParallelDims(), role: Role = "both") -> "LLMEngine":
-        """An engine over one replica: in this process, or as a `tp × ep` worker group on Ray."""
+                  dims: ParallelDims = ParallelDims(), role: Role = "both", on_ray: bool | None = None) -> "LLMEngine":
+        """An engine over one replica: in this process, or as a `tp × ep` worker group on Ray.
+
+        `on_ray` None puts parallel replicas on Ray and a single rank here; True puts even a single rank
+        in its own Ray actor, so its steps run beside this process's (a prefill group beside a decode engine).
+        """
         files = open_model_files(path)
         dims.validate(files.config)
         num_blocks = num_kv_blocks(files.config, config, dims.tp)
         executor: Executor
-        if dims.world_size == 1:
+        if not (dims.world_size > 1 if on_ray is None else on_ray):
             model = build_model(files.config, files.source, config.dtype, config.device)
             executor = LocalExecutor(model, num_blocks, config)
         else:
@@ -202,10 +209,19 @@ class LLMEngine:
             logits_NV = step.future.result()
         except WorkerLostError as err:
             return self.fail_all(err)
-        for seq, count in step.work:
-            seq.num_computed_tokens += count
-            self.block_manager.publish_full_blocks(seq)
-        sampled = [seq for (seq, _), chunk in zip(step.work, step.chunks) if chunk.needs_logits]
+        sampled: list[Sequence] = []
+        rows: list[int] = []
+        row = 0
+        for (seq, count), chunk in zip(step.work, step.chunks):
+            if not seq.is_finished:  # else aborted while its step ran (disaggregation); its blocks are free
+                seq.num_computed_tokens += count
+                self.block_manager.publish_full_blocks(seq)
+                if chunk.needs_logits:
+                    sampled.append(seq)
+                    rows.append(row)
+            row += chunk.needs_logits
+        if len(rows) != row:
+            logits_NV = logits_NV[rows]
         tokens, logprobs = sample(logits_NV, sampled) if sampled else ([], [])
         outputs = [self._append(seq, token, logprob) for seq, token, logprob in zip(sampled, tokens, logprobs)]
         if self.role == "prefill":

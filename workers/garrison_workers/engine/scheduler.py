@@ -3,6 +3,9 @@
 Every sequence is "tokens known" vs "tokens computed"; a step gives each scheduled sequence some of
 its uncomputed tokens: one for a decoding sequence, up to the remaining budget for a prompt. Running
 sequences go first, oldest first, so streams keep flowing while long prompts advance chunk by chunk.
+A prompt's chunk never takes the part of the budget that decoding sequences and waiting prompts
+need (up to half of it): a new short prompt starts at the next step instead of after a long prompt's
+last chunk.
 When blocks run out the newest running sequence is preempted: its blocks are freed and it waits to be
 recomputed (its already-generated tokens become part of what is recomputed).
 """
@@ -55,11 +58,24 @@ class Scheduler:
             self._schedule_waiting(batch, budget)
         return batch
 
+    def _chunk_cap(self, seq: Sequence) -> int:
+        """Most tokens `seq` may compute this step: the budget minus what the others need (one per
+        decoding sequence plus the waiting prompts), minus at most half (a long prompt keeps advancing)."""
+        limit = self.max_num_batched_tokens // 2
+        need = sum(1 for other in self.running if other is not seq and other.num_tokens - other.num_computed_tokens == 1)
+        for other in self.waiting:
+            if need >= limit:
+                break
+            if other is not seq:
+                need += other.num_tokens - other.num_computed_tokens
+        return self.max_num_batched_tokens - min(need, limit)
+
     def _schedule_running(self, batch: ScheduledBatch, budget: int) -> int:
         index = 0
         while index < len(self.running) and budget > 0:
             seq = self.running[index]
-            count = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            remaining = seq.num_tokens - seq.num_computed_tokens
+            count = min(remaining, budget, self._chunk_cap(seq) if remaining > 1 else 1)
             if self._make_room(seq, seq.num_computed_tokens + count, batch):
                 batch.work.append((seq, count))
                 budget -= count
@@ -87,7 +103,7 @@ class Scheduler:
             seq = self.waiting[0]
             if not seq.block_table:
                 self.block_manager.reuse_cached_prefix(seq)
-            count = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            count = min(seq.num_tokens - seq.num_computed_tokens, budget, self._chunk_cap(seq))
             if not self.block_manager.ensure_slots(seq, seq.num_computed_tokens + count):
                 self.block_manager.free(seq)  # give back any prefix blocks; retry when memory frees up
                 return
