@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from garrison import __version__
-from garrison.cli import generate
+from garrison.cli import certs, generate
 from garrison_workers.errors import GarrisonError
 
 
@@ -16,6 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"garrison {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     generate.register(commands)
+    certs.register(commands)
     return parser
 
 

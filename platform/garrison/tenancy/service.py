@@ -202,10 +202,10 @@ class TenancyService:
             session.flush()
             return _tenant(row)
 
-    def set_quota(self, actor: Principal, tenant: str, update: QuotaUpdate) -> Quota:
-        """Change the limits present in `update`, keep the others; the gateway applies them to the next request."""
+    def set_quota(self, actor: Principal, tenant: str, quota: QuotaUpdate) -> Quota:
+        """Change the limits present in `quota`, keep the others; the gateway applies them to the next request."""
         require_admin(actor)
-        changes = update.present()
+        changes = quota.present()
         with self._writes.begin() as session:
             row = _live_tenant(session, tenant)
             if changes:
