@@ -1,0 +1,1 @@
+"""The router: fair queueing across tenants and dispatch to model replicas."""
