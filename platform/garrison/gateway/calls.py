@@ -1,0 +1,100 @@
+"""What every RPC handler shares: reading the request bytes, the caller's key, and turning errors into statuses.
+
+Requests arrive as raw bytes and are parsed here, not by gRPC: a message gRPC cannot parse (invalid
+UTF-8 in a string field, say) would otherwise become INTERNAL, and this is the client's mistake.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf.message import DecodeError, Message
+
+from garrison.errors import grpc_status_for
+from garrison.tenancy.errors import InvalidArgumentError, QuotaExceededError, UnauthenticatedError
+
+log = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=Message)
+
+
+def parse(data: bytes, message_type: type[M], max_bytes: int) -> M:
+    if len(data) > max_bytes:
+        raise InvalidArgumentError(f"the request is {len(data)} bytes; this server accepts at most {max_bytes}")
+    try:
+        return message_type.FromString(data)
+    except DecodeError as err:
+        raise InvalidArgumentError(f"the request is not a valid {message_type.DESCRIPTOR.full_name}: {err}") from None
+
+
+def bearer_token(context: grpc.aio.ServicerContext) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization":
+            scheme, _, token = str(value).partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                return token.strip()
+            break
+    raise UnauthenticatedError("send your API key as metadata 'authorization: Bearer <key>'")
+
+
+def new_request_id() -> str:
+    return f"req-{uuid.uuid4().hex[:16]}"
+
+
+async def abort(context: grpc.aio.ServicerContext, err: BaseException, request_id: str | None = None) -> None:
+    """End the call with the status the error maps to; bugs become INTERNAL with an id to quote."""
+    status = grpc_status_for(err)
+    if status is grpc.StatusCode.INTERNAL:
+        request_id = request_id or new_request_id()
+        log.error("internal error in request %s", request_id, exc_info=err)
+        message = f"internal error; quote request id {request_id} to the operator"
+    else:
+        message = str(err)
+    if isinstance(err, QuotaExceededError) and err.retry_after_s is not None:
+        context.set_trailing_metadata((("retry-after", f"{err.retry_after_s:.1f}"),))
+    await context.abort(status, message)
+
+
+def unary(handler: Callable[[bytes, grpc.aio.ServicerContext], Awaitable[Any]]
+          ) -> Callable[[bytes, grpc.aio.ServicerContext], Awaitable[Any]]:
+    async def call(data: bytes, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await handler(data, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as err:
+            await abort(context, err)
+
+    return call
+
+
+def streaming(handler: Callable[[bytes, grpc.aio.ServicerContext], AsyncIterator[Any]]
+              ) -> Callable[[bytes, grpc.aio.ServicerContext], AsyncIterator[Any]]:
+    async def call(data: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        try:
+            async for item in handler(data, context):
+                yield item
+        except grpc.aio.AbortError:
+            raise
+        except Exception as err:
+            await abort(context, err)
+
+    return call
+
+
+def method_handlers(service: Any, methods: dict[str, tuple[str, str, type[Message]]]
+                    ) -> dict[str, grpc.RpcMethodHandler]:
+    """gRPC handlers for `methods` (RPC name -> (service attribute, "unary" or "stream", response type))."""
+    handlers = {}
+    for name, (attribute, kind, response) in methods.items():
+        fn = getattr(service, attribute)
+        if kind == "stream":
+            handlers[name] = grpc.unary_stream_rpc_method_handler(streaming(fn),
+                                                                  response_serializer=response.SerializeToString)
+        else:
+            handlers[name] = grpc.unary_unary_rpc_method_handler(unary(fn), response_serializer=response.SerializeToString)
+    return handlers

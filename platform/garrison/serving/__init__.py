@@ -1,0 +1,1 @@
+"""`garrison serve`: configuration, cluster bring-up and the server's lifecycle."""

@@ -1,0 +1,76 @@
+"""Cluster bring-up: turn each configured model into running replicas (worker groups on Ray).
+
+One replica is one `both` group, or one `prefill` group plus its `decode` groups joined by a
+`DisaggregatedEngine`. Groups with more than one rank are always Ray actors; a single-rank group is
+one too unless the model says `on_ray: false` (tests and the CPU quick path keep it in-process).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from garrison.model_refs import resolve_model
+from garrison.router.replica import Engine, Replica
+from garrison.router.router import Deployment
+from garrison.serving.config import EngineSettings, GroupConfig, ModelDeploymentConfig, ServeConfig
+from garrison_workers.engine.config import EngineConfig
+from garrison_workers.engine.disagg import DisaggregatedEngine
+from garrison_workers.engine.llm_engine import LLMEngine
+from garrison_workers.parallel.dims import ParallelDims
+
+log = logging.getLogger(__name__)
+
+
+def engine_config(settings: EngineSettings) -> EngineConfig:
+    return EngineConfig(block_size=settings.block_size, kv_cache_bytes=settings.kv_cache_bytes,
+                        max_num_seqs=settings.max_num_seqs, max_num_batched_tokens=settings.max_num_batched_tokens,
+                        max_model_len=settings.max_model_len, enable_prefix_caching=settings.enable_prefix_caching)
+
+
+def needs_ray(config: ServeConfig) -> bool:
+    return config.ray_address is not None or any(
+        m.on_ray or m.disaggregated or any(g.tp * g.ep > 1 for g in m.groups) for m in config.models)
+
+
+def start_deployments(config: ServeConfig) -> list[Deployment]:
+    if needs_ray(config):
+        from garrison_workers.worker_group import ensure_ray
+
+        ensure_ray(config.ray_address)
+    deployments: list[Deployment] = []
+    try:
+        for model in config.models:
+            deployments.append(start_deployment(model))
+    except BaseException:
+        for deployment in deployments:
+            for replica in deployment.replicas:
+                replica.stop()
+        raise
+    return deployments
+
+
+def start_deployment(model: ModelDeploymentConfig) -> Deployment:
+    path = resolve_model(model.source)
+    settings = engine_config(model.engine)
+    replicas: list[Replica] = []
+    for index in range(model.replicas):
+        log.info("model %s: starting replica %d/%d from %s", model.name, index + 1, model.replicas, path)
+        replicas.append(Replica(f"{model.name}-{index}", _engine(path, model, settings)).start())
+    first = replicas[0].engine
+    decoders = first.decoders if isinstance(first, DisaggregatedEngine) else [first]
+    probe = decoders[0]
+    return Deployment(model.name, probe.model_config, probe.tokenizer, replicas, settings.max_num_seqs,
+                      min(d.max_model_len for d in decoders))
+
+
+def _engine(path: Path, model: ModelDeploymentConfig, settings: EngineConfig) -> Engine:
+    def group(g: GroupConfig) -> LLMEngine:
+        dims = ParallelDims(tp=g.tp, ep=g.ep)
+        on_ray = model.on_ray or dims.world_size > 1
+        return LLMEngine.from_path(path, settings, dims, role=g.role, on_ray=on_ray)  # type: ignore[arg-type]
+
+    if not model.disaggregated:
+        return group(model.groups[0])
+    prefill = group(next(g for g in model.groups if g.role == "prefill"))
+    return DisaggregatedEngine(prefill, [group(g) for g in model.groups if g.role == "decode"])

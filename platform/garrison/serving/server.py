@@ -1,0 +1,173 @@
+"""The server `garrison serve` runs: tenant store, telemetry, model replicas and the gRPC services.
+
+Start order: the data directory and tenant store (migrated), the bootstrap keys, telemetry, the model
+replicas (the slow part), and last the gRPC port, so a client that connects finds everything ready.
+Stop order is the reverse; in-flight streams get `grace` seconds to finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from opentelemetry.sdk.trace.export import SpanExporter
+
+from garrison.gateway import admin, inference
+from garrison.gateway.calls import method_handlers
+from garrison.router.router import Router
+from garrison.serving.cluster import start_deployments
+from garrison.serving.config import ConfigError, ServeConfig
+from garrison.telemetry import Telemetry
+from garrison.tenancy.limits import QuotaEnforcer
+from garrison.tenancy.records import SYSTEM
+from garrison.tenancy.service import TenancyService
+from garrison.v1 import admin_pb2, inference_pb2
+
+log = logging.getLogger(__name__)
+
+ADMIN_KEY_FILE = "admin.key"
+TENANT_KEY_FILE = "tenant.key"
+BOOTSTRAP_TENANT = "default"
+
+
+@dataclass(slots=True, frozen=True)
+class Bootstrap:
+    """Key files written at this start (first start only), for the operator to pick up."""
+
+    admin_key_file: Path | None = None
+    tenant_key_file: Path | None = None
+
+
+class GarrisonServer:
+    def __init__(self, config: ServeConfig, span_exporter: SpanExporter | None = None) -> None:
+        self.config = config
+        self._span_exporter = span_exporter
+        self.tenancy: TenancyService | None = None
+        self.telemetry: Telemetry | None = None
+        self.router: Router | None = None
+        self.quotas = QuotaEnforcer()
+        self.inference: inference.InferenceService | None = None
+        self._server: grpc.aio.Server | None = None
+        self._health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+        self.port = 0
+        self.bootstrap = Bootstrap()
+
+    async def start(self) -> None:
+        config = self.config
+        _private_dir(config.data_dir)
+        self.tenancy = await asyncio.to_thread(TenancyService.open, config.resolved_database_url)
+        self.telemetry = Telemetry(config.telemetry, self._span_exporter)
+        deployments = await asyncio.to_thread(start_deployments, config)
+        self.router = Router(deployments)
+        self.telemetry.observe_load(self._load_rows)
+        self.bootstrap = await asyncio.to_thread(self._bootstrap_keys)
+        self.inference = inference.InferenceService(self.tenancy, self.quotas, self.router, self.telemetry,
+                                                    config.max_request_bytes)
+        self._server = self._grpc_server()
+        await self._server.start()
+        for service in (inference.SERVICE, admin.SERVICE, ""):
+            await self._set_health(service, health_pb2.HealthCheckResponse.SERVING)
+
+    def _grpc_server(self) -> grpc.aio.Server:
+        config = self.config
+        # gRPC's own size limit would answer RESOURCE_EXHAUSTED; ours (in calls.parse) answers INVALID_ARGUMENT.
+        limit = config.max_request_bytes + (1 << 20)
+        server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
+                                          ("grpc.max_send_message_length", 64 << 20)])
+        assert self.inference is not None and self.tenancy is not None
+        server.add_generic_rpc_handlers((
+            grpc.method_handlers_generic_handler(inference.SERVICE, method_handlers(self.inference, inference.METHODS)),
+            grpc.method_handlers_generic_handler(admin.SERVICE, method_handlers(
+                admin.AdminService(self.tenancy, config.max_request_bytes), admin.METHODS)),
+        ))
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection((
+            inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
+            admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME), server)
+        if config.tls is None:
+            self.port = server.add_insecure_port(config.listen)
+        else:
+            self.port = server.add_secure_port(config.listen, _server_credentials(config))
+        if self.port == 0:
+            raise ConfigError(f"cannot listen on {config.listen}: the address is in use or not local")
+        return server
+
+    def _bootstrap_keys(self) -> Bootstrap:
+        assert self.tenancy is not None and self.router is not None
+        data_dir = self.config.data_dir
+        admin_file = tenant_file = None
+        created = self.tenancy.ensure_bootstrap_admin_key()
+        if created is not None:
+            admin_file = _write_secret(data_dir / ADMIN_KEY_FILE, created.secret)
+        if self.config.bootstrap_tenant and not self.tenancy.list_tenants(SYSTEM):
+            self.tenancy.create_tenant(SYSTEM, BOOTSTRAP_TENANT, list(self.router.deployments))
+            key = self.tenancy.create_key(SYSTEM, tenant=BOOTSTRAP_TENANT, description="embedded default tenant")
+            tenant_file = _write_secret(data_dir / TENANT_KEY_FILE, key.secret)
+        return Bootstrap(admin_file, tenant_file)
+
+    def _load_rows(self):  # type: ignore[no-untyped-def]
+        router = self.router
+        if router is None:
+            return []
+        rows = []
+        for name in router.deployments:
+            load = router.load(name)
+            usage = load.kv_blocks_used / load.kv_blocks_total if load.kv_blocks_total else 0.0
+            rows.append(({"model": name}, {"queue_depth": load.queued, "kv_cache_usage": usage}))
+            rows += [({"model": name, "tenant": t}, {"in_flight": n}) for t, n in load.in_flight_by_tenant.items()]
+        return rows
+
+    async def _set_health(self, service: str, status: int) -> None:
+        result = self._health.set(service, status)
+        if asyncio.iscoroutine(result):
+            await result
+
+    async def wait(self) -> None:
+        assert self._server is not None
+        await self._server.wait_for_termination()
+
+    async def stop(self, grace: float = 5.0) -> None:
+        for service in (inference.SERVICE, admin.SERVICE, ""):
+            await self._set_health(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self._server is not None:
+            await self._server.stop(grace)
+        if self.inference is not None:
+            await self.inference.drain()
+        if self.router is not None:
+            await asyncio.to_thread(self.router.stop)
+        if self.telemetry is not None:
+            self.telemetry.shutdown()
+        if self.tenancy is not None:
+            self.tenancy.close()
+
+
+def _server_credentials(config: ServeConfig) -> grpc.ServerCredentials:
+    tls = config.tls
+    assert tls is not None
+    try:
+        key, cert = tls.key.read_bytes(), tls.cert.read_bytes()
+        ca = tls.client_ca.read_bytes() if tls.client_ca else None
+    except OSError as err:
+        raise ConfigError(f"cannot read a TLS file: {err.filename}: {err.strerror}") from None
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
+
+
+def _private_dir(path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+
+def _write_secret(path: Path, secret: str) -> Path:
+    """Create a key file readable by its owner only (created with mode 0600, never widened)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secret + "\n")
+    os.chmod(path, 0o600)
+    return path
