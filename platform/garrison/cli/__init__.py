@@ -6,7 +6,8 @@ import argparse
 import sys
 
 from garrison import __version__
-from garrison.cli import certs, generate
+from garrison.cli import admin, certs, chat, generate, serve
+from garrison.cli.remote import add_connection_options
 from garrison_workers.errors import GarrisonError
 
 
@@ -14,8 +15,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="garrison", description="Serve Mixture-of-Experts language models on your own GPU cluster.")
     parser.add_argument("--version", action="version", version=f"garrison {__version__}")
+    add_connection_options(parser)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    serve.register(commands)
     generate.register(commands)
+    chat.register(commands)
+    admin.register(commands)
     certs.register(commands)
     return parser
 

@@ -1,0 +1,81 @@
+"""`garrison serve`: run the gRPC server (gateway, router, model replicas) until interrupted."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from garrison.serving import config as serve_config
+from garrison.serving.server import GarrisonServer
+
+
+def register(commands: Any) -> None:
+    parser = commands.add_parser(
+        "serve", help="run the Garrison server",
+        description="Run Garrison's gRPC server. With no arguments, the embedded default: a local Ray instance, "
+                    "SQLite under the data directory, the bundled SmolLM2 model, gRPC on 127.0.0.1:50051, and on "
+                    "first start an admin key (admin.key) and a 'default' tenant key (tenant.key) written to the "
+                    "data directory with mode 0600. A YAML --config describes models, worker groups (role, tp, "
+                    "ep), the Ray address, the database URL, TLS files and telemetry.")
+    parser.add_argument("--config", type=Path, help="YAML file (see garrison/serving/config.py for every setting)")
+    parser.add_argument("--data-dir", type=Path, help="state directory (default: $GARRISON_DATA_DIR or "
+                                                      "~/.local/share/garrison)")
+    parser.add_argument("--listen", help=f"HOST:PORT to serve gRPC on (default {serve_config.DEFAULT_LISTEN})")
+    parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = serve_config.load(args.config, data_dir=args.data_dir, listen=args.listen)
+    return asyncio.run(_serve(config))
+
+
+async def _serve(config: serve_config.ServeConfig) -> int:
+    server = GarrisonServer(config)
+    print(f"garrison: starting {', '.join(m.name for m in config.models)} (data in {config.data_dir}) ...",
+          file=sys.stderr, flush=True)
+    try:
+        await server.start()
+    except BaseException:
+        await server.stop(0)
+        raise
+    _announce(server)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stopping.set)
+    await stopping.wait()
+    print("garrison: stopping (in-flight streams get 5 s)", file=sys.stderr, flush=True)
+    await server.stop(5.0)
+    return 0
+
+
+def _announce(server: GarrisonServer) -> None:
+    config = server.config
+    host = config.listen.rpartition(":")[0]
+    address = f"{host}:{server.port}"
+    admin_key = config.data_dir / "admin.key"
+    tenant_key = config.data_dir / "tenant.key"
+    model = config.models[0].name
+    tls = "TLS" + (" with client certificates (mTLS)" if config.tls and config.tls.client_ca else "") \
+        if config.tls else "plaintext"
+    lines = [f"garrison: serving {', '.join(m.name for m in config.models)} on {address} ({tls}); "
+             "gRPC health and reflection are on"]
+    if server.bootstrap.admin_key_file:
+        lines.append(f"garrison: admin key written to {server.bootstrap.admin_key_file} (mode 0600, first start only)")
+    if server.bootstrap.tenant_key_file:
+        lines.append(f"garrison: tenant 'default' key written to {server.bootstrap.tenant_key_file} (mode 0600)")
+    lines += ["", "try it, from another terminal:",
+              f"  garrison chat --server {address} --key-file {tenant_key} --prompt 'What is the capital of France?'",
+              f"  garrison tenants create team-a --models {model} --server {address} --key-file {admin_key}",
+              f"  garrison keys create --tenant team-a --server {address} --key-file {admin_key} > team-a.key",
+              f"  grpcurl -plaintext -H \"authorization: Bearer $(cat {tenant_key})\" "
+              f"-d '{{\"model\": \"{model}\", \"prompt\": \"Hello\"}}' {address} garrison.v1.Inference/Generate",
+              "stop with Ctrl-C"]
+    print("\n".join(lines), file=sys.stderr, flush=True)
