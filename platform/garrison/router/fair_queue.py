@@ -47,6 +47,8 @@ class FairQueue(Generic[T]):
     def push(self, tenant: str, item: T, cost: float, weight: float) -> None:
         if cost <= 0 or weight <= 0:
             raise ValueError("cost and weight must be positive")
+        if id(item) in self._by_item:  # items are tracked by identity, for remove()
+            raise ValueError("this item is already queued")
         start = max(self._virtual_time, self._last_finish.get(tenant, 0.0))
         finish = start + cost / weight
         self._last_finish[tenant] = finish
