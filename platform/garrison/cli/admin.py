@@ -14,7 +14,7 @@ from typing import Any
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from garrison.cli.output import print_csv, print_json, print_table
-from garrison.cli.remote import connect
+from garrison.cli.remote import connect, connection_parent
 from garrison.v1 import admin_pb2
 
 ADMIN_KEY = "admin.key"
@@ -29,10 +29,12 @@ QUOTA_FLAGS = (  # flag, field, type, help
 
 def register(commands: Any) -> Any:
     """Add the admin commands; returns `garrison keys`'s actions so other modules can add theirs (rotate-kek)."""
-    _tenants(commands)
-    keys = _keys(commands)
-    _quota(commands)
+    connection = connection_parent()
+    _tenants(commands, connection)
+    keys = _keys(commands, connection)
+    _quota(commands, connection)
     usage = commands.add_parser("usage", help="usage ledger: requests and tokens per tenant, model and hour",
+                                parents=[connection],
                                 description="Read the usage ledger (UTC hours). Times are ISO 8601, e.g. 2026-11-29T08:00Z.")
     usage.add_argument("--tenant", default="", help="one tenant (default: all)")
     usage.add_argument("--model", default="", help="one model (default: all)")
@@ -42,7 +44,7 @@ def register(commands: Any) -> Any:
     fmt.add_argument("--json", action="store_true", help="print JSON")
     fmt.add_argument("--csv", action="store_true", help="print CSV")
     usage.set_defaults(run=_usage)
-    audit = commands.add_parser("audit", help="the audit log of admin actions",
+    audit = commands.add_parser("audit", help="the audit log of admin actions", parents=[connection],
                                 description="Print admin actions, oldest first (without --since: the latest).")
     audit.add_argument("--since", type=_time, help="first time to include (ISO 8601)")
     audit.add_argument("--limit", type=int, default=0, help="at most this many events (0: 100)")
@@ -51,33 +53,34 @@ def register(commands: Any) -> Any:
     return keys
 
 
-def _tenants(commands: Any) -> None:
+def _tenants(commands: Any, connection: argparse.ArgumentParser) -> None:
     parser = commands.add_parser("tenants", help="create, list and delete tenants; grant models")
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
-    create = sub.add_parser("create", help="create a tenant")
+    create = sub.add_parser("create", help="create a tenant", parents=[connection])
     create.add_argument("name", help="1-63 lower-case letters, digits and '-'")
     create.add_argument("--models", default="", help="comma-separated models the tenant may use")
     _add_quota_flags(create)
     create.add_argument("--json", action="store_true", help="print JSON")
     create.set_defaults(run=_tenant_create)
-    listing = sub.add_parser("list", help="list tenants with their models and limits")
+    listing = sub.add_parser("list", help="list tenants with their models and limits", parents=[connection])
     listing.add_argument("--json", action="store_true", help="print JSON")
     listing.set_defaults(run=_tenant_list)
-    delete = sub.add_parser("delete", help="delete a tenant and revoke its keys (its usage is kept)")
+    delete = sub.add_parser("delete", help="delete a tenant and revoke its keys (its usage is kept)",
+                            parents=[connection])
     delete.add_argument("name")
     delete.set_defaults(run=lambda a: _admin_call(a, "delete_tenant", name=a.name) and 0)
     for action, verb in (("grant", "allow"), ("revoke", "stop")):
-        p = sub.add_parser(action, help=f"{verb} a tenant's use of a model")
+        p = sub.add_parser(action, help=f"{verb} a tenant's use of a model", parents=[connection])
         p.add_argument("tenant")
         p.add_argument("model")
         p.add_argument("--json", action="store_true", help="print JSON")
         p.set_defaults(run=_grant, rpc=f"{action}_model")
 
 
-def _keys(commands: Any) -> Any:
+def _keys(commands: Any, connection: argparse.ArgumentParser) -> Any:
     parser = commands.add_parser("keys", help="create, list and revoke API keys")
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
-    create = sub.add_parser("create", help="create a key; its secret goes to stdout, once",
+    create = sub.add_parser("create", help="create a key; its secret goes to stdout, once", parents=[connection],
                             description="Create an API key. Only the secret is printed on stdout (so "
                                         "`garrison keys create --tenant t > t.key` saves it); it is never shown again.")
     owner = create.add_mutually_exclusive_group(required=True)
@@ -86,25 +89,25 @@ def _keys(commands: Any) -> Any:
     create.add_argument("--description", default="", help="free text, e.g. who holds it")
     create.add_argument("--json", action="store_true", help="print the key record and secret as JSON")
     create.set_defaults(run=_key_create)
-    listing = sub.add_parser("list", help="list keys (ids and owners; never secrets)")
+    listing = sub.add_parser("list", help="list keys (ids and owners; never secrets)", parents=[connection])
     listing.add_argument("--tenant", default="", help="one tenant's keys")
     listing.add_argument("--json", action="store_true", help="print JSON")
     listing.set_defaults(run=_key_list)
-    revoke = sub.add_parser("revoke", help="revoke a key at once")
+    revoke = sub.add_parser("revoke", help="revoke a key at once", parents=[connection])
     revoke.add_argument("id", help="the key id (gk_...)")
     revoke.set_defaults(run=lambda a: _admin_call(a, "revoke_api_key", id=a.id) and 0)
     return sub
 
 
-def _quota(commands: Any) -> None:
+def _quota(commands: Any, connection: argparse.ArgumentParser) -> None:
     parser = commands.add_parser("quota", help="show or set a tenant's limits")
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
-    set_ = sub.add_parser("set", help="change the limits given; keep the others")
+    set_ = sub.add_parser("set", help="change the limits given; keep the others", parents=[connection])
     set_.add_argument("tenant")
     _add_quota_flags(set_)
     set_.add_argument("--json", action="store_true", help="print JSON")
     set_.set_defaults(run=_quota_set)
-    show = sub.add_parser("show", help="a tenant's limits")
+    show = sub.add_parser("show", help="a tenant's limits", parents=[connection])
     show.add_argument("tenant")
     show.add_argument("--json", action="store_true", help="print JSON")
     show.set_defaults(run=lambda a: _print_quota(a, _admin_call(a, "get_quota", tenant=a.tenant)))

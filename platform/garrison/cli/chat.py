@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from garrison.cli.remote import connect
+from garrison.cli.remote import connect, connection_parent
 from garrison.client import Completion, accumulate
 
 TENANT_KEY = "tenant.key"
@@ -15,7 +15,7 @@ TENANT_KEY = "tenant.key"
 
 def register(commands: Any) -> None:
     parser = commands.add_parser(
-        "chat", help="chat with a model on a server (streams the answer)",
+        "chat", help="chat with a model on a server (streams the answer)", parents=[connection_parent()],
         description="Send a chat to a Garrison server with a tenant key and stream the answer. With --prompt, "
                     "one turn; without, an interactive conversation on stdin (empty line or Ctrl-D ends it).")
     parser.add_argument("--model", default="smollm2", help="model name (ListModels shows yours; default %(default)s)")

@@ -21,7 +21,8 @@ from opentelemetry.sdk.trace.export import SpanExporter
 from garrison.gateway import admin, inference
 from garrison.gateway.calls import method_handlers
 from garrison.router.router import Router
-from garrison.serving.cluster import start_deployments
+from garrison.serving.cluster import needs_ray, start_deployments
+from garrison_workers.worker_group import ensure_ray
 from garrison.serving.config import ConfigError, ServeConfig
 from garrison.telemetry import Telemetry
 from garrison.tenancy.limits import QuotaEnforcer
@@ -63,6 +64,8 @@ class GarrisonServer:
         _private_dir(config.data_dir)
         self.tenancy = await asyncio.to_thread(TenancyService.open, config.resolved_database_url)
         self.telemetry = Telemetry(config.telemetry, self._span_exporter)
+        if needs_ray(config):  # on this thread: Ray installs its signal handlers only from the main thread
+            ensure_ray(config.ray_address)
         deployments = await asyncio.to_thread(start_deployments, config)
         self.router = Router(deployments)
         self.telemetry.observe_load(self._load_rows)
