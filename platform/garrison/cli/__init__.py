@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from garrison import __version__
-from garrison.cli import generate
+from garrison.cli import generate, kek, models
 from garrison_workers.errors import GarrisonError
 
 
@@ -16,6 +16,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"garrison {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     generate.register(commands)
+    models.register(commands)
+    keys = commands.add_parser("keys", help="key management (key-encryption keys of the weight store)",
+                               description="Key management. Each subcommand group registers itself here.")
+    keys_commands = keys.add_subparsers(dest="keys_command", metavar="KEYS_COMMAND", required=True)
+    kek.register(keys_commands)
     return parser
 
 
