@@ -28,7 +28,8 @@ from garrison.weight_store.keys import (
 from garrison.weight_store.store import Store
 from garrison_workers.engine.llm_engine import EngineConfig, LLMEngine
 from garrison_workers.engine.sequence import SamplingParams
-from garrison_workers.errors import KeyUnavailableError, LayoutError, StoreIntegrityError, WrongKeyError
+from garrison_workers.errors import (
+    KeyUnavailableError, LayoutError, StoreIntegrityError, WeightStoreError, WrongKeyError)
 from garrison_workers.loader import build_model, open_model_files
 from garrison_workers.parallel.context import ParallelContext
 from garrison_workers.parallel.dims import ParallelDims
@@ -41,6 +42,7 @@ NEW_TOKENS = 12
 # Small records and tensor files, so that tensors span several records, rows split into pieces
 # (each expert of gate_up_proj is 24 KiB) and the model spans several files.
 RECORD_BYTES, SHARD_BYTES = 8 << 10, 128 << 10
+SMOLLM2_ENGINE = EngineConfig(kv_cache_bytes=64 << 20, max_num_batched_tokens=512)  # a prompt in one step
 
 
 # -- fixtures ---------------------------------------------------------------------------------------
@@ -137,14 +139,14 @@ def test_ep2_rank_reads_only_its_experts(store, kek) -> None:
 def test_smollm2_from_the_store_matches_the_gguf(tmp_path: Path, smollm2_path: Path, smollm2_engine, kek) -> None:
     store = Store(tmp_path / "store")
     import_model(smollm2_path, store, "smollm2", kek, progress=False)
-    engine = LLMEngine.from_path(store.open("smollm2", kek), ENGINE)
+    engine = LLMEngine.from_path(store.open("smollm2", kek), SMOLLM2_ENGINE)
     text = engine.tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
     assert text == smollm2_engine.tokenizer.apply_chat_template(
         [{"role": "user", "content": "What is the capital of France?"}])
     prompt = engine.tokenizer.encode(text, add_special_tokens=False)
     assert prompt == smollm2_engine.tokenizer.encode(text, add_special_tokens=False)
     assert engine.tokenizer.eos_token_ids == smollm2_engine.tokenizer.eos_token_ids
-    params = SamplingParams(max_tokens=16)
+    params = SamplingParams(max_tokens=10)
     [ours], [theirs] = engine.generate([prompt], params), smollm2_engine.generate([prompt], params)
     assert ours.token_ids == theirs.token_ids and ours.text == theirs.text
     assert "Paris" in ours.text
@@ -297,6 +299,17 @@ def test_the_wrong_kek_and_missing_providers_are_refused(store, kek, tmp_path: P
     assert_refused(store, FileKeyProvider(malformed), KeyUnavailableError, "not a 256-bit key", secrets=secrets)
 
 
+def test_every_provider_kind_opens_the_store(store, kek, tmp_path: Path) -> None:
+    """The same KEK from a Kubernetes Secret mount (raw bytes, as `kubectl create secret --from-file` gives)
+    and from an environment variable (hex) opens the model the file provider's KEK wrapped."""
+    secret_dir = tmp_path / "secret"
+    secret_dir.mkdir()
+    (secret_dir / "kek").write_bytes(kek._kek())
+    expected = store.open("tiny", kek).key
+    assert store.open("tiny", SecretDirKeyProvider(secret_dir)).key == expected
+    assert store.open("tiny", EnvKeyProvider("K", environ={"K": kek._kek().hex()})).key == expected
+
+
 @pytest.mark.usefixtures("local_ray")
 def test_a_broken_expert_of_rank_1_fails_the_ep2_group_to_start(store, kek, tmp_path: Path) -> None:
     """Rank 0 loads cleanly; rank 1 meets the flipped byte: the group is refused as a whole."""
@@ -426,6 +439,6 @@ def test_data_key_repr_hides_the_secret(store, kek) -> None:
 
 
 def test_store_names_cannot_escape_the_store(store, kek, tmp_path: Path) -> None:
-    with pytest.raises(Exception, match="not a valid model name"):
+    with pytest.raises(WeightStoreError, match="not a valid model name"):
         import_model(Path("."), store, "../escape", kek, progress=False)
     assert not store.has("../store")

@@ -68,7 +68,11 @@ def import_model(src: Path, store: Store, name: str, provider: KeyProvider | Non
         _write(temp / MANIFEST_FILE, manifest)
         _write(temp / SIGNATURE_FILE, signer.sign(manifest))
         write_secret_file(temp / DATA_KEY_FILE, wrap_data_key(provider, model_id, public_bytes(signer), data_key).to_bytes())
-        os.replace(temp, final)
+        try:
+            os.rename(temp, final)
+        except OSError:
+            raise WeightStoreError(f"{final} appeared while {name!r} was being imported (another import?); "
+                                   "choose another --name") from None
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise
