@@ -34,3 +34,22 @@ class LayoutError(GarrisonError):
 
 class WorkerLostError(GarrisonError):
     """A rank of a worker group died; its in-flight requests failed and the group must be restarted."""
+
+
+class WeightStoreError(ModelLoadError):
+    """Garrison's encrypted weight store refused a model. Messages name the model, file or tensor,
+    never key bytes."""
+
+
+class StoreIntegrityError(WeightStoreError):
+    """A stored model failed authentication: a tensor record's tag, the manifest's signature, or a
+    file's size does not match (changed, swapped, truncated or edited after import)."""
+
+
+class KeyUnavailableError(WeightStoreError):
+    """No key-encryption key could be had: no key provider is configured, or its file, variable or
+    secret is missing or malformed."""
+
+
+class WrongKeyError(WeightStoreError):
+    """The key-encryption key does not unwrap the model's data key (another KEK, or a rotated one)."""

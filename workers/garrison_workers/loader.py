@@ -1,4 +1,4 @@
-"""Open a model by path (HF directory or .gguf file) and build it, weights in place, on one device."""
+"""Open a model (HF directory, .gguf file, or the encrypted store) and build it, weights in place, on one device."""
 
 from __future__ import annotations
 
@@ -14,9 +14,17 @@ from garrison_workers.model import CausalLM, MoE
 from garrison_workers.parallel.context import ParallelContext
 from garrison_workers.parallel.moe import ParallelMoE
 from garrison_workers.tokenizer import Tokenizer
+from garrison_workers.weights.encrypted_source import EncryptedSource
 from garrison_workers.weights.gguf_source import GGUFSource, config_from_gguf, open_reader
 from garrison_workers.weights.safetensors_source import SafetensorsSource
 from garrison_workers.weights.source import WeightSource, fill_parameters
+from garrison_workers.weights.store_format import StoreModel
+
+# Where a model is: a path, or a model of the encrypted store with its unwrapped data key. A
+# StoreModel reaches each worker rank in its Ray actor arguments, in memory only: the platform
+# unwrapped the data key with its KEK provider, and nothing writes or logs it (its repr hides the key).
+# With Ray's GCS fault tolerance on, actor arguments persist in the GCS's Redis: give it TLS and auth.
+ModelLocation = str | Path | StoreModel
 
 
 @dataclass(slots=True)
@@ -28,7 +36,10 @@ class ModelFiles:
     source: WeightSource
 
 
-def open_model_files(path: str | Path) -> ModelFiles:
+def open_model_files(path: ModelLocation) -> ModelFiles:
+    if isinstance(path, StoreModel):
+        source = EncryptedSource(path)
+        return ModelFiles(source.config(), source.tokenizer(), source)
     path = Path(path)
     if not path.exists():
         raise ModelLoadError(f"model path {path} does not exist; pass an HF model directory or a .gguf file")

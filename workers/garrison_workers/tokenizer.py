@@ -15,7 +15,7 @@ import json
 import pathlib
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Callable, Iterable, NoReturn, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, NoReturn, Sequence
 
 import jinja2
 import jinja2.ext
@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 # Tokens that end an assistant turn in common chat formats. Checkpoints often name only the
 # end-of-text token as eos, so a chat reply would run on past its turn without these.
 _TURN_END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>", "<|end|>")
+# The files of a Hugging Face directory that describe its tokenizer (what `from_files` reads).
+PRETRAINED_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja")
 
 # GGUF `tokenizer.ggml.token_type` values (llama.cpp's llama_token_type).
 _CONTROL = 3
@@ -105,6 +107,7 @@ class Tokenizer:
                  extra_eos_ids: Iterable[int] = ()) -> None:
         self._backend = backend
         self._special = special
+        self._chat_template = chat_template
         self._template = _compile_chat_template(chat_template) if chat_template else None
         self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
         self.bos_token_id = self._token_id(special.bos)
@@ -129,15 +132,30 @@ class Tokenizer:
     @classmethod
     def from_pretrained_dir(cls, path: pathlib.Path) -> Tokenizer | None:
         """Load `tokenizer.json` and its config files; None when the directory has no tokenizer.json."""
-        tokenizer_file = path / "tokenizer.json"
-        if not tokenizer_file.is_file():
+        if not (path / "tokenizer.json").is_file():
+            return None
+        files = {}
+        for name in PRETRAINED_FILES:
+            if (path / name).is_file():
+                try:
+                    files[name] = (path / name).read_bytes()
+                except OSError as err:
+                    raise ModelLoadError(f"cannot read {path / name} ({err.strerror}); check its permissions") from None
+        return cls.from_files(files, path)
+
+    @classmethod
+    def from_files(cls, files: Mapping[str, bytes], where: pathlib.Path) -> Tokenizer | None:
+        """The tokenizer that `files` (named as in PRETRAINED_FILES) describe, wherever they were kept:
+        a model directory, or the encrypted store, whose plaintext never touches disk. `where` names
+        them in errors. None without a tokenizer.json."""
+        if "tokenizer.json" not in files:
             return None
         try:
-            backend = _Backend.from_file(str(tokenizer_file))
+            backend = _Backend.from_str(files["tokenizer.json"].decode("utf-8"))
         except Exception as err:  # tokenizers raises a bare Exception for malformed files
-            raise ModelLoadError(f"{tokenizer_file} cannot be parsed ({err}); "
+            raise ModelLoadError(f"{where / 'tokenizer.json'} cannot be parsed ({err}); "
                                  "re-download the tokenizer files") from None
-        config = _read_json(path / "tokenizer_config.json")
+        config = _parse_json(files.get("tokenizer_config.json"), where / "tokenizer_config.json")
         special = _SpecialTokens(*(_token_content(config.get(name))
                                    for name in ("bos_token", "eos_token", "unk_token", "pad_token")))
         # Mirror transformers: an explicit add_bos/add_eos flag, or no post-processor at all, means the
@@ -146,10 +164,21 @@ class Tokenizer:
             backend.post_processor = _bos_eos_processor(
                 special, backend.token_to_id(special.bos or ""), backend.token_to_id(special.eos or ""),
                 bool(config.get("add_bos_token", False)), bool(config.get("add_eos_token", False)))
-        generation_eos = _read_json(path / "generation_config.json").get("eos_token_id")
+        generation = _parse_json(files.get("generation_config.json"), where / "generation_config.json")
+        generation_eos = generation.get("eos_token_id")
         extra_eos = generation_eos if isinstance(generation_eos, list) else [generation_eos]
-        return cls(backend, special, _dir_chat_template(path, config),
+        return cls(backend, special, _files_chat_template(files, config),
                    extra_eos_ids=[token_id for token_id in extra_eos if isinstance(token_id, int)])
+
+    def to_files(self) -> dict[str, bytes]:
+        """Files that `from_files` reads back into this same tokenizer (how a GGUF file's tokenizer,
+        which has no files of its own, travels in the encrypted store)."""
+        named = {"bos_token": self._special.bos, "eos_token": self._special.eos, "unk_token": self._special.unk,
+                 "pad_token": self._special.pad, "chat_template": self._chat_template}
+        # No add_bos/add_eos flags: the post-processor inside tokenizer.json already does what they would.
+        return {"tokenizer.json": self._backend.to_str().encode(),
+                "tokenizer_config.json": json.dumps({k: v for k, v in named.items() if v is not None}).encode(),
+                "generation_config.json": json.dumps({"eos_token_id": list(self.eos_token_ids)}).encode()}
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; special-token strings in it (like "<|im_start|>") map to their ids."""
@@ -389,16 +418,16 @@ def _bytes_to_unicode() -> dict[int, str]:
     return spelling
 
 
-def _read_json(path: pathlib.Path) -> dict[str, Any]:
-    if not path.is_file():
+def _parse_json(content: bytes | None, path: pathlib.Path) -> dict[str, Any]:
+    if content is None:
         return {}
     try:
-        content = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        parsed = json.loads(content.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ModelLoadError(f"{path} is not valid JSON ({err}); re-download the model files") from None
-    if not isinstance(content, dict):
+    if not isinstance(parsed, dict):
         raise ModelLoadError(f"{path} must hold a JSON object; re-download the model files")
-    return content
+    return parsed
 
 
 def _token_content(value: Any) -> str | None:
@@ -408,11 +437,10 @@ def _token_content(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _dir_chat_template(path: pathlib.Path, config: dict[str, Any]) -> str | None:
+def _files_chat_template(files: Mapping[str, bytes], config: dict[str, Any]) -> str | None:
     """transformers' precedence: chat_template.jinja, then tokenizer_config.json's chat_template."""
-    jinja_file = path / "chat_template.jinja"
-    if jinja_file.is_file():
-        return jinja_file.read_text(encoding="utf-8")
+    if "chat_template.jinja" in files:
+        return files["chat_template.jinja"].decode("utf-8")
     template = config.get("chat_template")
     if isinstance(template, list):  # named templates; the one named "default" is used for chat
         template = next((entry.get("template") for entry in template

@@ -16,7 +16,7 @@ from garrison_workers.engine.config import EngineConfig
 from garrison_workers.engine.executor import parameter_bytes
 from garrison_workers.engine.model_runner import ModelRunner, SeqChunk
 from garrison_workers.kv_transfer import RayObjectStoreTransport, assemble_heads
-from garrison_workers.loader import build_model, open_model_files
+from garrison_workers.loader import ModelLocation, build_model, open_model_files
 from garrison_workers.parallel.context import ParallelContext
 from garrison_workers.parallel.dims import ParallelDims
 from garrison_workers.parallel.moe import ParallelMoE
@@ -27,7 +27,7 @@ COLLECTIVE_TIMEOUT = timedelta(seconds=60)
 
 
 class Worker:
-    def __init__(self, rank: int, dims: ParallelDims, model_path: str, num_blocks: int, config: EngineConfig,
+    def __init__(self, rank: int, dims: ParallelDims, model_path: ModelLocation, num_blocks: int, config: EngineConfig,
                  num_threads: int) -> None:
         self.rank, self.dims, self.model_path = rank, dims, model_path
         self.num_blocks, self.config = num_blocks, config

@@ -21,6 +21,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from garrison_workers.engine.config import EngineConfig
 from garrison_workers.engine.model_runner import SeqChunk
 from garrison_workers.errors import GarrisonError, WorkerLostError
+from garrison_workers.loader import ModelLocation
 from garrison_workers.parallel.dims import ParallelDims
 from garrison_workers.worker import Worker
 
@@ -44,7 +45,7 @@ def ensure_ray(address: str | None = None, min_cpus: int = 1) -> None:
 
 
 class WorkerGroup:
-    def __init__(self, model_path: str, dims: ParallelDims, num_blocks: int, config: EngineConfig,
+    def __init__(self, model_path: ModelLocation, dims: ParallelDims, num_blocks: int, config: EngineConfig,
                  name: str = "group-0") -> None:
         self.model_path, self.dims, self.name = model_path, dims, name
         self.num_blocks, self.config = num_blocks, config

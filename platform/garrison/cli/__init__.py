@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from garrison import __version__
-from garrison.cli import admin, certs, chat, generate, serve
+from garrison.cli import admin, certs, chat, generate, kek, models, serve
 from garrison.cli.remote import add_connection_options
 from garrison_workers.errors import GarrisonError
 
@@ -20,7 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.register(commands)
     generate.register(commands)
     chat.register(commands)
-    admin.register(commands)
+    keys_commands = admin.register(commands)  # `garrison keys`: API keys here, the store's KEK below
+    kek.register(keys_commands)
+    models.register(commands)
     certs.register(commands)
     return parser
 

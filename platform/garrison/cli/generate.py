@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from garrison.cli.store_options import add_kek_options, add_store_option, provider_from_args, store_from_args
 from garrison.model_refs import resolve_model
 from garrison_workers.engine.llm_engine import EngineConfig, LLMEngine
 from garrison_workers.engine.sequence import SamplingParams
@@ -18,10 +19,13 @@ from garrison_workers.parallel.dims import ParallelDims
 def register(commands: Any) -> None:
     parser = commands.add_parser(
         "generate", help="generate text from a prompt with a local engine",
-        description="Load a model (HF directory, .gguf file, or a bundled name such as 'smollm2') and "
-                    "generate a completion on this machine. Without a GPU it runs on CPU in float32.",
+        description="Load a model (HF directory, .gguf file, a model of the encrypted store, or a bundled name "
+                    "such as 'smollm2') and generate a completion on this machine. Without a GPU it runs on CPU "
+                    "in float32.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", required=True, help="HF model directory, .gguf file, or bundled model name")
+    parser.add_argument("--model", required=True,
+                        help="HF model directory, .gguf file, name of a model in the store, or bundled model name")
+    add_store_option(parser)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="prompt text (tokenized with the model's tokenizer)")
     source.add_argument("--token-ids", type=_token_ids, help="comma-separated prompt token ids, e.g. 1,2,3")
@@ -36,6 +40,8 @@ def register(commands: Any) -> None:
     parser.add_argument("--ep", type=int, default=1, help="expert-parallel ranks (split each MoE layer's experts)")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object with token_ids, text, logprobs and finish_reason")
+    add_kek_options(parser, title="key-encryption key, for a model of the store (one of; default from the "
+                                  "environment: $GARRISON_KEK_FILE, $GARRISON_KEK_SECRET_DIR or $GARRISON_KEK)")
     parser.set_defaults(run=run)
 
 
@@ -52,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
     torch.set_grad_enabled(False)
     # With tp × ep > 1 the replica runs as Ray actors on a local Ray instance (started if none runs).
     dims = ParallelDims(tp=args.tp, ep=args.ep)
-    engine = LLMEngine.from_path(resolve_model(args.model), EngineConfig(kv_cache_bytes=512 << 20), dims)
+    model = resolve_model(args.model, store_from_args(args), provider_from_args(args))
+    engine = LLMEngine.from_path(model, EngineConfig(kv_cache_bytes=512 << 20), dims)
     try:
         return _generate(engine, args, params)
     finally:

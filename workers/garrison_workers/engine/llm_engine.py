@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 
@@ -22,7 +21,7 @@ from garrison_workers.engine.sampler import sample
 from garrison_workers.engine.scheduler import Scheduler
 from garrison_workers.engine.sequence import SamplingParams, Sequence, SequenceStatus
 from garrison_workers.errors import CapacityError, ContextLengthError, InvalidRequestError, WorkerLostError
-from garrison_workers.loader import build_model, open_model_files
+from garrison_workers.loader import ModelLocation, build_model, open_model_files
 from garrison_workers.parallel.dims import ParallelDims
 from garrison_workers.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -98,7 +97,7 @@ class LLMEngine:
         self.handoffs: list[Sequence] = []
 
     @classmethod
-    def from_path(cls, path: str | Path, config: EngineConfig = EngineConfig(),
+    def from_path(cls, path: ModelLocation, config: EngineConfig = EngineConfig(),
                   dims: ParallelDims = ParallelDims(), role: Role = "both", on_ray: bool | None = None) -> "LLMEngine":
         """An engine over one replica: in this process, or as a `tp × ep` worker group on Ray.
 
@@ -115,7 +114,7 @@ class LLMEngine:
         else:
             from garrison_workers.worker_group import WorkerGroup  # Ray is needed only for parallel replicas
 
-            executor = WorkerGroup(str(path), dims, num_blocks, config).start()
+            executor = WorkerGroup(path, dims, num_blocks, config).start()
         return cls(executor, files.config, files.tokenizer, config, num_blocks, role)
 
     def _new_scheduler(self) -> None:

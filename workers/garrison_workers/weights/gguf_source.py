@@ -43,6 +43,11 @@ def field(reader: Any, key: str, default: Any = None) -> Any:
 
 
 def config_from_gguf(reader: Any, path: Path) -> ModelConfig:
+    return from_hf_config(hf_config_from_gguf(reader, path))
+
+
+def hf_config_from_gguf(reader: Any, path: Path) -> dict[str, Any]:
+    """The file's metadata as a transformers config.json dict (what the encrypted store keeps)."""
     arch = field(reader, "general.architecture")
     if arch != "llama":
         raise ModelLoadError(f"{path}: GGUF architecture {arch!r} is not supported; Garrison reads dense "
@@ -54,7 +59,7 @@ def config_from_gguf(reader: Any, path: Path) -> ModelConfig:
     num_heads = int(g("attention.head_count"))
     hidden = int(g("embedding_length"))
     eos = field(reader, "tokenizer.ggml.eos_token_id")
-    return from_hf_config(dict(
+    return dict(
         model_type="llama", vocab_size=int(g("vocab_size", len(field(reader, "tokenizer.ggml.tokens", [])))),
         hidden_size=hidden, intermediate_size=int(g("feed_forward_length")), num_hidden_layers=int(g("block_count")),
         num_attention_heads=num_heads, num_key_value_heads=int(g("attention.head_count_kv", num_heads)),
@@ -62,7 +67,7 @@ def config_from_gguf(reader: Any, path: Path) -> ModelConfig:
         rms_norm_eps=float(g("attention.layer_norm_rms_epsilon", 1e-5)),
         rope_parameters=dict(rope_type="default", rope_theta=float(g("rope.freq_base", 10000.0))),
         max_position_embeddings=int(g("context_length", 2048)), tie_word_embeddings="output.weight" not in names,
-        bos_token_id=field(reader, "tokenizer.ggml.bos_token_id"), eos_token_id=None if eos is None else int(eos)))
+        bos_token_id=field(reader, "tokenizer.ggml.bos_token_id"), eos_token_id=None if eos is None else int(eos))
 
 
 class GGUFSource:

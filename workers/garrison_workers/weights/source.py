@@ -12,7 +12,12 @@ from garrison_workers.parallel.layers import weight_loader
 
 
 class WeightSource(Protocol):
-    """Tensors under Garrison's parameter names (transformers' Llama 4 names, `model.` prefix)."""
+    """Tensors under Garrison's parameter names (transformers' Llama 4 names, `model.` prefix).
+
+    A source may also offer `read_into(name, out) -> bool`: fill the tensor `out` with the whole of
+    `name` in place, or return False (out untouched) when it cannot; the encrypted store decrypts
+    straight into the parameter that way.
+    """
 
     def names(self) -> Iterable[str]: ...
 
@@ -50,6 +55,9 @@ def load_parameter(source: WeightSource, name: str, module: nn.Module, param_nam
 
     param = getattr(module, param_name)
     loader = weight_loader(module, param_name)
+    read_into = getattr(source, "read_into", None)
+    if loader is None and read_into is not None and read_into(name, param):
+        return
     tensor = loader(read) if loader is not None else read()
     if tuple(tensor.shape) != tuple(param.shape):
         raise ModelLoadError(
