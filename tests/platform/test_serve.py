@@ -96,8 +96,11 @@ def test_embedded_default_serves_is_administered_and_survives_a_restart(tmp_path
     try:
         server.wait_serving()
         admin_key, tenant_key = data_dir / "admin.key", data_dir / "tenant.key"
-        for key in (admin_key, tenant_key):
+        for key in (admin_key, tenant_key, data_dir / "kek.key"):
             assert key.stat().st_mode & 0o777 == 0o600
+        # SmolLM2 was imported into the encrypted store on this first start, and is served from it.
+        assert (data_dir / "store" / "smollm2" / "manifest.json").is_file()
+        assert "smollm2" in cli("models", "list", **dict(data_dir=data_dir, address=server.address))
         assert "Paris" in reflected_generate(server.address, tenant_key.read_text().strip(),
                                              "What is the capital of France?")
         assert admin_key.read_text().strip() not in server.log.read_text()  # the key is never logged

@@ -10,7 +10,7 @@ from garrison.weight_store.store import Store, default_store_dir
 
 def add_store_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store", metavar="DIR", default=None,
-                        help=f"the store directory (default: $GARRISON_HOME/store, here {default_store_dir()})")
+                        help=f"the store directory (default: the data dir's store/, here {default_store_dir()})")
 
 
 def store_from_args(args: argparse.Namespace) -> Store:

@@ -1,7 +1,8 @@
 """Cluster bring-up: turn each configured model into running replicas (worker groups on Ray).
 
-One replica is one `both` group, or one `prefill` group plus its `decode` groups joined by a
-`DisaggregatedEngine`. Groups with more than one rank are always Ray actors; a single-rank group is
+Models come from the encrypted weight store (imported on first start when `import_from` says so),
+or from a plain path. One replica is one `both` group, or one `prefill` group plus its `decode` groups
+joined by a `DisaggregatedEngine`. Groups with more than one rank are always Ray actors; a single-rank group is
 one too unless the model says `on_ray: false` (tests and the CPU quick path keep it in-process).
 """
 
@@ -10,16 +11,21 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from garrison.model_refs import resolve_model
+from garrison.model_refs import resolve_model, resolve_source
 from garrison.router.replica import Engine, Replica
 from garrison.router.router import Deployment
 from garrison.serving.config import EngineSettings, GroupConfig, ModelDeploymentConfig, ServeConfig
+from garrison.weight_store.importer import import_model
+from garrison.weight_store.keys import FileKeyProvider, KeyProvider, create_kek_file, provider_from_options
+from garrison.weight_store.store import Store
 from garrison_workers.engine.config import EngineConfig
 from garrison_workers.engine.disagg import DisaggregatedEngine
 from garrison_workers.engine.llm_engine import LLMEngine
+from garrison_workers.loader import ModelLocation
 from garrison_workers.parallel.dims import ParallelDims
 
 log = logging.getLogger(__name__)
+BOOTSTRAP_KEK_FILE = "kek.key"
 
 
 def engine_config(settings: EngineSettings) -> EngineConfig:
@@ -33,15 +39,37 @@ def needs_ray(config: ServeConfig) -> bool:
         m.on_ray or m.disaggregated or any(g.tp * g.ep > 1 for g in m.groups) for m in config.models)
 
 
+def key_provider(config: ServeConfig) -> KeyProvider | None:
+    """The configured KEK provider; with `bootstrap` and none configured, <data_dir>/kek.key (made once)."""
+    provider = provider_from_options(_text(config.kek_file), config.kek_env, _text(config.kek_secret_dir))
+    if provider is None and config.bootstrap:
+        path = config.data_dir / BOOTSTRAP_KEK_FILE
+        provider = FileKeyProvider(path) if path.exists() else create_kek_file(path)
+    return provider
+
+
+def _text(path: Path | None) -> str | None:
+    return None if path is None else str(path)
+
+
+def model_location(model: ModelDeploymentConfig, store: Store, provider: KeyProvider | None) -> ModelLocation:
+    """Where `model` loads from: its store entry (imported now if it should be and is not yet), or a path."""
+    if model.import_from is not None and not store.has(model.source):
+        log.info("model %s: importing %s into the encrypted store %s", model.name, model.import_from, store.root)
+        import_model(resolve_source(model.import_from), store, model.source, provider, progress=False)
+    return resolve_model(model.source, store, provider)
+
+
 def start_deployments(config: ServeConfig) -> list[Deployment]:
     if needs_ray(config):
         from garrison_workers.worker_group import ensure_ray
 
         ensure_ray(config.ray_address)
+    store, provider = Store(config.resolved_store_dir), key_provider(config)
     deployments: list[Deployment] = []
     try:
         for model in config.models:
-            deployments.append(start_deployment(model))
+            deployments.append(start_deployment(model, model_location(model, store, provider)))
     except BaseException:
         for deployment in deployments:
             for replica in deployment.replicas:
@@ -50,12 +78,11 @@ def start_deployments(config: ServeConfig) -> list[Deployment]:
     return deployments
 
 
-def start_deployment(model: ModelDeploymentConfig) -> Deployment:
-    path = resolve_model(model.source)
+def start_deployment(model: ModelDeploymentConfig, path: ModelLocation) -> Deployment:
     settings = engine_config(model.engine)
     replicas: list[Replica] = []
     for index in range(model.replicas):
-        log.info("model %s: starting replica %d/%d from %s", model.name, index + 1, model.replicas, path)
+        log.info("model %s: starting replica %d/%d", model.name, index + 1, model.replicas)
         replicas.append(Replica(f"{model.name}-{index}", _engine(path, model, settings)).start())
     first = replicas[0].engine
     decoders = first.decoders if isinstance(first, DisaggregatedEngine) else [first]
@@ -64,7 +91,7 @@ def start_deployment(model: ModelDeploymentConfig) -> Deployment:
                       min(d.max_model_len for d in decoders))
 
 
-def _engine(path: Path, model: ModelDeploymentConfig, settings: EngineConfig) -> Engine:
+def _engine(path: ModelLocation, model: ModelDeploymentConfig, settings: EngineConfig) -> Engine:
     def group(g: GroupConfig) -> LLMEngine:
         dims = ParallelDims(tp=g.tp, ep=g.ep)
         on_ray = model.on_ray or dims.world_size > 1

@@ -71,6 +71,9 @@ class ModelDeploymentConfig:
     engine: EngineSettings = EngineSettings()
     # Run even a single-rank group in its own Ray actor, as on a cluster; False keeps it in this process.
     on_ray: bool = True
+    # When `source` names no model of the weight store yet, import this (a path or bundled name) into the
+    # store under that name first: the server then loads it encrypted, like every stored model.
+    import_from: str | None = None
 
     def __post_init__(self) -> None:
         roles = sorted(g.role for g in self.groups)
@@ -107,11 +110,22 @@ class ServeConfig:
     ray_address: str | None = None  # None: a local Ray instance
     tls: TLSConfig | None = None
     telemetry: TelemetryConfig = TelemetryConfig()
-    models: tuple[ModelDeploymentConfig, ...] = (ModelDeploymentConfig("smollm2", "smollm2"),)
+    models: tuple[ModelDeploymentConfig, ...] = (ModelDeploymentConfig("smollm2", "smollm2", import_from="smollm2"),)
     max_request_bytes: int = 4 << 20  # larger requests are refused with INVALID_ARGUMENT
-    # The embedded default's convenience: a tenant "default" granted every model, its key in
-    # <data_dir>/tenant.key, created on first start. Off whenever a config file is given.
-    bootstrap_tenant: bool = True
+    store_dir: Path | None = None  # the encrypted weight store; None: <data_dir>/store
+    # The key-encryption key of the store: at most one of these; none: $GARRISON_KEK_FILE,
+    # $GARRISON_KEK_SECRET_DIR or $GARRISON_KEK; with `bootstrap`, <data_dir>/kek.key.
+    kek_file: Path | None = None
+    kek_env: str | None = None
+    kek_secret_dir: Path | None = None
+    # The embedded default's first-start conveniences: a KEK in <data_dir>/kek.key when no other is
+    # configured, and a tenant "default" granted every model with its key in <data_dir>/tenant.key.
+    # Off whenever a config file is given (an operator then provides keys and creates tenants).
+    bootstrap: bool = True
+
+    @property
+    def resolved_store_dir(self) -> Path:
+        return self.store_dir or self.data_dir / "store"
 
     @property
     def resolved_database_url(self) -> str:
@@ -130,7 +144,7 @@ def load(path: Path | None, data_dir: Path | None = None, listen: str | None = N
             raise ConfigError(f"{path} is not valid YAML: {err}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path} must hold a mapping of settings at the top level")
-        raw.setdefault("bootstrap_tenant", False)
+        raw.setdefault("bootstrap", False)
     if data_dir is not None:
         raw["data_dir"] = str(data_dir)
     if listen is not None:
@@ -162,7 +176,8 @@ def _build(cls: type, raw: Any, where: str, base: Path) -> Any:
             if not isinstance(value, list) or not value:
                 raise ConfigError(f"{here} must be a non-empty list of groups")
             value = tuple(_build(GroupConfig, g, f"{here}[{i}]", base) for i, g in enumerate(value))
-        elif name in ("data_dir", "cert", "key", "client_ca") and value is not None:
+        elif name in ("data_dir", "store_dir", "kek_file", "kek_secret_dir", "cert", "key", "client_ca") \
+                and value is not None:
             value = (base / Path(str(value)).expanduser()).resolve()
         values[name] = value
     try:

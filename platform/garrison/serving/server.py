@@ -110,7 +110,7 @@ class GarrisonServer:
         created = self.tenancy.ensure_bootstrap_admin_key()
         if created is not None:
             admin_file = _write_secret(data_dir / ADMIN_KEY_FILE, created.secret)
-        if self.config.bootstrap_tenant and not self.tenancy.list_tenants(SYSTEM):
+        if self.config.bootstrap and not self.tenancy.list_tenants(SYSTEM):
             self.tenancy.create_tenant(SYSTEM, BOOTSTRAP_TENANT, list(self.router.deployments))
             key = self.tenancy.create_key(SYSTEM, tenant=BOOTSTRAP_TENANT, description="embedded default tenant")
             tenant_file = _write_secret(data_dir / TENANT_KEY_FILE, key.secret)

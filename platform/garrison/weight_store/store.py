@@ -10,12 +10,12 @@ before any worker is started; each worker checks it again when it opens the file
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
+from garrison.paths import default_data_dir
 from garrison_workers.errors import StoreIntegrityError, WeightStoreError
 from garrison_workers.weights.encrypted_source import EncryptedSource, VerifyResult
 from garrison_workers.weights.store_format import DATA_KEY_FILE, MANIFEST_FILE, Manifest, StoreModel, verify_manifest
@@ -27,10 +27,9 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 SIGNING_KEY_FILE = "signing-key.pem"
 
 
-def default_store_dir(environ: Mapping[str, str] | None = None) -> Path:
-    """`$GARRISON_HOME/store`, GARRISON_HOME defaulting to ~/.garrison."""
-    environ = os.environ if environ is None else environ
-    return Path(environ.get("GARRISON_HOME") or "~/.garrison").expanduser() / "store"
+def default_store_dir() -> Path:
+    """`store/` inside Garrison's data directory (garrison.paths: $GARRISON_DATA_DIR, else ~/.local/share/garrison)."""
+    return default_data_dir() / "store"
 
 
 def check_name(name: str) -> str:
