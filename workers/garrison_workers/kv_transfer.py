@@ -11,6 +11,7 @@ process group spanning both groups and is left for GPU machines.
 from __future__ import annotations
 
 import hashlib
+import warnings
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -54,7 +55,26 @@ def _resolve(handle: Any) -> KVPayload:
         return handle
     import ray
 
-    return ray.get(handle)
+    return _from_wire(ray.get(handle))
+
+
+# Ray serializes numpy arrays out of band (one copy into the object store, zero-copy reads) but
+# pickles torch tensors through bytes: 40x slower for a 134 MB cache. So tensors travel as raw bytes.
+_Wire = tuple[int, int, str, tuple[int, ...], Any, Any, "str | None"]
+
+
+def _to_wire(payload: KVPayload) -> _Wire:
+    k, v = payload.k_LTKD.contiguous(), payload.v_LTKD.contiguous()
+    return (payload.num_tokens, payload.head_start, str(k.dtype).removeprefix("torch."), tuple(k.shape),
+            k.view(torch.uint8).numpy(), v.view(torch.uint8).numpy(), payload.checksum)
+
+
+def _from_wire(wire: _Wire) -> KVPayload:
+    num_tokens, head_start, dtype, shape, k_bytes, v_bytes, checksum = wire
+    with warnings.catch_warnings():  # the object store's arrays are read-only; they are only read from
+        warnings.simplefilter("ignore", UserWarning)
+        k, v = (torch.from_numpy(b).view(getattr(torch, dtype)).reshape(shape) for b in (k_bytes, v_bytes))
+    return KVPayload(num_tokens, head_start, k, v, checksum)
 
 
 class InProcessTransport:
@@ -73,7 +93,7 @@ class RayObjectStoreTransport:
     def send(self, payload: KVPayload) -> Any:
         import ray
 
-        return ray.put(payload)
+        return ray.put(_to_wire(payload))
 
     def receive(self, handle: Any) -> KVPayload:
         return _resolve(handle)
@@ -98,6 +118,8 @@ def assemble_heads(payloads: list[KVPayload], num_tokens: int, num_kv_heads: int
         if payload.checksum is not None and payload.digest() != payload.checksum:
             raise KVTransferError(f"KV transfer shard for heads from {payload.head_start} fails its checksum")
     ordered = sorted(payloads, key=lambda p: p.head_start)
+    if len(ordered) == 1 and head_start == 0 and head_count == num_kv_heads:  # same tp on both sides: no copy
+        return ordered[0].k_LTKD, ordered[0].v_LTKD
     k = torch.cat([p.k_LTKD for p in ordered], dim=2)[:, :, head_start:head_start + head_count]
     v = torch.cat([p.v_LTKD for p in ordered], dim=2)[:, :, head_start:head_start + head_count]
     return k, v

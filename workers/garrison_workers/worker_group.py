@@ -31,17 +31,19 @@ STEP_TIMEOUT_S = 600.0
 _POLL_S = 0.2
 
 
-def ensure_ray(address: str | None = None, min_cpus: int = 1) -> None:
+def ensure_ray(address: str | None = None, min_cpus: int = 1) -> bool:
     """Connect to `address`, or start a local Ray instance if none is running in this process.
+    True when this call connected (so the caller may `ray.shutdown()` when done).
 
     A local instance advertises at least `min_cpus` CPU slots: on a small machine a tp × ep group
     still gets one slot per rank (the ranks then share the cores).
     """
     if ray.is_initialized():
-        return
+        return False
     num_cpus = None if address else max(os.cpu_count() or 1, min_cpus)
     ray.init(address=address, num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
              configure_logging=False)
+    return True
 
 
 class WorkerGroup:

@@ -36,7 +36,7 @@ def engine_config(settings: EngineSettings) -> EngineConfig:
 
 def needs_ray(config: ServeConfig) -> bool:
     return config.ray_address is not None or any(
-        m.on_ray or m.disaggregated or any(g.tp * g.ep > 1 for g in m.groups) for m in config.models)
+        m.on_ray or any(g.tp * g.ep > 1 for g in m.groups) for m in config.models)
 
 
 def key_provider(config: ServeConfig) -> KeyProvider | None:
@@ -61,10 +61,7 @@ def model_location(model: ModelDeploymentConfig, store: Store, provider: KeyProv
 
 
 def start_deployments(config: ServeConfig) -> list[Deployment]:
-    if needs_ray(config):
-        from garrison_workers.worker_group import ensure_ray
-
-        ensure_ray(config.ray_address)
+    """Every configured model's replicas (Ray, when needed, is already connected: see GarrisonServer.start)."""
     store, provider = Store(config.resolved_store_dir), key_provider(config)
     deployments: list[Deployment] = []
     try:

@@ -58,6 +58,7 @@ class GarrisonServer:
         self._health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         self.port = 0
         self.bootstrap = Bootstrap()
+        self._started_ray = False
 
     async def start(self) -> None:
         config = self.config
@@ -65,7 +66,7 @@ class GarrisonServer:
         self.tenancy = await asyncio.to_thread(TenancyService.open, config.resolved_database_url)
         self.telemetry = Telemetry(config.telemetry, self._span_exporter)
         if needs_ray(config):  # on this thread: Ray installs its signal handlers only from the main thread
-            ensure_ray(config.ray_address)
+            self._started_ray = ensure_ray(config.ray_address)
         deployments = await asyncio.to_thread(start_deployments, config)
         self.router = Router(deployments)
         self.telemetry.observe_load(self._load_rows)
@@ -146,6 +147,11 @@ class GarrisonServer:
             await self.inference.drain()
         if self.router is not None:
             await asyncio.to_thread(self.router.stop)
+        if self._started_ray:
+            import ray
+
+            ray.shutdown()
+            self._started_ray = False
         if self.telemetry is not None:
             self.telemetry.shutdown()
         if self.tenancy is not None:

@@ -1,0 +1,77 @@
+"""`garrison serve --config FILE`: the YAML is checked strictly, and what it describes runs — TLS with
+client certificates, a colocated and a disaggregated deployment of the same model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import pytest
+import yaml
+
+from conftest import save_tiny_llama4
+from garrison.certs import make_certs
+from garrison.client import ClientError, GarrisonClient, TLSFiles
+from garrison.serving.background import BackgroundServer
+from garrison.serving.config import ConfigError, load
+
+
+def test_unknown_or_malformed_settings_are_refused_with_their_place(tmp_path: Path) -> None:
+    cases = {
+        "listne: 0.0.0.0:1\n": "unknown setting(s) listne",
+        "models:\n  - {name: m, source: x, groups: [{role: prefil}]}\n": "role must be both, prefill or decode",
+        "models:\n  - {name: m, source: x, groups: [{role: decode}]}\n": "one 'prefill'",
+        "models:\n  - {name: m, source: x, engine: {kv_cache: 1}}\n": "config.models[0].engine: unknown setting(s) kv_cache",
+        "models:\n  - {source: x}\n": "config.models[0]",
+        "models: []\n": "non-empty list",
+        "- 1\n": "mapping",
+        "listen: [unclosed\n": "not valid YAML",
+    }
+    for text, expected in cases.items():
+        path = tmp_path / "serve.yaml"
+        path.write_text(text)
+        with pytest.raises(ConfigError) as info:
+            load(path)
+        assert expected in str(info.value), (text, str(info.value))
+    with pytest.raises(ConfigError, match="cannot read"):
+        load(tmp_path / "missing.yaml")
+
+
+def test_a_config_file_serves_tls_clients_and_colocated_and_disaggregated_models(tmp_path: Path) -> None:
+    model_dir = save_tiny_llama4(tmp_path / "tiny", seed=3, num_experts_per_tok=2)
+    certs = make_certs(tmp_path / "certs", hosts=["localhost", "127.0.0.1"], clients=["app"])
+    kek = tmp_path / "kek.key"
+    kek.write_bytes(b"\x07" * 32)
+    kek.chmod(0o600)
+    engine = {"kv_cache_bytes": 8 << 20, "max_num_seqs": 4, "max_num_batched_tokens": 32, "block_size": 4}
+    (tmp_path / "serve.yaml").write_text(yaml.safe_dump({
+        "listen": "127.0.0.1:0", "data_dir": "data", "kek_file": "kek.key",
+        "tls": {"cert": str(certs.server.cert), "key": str(certs.server.key), "client_ca": str(certs.ca.cert)},
+        "models": [
+            {"name": "tiny", "source": str(model_dir), "on_ray": False, "engine": engine},
+            {"name": "tiny-disagg", "source": "tiny-imported", "import_from": str(model_dir), "on_ray": False,
+             "engine": engine, "groups": [{"role": "prefill"}, {"role": "decode"}]},
+        ]}))
+    config = load(tmp_path / "serve.yaml")
+    assert config.data_dir == tmp_path / "data" and not config.bootstrap  # relative paths: from the file's folder
+    with BackgroundServer(config) as server:
+        admin_key = config.data_dir / "admin.key"
+        client_tls = TLSFiles(ca=certs.ca.cert, cert=certs.clients["app"].cert, key=certs.clients["app"].key)
+        with GarrisonClient(server.address, key_file=admin_key, tls=client_tls) as admin:
+            admin.admin.create_tenant(name="app", models=["tiny", "tiny-disagg"])
+            key = admin.admin.create_api_key(tenant="app").secret
+        with GarrisonClient(server.address, key=key, tls=client_tls) as client:
+            prompt = list(range(5, 40))
+            colocated = client.complete("tiny", token_ids=prompt, max_tokens=10)
+            disaggregated = client.complete("tiny-disagg", token_ids=prompt, max_tokens=10)
+            assert len(colocated.token_ids) == 10 and disaggregated.token_ids == colocated.token_ids
+            assert {m.name for m in client.list_models()} == {"tiny", "tiny-disagg"}
+        # Without a client certificate the TLS handshake itself fails; plaintext is not spoken at all.
+        with GarrisonClient(server.address, key=key, tls=TLSFiles(ca=certs.ca.cert), timeout=10) as stranger:
+            with pytest.raises(ClientError) as info:
+                stranger.complete("tiny", token_ids=prompt, max_tokens=1)
+            assert info.value.code == grpc.StatusCode.UNAVAILABLE
+        with GarrisonClient(server.address, key=key, timeout=10) as plaintext:
+            with pytest.raises(ClientError):
+                plaintext.list_models()
+    assert (config.data_dir / "store" / "tiny-imported" / "manifest.json").is_file()
