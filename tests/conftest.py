@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
+import os
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -72,6 +76,27 @@ def smollm2_engine(smollm2_path: Path):
     from garrison_workers.engine.llm_engine import EngineConfig, LLMEngine
 
     return LLMEngine.from_path(smollm2_path, EngineConfig(kv_cache_bytes=256 << 20, max_num_batched_tokens=512))
+
+
+@contextlib.contextmanager
+def postgres_schema_url() -> Iterator[str | None]:
+    """With GARRISON_TEST_POSTGRES_URL set, a URL to a fresh schema of that database (dropped after); else None."""
+    url = os.environ.get("GARRISON_TEST_POSTGRES_URL")
+    if not url:
+        yield None
+        return
+    from sqlalchemy import create_engine, text
+
+    schema = f"garrison_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f"CREATE SCHEMA {schema}"))
+    try:
+        yield f"{url}{'&' if '?' in url else '?'}options=-csearch_path%3D{schema}"
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+        admin.dispose()
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ GARRISON_TEST_POSTGRES_URL is set), called through grpc's own stubs, as any clie
 from __future__ import annotations
 
 import math
-import os
 import time
 import uuid
 from pathlib import Path
@@ -19,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from conftest import postgres_schema_url
 from garrison.client import GarrisonClient
 from garrison.serving.background import BackgroundServer
 from garrison.serving.config import EngineSettings, ModelDeploymentConfig, ServeConfig, TelemetryConfig
@@ -33,10 +33,16 @@ SPANS = InMemorySpanExporter()
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, smollm2_path: Path):
+def database_url():
+    with postgres_schema_url() as url:  # None: SQLite under the data dir
+        yield url
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, smollm2_path: Path, database_url: str | None):
     data_dir = tmp_path_factory.mktemp("gateway")
     config = ServeConfig(data_dir=data_dir, listen="127.0.0.1:0", max_request_bytes=MAX_REQUEST_BYTES,
-                         database_url=os.environ.get("GARRISON_TEST_POSTGRES_URL"),
+                         database_url=database_url,
                          telemetry=TelemetryConfig(prometheus_listen="127.0.0.1:0"),
                          models=(ModelDeploymentConfig(MODEL, str(smollm2_path), on_ray=False, engine=EngineSettings(
                              kv_cache_bytes=96 << 20, max_num_seqs=8, max_num_batched_tokens=256)),))
@@ -60,7 +66,7 @@ def bearer(key: str) -> tuple[tuple[str, str], ...]:
 
 
 def new_tenant(admin, models=(MODEL,), **limits) -> tuple[str, str]:
-    name = f"t-{uuid.uuid4().hex[:10]}"  # unique, so the tests also run against a shared PostgreSQL
+    name = f"t-{uuid.uuid4().hex[:10]}"
     admin.create_tenant(name=name, models=list(models), quota=admin_pb2.Quota(tenant=name, **limits))
     return name, admin.create_api_key(tenant=name).secret
 

@@ -19,6 +19,8 @@ from google.protobuf import descriptor_pool, message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
+from conftest import postgres_schema_url
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -29,10 +31,12 @@ def free_port() -> int:
 
 
 class ServeProcess:
-    def __init__(self, data_dir: Path, port: int) -> None:
+    def __init__(self, data_dir: Path, port: int, database_url: str | None) -> None:
         self.address = f"127.0.0.1:{port}"
         self.log = data_dir.parent / f"serve-{port}-{time.monotonic_ns()}.log"
         env = {**os.environ, "GARRISON_DATA_DIR": str(data_dir)}  # the flag-free default, via the environment
+        if database_url:
+            env["GARRISON_DATABASE_URL"] = database_url
         self.process = subprocess.Popen([sys.executable, "-m", "garrison", "serve", "--listen", self.address],
                                         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=self.log.open("w"))
 
@@ -89,10 +93,16 @@ def reflected_generate(address: str, key: str, prompt: str) -> str:
                                                     timeout=120))
 
 
-def test_embedded_default_serves_is_administered_and_survives_a_restart(tmp_path: Path) -> None:
+@pytest.fixture
+def database_url():
+    with postgres_schema_url() as url:  # None: the default, SQLite under the data dir
+        yield url
+
+
+def test_embedded_default_serves_is_administered_and_survives_a_restart(tmp_path: Path, database_url) -> None:
     data_dir = tmp_path / "data"
     port = free_port()
-    server = ServeProcess(data_dir, port)
+    server = ServeProcess(data_dir, port, database_url)
     try:
         server.wait_serving()
         admin_key, tenant_key = data_dir / "admin.key", data_dir / "tenant.key"
@@ -126,7 +136,7 @@ def test_embedded_default_serves_is_administered_and_survives_a_restart(tmp_path
         server.stop()
 
     admin_before = admin_key.read_text()
-    server = ServeProcess(data_dir, port)
+    server = ServeProcess(data_dir, port, database_url)
     try:
         server.wait_serving()
         run = dict(data_dir=data_dir, address=server.address)

@@ -6,7 +6,7 @@ unknown keys are refused so a typo never silently falls back to a default. Examp
 
     listen: 0.0.0.0:50051
     data_dir: /var/lib/garrison
-    database_url: postgresql+psycopg://garrison@db/garrison
+    database_url: postgresql+psycopg://garrison@db/garrison   # or $GARRISON_DATABASE_URL
     ray_address: auto                      # the Ray head a KubeRay pod sees; omit for a local instance
     tls: {cert: server.crt, key: server.key, client_ca: ca.crt}   # client_ca turns on mTLS
     telemetry: {prometheus_listen: 0.0.0.0:9464, otlp_endpoint: http://otel-collector:4317}
@@ -22,6 +22,7 @@ unknown keys are refused so a typo never silently falls back to a default. Examp
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -145,6 +146,8 @@ def load(path: Path | None, data_dir: Path | None = None, listen: str | None = N
         if not isinstance(raw, dict):
             raise ConfigError(f"{path} must hold a mapping of settings at the top level")
         raw.setdefault("bootstrap", False)
+    if os.environ.get("GARRISON_DATABASE_URL") and "database_url" not in raw:  # e.g. from a Kubernetes Secret
+        raw["database_url"] = os.environ["GARRISON_DATABASE_URL"]
     if data_dir is not None:
         raw["data_dir"] = str(data_dir)
     if listen is not None:
