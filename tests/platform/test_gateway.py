@@ -338,3 +338,28 @@ def test_the_server_still_serves_after_everything_above(channel, admin, server) 
     assert "Paris" in "".join(p.text for p in generate(channel, key, pb.GenerateRequest(
         model=MODEL, messages=PROMPT, max_tokens=12)))
     wait_until_idle(server)
+
+
+def test_the_asyncio_client_streams_and_administers(server, admin) -> None:
+    import asyncio
+
+    from garrison.client import AsyncGarrisonClient, ClientError
+
+    _, key = new_tenant(admin)
+
+    async def main() -> tuple[str, list[str], grpc.StatusCode, int]:
+        async with AsyncGarrisonClient(server.address, key=key) as client:
+            pieces = [p.text async for p in client.generate(MODEL, messages=PROMPT, max_tokens=12)]
+            models = [m.name for m in await client.list_models()]
+            try:
+                await client.admin.list_tenants()
+                code = grpc.StatusCode.OK
+            except ClientError as err:
+                code = err.code
+        async with AsyncGarrisonClient(server.address, key_file=server.server.config.data_dir / "admin.key") as root:
+            tenants = len((await root.admin.list_tenants()).tenants)
+        return "".join(pieces), models, code, tenants
+
+    text, models, code, tenants = asyncio.run(main())
+    assert "Paris" in text and models == [MODEL]
+    assert code == grpc.StatusCode.PERMISSION_DENIED and tenants >= 1
