@@ -166,7 +166,7 @@ def test_transfer_checks_refuse_partial_or_corrupt_shards() -> None:
     good.checksum = good.digest()
     other = KVPayload(5, 1, k.clone(), k.clone())
     assert assemble_heads([good, other], 5, 2, 1, 1)[0].shape == (2, 5, 1, 4)
-    with pytest.raises(KVTransferError, match="not exactly 0..2"):
+    with pytest.raises(KVTransferError, match="do not tile heads 0..2"):
         assemble_heads([good], 5, 2, 0, 2)
     short = KVPayload(5, 1, k[:, :3].clone(), k[:, :3].clone())
     with pytest.raises(KVTransferError, match="holds 3 tokens"):

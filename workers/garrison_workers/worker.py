@@ -63,10 +63,10 @@ class Worker:
             return None
         head_start = self.par.tp_rank * self.model.num_local_kv_heads
         payload = self.runner.export_kv(block_table, num_tokens, head_start, self.config.kv_transfer_checksum)
-        return self.transport.send(payload)
+        return self.transport.send(payload, None)
 
     def import_kv(self, block_table: list[int], num_tokens: int, handles: list[Any]) -> None:
-        payloads = [self.transport.receive(h) for h in handles]
+        payloads = self.transport.receive(handles, None)
         heads = self.model.num_local_kv_heads
         k, v = assemble_heads(payloads, num_tokens, self.model.config.num_kv_heads, self.par.tp_rank * heads, heads)
         self.runner.import_kv(block_table, k, v)

@@ -87,10 +87,11 @@ class LocalExecutor:
         return DoneStep(logits)
 
     def export_kv(self, block_table: list[int], num_tokens: int) -> list[Any]:
-        return [self.transport.send(self.runner.export_kv(block_table, num_tokens, 0, self.config.kv_transfer_checksum))]
+        payload = self.runner.export_kv(block_table, num_tokens, 0, self.config.kv_transfer_checksum)
+        return [self.transport.send(payload, None)]
 
     def import_kv(self, block_table: list[int], num_tokens: int, handles: list[Any]) -> None:
-        payloads = [self.transport.receive(h) for h in handles]
+        payloads = self.transport.receive(handles, None)
         num_kv = self.model.config.num_kv_heads
         k, v = assemble_heads(payloads, num_tokens, num_kv, 0, num_kv)
         self.runner.import_kv(block_table, k, v)
