@@ -8,7 +8,7 @@ Payloads travel through a `KVTransport`, on the ranks:
 - through Ray's object store (CPU, and across nodes): `send` puts the shard in the store and returns
   the reference; the driver hands the references to the receivers once every send is done;
 - through torch.distributed point-to-point (gloo on CPU, NCCL on GPU): a process group of both groups'
-  ranks (`kv_channel.TorchChannel` sets it up); `send` goes straight to the receiving ranks that need
+  ranks (`kv_link.TorchChannel` sets it up); `send` goes straight to the receiving ranks that need
   the shard's heads, so the driver starts the sends and the receives together and passes no handles.
 
 Either way the receiver checks what arrived (`assemble_heads`) before anything is written to its cache.
@@ -212,8 +212,11 @@ class TorchDistributedTransport:
     def join(self, channel: str, host: str, port: int, rank: int, size: int) -> None:
         """Join a channel (replacing an older group of that name); every member calls this at the same time."""
         self._channels.pop(channel, None)
-        store = dist.TCPStore(host, port, size, is_master=rank == 0, timeout=self.timeout)
-        self._channels[channel] = (self._process_group(store, rank, size), rank)
+        try:
+            store = dist.TCPStore(host, port, size, is_master=rank == 0, timeout=self.timeout)
+            self._channels[channel] = (self._process_group(store, rank, size), rank)
+        except RuntimeError as err:  # a member missing or gone: this rank stays healthy, the channel is not open
+            raise KVTransferError(f"could not join KV channel {channel!r} as rank {rank} of {size}: {err}") from None
 
     def _process_group(self, store: dist.Store, rank: int, size: int) -> Any:
         if self.device.type == "cuda":
@@ -249,7 +252,7 @@ class TorchDistributedTransport:
     def _member(self, route: KVRoute | None, side: str) -> tuple[Any, HeadShard]:
         if route is None or route.channel not in self._channels:
             raise KVTransferError(f"this rank is not in KV channel {getattr(route, 'channel', None)!r}; open the "
-                                  "channel (kv_channel.TorchChannel) before transferring over it")
+                                  "channel (kv_link.TorchChannel) before transferring over it")
         group, rank = self._channels[route.channel]
         return group, next(s for s in getattr(route, side) if s.rank == rank)
 
