@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,8 @@ from conftest import save_tiny_llama4
 from garrison_workers.engine.disagg import DisaggregatedEngine
 from garrison_workers.engine.llm_engine import EngineConfig, LLMEngine
 from garrison_workers.engine.sequence import SamplingParams
-from garrison_workers.errors import ContextLengthError
+from garrison_workers.errors import ContextLengthError, LayoutError
+from garrison_workers.kv_link import TorchChannel
 from garrison_workers.kv_transfer import KVPayload, KVTransferError, assemble_heads
 from garrison_workers.parallel.dims import ParallelDims
 
@@ -183,3 +186,88 @@ def test_prompt_too_long_for_the_decode_side_is_refused_up_front(tiny_moe: Path)
     with pytest.raises(ContextLengthError, match="hold at most 31"):
         engine.add_request("big", list(range(3, 60)), PARAMS)
     assert not engine.has_unfinished_requests()
+
+
+# -- kv_transport "torch": a prefill worker group hands KV to a decode worker group over a channel --------
+
+TORCH = replace(CONFIG, kv_transport="torch")
+
+
+@pytest.fixture(scope="module")
+def colocated_tokens(tiny_moe: Path) -> dict[str, list[int]]:
+    return run(LLMEngine.from_path(tiny_moe, CONFIG), prompts(512))
+
+
+def over_channel(path: Path, prefill: ParallelDims, decode: ParallelDims) -> DisaggregatedEngine:
+    return DisaggregatedEngine(LLMEngine.from_path(path, TORCH, prefill, role="prefill", on_ray=True),
+                               [LLMEngine.from_path(path, TORCH, decode, role="decode", on_ray=True)])
+
+
+@pytest.mark.parametrize("prefill, decode", [
+    (ParallelDims(tp=1), ParallelDims(tp=2)),
+    (ParallelDims(tp=2), ParallelDims(tp=1)),
+], ids=["p-tp1_d-tp2", "p-tp2_d-tp1"])
+def test_same_tokens_as_colocated_over_a_torch_channel(tiny_moe: Path, colocated_tokens: dict[str, list[int]],
+                                                       prefill: ParallelDims, decode: ParallelDims) -> None:
+    engine = over_channel(tiny_moe, prefill, decode)
+    try:
+        assert isinstance(engine._links[engine.decoders[0]], TorchChannel)
+        assert run(engine, prompts(512)) == colocated_tokens
+        assert_no_blocks_held(engine)
+    finally:
+        shutdown(engine)
+
+
+def tamper(group, how: str | None) -> None:
+    """Make every rank of `group` send short ("short": one token missing) or corrupted ("corrupt": changed
+    after its checksum) shards from now on; None: honest again."""
+    def patch(worker, how: str | None) -> None:
+        runner = worker.runner
+        runner.__dict__.pop("export_kv", None)
+        if how is None:
+            return
+        honest = runner.export_kv
+
+        def export_kv(*args, **kwargs):
+            payload = honest(*args, **kwargs)
+            if how == "short":
+                payload.k_LTKD, payload.v_LTKD = payload.k_LTKD[:, :-1], payload.v_LTKD[:, :-1]
+            else:
+                payload.k_LTKD = payload.k_LTKD.clone()  # out of inference mode, so that it can be changed
+                payload.k_LTKD[0, 0, 0, 0] += 1.0
+            return payload
+
+        runner.export_kv = export_kv
+
+    ray.get([actor.__ray_call__.remote(patch, how) for actor in group.actors])
+
+
+def test_short_or_corrupt_transfer_fails_the_request_and_frees_both_sides(
+        tiny_moe: Path, colocated_tokens: dict[str, list[int]]) -> None:
+    engine = over_channel(tiny_moe, ParallelDims(tp=2), ParallelDims(tp=2))  # each decode rank hears one shard
+    prompt = prompts(512)[0]
+    try:
+        for how, why in (("short", "holds .* tokens"), ("corrupt", "fails its checksum")):
+            tamper(engine.prefill.executor, how)
+            engine.add_request(how, prompt, PARAMS)
+            outputs = []
+            while engine.has_unfinished_requests():
+                outputs += engine.step()
+            failed = [out for out in outputs if out.finish_reason == "error"]
+            assert len(failed) == 1 and re.search(f"KV transfer to the decode group failed: .*{why}", failed[0].error)
+            assert sum(len(out.new_token_ids) for out in outputs) == 1  # the prefill's first token, then nothing
+            assert_no_blocks_held(engine)
+        tamper(engine.prefill.executor, None)  # the channel reopens after a failure and serves again
+        assert run(engine, prompts(512)) == colocated_tokens
+        assert_no_blocks_held(engine)
+    finally:
+        shutdown(engine)
+
+
+def test_torch_transport_refuses_engines_outside_ray_groups(tiny_moe: Path) -> None:
+    with pytest.raises(LayoutError, match="start both the prefill and the decode engines on Ray"):
+        DisaggregatedEngine(LLMEngine.from_path(tiny_moe, TORCH, role="prefill"),
+                            [LLMEngine.from_path(tiny_moe, TORCH, role="decode")])
+    with pytest.raises(LayoutError, match="configure one transport for both"):
+        DisaggregatedEngine(LLMEngine.from_path(tiny_moe, TORCH, role="prefill"),
+                            [LLMEngine.from_path(tiny_moe, CONFIG, role="decode")])

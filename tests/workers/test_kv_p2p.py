@@ -1,7 +1,7 @@
 """The torch.distributed point-to-point KV transport: shards reach the ranks that need their heads; bad ones are refused.
 
-Transport-level tests run every channel member as a thread of this process (gloo); the engine-level tests
-(same tokens as colocated, clean failures) run worker groups on a local Ray instance.
+Every channel member runs as a thread of this process (gloo). The same transport between Ray worker groups,
+driven by a DisaggregatedEngine, is tested in test_disagg.py.
 """
 
 from __future__ import annotations
@@ -12,14 +12,9 @@ from datetime import timedelta
 
 import pytest
 import torch
-from garrison_workers.kv_transfer import (
-    HeadShard,
-    KVPayload,
-    KVRoute,
-    KVTransferError,
-    TorchDistributedTransport,
-    assemble_heads,
-)
+
+from garrison_workers.kv_transfer import (HeadShard, KVPayload, KVRoute, KVTransferError, TorchDistributedTransport,
+                                          assemble_heads)
 
 LAYERS, TOKENS, HEADS, DIM = 3, 7, 4, 8
 
@@ -131,3 +126,4 @@ def test_rank_outside_the_channel_is_refused() -> None:
     transport = TorchDistributedTransport(torch.device("cpu"), timedelta(seconds=1))
     with pytest.raises(KVTransferError, match="not in KV channel 'test'"):
         transport.receive([], route(1, 1))
+

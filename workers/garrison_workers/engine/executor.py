@@ -12,7 +12,7 @@ import torch
 
 from garrison_workers.engine.config import EngineConfig
 from garrison_workers.engine.model_runner import ModelRunner, SeqChunk
-from garrison_workers.errors import LayoutError
+from garrison_workers.errors import LayoutError, WorkerLostError
 from garrison_workers.kv_transfer import InProcessTransport, KVTransport, assemble_heads
 from garrison_workers.model import CausalLM
 
@@ -31,6 +31,8 @@ class StepFuture(Protocol):
 
 
 class Executor(Protocol):
+    failure: WorkerLostError | None  # set once a rank is lost, until `restart()`
+
     def submit(self, chunks: list[SeqChunk]) -> StepFuture:
         """Start one step; another executor's step may run while this one does (disaggregation)."""
         ...
@@ -80,6 +82,7 @@ class LocalExecutor:
         self.model, self.num_blocks, self.config = model, num_blocks, config
         self.runner = ModelRunner(model, num_blocks, config)
         self.transport: KVTransport = InProcessTransport()
+        self.failure: WorkerLostError | None = None  # one process: nothing to lose but the process itself
 
     def submit(self, chunks: list[SeqChunk]) -> StepFuture:
         logits = self.runner.run(chunks)
