@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from dataclasses import replace
@@ -271,3 +272,36 @@ def test_torch_transport_refuses_engines_outside_ray_groups(tiny_moe: Path) -> N
     with pytest.raises(LayoutError, match="configure one transport for both"):
         DisaggregatedEngine(LLMEngine.from_path(tiny_moe, TORCH, role="prefill"),
                             [LLMEngine.from_path(tiny_moe, CONFIG, role="decode")])
+
+
+def exit_on(attribute: str):
+    """A patch for `__ray_call__`: the rank's process exits when `attribute` (a dotted path) is next called."""
+    def patch(worker) -> None:
+        *owners, name = attribute.split(".")
+        owner = worker
+        for step in owners:
+            owner = getattr(owner, step)
+        setattr(owner, name, lambda *args, **kwargs: os._exit(1))
+    return patch
+
+
+@pytest.mark.parametrize("side, attribute", [("decode", "transport.receive"), ("prefill", "runner.export_kv")])
+def test_rank_dying_mid_transfer_fails_that_group_only(tiny_moe: Path, colocated_tokens: dict[str, list[int]],
+                                                       side: str, attribute: str) -> None:
+    """The surviving side's sends or receives fail at once (the channel's connection closes), not after the
+    timeout; the dead group's requests fail, the other group keeps serving, and a restart reopens the channel."""
+    engine = over_channel(tiny_moe, ParallelDims(tp=2), ParallelDims(tp=2))
+    dying, surviving = (engine.decoders[0], engine.prefill) if side == "decode" else (engine.prefill, engine.decoders[0])
+    try:
+        ray.get(dying.executor.actors[1].__ray_call__.remote(exit_on(attribute)))
+        engine.add_request("r", prompts(512)[0], PARAMS)
+        started, errors = time.monotonic(), []
+        while engine.has_unfinished_requests():
+            errors += [out.error for out in engine.step() if out.error]
+        assert len(errors) == 1 and "rank 1 (ep 0, tp 1) died" in errors[0] and time.monotonic() - started < 10
+        assert dying.failure is not None and surviving.failure is None
+        assert_no_blocks_held(engine)
+        dying.restart()
+        assert run(engine, prompts(512)) == colocated_tokens
+    finally:
+        shutdown(engine)
