@@ -207,7 +207,8 @@ def over_channel(path: Path, prefill: ParallelDims, decode: ParallelDims) -> Dis
 @pytest.mark.parametrize("prefill, decode", [
     (ParallelDims(tp=1), ParallelDims(tp=2)),
     (ParallelDims(tp=2), ParallelDims(tp=1)),
-], ids=["p-tp1_d-tp2", "p-tp2_d-tp1"])
+    (ParallelDims(tp=1), ParallelDims(ep=2)),  # both EP ranks of the decode group receive the same heads
+], ids=["p-tp1_d-tp2", "p-tp2_d-tp1", "p-tp1_d-ep2"])
 def test_same_tokens_as_colocated_over_a_torch_channel(tiny_moe: Path, colocated_tokens: dict[str, list[int]],
                                                        prefill: ParallelDims, decode: ParallelDims) -> None:
     engine = over_channel(tiny_moe, prefill, decode)
