@@ -292,7 +292,9 @@ def test_rank_dying_mid_transfer_fails_that_group_only(tiny_moe: Path, colocated
     """The surviving side's sends or receives fail at once (the channel's connection closes), not after the
     timeout; the dead group's requests fail, the other group keeps serving, and a restart reopens the channel."""
     engine = over_channel(tiny_moe, ParallelDims(tp=2), ParallelDims(tp=2))
-    dying, surviving = (engine.decoders[0], engine.prefill) if side == "decode" else (engine.prefill, engine.decoders[0])
+    dying, surviving = engine.decoders[0], engine.prefill
+    if side == "prefill":
+        dying, surviving = surviving, dying
     try:
         ray.get(dying.executor.actors[1].__ray_call__.remote(exit_on(attribute)))
         engine.add_request("r", prompts(512)[0], PARAMS)

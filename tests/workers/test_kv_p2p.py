@@ -1,4 +1,4 @@
-"""The torch.distributed point-to-point KV transport: shards reach the ranks that need their heads; bad ones are refused.
+"""The torch.distributed point-to-point KV transport: shards reach the ranks needing their heads; bad ones are refused.
 
 Every channel member runs as a thread of this process (gloo). The same transport between Ray worker groups,
 driven by a DisaggregatedEngine, is tested in test_disagg.py.
@@ -42,7 +42,8 @@ def route(prefill_tp: int, decode_tp: int, tag: int = 0, num_tokens: int = TOKEN
 
 def full_kv(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    return torch.randn(LAYERS, TOKENS, HEADS, DIM, generator=gen), torch.randn(LAYERS, TOKENS, HEADS, DIM, generator=gen)
+    shape = (LAYERS, TOKENS, HEADS, DIM)
+    return torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
 
 
 def shard(k: torch.Tensor, v: torch.Tensor, start: int, count: int, checksum: bool = True) -> KVPayload:
@@ -65,7 +66,8 @@ def test_each_decode_rank_gets_exactly_its_heads(prefill_tp: int, decode_tp: int
     k, v = full_kv()
     r = route(prefill_tp, decode_tp)
     hp, hd = HEADS // prefill_tp, HEADS // decode_tp
-    results = transfer(open_channel(prefill_tp + decode_tp), r, {s.rank: shard(k, v, s.head_start, hp) for s in r.senders})
+    payloads = {s.rank: shard(k, v, s.head_start, hp) for s in r.senders}
+    results = transfer(open_channel(prefill_tp + decode_tp), r, payloads)
     for receiver in r.receivers:
         payloads = results[receiver.rank]
         assert isinstance(payloads, list)

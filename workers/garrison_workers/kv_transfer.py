@@ -59,7 +59,8 @@ class HeadShard(NamedTuple):
     num_heads: int
 
     def overlaps(self, other: HeadShard) -> bool:
-        return self.head_start < other.head_start + other.num_heads and other.head_start < self.head_start + self.num_heads
+        return (self.head_start < other.head_start + other.num_heads
+                and other.head_start < self.head_start + self.num_heads)
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,7 +156,8 @@ _HEADER_WORDS = 13  # magic, num_tokens, head_start, 4 shape dims, dtype, has_ch
 
 def _header(payload: KVPayload) -> torch.Tensor:
     k = payload.k_LTKD
-    fields = [_MAGIC, payload.num_tokens, payload.head_start, *k.shape, _DTYPES.index(k.dtype), payload.checksum is not None]
+    fields = [_MAGIC, payload.num_tokens, payload.head_start, *k.shape, _DTYPES.index(k.dtype),
+              payload.checksum is not None]
     digest = bytearray.fromhex(payload.checksum) if payload.checksum is not None else bytearray(32)
     return torch.cat([torch.tensor(fields, dtype=torch.int64), torch.frombuffer(digest, dtype=torch.int64)])
 
@@ -183,9 +185,9 @@ def _read_header(header: torch.Tensor, source: HeadShard, route: KVRoute) -> _An
     magic, num_tokens, head_start, layers, tokens, heads, dim, dtype, has_checksum = words[:9]
     if (magic != _MAGIC or not 0 <= dtype < len(_DTYPES) or (layers, dim) != (route.num_layers, route.head_dim)
             or not 0 < tokens <= route.num_tokens or not 0 < heads <= source.num_heads):
+        bound = [route.num_layers, route.num_tokens, source.num_heads, route.head_dim]
         raise KVTransferError(f"KV transfer header from channel rank {source.rank} announces K and V of shape "
-                              f"{[layers, tokens, heads, dim]}, not at most {[route.num_layers, route.num_tokens, source.num_heads, route.head_dim]}; "
-                              "refused before receiving them")
+                              f"{[layers, tokens, heads, dim]}, not at most {bound}; refused before receiving them")
     checksum = header[9:].cpu().numpy().tobytes().hex() if has_checksum else None
     return _Announced(num_tokens, head_start, (layers, tokens, heads, dim), _DTYPES[dtype], checksum)
 

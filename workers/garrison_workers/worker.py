@@ -68,7 +68,7 @@ class Worker:
     def join_kv_channel(self, channel: str, host: str, port: int, first_rank: int, size: int) -> None:
         """Join a KV channel as its rank `first_rank` + this rank; every member joins at the same time."""
         if not isinstance(self.transport, TorchDistributedTransport):
-            raise KVTransferError(f"KV channels need kv_transport 'torch'; this group runs {self.config.kv_transport!r}")
+            raise KVTransferError(f"KV channels need kv_transport 'torch'; this group has {self.config.kv_transport!r}")
         self.transport.join(channel, host, port, first_rank + self.rank, size)
 
     def export_kv(self, block_table: list[int], num_tokens: int, route: KVRoute | None = None) -> Any:
