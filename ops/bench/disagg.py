@@ -22,6 +22,10 @@ finish a prefill step (sampling its first tokens, handing KV over) hold the stre
 KV transfer's throughput beside a plain memory copy (torch `clone`) of
 the same bytes. A token's time is when the `step()` call that returned it ended.
 
+Then the KV link alone, for the same token counts: blocks moved between two Ray worker groups (tp=1,
+one actor and one torch thread each, no engine steps) through each `kv_transport`, "ray" (export, Ray's
+object store, import) and "torch" (torch.distributed point-to-point, gloo here), best of 3.
+
 The model is random and tiny (a few MB) so that 16k-64k-token prompts are affordable on two cores;
 the figures show the scheduling, not a real model's speed. Both systems get the same 2 cores: the
 colocated engine uses both (2 torch threads); disaggregation gives one to the prefill group and one
@@ -57,6 +61,7 @@ from garrison_workers.config import from_hf_config  # noqa: E402
 from garrison_workers.engine.disagg import DisaggregatedEngine  # noqa: E402
 from garrison_workers.engine.llm_engine import EngineConfig, LLMEngine, RequestOutput  # noqa: E402
 from garrison_workers.engine.sequence import SamplingParams  # noqa: E402
+from garrison_workers.kv_link import HandleLink, KVLink, TorchChannel  # noqa: E402
 from garrison_workers.parallel.dims import ParallelDims  # noqa: E402
 
 MB = 1e6
@@ -65,6 +70,7 @@ DTYPE_BYTES = 4  # fp32
 MODEL_SEED = 0
 PREFILL_DIMS = ParallelDims()  # the prefill worker group: one Ray actor with one torch thread (one core's worth)
 DECODE_DIMS = ParallelDims()  # the decode engine, in this process, one torch thread (the other core)
+LINK_DIMS = ParallelDims()  # each of the two Ray worker groups between which the KV links alone are timed
 RAY_CPUS = 2
 
 # Llama 4's layout (RoPE layers with chunked local attention, NoPE global layers, every layer MoE),
@@ -355,6 +361,7 @@ class Transfer:
     seconds: float  # export on the prefill ranks + object store + import on the decode side
     clone_s: float = math.nan  # torch clone of a tensor of the same bytes (allocation included), best of 3
     copy_s: float = math.nan  # copy_ of the same bytes into a tensor already allocated and touched, best of 3
+    link_s: dict[str, float] = field(default_factory=dict)  # kv_transport -> the link alone between two groups
 
     def nbytes(self, kv_bytes_per_token: int) -> int:
         return self.tokens * kv_bytes_per_token
@@ -414,6 +421,17 @@ def copy_seconds(num_bytes: int, repeats: int = 3) -> tuple[float, float]:
         dst.copy_(src)
         copy_s = min(copy_s, time.perf_counter() - start)
     return clone_s, copy_s
+
+
+def link_seconds(link: KVLink, tokens: int, block_size: int, repeats: int = 3) -> float:
+    """Best of `repeats` transfers of a sequence's first `tokens` tokens; what its blocks hold does not matter."""
+    blocks = list(range(-(-tokens // block_size)))
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        link.transfer(blocks, blocks, tokens)
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 # -- the run ----------------------------------------------------------------------------------------
@@ -510,6 +528,29 @@ def disaggregated_run(report: Report, model_dir: Path, vocab_size: int) -> None:
         transfer.clone_s, transfer.copy_s = copy_seconds(transfer.nbytes(report.kv_bytes_per_token))
 
 
+def links_run(report: Report, model_dir: Path) -> None:
+    """Each KV transport's link between two Ray worker groups, alone, for each long prompt's token count."""
+    import ray
+
+    config = replace(report.workload.engine_config(), worker_threads=1)
+    ray.init(num_cpus=RAY_CPUS, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        for transport in ("ray", "torch"):
+            progress(f"KV link alone: kv_transport {transport}")
+            prefill, decode = (LLMEngine.from_path(model_dir, replace(config, kv_transport=transport), LINK_DIMS,
+                                                   role=role, on_ray=True) for role in ("prefill", "decode"))
+            try:
+                link = (HandleLink(prefill.executor, decode.executor) if transport == "ray"
+                        else TorchChannel(prefill.executor, decode.executor, prefill.model_config))
+                for transfer in report.transfers:
+                    transfer.link_s[transport] = link_seconds(link, transfer.tokens, config.block_size)
+            finally:
+                prefill.shutdown()
+                decode.shutdown()
+    finally:
+        ray.shutdown()
+
+
 def run_benchmark(quick: bool, threads: int) -> Report:
     started = time.perf_counter()
     workload = QUICK if quick else FULL
@@ -525,6 +566,7 @@ def run_benchmark(quick: bool, threads: int) -> Report:
         colocated_run(report, model_dir, vocab_size)
         gc.collect()
         disaggregated_run(report, model_dir, vocab_size)
+        links_run(report, model_dir)
     report.other_benchmarks["end"] = other_benchmarks()
     report.machine.load_average_end = os.getloadavg()
     report.wall_s = time.perf_counter() - started
@@ -549,7 +591,8 @@ def ratios(report: Report) -> dict[str, float]:
 
 def render(report: Report) -> str:
     return "\n".join([*header_lines(report), "", *tpot_lines(report), "", *ttft_lines(report), "",
-                      *ratio_lines(report), "", *anatomy_lines(report), "", *transfer_lines(report)])
+                      *ratio_lines(report), "", *anatomy_lines(report), "", *transfer_lines(report), "",
+                      *link_lines(report)])
 
 
 def header_lines(report: Report) -> list[str]:
@@ -658,6 +701,24 @@ def transfer_lines(report: Report) -> list[str]:
     return lines
 
 
+def link_lines(report: Report) -> list[str]:
+    lines = ["KV link alone between two Ray worker groups (tp=1 each, no engine steps), by kv_transport, vs copy_",
+             f"{'tokens':>8}{'MB':>8}{'ray ms':>10}{'GB/s':>7}{'torch ms':>10}{'GB/s':>7}{'copy_ ms':>10}{'GB/s':>7}"
+             f"{'ray / copy_':>13}{'torch / copy_':>15}"]
+    for t in report.transfers:
+        nbytes = t.nbytes(report.kv_bytes_per_token)
+        ray_s, torch_s = t.link_s.get("ray", math.nan), t.link_s.get("torch", math.nan)
+        lines.append(f"{t.tokens:>8}{nbytes / MB:>8.1f}{ms(ray_s, 10)}{fmt(nbytes / ray_s / 1e9, 7, 2)}"
+                     f"{ms(torch_s, 10)}{fmt(nbytes / torch_s / 1e9, 7, 2)}"
+                     f"{fmt(t.copy_s * 1e3, 10, 2)}{fmt(nbytes / t.copy_s / 1e9, 7, 2)}"
+                     f"{fmt(ray_s / t.copy_s, 13, 1, 'x')}{fmt(torch_s / t.copy_s, 15, 1, 'x')}")
+    lines.append("  (ray = export on the prefill rank, Ray object store, import on the decode rank; torch = the same"
+                 " export and")
+    lines.append("   import around torch.distributed point-to-point sends over a gloo channel; both one actor per"
+                 " group, best of 3)")
+    return lines
+
+
 def to_json(report: Report) -> str:
     body = {
         "machine": asdict(report.machine), "workload": asdict(report.workload), "quick": report.quick,
@@ -669,7 +730,9 @@ def to_json(report: Report) -> str:
         "transfers": [{**asdict(t), "bytes": t.nbytes(report.kv_bytes_per_token),
                        "gb_s": t.nbytes(report.kv_bytes_per_token) / t.seconds / 1e9,
                        "clone_gb_s": t.nbytes(report.kv_bytes_per_token) / t.clone_s / 1e9,
-                       "copy_gb_s": t.nbytes(report.kv_bytes_per_token) / t.copy_s / 1e9}
+                       "copy_gb_s": t.nbytes(report.kv_bytes_per_token) / t.copy_s / 1e9,
+                       "link_gb_s": {transport: t.nbytes(report.kv_bytes_per_token) / seconds / 1e9
+                                     for transport, seconds in t.link_s.items()}}
                       for t in report.transfers],
     }
     return json.dumps(finite_or_none(body), indent=2)

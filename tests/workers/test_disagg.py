@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import re
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,7 +16,8 @@ from conftest import save_tiny_llama4
 from garrison_workers.engine.disagg import DisaggregatedEngine
 from garrison_workers.engine.llm_engine import EngineConfig, LLMEngine
 from garrison_workers.engine.sequence import SamplingParams
-from garrison_workers.errors import ContextLengthError
+from garrison_workers.errors import ContextLengthError, LayoutError
+from garrison_workers.kv_link import TorchChannel
 from garrison_workers.kv_transfer import KVPayload, KVTransferError, assemble_heads
 from garrison_workers.parallel.dims import ParallelDims
 
@@ -166,7 +170,7 @@ def test_transfer_checks_refuse_partial_or_corrupt_shards() -> None:
     good.checksum = good.digest()
     other = KVPayload(5, 1, k.clone(), k.clone())
     assert assemble_heads([good, other], 5, 2, 1, 1)[0].shape == (2, 5, 1, 4)
-    with pytest.raises(KVTransferError, match="not exactly 0..2"):
+    with pytest.raises(KVTransferError, match="do not tile heads 0..2"):
         assemble_heads([good], 5, 2, 0, 2)
     short = KVPayload(5, 1, k[:, :3].clone(), k[:, :3].clone())
     with pytest.raises(KVTransferError, match="holds 3 tokens"):
@@ -183,3 +187,124 @@ def test_prompt_too_long_for_the_decode_side_is_refused_up_front(tiny_moe: Path)
     with pytest.raises(ContextLengthError, match="hold at most 31"):
         engine.add_request("big", list(range(3, 60)), PARAMS)
     assert not engine.has_unfinished_requests()
+
+
+# -- kv_transport "torch": a prefill worker group hands KV to a decode worker group over a channel --------
+
+TORCH = replace(CONFIG, kv_transport="torch")
+
+
+@pytest.fixture(scope="module")
+def colocated_tokens(tiny_moe: Path) -> dict[str, list[int]]:
+    return run(LLMEngine.from_path(tiny_moe, CONFIG), prompts(512))
+
+
+def over_channel(path: Path, prefill: ParallelDims, decode: ParallelDims) -> DisaggregatedEngine:
+    return DisaggregatedEngine(LLMEngine.from_path(path, TORCH, prefill, role="prefill", on_ray=True),
+                               [LLMEngine.from_path(path, TORCH, decode, role="decode", on_ray=True)])
+
+
+@pytest.mark.parametrize("prefill, decode", [
+    (ParallelDims(tp=1), ParallelDims(tp=2)),
+    (ParallelDims(tp=2), ParallelDims(tp=1)),
+    (ParallelDims(tp=1), ParallelDims(ep=2)),  # both EP ranks of the decode group receive the same heads
+], ids=["p-tp1_d-tp2", "p-tp2_d-tp1", "p-tp1_d-ep2"])
+def test_same_tokens_as_colocated_over_a_torch_channel(tiny_moe: Path, colocated_tokens: dict[str, list[int]],
+                                                       prefill: ParallelDims, decode: ParallelDims) -> None:
+    engine = over_channel(tiny_moe, prefill, decode)
+    try:
+        assert isinstance(engine._links[engine.decoders[0]], TorchChannel)
+        assert run(engine, prompts(512)) == colocated_tokens
+        assert_no_blocks_held(engine)
+    finally:
+        shutdown(engine)
+
+
+def tamper(group, how: str | None) -> None:
+    """Make every rank of `group` send short ("short": one token missing) or corrupted ("corrupt": changed
+    after its checksum) shards from now on; None: honest again."""
+    def patch(worker, how: str | None) -> None:
+        runner = worker.runner
+        runner.__dict__.pop("export_kv", None)
+        if how is None:
+            return
+        honest = runner.export_kv
+
+        def export_kv(*args, **kwargs):
+            payload = honest(*args, **kwargs)
+            if how == "short":
+                payload.k_LTKD, payload.v_LTKD = payload.k_LTKD[:, :-1], payload.v_LTKD[:, :-1]
+            else:
+                payload.k_LTKD = payload.k_LTKD.clone()  # out of inference mode, so that it can be changed
+                payload.k_LTKD[0, 0, 0, 0] += 1.0
+            return payload
+
+        runner.export_kv = export_kv
+
+    ray.get([actor.__ray_call__.remote(patch, how) for actor in group.actors])
+
+
+def test_short_or_corrupt_transfer_fails_the_request_and_frees_both_sides(
+        tiny_moe: Path, colocated_tokens: dict[str, list[int]]) -> None:
+    engine = over_channel(tiny_moe, ParallelDims(tp=2), ParallelDims(tp=2))  # each decode rank hears one shard
+    prompt = prompts(512)[0]
+    try:
+        for how, why in (("short", "holds .* tokens"), ("corrupt", "fails its checksum")):
+            tamper(engine.prefill.executor, how)
+            engine.add_request(how, prompt, PARAMS)
+            outputs = []
+            while engine.has_unfinished_requests():
+                outputs += engine.step()
+            failed = [out for out in outputs if out.finish_reason == "error"]
+            assert len(failed) == 1 and re.search(f"KV transfer to the decode group failed: .*{why}", failed[0].error)
+            assert sum(len(out.new_token_ids) for out in outputs) == 1  # the prefill's first token, then nothing
+            assert_no_blocks_held(engine)
+        tamper(engine.prefill.executor, None)  # the channel reopens after a failure and serves again
+        assert run(engine, prompts(512)) == colocated_tokens
+        assert_no_blocks_held(engine)
+    finally:
+        shutdown(engine)
+
+
+def test_torch_transport_refuses_engines_outside_ray_groups(tiny_moe: Path) -> None:
+    with pytest.raises(LayoutError, match="start both the prefill and the decode engines on Ray"):
+        DisaggregatedEngine(LLMEngine.from_path(tiny_moe, TORCH, role="prefill"),
+                            [LLMEngine.from_path(tiny_moe, TORCH, role="decode")])
+    with pytest.raises(LayoutError, match="configure one transport for both"):
+        DisaggregatedEngine(LLMEngine.from_path(tiny_moe, TORCH, role="prefill"),
+                            [LLMEngine.from_path(tiny_moe, CONFIG, role="decode")])
+
+
+def exit_on(attribute: str):
+    """A patch for `__ray_call__`: the rank's process exits when `attribute` (a dotted path) is next called."""
+    def patch(worker) -> None:
+        *owners, name = attribute.split(".")
+        owner = worker
+        for step in owners:
+            owner = getattr(owner, step)
+        setattr(owner, name, lambda *args, **kwargs: os._exit(1))
+    return patch
+
+
+@pytest.mark.parametrize("side, attribute", [("decode", "transport.receive"), ("prefill", "runner.export_kv")])
+def test_rank_dying_mid_transfer_fails_that_group_only(tiny_moe: Path, colocated_tokens: dict[str, list[int]],
+                                                       side: str, attribute: str) -> None:
+    """The surviving side's sends or receives fail at once (the channel's connection closes), not after the
+    timeout; the dead group's requests fail, the other group keeps serving, and a restart reopens the channel."""
+    engine = over_channel(tiny_moe, ParallelDims(tp=2), ParallelDims(tp=2))
+    dying, surviving = engine.decoders[0], engine.prefill
+    if side == "prefill":
+        dying, surviving = surviving, dying
+    try:
+        ray.get(dying.executor.actors[1].__ray_call__.remote(exit_on(attribute)))
+        engine.add_request("r", prompts(512)[0], PARAMS)
+        started, errors = time.monotonic(), []
+        while engine.has_unfinished_requests():
+            errors += [out.error for out in engine.step() if out.error]
+        assert len(errors) == 1 and "rank 1 (ep 0, tp 1) died" in errors[0] and time.monotonic() - started < 10
+        assert dying.failure is not None and surviving.failure is None
+        assert_no_blocks_held(engine)
+        dying.restart()
+        assert run(engine, prompts(512)) == colocated_tokens
+    finally:
+        shutdown(engine)

@@ -3,19 +3,29 @@
 The prefill side exports, per TP rank, the K and V of every layer for the sequence's tokens (its
 share of the KV heads); the decode side imports into freshly allocated blocks, taking the heads its
 own TP rank holds, so groups of different `tp` interoperate (heads are concatenated, then re-split).
-Payloads travel through a `KVTransport`; Ray's object store is the CPU and cross-node one.
-A torch.distributed point-to-point transport (NCCL on GPU) fits the same two calls; it needs a
-process group spanning both groups and is left for GPU machines.
+Payloads travel through a `KVTransport`, on the ranks:
+
+- through Ray's object store (CPU, and across nodes): `send` puts the shard in the store and returns
+  the reference; the driver hands the references to the receivers once every send is done;
+- through torch.distributed point-to-point (gloo on CPU, NCCL on GPU): a process group of both groups'
+  ranks (`kv_link.TorchChannel` sets it up); `send` goes straight to the receiving ranks that need
+  the shard's heads, so the driver starts the sends and the receives together and passes no handles.
+
+Either way the receiver checks what arrived (`assemble_heads`) before anything is written to its cache.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
+import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Protocol
+from datetime import timedelta
+from typing import Any, NamedTuple, Protocol
 
 import torch
+import torch.distributed as dist
 
 from garrison_workers.errors import GarrisonError
 
@@ -41,12 +51,51 @@ class KVPayload:
         return sha.hexdigest()
 
 
-class KVTransport(Protocol):
-    def send(self, payload: KVPayload) -> Any:
-        """Make the payload available to the receiver; returns a handle the driver passes along."""
-        ...
+class HeadShard(NamedTuple):
+    """A rank taking part in a point-to-point transfer, and the KV heads it sends or needs."""
 
-    def receive(self, handle: Any) -> KVPayload: ...
+    rank: int  # in the channel's process group
+    head_start: int
+    num_heads: int
+
+    def overlaps(self, other: HeadShard) -> bool:
+        return (self.head_start < other.head_start + other.num_heads
+                and other.head_start < self.head_start + self.num_heads)
+
+
+@dataclass(frozen=True, slots=True)
+class KVRoute:
+    """One sequence's transfer over a channel: who sends which heads to whom, and what to expect.
+
+    The senders are the prefill group's ranks holding distinct heads (ep_rank 0); the receivers are every
+    rank of the decode group (EP ranks each hold all of their TP rank's heads). A sender sends to, and a
+    receiver receives from, exactly the ranks whose heads overlap its own, so both sides agree on the
+    messages. `tag` is unique within the channel's life and keeps the messages of transfers apart.
+    """
+
+    channel: str
+    tag: int
+    num_tokens: int
+    num_layers: int
+    head_dim: int
+    senders: tuple[HeadShard, ...]
+    receivers: tuple[HeadShard, ...]
+
+
+class KVTransport(Protocol):
+    """Moves one rank's TP shard of a sequence's KV to the ranks that need its heads.
+
+    The driver calls `send` on every sending rank and `receive` on every receiving rank of one transfer.
+    A transport either returns handles from `send` that the driver passes to `receive` once the sends are
+    done (the object store; `route` may be None), or returns None and sends straight to the receivers along
+    `route`: then sends and receives must run at the same time, and `handles` is empty.
+    """
+
+    def send(self, payload: KVPayload, route: KVRoute | None) -> Any: ...
+
+    def receive(self, handles: list[Any], route: KVRoute | None) -> list[KVPayload]:
+        """The shards this rank needs; any of them may still be short or corrupt (see `assemble_heads`)."""
+        ...
 
 
 def _resolve(handle: Any) -> KVPayload:
@@ -80,36 +129,159 @@ def _from_wire(wire: _Wire) -> KVPayload:
 class InProcessTransport:
     """The sender runs in the driver's process: the handle is the payload itself."""
 
-    def send(self, payload: KVPayload) -> Any:
+    def send(self, payload: KVPayload, route: KVRoute | None = None) -> Any:
         return payload
 
-    def receive(self, handle: Any) -> KVPayload:
-        return _resolve(handle)
+    def receive(self, handles: list[Any], route: KVRoute | None = None) -> list[KVPayload]:
+        return [_resolve(h) for h in handles]
 
 
 class RayObjectStoreTransport:
     """Through Ray's object store: works between any two actors, on one node or across nodes."""
 
-    def send(self, payload: KVPayload) -> Any:
+    def send(self, payload: KVPayload, route: KVRoute | None = None) -> Any:
         import ray
 
         return ray.put(_to_wire(payload))
 
-    def receive(self, handle: Any) -> KVPayload:
-        return _resolve(handle)
+    def receive(self, handles: list[Any], route: KVRoute | None = None) -> list[KVPayload]:
+        return [_resolve(h) for h in handles]
+
+
+# A shard's header on a point-to-point channel, sent before its K and V: int64 words, the sha256 digest last.
+_MAGIC = 0x4B560001  # "KV", version 1
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn, torch.float8_e5m2)
+_HEADER_WORDS = 13  # magic, num_tokens, head_start, 4 shape dims, dtype, has_checksum, 4 digest words
+
+
+def _header(payload: KVPayload) -> torch.Tensor:
+    k = payload.k_LTKD
+    fields = [_MAGIC, payload.num_tokens, payload.head_start, *k.shape, _DTYPES.index(k.dtype),
+              payload.checksum is not None]
+    digest = bytearray.fromhex(payload.checksum) if payload.checksum is not None else bytearray(32)
+    return torch.cat([torch.tensor(fields, dtype=torch.int64), torch.frombuffer(digest, dtype=torch.int64)])
+
+
+@dataclass(slots=True)
+class _Announced:
+    """What a header says is coming: enough to allocate the receive buffers."""
+
+    num_tokens: int
+    head_start: int
+    shape: tuple[int, int, int, int]
+    dtype: torch.dtype
+    checksum: str | None
+
+    @property
+    def nbytes(self) -> int:
+        layers, tokens, heads, dim = self.shape
+        return layers * tokens * heads * dim * self.dtype.itemsize
+
+
+def _read_header(header: torch.Tensor, source: HeadShard, route: KVRoute) -> _Announced:
+    """Refuses a header whose buffers would not be bounded by the route: the K and V are then never received
+    (the sender's sends time out), since receiving more bytes than posted aborts the receiving process."""
+    words = header.cpu().tolist()
+    magic, num_tokens, head_start, layers, tokens, heads, dim, dtype, has_checksum = words[:9]
+    if (magic != _MAGIC or not 0 <= dtype < len(_DTYPES) or (layers, dim) != (route.num_layers, route.head_dim)
+            or not 0 < tokens <= route.num_tokens or not 0 < heads <= source.num_heads):
+        bound = [route.num_layers, route.num_tokens, source.num_heads, route.head_dim]
+        raise KVTransferError(f"KV transfer header from channel rank {source.rank} announces K and V of shape "
+                              f"{[layers, tokens, heads, dim]}, not at most {bound}; refused before receiving them")
+    checksum = header[9:].cpu().numpy().tobytes().hex() if has_checksum else None
+    return _Announced(num_tokens, head_start, (layers, tokens, heads, dim), _DTYPES[dtype], checksum)
+
+
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(-1).view(torch.uint8)
+
+
+class TorchDistributedTransport:
+    """Point-to-point over torch.distributed: each KV channel is a process group of a prefill group's ranks and
+    a decode group's, built from its own TCPStore, apart from the rank's own (default) process group.
+
+    gloo when the KV cache is on the CPU; NCCL when it is on a GPU: the same calls on device tensors. The NCCL
+    path has not run yet (no GPU where this was written): NCCL ignores tags and matches a pair's messages in
+    the order posted, which holds here (header, K, V on both sides; one transfer at a time per channel), and
+    its waits only order the GPU stream, hence the synchronize; a timeout there may abort the process (torch's
+    NCCL watchdog) instead of failing one transfer.
+    """
+
+    def __init__(self, device: torch.device, timeout: timedelta) -> None:
+        self.device, self.timeout = device, timeout
+        self._channels: dict[str, tuple[Any, int]] = {}  # name -> (process group, this rank in it)
+
+    def join(self, channel: str, host: str, port: int, rank: int, size: int) -> None:
+        """Join a channel (replacing an older group of that name); every member calls this at the same time."""
+        self._channels.pop(channel, None)
+        try:
+            store = dist.TCPStore(host, port, size, is_master=rank == 0, timeout=self.timeout)
+            self._channels[channel] = (self._process_group(store, rank, size), rank)
+        except RuntimeError as err:  # a member missing or gone: this rank stays healthy, the channel is not open
+            raise KVTransferError(f"could not join KV channel {channel!r} as rank {rank} of {size}: {err}") from None
+
+    def _process_group(self, store: dist.Store, rank: int, size: int) -> Any:
+        if self.device.type == "cuda":
+            options = dist.ProcessGroupNCCL.Options()
+            options._timeout = self.timeout
+            return dist.ProcessGroupNCCL(store, rank, size, options)
+        return dist.ProcessGroupGloo(store, rank, size, self.timeout)
+
+    def send(self, payload: KVPayload, route: KVRoute | None) -> Any:
+        group, me = self._member(route, "senders")
+        assert route is not None
+        messages = (_header(payload).to(self.device), _as_bytes(payload.k_LTKD.to(self.device)),
+                    _as_bytes(payload.v_LTKD.to(self.device)))
+        works = [group.send([message], peer.rank, route.tag + i)
+                 for peer in route.receivers if peer.overlaps(me) for i, message in enumerate(messages)]
+        self._wait(works, f"sending heads {me.head_start}..{me.head_start + me.num_heads - 1}")
+        return None
+
+    def receive(self, handles: list[Any], route: KVRoute | None) -> list[KVPayload]:
+        group, me = self._member(route, "receivers")
+        assert route is not None
+        sources = [s for s in route.senders if s.overlaps(me)]
+        headers = [torch.empty(_HEADER_WORDS, dtype=torch.int64, device=self.device) for _ in sources]
+        self._wait([group.recv([h], s.rank, route.tag) for h, s in zip(headers, sources)], "receiving headers")
+        announced = [_read_header(h, s, route) for h, s in zip(headers, sources)]
+        buffers = [(torch.empty(a.nbytes, dtype=torch.uint8, device=self.device),
+                    torch.empty(a.nbytes, dtype=torch.uint8, device=self.device)) for a in announced]
+        self._wait([group.recv([buffer], s.rank, route.tag + i) for (k, v), s in zip(buffers, sources)
+                    for i, buffer in ((1, k), (2, v))], "receiving K and V")
+        return [KVPayload(a.num_tokens, a.head_start, k.view(a.dtype).view(a.shape), v.view(a.dtype).view(a.shape),
+                          a.checksum) for a, (k, v) in zip(announced, buffers)]
+
+    def _member(self, route: KVRoute | None, side: str) -> tuple[Any, HeadShard]:
+        if route is None or route.channel not in self._channels:
+            raise KVTransferError(f"this rank is not in KV channel {getattr(route, 'channel', None)!r}; open the "
+                                  "channel (kv_link.TorchChannel) before transferring over it")
+        group, rank = self._channels[route.channel]
+        return group, next(s for s in getattr(route, side) if s.rank == rank)
+
+    def _wait(self, works: list[Any], what: str) -> None:
+        deadline = time.monotonic() + self.timeout.total_seconds()
+        try:
+            for work in works:
+                work.wait(timedelta(seconds=max(0.001, deadline - time.monotonic())))
+            if self.device.type == "cuda":
+                torch.cuda.current_stream(self.device).synchronize()
+        except RuntimeError as err:  # a timeout, or a peer gone: the channel must be reopened before its next use
+            raise KVTransferError(f"KV transfer failed {what}: {err}") from None
 
 
 def assemble_heads(payloads: list[KVPayload], num_tokens: int, num_kv_heads: int, head_start: int, head_count: int
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Check every shard, then cut heads [head_start, head_start + head_count) out of their union."""
+    """Check every shard, then cut heads [head_start, head_start + head_count) out of their union.
+
+    The shards must tile, without gaps or overlaps, a run of heads holding the wanted ones: every head of
+    the model (the object store delivers every shard) or only the shards that overlap (point-to-point).
+    """
     covered = sorted((p.head_start, p.head_start + p.k_LTKD.shape[2]) for p in payloads)
-    next_head = 0
-    for first, end in covered:
-        if first != next_head:
-            raise KVTransferError(f"KV transfer shards cover heads {covered}, not exactly 0..{num_kv_heads}")
-        next_head = end
-    if next_head != num_kv_heads:
-        raise KVTransferError(f"KV transfer shards cover heads {covered}, not exactly 0..{num_kv_heads}")
+    end = head_start + head_count
+    tiled = all(prev_end == first for (_, prev_end), (first, _) in itertools.pairwise(covered))
+    if not covered or not tiled or covered[0][0] > head_start or not end <= covered[-1][1] <= num_kv_heads:
+        raise KVTransferError(f"KV transfer shards cover heads {covered}, which do not tile heads {head_start}..{end} "
+                              f"(of {num_kv_heads}) without gaps or overlaps")
     for payload in payloads:
         if payload.num_tokens != num_tokens or payload.k_LTKD.shape[1] != num_tokens \
                 or payload.k_LTKD.shape != payload.v_LTKD.shape:
@@ -118,8 +290,9 @@ def assemble_heads(payloads: list[KVPayload], num_tokens: int, num_kv_heads: int
         if payload.checksum is not None and payload.digest() != payload.checksum:
             raise KVTransferError(f"KV transfer shard for heads from {payload.head_start} fails its checksum")
     ordered = sorted(payloads, key=lambda p: p.head_start)
-    if len(ordered) == 1 and head_start == 0 and head_count == num_kv_heads:  # same tp on both sides: no copy
+    first = ordered[0].head_start
+    if len(ordered) == 1 and (first, covered[0][1]) == (head_start, end):  # the shard is exactly the heads wanted
         return ordered[0].k_LTKD, ordered[0].v_LTKD
-    k = torch.cat([p.k_LTKD for p in ordered], dim=2)[:, :, head_start:head_start + head_count]
-    v = torch.cat([p.v_LTKD for p in ordered], dim=2)[:, :, head_start:head_start + head_count]
+    k = torch.cat([p.k_LTKD for p in ordered], dim=2)[:, :, head_start - first:end - first]
+    v = torch.cat([p.v_LTKD for p in ordered], dim=2)[:, :, head_start - first:end - first]
     return k, v

@@ -15,7 +15,14 @@ import torch.distributed as dist
 from garrison_workers.engine.config import EngineConfig
 from garrison_workers.engine.executor import parameter_bytes
 from garrison_workers.engine.model_runner import ModelRunner, SeqChunk
-from garrison_workers.kv_transfer import RayObjectStoreTransport, assemble_heads
+from garrison_workers.kv_transfer import (
+    KVRoute,
+    KVTransferError,
+    KVTransport,
+    RayObjectStoreTransport,
+    TorchDistributedTransport,
+    assemble_heads,
+)
 from garrison_workers.loader import ModelLocation, build_model, open_model_files
 from garrison_workers.parallel.context import ParallelContext
 from garrison_workers.parallel.dims import ParallelDims
@@ -32,7 +39,8 @@ class Worker:
         self.rank, self.dims, self.model_path = rank, dims, model_path
         self.num_blocks, self.config = num_blocks, config
         torch.set_num_threads(num_threads)
-        self.transport = RayObjectStoreTransport()
+        self.transport: KVTransport = (TorchDistributedTransport(torch.device(config.device), COLLECTIVE_TIMEOUT)
+                                       if config.kv_transport == "torch" else RayObjectStoreTransport())
 
     def rendezvous_address(self) -> tuple[str, int]:
         """An address of this host and a free port for the process group (asked of rank 0)."""
@@ -57,16 +65,25 @@ class Worker:
         # Every rank runs the model; rank 0 alone computes and returns the logits.
         return self.runner.run(chunks, want_logits=self.rank == 0)
 
-    def export_kv(self, block_table: list[int], num_tokens: int) -> Any:
-        """A transfer handle for this rank's KV heads; EP ranks > 0 hold copies and send nothing."""
+    def join_kv_channel(self, channel: str, host: str, port: int, first_rank: int, size: int) -> None:
+        """Join a KV channel as its rank `first_rank` + this rank; every member joins at the same time."""
+        if not isinstance(self.transport, TorchDistributedTransport):
+            raise KVTransferError(f"KV channels need kv_transport 'torch'; this group has {self.config.kv_transport!r}")
+        self.transport.join(channel, host, port, first_rank + self.rank, size)
+
+    def export_kv(self, block_table: list[int], num_tokens: int, route: KVRoute | None = None) -> Any:
+        """Send this rank's KV heads (along `route` over a channel); EP ranks > 0 hold copies and send nothing."""
         if self.par.ep_rank:
             return None
         head_start = self.par.tp_rank * self.model.num_local_kv_heads
-        payload = self.runner.export_kv(block_table, num_tokens, head_start, self.config.kv_transfer_checksum)
-        return self.transport.send(payload)
+        # The object store takes host memory; point-to-point sends from the cache's device (NCCL on GPU).
+        device = self.config.device if route is not None else "cpu"
+        payload = self.runner.export_kv(block_table, num_tokens, head_start, self.config.kv_transfer_checksum, device)
+        return self.transport.send(payload, route)
 
-    def import_kv(self, block_table: list[int], num_tokens: int, handles: list[Any]) -> None:
-        payloads = [self.transport.receive(h) for h in handles]
+    def import_kv(self, block_table: list[int], num_tokens: int, handles: list[Any], route: KVRoute | None = None
+                  ) -> None:
+        payloads = self.transport.receive(handles, route)
         heads = self.model.num_local_kv_heads
         k, v = assemble_heads(payloads, num_tokens, self.model.config.num_kv_heads, self.par.tp_rank * heads, heads)
         self.runner.import_kv(block_table, k, v)

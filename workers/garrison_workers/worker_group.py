@@ -13,7 +13,6 @@ import os
 from typing import Any
 
 import ray
-import torch
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -21,6 +20,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from garrison_workers.engine.config import EngineConfig
 from garrison_workers.engine.model_runner import SeqChunk
 from garrison_workers.errors import GarrisonError, WorkerLostError
+from garrison_workers.kv_transfer import KVRoute
 from garrison_workers.loader import ModelLocation
 from garrison_workers.parallel.dims import ParallelDims
 from garrison_workers.worker import Worker
@@ -55,6 +55,7 @@ class WorkerGroup:
         self._pg: Any = None
         self.failure: WorkerLostError | None = None
         self._weight_bytes: list[int] = []
+        self.generation = 0  # counts starts: a KV channel joined before a restart does not reach the new ranks
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -78,6 +79,7 @@ class WorkerGroup:
                            ).remote(r, self.dims, self.model_path, self.num_blocks, self.config, threads)
             for r in range(self.dims.world_size)]
         self.failure = None
+        self.generation += 1
         try:
             host, port = ray.get(self.actors[0].rendezvous_address.remote(), timeout=STARTUP_TIMEOUT_S)
             self._weight_bytes = self._call_all("setup", host, port, timeout=STARTUP_TIMEOUT_S)
@@ -110,6 +112,27 @@ class WorkerGroup:
 
     def import_kv(self, block_table: list[int], num_tokens: int, handles: list[Any]) -> None:
         self._call_all("import_kv", block_table, num_tokens, handles, timeout=STEP_TIMEOUT_S)
+
+    # -- KV channels: point-to-point with another group (kv_link.TorchChannel) --------------------
+
+    def rendezvous_address(self) -> tuple[str, int]:
+        """A free address on rank 0's host, for a process group that rank 0 hosts."""
+        if self.failure is not None:
+            raise self.failure
+        return self._collect("rendezvous_address", [self.actors[0].rendezvous_address.remote()], STARTUP_TIMEOUT_S)[0]
+
+    def join_kv_channel(self, channel: str, host: str, port: int, first_rank: int, size: int) -> "PendingStep":
+        """Start joining a channel as its ranks `first_rank`..; the other group must join at the same time."""
+        return PendingStep(self, self._start_all("join_kv_channel", channel, host, port, first_rank, size),
+                           "join_kv_channel")
+
+    def send_kv(self, block_table: list[int], num_tokens: int, route: KVRoute) -> "PendingStep":
+        """Start sending a sequence's KV along `route`; the receiving group's `receive_kv` must run meanwhile."""
+        return PendingStep(self, self._start_all("export_kv", block_table, num_tokens, route), "export_kv")
+
+    def receive_kv(self, block_table: list[int], num_tokens: int, route: KVRoute) -> "PendingStep":
+        """Start receiving a sequence's KV along `route` into `block_table`; checked before it is written."""
+        return PendingStep(self, self._start_all("import_kv", block_table, num_tokens, [], route), "import_kv")
 
     def resident_weight_bytes(self) -> list[int]:
         return list(self._weight_bytes)
@@ -177,14 +200,15 @@ class WorkerGroup:
 
 
 class PendingStep:
-    """A step running on every rank of a group; `result()` waits for it (rank 0's logits)."""
+    """A call running on every rank of a group (a step, or one side of a KV transfer); `result()` waits for
+    every rank and returns rank 0's answer (a step's logits)."""
 
-    def __init__(self, group: WorkerGroup, refs: list[Any]) -> None:
-        self.group, self.refs = group, refs
+    def __init__(self, group: WorkerGroup, refs: list[Any], method: str = "execute") -> None:
+        self.group, self.refs, self.method = group, refs, method
 
     def done(self) -> bool:
         ready, _ = ray.wait(self.refs, num_returns=len(self.refs), timeout=0)
         return len(ready) == len(self.refs)
 
-    def result(self) -> torch.Tensor:
-        return self.group._collect("execute", self.refs, STEP_TIMEOUT_S)[0]
+    def result(self) -> Any:
+        return self.group._collect(self.method, self.refs, STEP_TIMEOUT_S)[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -17,6 +18,9 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's context, capped by what the KV cache holds
     enable_prefix_caching: bool = True
     kv_transfer_checksum: bool = False  # debug mode: hash every KV transfer shard and verify on arrival
+    # How KV moves from prefill to decode groups: "ray", Ray's object store (any engines, across nodes);
+    # "torch", torch.distributed point-to-point between Ray worker groups (gloo on CPU, NCCL on GPU).
+    kv_transport: Literal["ray", "torch"] = "ray"
     attention_key_block: int = 1024  # longer global contexts are attended blockwise (bounded memory)
     worker_threads: int | None = None  # torch threads per Ray rank; None: the node's cores / ranks, at most 4
     dtype: torch.dtype = torch.float32
@@ -25,3 +29,5 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("block_size, max_num_seqs and max_num_batched_tokens must be >= 1")
+        if self.kv_transport not in ("ray", "torch"):
+            raise ValueError(f"kv_transport must be 'ray' or 'torch', not {self.kv_transport!r}")

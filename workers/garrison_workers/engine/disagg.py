@@ -8,8 +8,9 @@ group has work does a call wait for the prefill step. For the overlap, the prefi
 on its own ranks (a Ray group, `on_ray=True` for tp=1); a local one computes inside `begin_step`.
 After its prompt is prefilled (and its first token sampled), a sequence's
 KV leaves the prefill group, whose blocks are freed at once, for the decode engine with the most
-free blocks. A transfer that fails ends that request with an error; nothing is decoded from half a
-cache, and neither side keeps its blocks.
+free blocks, through a `kv_link` chosen by `EngineConfig.kv_transport` (Ray's object store, or
+torch.distributed point-to-point between Ray worker groups). A transfer that fails ends that request
+with an error; nothing is decoded from half a cache, and neither side keeps its blocks.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from typing import Any
 
 from garrison_workers.engine.llm_engine import LLMEngine, RequestOutput
 from garrison_workers.engine.sequence import SamplingParams, Sequence, SequenceStatus
-from garrison_workers.errors import ContextLengthError, GarrisonError, WorkerLostError
+from garrison_workers.errors import ContextLengthError, GarrisonError, LayoutError, WorkerLostError
+from garrison_workers.kv_link import HandleLink, KVLink, TorchChannel
 
 
 class DisaggregatedEngine:
@@ -27,6 +29,7 @@ class DisaggregatedEngine:
             raise ValueError("need one engine with role 'prefill' and at least one with role 'decode'")
         self.prefill, self.decoders = prefill, decoders
         self.tokenizer = prefill.tokenizer
+        self._links = {decoder: _link(prefill, decoder) for decoder in decoders}
         self._prefill_step: Any = None  # the prefill engine's step in flight, kept across step() calls
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -69,24 +72,39 @@ class DisaggregatedEngine:
         return outputs
 
     def _hand_over(self, seq: Sequence) -> list[RequestOutput]:
-        num_tokens = seq.num_computed_tokens
-        try:
-            handles = self.prefill.executor.export_kv(seq.block_table, num_tokens)
-        except WorkerLostError as err:
-            return self.prefill.fail_all(err)
-        self.prefill.release(seq)  # the payload is out of the prefill cache: its blocks are free now
+        num_tokens, source_blocks = seq.num_computed_tokens, list(seq.block_table)
+        # Freed before the transfer reads them: only the next prefill step could reuse them, and it is
+        # scheduled after this hand-over returns (and a Ray group runs its calls in the order sent).
+        self.prefill.release(seq)
         live = [d for d in self.decoders if d.failure is None]
         if not live:
             return [_failed(seq, "no decode group is serving; restart the failed decode groups")]
         decoder = max(live, key=lambda d: d.block_manager.num_free_blocks)
+        link = self._links[decoder]
         seq.num_computed_tokens = num_tokens
         try:
-            decoder.adopt(seq, handles)
+            decoder.adopt(seq, lambda blocks: link.transfer(source_blocks, blocks, num_tokens))
         except WorkerLostError as err:
-            return decoder.fail_all(err) + [_failed(seq, str(err))]
+            lost = [engine for engine in (self.prefill, decoder) if engine.executor.failure is not None]
+            return [out for engine in lost for out in engine.fail_all(err)] + [_failed(seq, str(err))]
         except GarrisonError as err:
             return [_failed(seq, f"KV transfer to the decode group failed: {err}")]
         return []
+
+
+def _link(prefill: LLMEngine, decoder: LLMEngine) -> KVLink:
+    transport = prefill.config.kv_transport
+    if decoder.config.kv_transport != transport:
+        raise LayoutError(f"the prefill engine moves KV with kv_transport {transport!r} but a decode engine with "
+                          f"{decoder.config.kv_transport!r}; configure one transport for both")
+    if transport == "ray":
+        return HandleLink(prefill.executor, decoder.executor)
+    from garrison_workers.worker_group import WorkerGroup  # Ray is needed only for worker groups
+
+    if not (isinstance(prefill.executor, WorkerGroup) and isinstance(decoder.executor, WorkerGroup)):
+        raise LayoutError("kv_transport 'torch' joins the ranks of two Ray worker groups; start both the prefill "
+                          "and the decode engines on Ray (on_ray=True), or use kv_transport 'ray'")
+    return TorchChannel(prefill.executor, decoder.executor, prefill.model_config)
 
 
 def _failed(seq: Sequence, why: str) -> RequestOutput:

@@ -12,7 +12,7 @@ import torch
 
 from garrison_workers.engine.config import EngineConfig
 from garrison_workers.engine.model_runner import ModelRunner, SeqChunk
-from garrison_workers.errors import LayoutError
+from garrison_workers.errors import LayoutError, WorkerLostError
 from garrison_workers.kv_transfer import InProcessTransport, KVTransport, assemble_heads
 from garrison_workers.model import CausalLM
 
@@ -31,6 +31,8 @@ class StepFuture(Protocol):
 
 
 class Executor(Protocol):
+    failure: WorkerLostError | None  # set once a rank is lost, until `restart()`
+
     def submit(self, chunks: list[SeqChunk]) -> StepFuture:
         """Start one step; another executor's step may run while this one does (disaggregation)."""
         ...
@@ -80,6 +82,7 @@ class LocalExecutor:
         self.model, self.num_blocks, self.config = model, num_blocks, config
         self.runner = ModelRunner(model, num_blocks, config)
         self.transport: KVTransport = InProcessTransport()
+        self.failure: WorkerLostError | None = None  # one process: nothing to lose but the process itself
 
     def submit(self, chunks: list[SeqChunk]) -> StepFuture:
         logits = self.runner.run(chunks)
@@ -87,10 +90,11 @@ class LocalExecutor:
         return DoneStep(logits)
 
     def export_kv(self, block_table: list[int], num_tokens: int) -> list[Any]:
-        return [self.transport.send(self.runner.export_kv(block_table, num_tokens, 0, self.config.kv_transfer_checksum))]
+        payload = self.runner.export_kv(block_table, num_tokens, 0, self.config.kv_transfer_checksum)
+        return [self.transport.send(payload, None)]
 
     def import_kv(self, block_table: list[int], num_tokens: int, handles: list[Any]) -> None:
-        payloads = [self.transport.receive(h) for h in handles]
+        payloads = self.transport.receive(handles, None)
         num_kv = self.model.config.num_kv_heads
         k, v = assemble_heads(payloads, num_tokens, num_kv, 0, num_kv)
         self.runner.import_kv(block_table, k, v)

@@ -8,8 +8,9 @@ before the call returns.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 
 from garrison_workers.config import ModelConfig
@@ -246,8 +247,9 @@ class LLMEngine:
         self._seqs.pop(seq.request_id, None)
         self._text.pop(seq.request_id, None)
 
-    def adopt(self, seq: Sequence, handles: list[Any]) -> None:
-        """Continue decoding a sequence prefilled elsewhere, receiving its KV into new blocks."""
+    def adopt(self, seq: Sequence, receive: Callable[[list[int]], None]) -> None:
+        """Continue decoding a sequence prefilled elsewhere: `receive(block_table)` fills the blocks allocated
+        for it here (a KV transfer); if that raises, they are freed again and the sequence is not kept."""
         if self.failure is not None:
             raise WorkerLostError(f"{self.failure}")
         computed = seq.num_computed_tokens
@@ -256,7 +258,7 @@ class LLMEngine:
             raise CapacityError(f"the decode group has {self.block_manager.num_free_blocks} free KV blocks, too few "
                                 f"for {computed} tokens")
         try:
-            self.executor.import_kv(seq.block_table, computed, handles)
+            receive(seq.block_table)
         except BaseException:
             self.block_manager.free(seq)
             raise

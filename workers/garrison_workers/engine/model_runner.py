@@ -75,11 +75,12 @@ class ModelRunner:
         return self.model.compute_logits(hidden_TH[rows])
 
     @torch.inference_mode()
-    def export_kv(self, block_table: list[int], num_tokens: int, head_start: int, checksum: bool) -> KVPayload:
-        """This rank's K and V of every layer for tokens 0..num_tokens-1 of a sequence (copied out)."""
+    def export_kv(self, block_table: list[int], num_tokens: int, head_start: int, checksum: bool,
+                  device: str | torch.device = "cpu") -> KVPayload:
+        """This rank's K and V of every layer for tokens 0..num_tokens-1 of a sequence, copied out to `device`."""
         slots = self._slots(block_table, 0, num_tokens).to(self.device)
-        k = torch.stack([k_cache.index_select(0, slots) for k_cache, _ in self.kv_caches]).cpu()
-        v = torch.stack([v_cache.index_select(0, slots) for _, v_cache in self.kv_caches]).cpu()
+        k = torch.stack([k_cache.index_select(0, slots) for k_cache, _ in self.kv_caches]).to(device)
+        v = torch.stack([v_cache.index_select(0, slots) for _, v_cache in self.kv_caches]).to(device)
         payload = KVPayload(num_tokens, head_start, k, v)
         payload.checksum = payload.digest() if checksum else None
         return payload

@@ -1,0 +1,131 @@
+"""The torch.distributed point-to-point KV transport: shards reach the ranks needing their heads; bad ones are refused.
+
+Every channel member runs as a thread of this process (gloo). The same transport between Ray worker groups,
+driven by a DisaggregatedEngine, is tested in test_disagg.py.
+"""
+
+from __future__ import annotations
+
+import socket
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+
+import pytest
+import torch
+
+from garrison_workers.kv_transfer import (HeadShard, KVPayload, KVRoute, KVTransferError, TorchDistributedTransport,
+                                          assemble_heads)
+
+LAYERS, TOKENS, HEADS, DIM = 3, 7, 4, 8
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def open_channel(size: int, timeout_s: float = 10.0) -> list[TorchDistributedTransport]:
+    transports = [TorchDistributedTransport(torch.device("cpu"), timedelta(seconds=timeout_s)) for _ in range(size)]
+    port = free_port()
+    with ThreadPoolExecutor(size) as pool:  # joining blocks until every member has joined
+        list(pool.map(lambda r: transports[r].join("test", "127.0.0.1", port, r, size), range(size)))
+    return transports
+
+
+def route(prefill_tp: int, decode_tp: int, tag: int = 0, num_tokens: int = TOKENS) -> KVRoute:
+    """Channel ranks 0..prefill_tp-1 send, the next decode_tp ranks receive."""
+    hp, hd = HEADS // prefill_tp, HEADS // decode_tp
+    return KVRoute("test", tag, num_tokens, LAYERS, DIM, tuple(HeadShard(r, r * hp, hp) for r in range(prefill_tp)),
+                   tuple(HeadShard(prefill_tp + r, r * hd, hd) for r in range(decode_tp)))
+
+
+def full_kv(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    shape = (LAYERS, TOKENS, HEADS, DIM)
+    return torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+
+
+def shard(k: torch.Tensor, v: torch.Tensor, start: int, count: int, checksum: bool = True) -> KVPayload:
+    payload = KVPayload(k.shape[1], start, k[:, :, start:start + count].clone(), v[:, :, start:start + count].clone())
+    payload.checksum = payload.digest() if checksum else None
+    return payload
+
+
+def transfer(transports: list[TorchDistributedTransport], r: KVRoute, payloads: dict[int, KVPayload]
+             ) -> dict[int, list[KVPayload] | Exception]:
+    """Every sender and receiver at once, as the driver starts them; each rank's result or error."""
+    with ThreadPoolExecutor(len(transports)) as pool:
+        futures = {rank: pool.submit(transports[rank].send, payload, r) for rank, payload in payloads.items()}
+        futures |= {s.rank: pool.submit(transports[s.rank].receive, [], r) for s in r.receivers}
+    return {rank: f.exception() or f.result() for rank, f in futures.items()}  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("prefill_tp, decode_tp", [(1, 2), (2, 1), (2, 2), (4, 2)])
+def test_each_decode_rank_gets_exactly_its_heads(prefill_tp: int, decode_tp: int) -> None:
+    k, v = full_kv()
+    r = route(prefill_tp, decode_tp)
+    hp, hd = HEADS // prefill_tp, HEADS // decode_tp
+    payloads = {s.rank: shard(k, v, s.head_start, hp) for s in r.senders}
+    results = transfer(open_channel(prefill_tp + decode_tp), r, payloads)
+    for receiver in r.receivers:
+        payloads = results[receiver.rank]
+        assert isinstance(payloads, list)
+        # Only the overlapping shards travel: a decode rank never receives heads it does not hold.
+        assert len(payloads) == max(1, hd // hp)
+        got_k, got_v = assemble_heads(payloads, TOKENS, HEADS, receiver.head_start, hd)
+        assert torch.equal(got_k, k[:, :, receiver.head_start:receiver.head_start + hd])
+        assert torch.equal(got_v, v[:, :, receiver.head_start:receiver.head_start + hd])
+    assert all(results[s.rank] is None for s in r.senders)
+
+
+def test_transfers_with_distinct_tags_share_a_channel() -> None:
+    transports = open_channel(2)
+    for tag, seed in ((0, 1), (3, 2), (6, 3)):
+        k, v = full_kv(seed)
+        received = transfer(transports, route(1, 1, tag), {0: shard(k, v, 0, HEADS, checksum=False)})[1]
+        assert isinstance(received, list) and received[0].checksum is None
+        assert torch.equal(received[0].k_LTKD, k)
+
+
+def test_short_shard_arrives_whole_and_is_refused() -> None:
+    """A shard with fewer tokens than the route says is received as announced (both sides finish) and then
+    refused by the same checks as the object store's; nothing is written from it."""
+    k, v = full_kv()
+    results = transfer(open_channel(2), route(1, 1), {0: shard(k[:, :5], v[:, :5], 0, HEADS)})
+    assert results[0] is None
+    payloads = results[1]
+    assert isinstance(payloads, list) and payloads[0].k_LTKD.shape[1] == 5
+    with pytest.raises(KVTransferError, match="holds 5 tokens"):
+        assemble_heads(payloads, TOKENS, HEADS, 0, HEADS)
+
+
+def test_corrupted_shard_fails_its_checksum() -> None:
+    k, v = full_kv()
+    payload = shard(k, v, 0, HEADS)
+    payload.v_LTKD[1, 2, 3, 4] += 1.0  # changed after the checksum was taken
+    payloads = transfer(open_channel(2), route(1, 1), {0: payload})[1]
+    assert isinstance(payloads, list)
+    with pytest.raises(KVTransferError, match="checksum"):
+        assemble_heads(payloads, TOKENS, HEADS, 0, HEADS)
+
+
+def test_header_beyond_the_route_is_refused_before_receiving() -> None:
+    k, v = full_kv()
+    long = torch.cat([k, k], dim=1), torch.cat([v, v], dim=1)  # twice the tokens the route allows
+    results = transfer(open_channel(2, timeout_s=1.0), route(1, 1), {0: shard(*long, 0, HEADS)})
+    assert isinstance(results[1], KVTransferError) and "refused before receiving" in str(results[1])
+    assert isinstance(results[0], KVTransferError)  # the unreceived K and V time out on the sender
+
+
+def test_missing_sender_times_out_as_a_transfer_error() -> None:
+    transports = open_channel(2, timeout_s=1.0)
+    with pytest.raises(KVTransferError, match="receiving headers"):
+        transports[1].receive([], route(1, 1))
+
+
+def test_rank_outside_the_channel_is_refused() -> None:
+    transport = TorchDistributedTransport(torch.device("cpu"), timedelta(seconds=1))
+    with pytest.raises(KVTransferError, match="not in KV channel 'test'"):
+        transport.receive([], route(1, 1))
+
