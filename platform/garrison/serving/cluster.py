@@ -31,7 +31,8 @@ BOOTSTRAP_KEK_FILE = "kek.key"
 def engine_config(settings: EngineSettings) -> EngineConfig:
     return EngineConfig(block_size=settings.block_size, kv_cache_bytes=settings.kv_cache_bytes,
                         max_num_seqs=settings.max_num_seqs, max_num_batched_tokens=settings.max_num_batched_tokens,
-                        max_model_len=settings.max_model_len, enable_prefix_caching=settings.enable_prefix_caching)
+                        max_model_len=settings.max_model_len, enable_prefix_caching=settings.enable_prefix_caching,
+                        kv_transport=settings.kv_transport)
 
 
 def needs_ray(config: ServeConfig) -> bool:

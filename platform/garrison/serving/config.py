@@ -13,7 +13,7 @@ unknown keys are refused so a typo never silently falls back to a default. Examp
     models:
       - name: scout
         source: /models/llama4-scout       # a directory, a .gguf file, or a bundled name
-        engine: {kv_cache_bytes: 68719476736, max_num_seqs: 256, max_num_batched_tokens: 8192}
+        engine: {kv_cache_bytes: 68719476736, max_num_seqs: 256, max_num_batched_tokens: 8192, kv_transport: torch}
         groups:                            # one replica = these groups; prefill+decode disaggregates
           - {role: prefill, tp: 4, ep: 2}
           - {role: decode, tp: 2, ep: 4}
@@ -61,6 +61,9 @@ class EngineSettings:
     block_size: int = 16
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
+    # How a disaggregated replica moves KV from prefill to decode: "ray" (object store; any placement)
+    # or "torch" (torch.distributed point-to-point, NCCL on GPU; every group on Ray).
+    kv_transport: str = "ray"
 
 
 @dataclass(slots=True, frozen=True)
