@@ -51,3 +51,17 @@ def test_removed_items_are_never_popped_and_counts_stay_true() -> None:
     assert len(queue) == 0 and queue.queued("t") == 0
     with pytest.raises(ValueError):
         queue.push("t", object(), cost=0, weight=1)
+
+
+def test_requests_withdrawn_while_queued_cost_their_tenant_nothing() -> None:
+    """A client that gives up on a queued request (cancels, times out) must not be charged for it,
+    or a tenant whose clients cancel while waiting gets less than its share of what it does run."""
+    queue: FairQueue[tuple[str, int]] = FairQueue()
+    cancels = [("cancels", i) for i in range(200)]
+    for i in range(200):
+        queue.push("cancels", cancels[i], cost=10, weight=1.0)
+        queue.push("waits", ("waits", i), cost=10, weight=1.0)
+    for item in [cancels[0], *cancels[1::2]]:  # the first was at the head of its tenant's line
+        assert queue.remove(item)
+    served = Counter(queue.pop()[0] for _ in range(100))
+    assert served["cancels"] == served["waits"] == 50

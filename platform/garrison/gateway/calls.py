@@ -6,6 +6,7 @@ UTF-8 in a string field, say) would otherwise become INTERNAL, and this is the c
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -73,15 +74,24 @@ def unary(handler: Callable[[bytes, grpc.aio.ServicerContext], Awaitable[Any]]
 
 
 def streaming(handler: Callable[[bytes, grpc.aio.ServicerContext], AsyncIterator[Any]]
-              ) -> Callable[[bytes, grpc.aio.ServicerContext], AsyncIterator[Any]]:
-    async def call(data: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        try:
-            async for item in handler(data, context):
-                yield item
-        except grpc.aio.AbortError:
-            raise
-        except Exception as err:
-            await abort(context, err)
+              ) -> Callable[[bytes, grpc.aio.ServicerContext], Awaitable[None]]:
+    """A coroutine that writes the handler's items, not a generator yielding them: when the client
+    cancels, the CancelledError lands in this frame and the handler's own cleanup (its quota lease,
+    its router slot, its spans) runs at once, in this task. A generator handler would be left
+    suspended for the garbage collector to close later, from another task."""
+    async def call(data: bytes, context: grpc.aio.ServicerContext) -> None:
+        async with contextlib.aclosing(handler(data, context)) as items:
+            while True:
+                try:
+                    item = await anext(items)
+                except StopAsyncIteration:
+                    return
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as err:
+                    await abort(context, err)
+                # A failed write is grpc's own error (the client left mid-stream): grpc handles it.
+                await context.write(item)
 
     return call
 

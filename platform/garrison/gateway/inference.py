@@ -96,10 +96,12 @@ class InferenceService:
         route.on_dispatch = queued.end
         route.on_start = lambda: engine_spans.append(tracer.start_span("worker.engine", context=parent))
         try:
-            async for out in self.router.stream(route):
-                if out.error is not None:
-                    raise WorkerLostError(f"{out.error}; retry the request")
-                yield out
+            # Closed here, not left to the garbage collector: closing it is what frees the router slot.
+            async with contextlib.aclosing(self.router.stream(route)) as outputs:
+                async for out in outputs:
+                    if out.error is not None:
+                        raise WorkerLostError(f"{out.error}; retry the request")
+                    yield out
         finally:
             for span in (queued, *engine_spans):
                 if span.is_recording():

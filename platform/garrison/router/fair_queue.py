@@ -1,10 +1,12 @@
-"""Weighted fair queueing across tenants (start-time fair queueing).
+"""Weighted fair queueing across tenants (start-time fair queueing, one line per tenant).
 
-Each queued item gets a virtual start tag `max(V, last finish tag of its tenant)` and a finish tag
-`start + cost / weight`; `pop` takes the smallest start tag and moves the virtual clock `V` to it.
-A tenant that floods the queue only pushes its own tags further into the future, so a quiet tenant's
-next request is served within one item of arriving, and backlogged tenants receive service
-(measured in `cost`, here tokens) in proportion to their weights. Plain Python: no locks, no asyncio;
+Each tenant's items wait in a FIFO line of their own. The item at the head of a tenant's line carries
+a virtual start tag `max(V, F)`, where `F` is the tenant's finish tag; `pop` serves the head with the
+smallest start tag, moves the virtual clock `V` to that tag and the tenant's `F` to `start + cost /
+weight`. A tenant that floods the queue only lengthens its own line, so a quiet tenant's next item is
+served within one item of arriving, and backlogged tenants receive service (measured in `cost`, here
+tokens) in proportion to their weights. A tenant is charged only for what is served: an item
+withdrawn while it waits (its client cancelled) costs nothing. Plain Python: no locks, no asyncio;
 the router calls it from one event loop.
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -19,68 +22,81 @@ T = TypeVar("T")
 
 
 @dataclass(order=True, slots=True)
-class _Entry(Generic[T]):
+class _Head:
+    """A tenant's turn in the heap: the start tag of the item at the head of its line."""
+
     start: float
     seq: int  # FIFO among equal tags
     tenant: str = field(compare=False)
-    finish: float = field(compare=False)
-    item: T = field(compare=False)
-    removed: bool = field(default=False, compare=False)
+    stale: bool = field(default=False, compare=False)  # that item was withdrawn; dropped lazily by pop
+
+
+@dataclass(slots=True)
+class _Waiting(Generic[T]):
+    item: T
+    cost: float
+    weight: float
 
 
 class FairQueue(Generic[T]):
     def __init__(self) -> None:
-        self._heap: list[_Entry[T]] = []
-        self._last_finish: dict[str, float] = {}
-        self._by_item: dict[int, _Entry[T]] = {}
+        self._heap: list[_Head] = []  # one live entry per tenant with items waiting
+        self._lines: dict[str, deque[_Waiting[T]]] = {}
+        self._heads: dict[str, _Head] = {}
+        self._finish: dict[str, float] = {}  # per tenant: the finish tag of its last served item
+        self._tenant_of: dict[int, str] = {}  # id(item) -> tenant, for remove()
         self._virtual_time = 0.0
         self._order = itertools.count()
-        self._num_queued = 0
-        self._queued_per_tenant: dict[str, int] = {}
 
     def __len__(self) -> int:
-        return self._num_queued
+        return len(self._tenant_of)
 
     def queued(self, tenant: str) -> int:
-        return self._queued_per_tenant.get(tenant, 0)
+        line = self._lines.get(tenant)
+        return len(line) if line else 0
 
     def push(self, tenant: str, item: T, cost: float, weight: float) -> None:
         if cost <= 0 or weight <= 0:
             raise ValueError("cost and weight must be positive")
-        if id(item) in self._by_item:  # items are tracked by identity, for remove()
+        if id(item) in self._tenant_of:  # items are tracked by identity, for remove()
             raise ValueError("this item is already queued")
-        start = max(self._virtual_time, self._last_finish.get(tenant, 0.0))
-        finish = start + cost / weight
-        self._last_finish[tenant] = finish
-        entry = _Entry(start, next(self._order), tenant, finish, item)
-        heapq.heappush(self._heap, entry)
-        self._by_item[id(item)] = entry
-        self._count(tenant, +1)
+        line = self._lines.setdefault(tenant, deque())
+        line.append(_Waiting(item, cost, weight))
+        self._tenant_of[id(item)] = tenant
+        if len(line) == 1:
+            self._next_turn(tenant)
 
     def pop(self) -> T:
         """The next item in fair order; IndexError when empty."""
         while True:
-            entry = heapq.heappop(self._heap)
-            if not entry.removed:
+            head = heapq.heappop(self._heap)
+            if not head.stale:
                 break
-        del self._by_item[id(entry.item)]
-        self._count(entry.tenant, -1)
-        self._virtual_time = entry.start
-        return entry.item
+        served = self._lines[head.tenant].popleft()
+        del self._tenant_of[id(served.item)]
+        self._virtual_time = head.start
+        self._finish[head.tenant] = head.start + served.cost / served.weight
+        self._next_turn(head.tenant)
+        return served.item
 
     def remove(self, item: T) -> bool:
-        """Withdraw a queued item (its client went away); False if it is not queued."""
-        entry = self._by_item.pop(id(item), None)
-        if entry is None:
+        """Withdraw a queued item (its client went away) without charging its tenant; False if it is not queued."""
+        tenant = self._tenant_of.pop(id(item), None)
+        if tenant is None:
             return False
-        entry.removed = True  # lazily dropped from the heap by pop
-        self._count(entry.tenant, -1)
+        line = self._lines[tenant]
+        index = next(i for i, waiting in enumerate(line) if waiting.item is item)
+        del line[index]
+        if index == 0:  # its turn in the heap belonged to this item: give the next one a turn
+            self._heads[tenant].stale = True
+            self._next_turn(tenant)
         return True
 
-    def _count(self, tenant: str, delta: int) -> None:
-        self._num_queued += delta
-        left = self._queued_per_tenant.get(tenant, 0) + delta
-        if left:
-            self._queued_per_tenant[tenant] = left
-        else:
-            self._queued_per_tenant.pop(tenant, None)
+    def _next_turn(self, tenant: str) -> None:
+        """Tag the item now at the head of the tenant's line, or forget the empty line."""
+        if not self._lines[tenant]:
+            del self._lines[tenant], self._heads[tenant]
+            return
+        head = _Head(max(self._virtual_time, self._finish.get(tenant, 0.0)), next(self._order), tenant)
+        self._heads[tenant] = head
+        heapq.heappush(self._heap, head)

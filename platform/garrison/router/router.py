@@ -121,6 +121,10 @@ class Router:
             if state.in_flight[index] >= slots:
                 return
             ticket = state.queue.pop()
+            if ticket.dispatched.done():
+                # Its caller was cancelled: cancelling a task cancels the future it awaits at once, but
+                # the task's own cleanup (withdrawing the ticket) runs only at its next step.
+                continue
             state.in_flight[index] += 1
             state.tenants[ticket.request.tenant] += 1
             ticket.dispatched.set_result(index)
