@@ -16,6 +16,7 @@ from google.protobuf.message import Message
 
 from garrison.gateway import convert
 from garrison.gateway.calls import bearer_token, parse
+from garrison.gateway.hot_path import AuthCache, UsageBuffer
 from garrison.tenancy.records import Principal
 from garrison.tenancy.service import TenancyService, require_admin
 from garrison.v1 import admin_pb2 as pb
@@ -41,8 +42,9 @@ R = TypeVar("R", bound=Message)
 
 
 class AdminService:
-    def __init__(self, tenancy: TenancyService, max_request_bytes: int) -> None:
+    def __init__(self, tenancy: TenancyService, max_request_bytes: int, auth: AuthCache, usage: UsageBuffer) -> None:
         self.tenancy, self.max_request_bytes = tenancy, max_request_bytes
+        self.auth, self.usage = auth, usage
 
     async def _call(self, data: bytes, context: grpc.aio.ServicerContext, request_type: type[R],
                     action: Callable[[Principal, R], Any]) -> Any:
@@ -52,7 +54,10 @@ class AdminService:
         def run() -> Any:
             return action(self.tenancy.authenticate(token), request)
 
-        return await asyncio.to_thread(run)
+        try:
+            return await asyncio.to_thread(run)
+        finally:
+            self.auth.clear()  # a revoked key, a removed grant or a new quota applies to the next request
 
     async def create_tenant(self, data: bytes, context: grpc.aio.ServicerContext) -> pb.Tenant:
         def act(actor: Principal, r: pb.CreateTenantRequest) -> pb.Tenant:
@@ -107,6 +112,7 @@ class AdminService:
         request = parse(data, usage_pb2.GetUsageRequest, self.max_request_bytes)
         principal = await asyncio.to_thread(self.tenancy.authenticate, bearer_token(context))
         require_admin(principal)  # unlike Inference/GetUsage, which serves a tenant its own usage
+        await self.usage.flush()
         return await convert.usage(self.tenancy, principal, request)
 
     async def list_audit_events(self, data: bytes, context: grpc.aio.ServicerContext) -> pb.ListAuditEventsResponse:

@@ -15,6 +15,7 @@ from opentelemetry.trace import Span
 
 from garrison.gateway import convert
 from garrison.gateway.calls import bearer_token, new_request_id, parse
+from garrison.gateway.hot_path import AuthCache, UsageBuffer
 from garrison.gateway.requests import prompt_token_ids, sampling_params
 from garrison.router.router import Deployment, RouteRequest, Router
 from garrison.telemetry import Telemetry
@@ -52,17 +53,17 @@ class _Progress:
 
 class InferenceService:
     def __init__(self, tenancy: TenancyService, quotas: QuotaEnforcer, router: Router, telemetry: Telemetry,
-                 max_request_bytes: int) -> None:
+                 max_request_bytes: int, auth: AuthCache, usage: UsageBuffer) -> None:
         self.tenancy, self.quotas, self.router, self.telemetry = tenancy, quotas, router, telemetry
         self.max_request_bytes = max_request_bytes
-        self._background: set[asyncio.Task[None]] = set()
+        self.auth, self.usage = auth, usage
 
     async def generate(self, data: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
         request_id = new_request_id()
         with self.telemetry.tracer.start_as_current_span("gateway.Generate") as span:
             span.set_attribute("garrison.request_id", request_id)
             request = parse(data, pb.GenerateRequest, self.max_request_bytes)
-            auth = await asyncio.to_thread(self.tenancy.authorize, bearer_token(context), request.model)
+            auth = await self.auth.authorize(bearer_token(context), request.model)
             tenant = auth.principal.tenant or ""
             span.set_attributes({"garrison.tenant": tenant, "garrison.model": request.model})
             deployment = self._deployment(request.model)
@@ -119,7 +120,7 @@ class InferenceService:
             return self.quotas.admit(tenant, auth.quota, prompt_tokens, max_new_tokens)
         except QuotaExceededError as err:
             self.telemetry.rejections.add(1, {"tenant": tenant, "model": auth.model, "limit": err.limit})
-            self._later(self.tenancy.record_usage, tenant, auth.model, rejected_requests=1)
+            self.usage.add(tenant, auth.model, rejected_requests=1)
             raise
 
     def _response(self, request_id: str, out: RequestOutput, progress: _Progress,
@@ -151,29 +152,11 @@ class InferenceService:
             t.ttft.record(progress.first_token - progress.arrived, attributes)
             if progress.output_tokens > 1 and progress.last_token is not None:
                 t.tpot.record((progress.last_token - progress.first_token) / (progress.output_tokens - 1), attributes)
-        self._later(self.tenancy.record_usage, tenant, model, requests=1, prompt_tokens=prompt_tokens,
-                    output_tokens=progress.output_tokens)
-
-    def _later(self, fn, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
-        """Run a store write off the event loop, and finish it even if the caller is cancelled."""
-        async def write() -> None:
-            try:
-                await asyncio.to_thread(fn, *args, **kwargs)
-            except Exception:
-                log.exception("could not record usage")
-
-        task = asyncio.get_running_loop().create_task(write())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    async def drain(self) -> None:
-        """Wait for pending usage writes (at shutdown)."""
-        if self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
+        self.usage.add(tenant, model, requests=1, prompt_tokens=prompt_tokens, output_tokens=progress.output_tokens)
 
     async def tokenize(self, data: bytes, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
         request = parse(data, pb.TokenizeRequest, self.max_request_bytes)
-        await asyncio.to_thread(self.tenancy.authorize, bearer_token(context), request.model)
+        await self.auth.authorize(bearer_token(context), request.model)
         return pb.TokenizeResponse(token_ids=prompt_token_ids(request, self._deployment(request.model)))
 
     async def list_models(self, data: bytes, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
@@ -189,4 +172,5 @@ class InferenceService:
     async def get_usage(self, data: bytes, context: grpc.aio.ServicerContext) -> usage_pb2.GetUsageResponse:
         request = parse(data, usage_pb2.GetUsageRequest, self.max_request_bytes)
         principal = await asyncio.to_thread(self.tenancy.authenticate, bearer_token(context))
+        await self.usage.flush()  # a tenant reads its own requests, however recent
         return await convert.usage(self.tenancy, principal, request)

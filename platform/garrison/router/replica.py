@@ -114,7 +114,7 @@ class Replica:
         try:
             self.engine.add_request(command.request_id, command.prompt_token_ids, command.params, command.salt)
         except GarrisonError as err:
-            command.sink(err)
+            _deliver(command.sink, err)
             return
         self._sinks[command.request_id] = command.sink
         if command.on_start is not None:
@@ -130,7 +130,7 @@ class Replica:
         for out in outputs:
             sink = self._sinks.pop(out.request_id, None) if out.finished else self._sinks.get(out.request_id)
             if sink is not None:
-                sink(out)
+                _deliver(sink, out)
         self._recover()
 
     def _recover(self) -> None:
@@ -146,5 +146,13 @@ class Replica:
     def _fail_all(self, err: BaseException) -> None:
         for request_id, sink in list(self._sinks.items()):
             self.engine.abort_request(request_id)
-            sink(err)
+            _deliver(sink, err)
         self._sinks.clear()
+
+
+def _deliver(sink: Sink, item: RequestOutput | BaseException) -> None:
+    """A sink that fails (its event loop closed) loses its own output, never the engine thread."""
+    try:
+        sink(item)
+    except Exception:
+        log.exception("could not deliver an output; the request's receiver is gone")

@@ -20,6 +20,7 @@ from opentelemetry.sdk.trace.export import SpanExporter
 
 from garrison.gateway import admin, inference
 from garrison.gateway.calls import method_handlers
+from garrison.gateway.hot_path import AuthCache, UsageBuffer
 from garrison.router.router import Router
 from garrison.serving.cluster import needs_ray, start_deployments
 from garrison_workers.worker_group import ensure_ray
@@ -54,6 +55,8 @@ class GarrisonServer:
         self.router: Router | None = None
         self.quotas = QuotaEnforcer()
         self.inference: inference.InferenceService | None = None
+        self.auth: AuthCache | None = None
+        self.usage: UsageBuffer | None = None
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         self.port = 0
@@ -71,8 +74,11 @@ class GarrisonServer:
         self.router = Router(deployments)
         self.telemetry.observe_load(self._load_rows)
         self.bootstrap = await asyncio.to_thread(self._bootstrap_keys)
+        self.auth = AuthCache(self.tenancy)
+        self.usage = UsageBuffer(self.tenancy)
+        self.usage.start()
         self.inference = inference.InferenceService(self.tenancy, self.quotas, self.router, self.telemetry,
-                                                    config.max_request_bytes)
+                                                    config.max_request_bytes, self.auth, self.usage)
         self._server = self._grpc_server()
         await self._server.start()
         for service in (inference.SERVICE, admin.SERVICE, ""):
@@ -88,7 +94,7 @@ class GarrisonServer:
         server.add_generic_rpc_handlers((
             grpc.method_handlers_generic_handler(inference.SERVICE, method_handlers(self.inference, inference.METHODS)),
             grpc.method_handlers_generic_handler(admin.SERVICE, method_handlers(
-                admin.AdminService(self.tenancy, config.max_request_bytes), admin.METHODS)),
+                admin.AdminService(self.tenancy, config.max_request_bytes, self.auth, self.usage), admin.METHODS)),
         ))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection((
@@ -143,8 +149,8 @@ class GarrisonServer:
             await self._set_health(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         if self._server is not None:
             await self._server.stop(grace)
-        if self.inference is not None:
-            await self.inference.drain()
+        if self.usage is not None:
+            await self.usage.stop()
         if self.router is not None:
             await asyncio.to_thread(self.router.stop)
         if self._started_ray:
