@@ -82,10 +82,11 @@ MODEL_OVERRIDES: dict[str, Any] = dict(attention_chunk_size=1024, floor_scale=10
 @dataclass(slots=True, frozen=True)
 class Workload:
     long_prompt_tokens: tuple[int, ...]  # arriving one after another (closed loop)
-    baseline_tokens: int  # tokens each stream generates in the no-long-prompt baseline
     num_streams: int = 8
     stream_prompt_tokens: int = 128
-    stream_max_tokens: int = 4096  # more than any run needs: streams are aborted once the long prompts are done
+    # Tokens per stream request, in the baseline and under load alike: a stream that finishes is replaced
+    # by a new request at once, so both phases decode over the same context lengths (128 to 384 tokens).
+    stream_tokens: int = 256
     long_new_tokens: int = 4  # >= 2, so every long prompt's KV is handed over in the disaggregated run
     block_size: int = 16
     max_num_batched_tokens: int = 512
@@ -95,7 +96,7 @@ class Workload:
     def num_kv_blocks(self) -> int:
         """Per engine: two long prompts (one decoding while the next prefills) and every stream at its longest."""
         tokens = 2 * (max(self.long_prompt_tokens) + self.long_new_tokens) + self.num_streams * (
-            self.stream_prompt_tokens + self.stream_max_tokens)
+            self.stream_prompt_tokens + self.stream_tokens)
         return -(-tokens // self.block_size) + 64
 
     def engine_config(self) -> EngineConfig:
@@ -103,8 +104,8 @@ class Workload:
                             max_num_batched_tokens=self.max_num_batched_tokens, enable_prefix_caching=False)
 
 
-FULL = Workload(long_prompt_tokens=(16_384, 24_576, 32_768, 49_152, 65_536), baseline_tokens=64)
-QUICK = Workload(long_prompt_tokens=(4096, 8192), baseline_tokens=16)
+FULL = Workload(long_prompt_tokens=(16_384, 24_576, 32_768, 49_152, 65_536))
+QUICK = Workload(long_prompt_tokens=(4096, 8192), stream_tokens=64)
 
 
 def random_prompt(rng: random.Random, length: int, vocab_size: int) -> list[int]:
@@ -291,7 +292,7 @@ def baseline_phase(system: str, engine: Engine, workload: Workload, vocab_size: 
     """The 8 streams alone: no long prompt arrives."""
     phase, cpu, start = Phase(system, loaded=False), CpuWindow(), time.perf_counter()
     driver = Driver(engine)
-    params = SamplingParams(max_tokens=workload.baseline_tokens, ignore_eos=True)
+    params = SamplingParams(max_tokens=workload.stream_tokens, ignore_eos=True)
     ids = [f"base-{i}" for i in range(workload.num_streams)]
     for request_id, prompt in zip(ids, stream_prompts(workload, vocab_size, 1)):
         driver.add(request_id, prompt, params)
@@ -318,11 +319,14 @@ def loaded_phase(system: str, engine: Engine, workload: Workload, vocab_size: in
     rng = random.Random(workload.seed * 1000 + 2)
     longs = [(f"long-{i}", random_prompt(rng, n, vocab_size)) for i, n in enumerate(workload.long_prompt_tokens)]
     long_params = SamplingParams(max_tokens=workload.long_new_tokens, ignore_eos=True)
-    stream_params = SamplingParams(max_tokens=workload.stream_max_tokens, ignore_eos=True)
-    streams = [f"stream-{i}" for i in range(workload.num_streams)]
+    stream_params = SamplingParams(max_tokens=workload.stream_tokens, ignore_eos=True)
+    prompts = stream_prompts(workload, vocab_size, 2)
+    streams = [f"stream-{i}" for i in range(workload.num_streams)]  # the first request of each stream
+    active = dict(zip(streams, range(workload.num_streams)))  # request id -> stream index
+    served: list[str] = list(streams)
 
     driver.add(*longs[0], long_params)
-    for request_id, prompt in zip(streams, stream_prompts(workload, vocab_size, 2)):
+    for request_id, prompt in zip(streams, prompts):
         driver.add(request_id, prompt, stream_params)
     step_ends, next_long = [], 1
     while not all(request_id in trace.finished for request_id, _ in longs):
@@ -330,18 +334,23 @@ def loaded_phase(system: str, engine: Engine, workload: Workload, vocab_size: in
             raise RuntimeError("the engine ran out of work before the long prompts were done")
         driver.step()
         step_ends.append(time.perf_counter())
-        if any(r in trace.finished for r in streams):
-            raise RuntimeError("a stream finished before the long prompts did; raise stream_max_tokens")
+        for request_id in [r for r in active if r in trace.finished]:  # a stream's next request, at once
+            index = active.pop(request_id)
+            follow_up = f"stream-{index}-{len(served)}"
+            driver.add(follow_up, prompts[index], stream_params)
+            active[follow_up] = index
+            served.append(follow_up)
         if next_long < len(longs) and trace.tokens.get(longs[next_long - 1][0]):  # closed loop: the next arrives
             driver.add(*longs[next_long], long_params)
             next_long += 1
-    for request_id in streams:
+    for request_id in active:
         engine.abort_request(request_id)
 
     decoding_from = max(trace.tokens[r][0] for r in streams)
     until = max(trace.tokens[r][-1] for r, _ in longs)
-    for request_id in streams:
+    for request_id in served:  # gaps within each request: a follow-up's first token is its TTFT, not a TPOT
         phase.tpot_s += gaps(trace.tokens[request_id], decoding_from, until)
+    for request_id in streams:
         phase.stream_ttft_s.append(trace.ttft(request_id))
     phase.long_ttft_s = {len(prompt): trace.ttft(request_id) for request_id, prompt in longs}
     phase.window_s = until - decoding_from
@@ -617,8 +626,9 @@ def header_lines(report: Report) -> list[str]:
         f"workload   {w.num_streams} streams ({w.stream_prompt_tokens}-token prompts, greedy, EOS ignored) arrive just after"
         f" the first long prompt; long prompts {', '.join(map(str, w.long_prompt_tokens))} tokens arrive one after",
         f"           another (the next as soon as the previous has its first token), {w.long_new_tokens} new tokens each;"
-        f" the streams are aborted when the last long prompt is done; random token ids (seed {w.seed})",
-        f"baseline   the same {w.num_streams} streams alone, {w.baseline_tokens} tokens each, on the same engine",
+        f" each stream is a run of {w.stream_tokens}-token requests (a finished one is replaced at once; TPOT is"
+        f" measured within requests), aborted when the last long prompt is done; random token ids (seed {w.seed})",
+        f"baseline   the same {w.num_streams} streams alone, {w.stream_tokens} tokens each, on the same engine",
         f"engines    block {c['block_size']}, {c['num_kv_blocks']} KV blocks per engine, max_num_batched_tokens "
         f"{c['max_num_batched_tokens']} (the prefill chunk), prefix cache off",
         f"colocated  one engine in this process; torch threads: {report.threads}",

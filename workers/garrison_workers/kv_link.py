@@ -22,7 +22,7 @@ from garrison_workers.kv_transfer import HeadShard, KVRoute
 
 if TYPE_CHECKING:
     from garrison_workers.config import ModelConfig
-    from garrison_workers.engine.executor import Executor
+    from garrison_workers.engine.executor import Executor, PendingExport
     from garrison_workers.worker_group import PendingStep, WorkerGroup
 
 # Tags of one transfer: header, K and V. Gloo keeps tags in 32 bits; a channel's tags wrap long after any
@@ -31,13 +31,26 @@ _TAGS_PER_TRANSFER = 3
 _TAG_LIMIT = 1 << 30
 
 
-class KVLink(Protocol):
-    def transfer(self, source_blocks: list[int], dest_blocks: list[int], num_tokens: int) -> None:
-        """Move a sequence's first `num_tokens` tokens of KV from the source's blocks into the destination's.
+class Transfer(Protocol):
+    def done(self) -> bool:
+        """True once `finish()` would not wait for a remote group."""
+        ...
 
-        Raises KVTransferError for a short, malformed or corrupt transfer (nothing usable is in `dest_blocks`)
-        and WorkerLostError when a group lost a rank (that executor's `failure` says which).
-        """
+    def finish(self) -> None:
+        """Complete the transfer. Raises KVTransferError for a short, malformed or corrupt transfer (nothing
+        usable is in the destination blocks) and WorkerLostError when a group lost a rank (that executor's
+        `failure` says which)."""
+        ...
+
+
+class KVLink(Protocol):
+    def start(self, source_blocks: list[int], dest_blocks: list[int], num_tokens: int) -> Transfer:
+        """Start moving a sequence's first `num_tokens` tokens of KV from the source's blocks into the
+        destination's; the driver keeps stepping until the transfer is `done()`."""
+        ...
+
+    def transfer(self, source_blocks: list[int], dest_blocks: list[int], num_tokens: int) -> None:
+        """`start(...).finish()`: the whole transfer, waiting."""
         ...
 
 
@@ -45,8 +58,26 @@ class HandleLink:
     def __init__(self, source: Executor, dest: Executor) -> None:
         self.source, self.dest = source, dest
 
+    def start(self, source_blocks: list[int], dest_blocks: list[int], num_tokens: int) -> "_HandleTransfer":
+        return _HandleTransfer(self.source.start_export_kv(source_blocks, num_tokens), self.dest, dest_blocks,
+                               num_tokens)
+
     def transfer(self, source_blocks: list[int], dest_blocks: list[int], num_tokens: int) -> None:
-        self.dest.import_kv(dest_blocks, num_tokens, self.source.export_kv(source_blocks, num_tokens))
+        self.start(source_blocks, dest_blocks, num_tokens).finish()
+
+
+class _HandleTransfer:
+    """The export runs on the prefill ranks while the driver steps; the import (local, or on the decode
+    ranks) runs in `finish`, once the handles exist."""
+
+    def __init__(self, export: PendingExport, dest: Executor, dest_blocks: list[int], num_tokens: int) -> None:
+        self.export, self.dest, self.dest_blocks, self.num_tokens = export, dest, dest_blocks, num_tokens
+
+    def done(self) -> bool:
+        return self.export.done()
+
+    def finish(self) -> None:
+        self.dest.import_kv(self.dest_blocks, self.num_tokens, self.export.handles())
 
 
 class TorchChannel:
@@ -60,7 +91,7 @@ class TorchChannel:
         self._opened_at: tuple[int, int] | None = None  # both groups' generations when joined; None: reopen
         self._open()
 
-    def transfer(self, source_blocks: list[int], dest_blocks: list[int], num_tokens: int) -> None:
+    def start(self, source_blocks: list[int], dest_blocks: list[int], num_tokens: int) -> "_ChannelTransfer":
         # A group already known lost is refused before either side starts: the other would wait out its timeout.
         for group in (self.prefill, self.decode):
             if group.failure is not None:
@@ -68,12 +99,11 @@ class TorchChannel:
         if self._opened_at != (self.prefill.generation, self.decode.generation):
             self._open()
         route = self.route(num_tokens)
-        try:
-            _wait_all(self.decode.receive_kv(dest_blocks, num_tokens, route),
-                      self.prefill.send_kv(source_blocks, num_tokens, route))
-        except BaseException:
-            self._opened_at = None
-            raise
+        return _ChannelTransfer(self, self.decode.receive_kv(dest_blocks, num_tokens, route),
+                                self.prefill.send_kv(source_blocks, num_tokens, route))
+
+    def transfer(self, source_blocks: list[int], dest_blocks: list[int], num_tokens: int) -> None:
+        self.start(source_blocks, dest_blocks, num_tokens).finish()
 
     def route(self, num_tokens: int) -> KVRoute:
         config, prefill, decode = self.model_config, self.prefill.dims, self.decode.dims
@@ -90,6 +120,21 @@ class TorchChannel:
         _wait_all(self.prefill.join_kv_channel(self.name, host, port, 0, size),
                   self.decode.join_kv_channel(self.name, host, port, first_decode, size))
         self._opened_at = (self.prefill.generation, self.decode.generation)
+
+
+class _ChannelTransfer:
+    def __init__(self, channel: TorchChannel, *sides: PendingStep) -> None:
+        self.channel, self.sides = channel, sides
+
+    def done(self) -> bool:
+        return all(side.done() for side in self.sides)
+
+    def finish(self) -> None:
+        try:
+            _wait_all(*self.sides)
+        except BaseException:
+            self.channel._opened_at = None  # messages may be left pending in the old group: reopen
+            raise
 
 
 def _wait_all(*pending: PendingStep) -> None:

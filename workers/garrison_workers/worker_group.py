@@ -107,8 +107,11 @@ class WorkerGroup:
         return PendingStep(self, self._start_all("execute", chunks_ref))
 
     def export_kv(self, block_table: list[int], num_tokens: int) -> list[Any]:
-        handles = self._call_all("export_kv", block_table, num_tokens, timeout=STEP_TIMEOUT_S)
-        return [h for h in handles if h is not None]
+        return self.start_export_kv(block_table, num_tokens).handles()
+
+    def start_export_kv(self, block_table: list[int], num_tokens: int) -> "PendingExport":
+        """Start exporting a sequence's KV; the ranks run it after any step already sent (calls run in order)."""
+        return PendingExport(self, self._start_all("export_kv", block_table, num_tokens), "export_kv")
 
     def import_kv(self, block_table: list[int], num_tokens: int, handles: list[Any]) -> None:
         self._call_all("import_kv", block_table, num_tokens, handles, timeout=STEP_TIMEOUT_S)
@@ -211,4 +214,14 @@ class PendingStep:
         return len(ready) == len(self.refs)
 
     def result(self) -> Any:
-        return self.group._collect(self.method, self.refs, STEP_TIMEOUT_S)[0]
+        return self.results()[0]
+
+    def results(self) -> list[Any]:
+        """Every rank's answer, in rank order."""
+        return self.group._collect(self.method, self.refs, STEP_TIMEOUT_S)
+
+
+class PendingExport(PendingStep):
+    def handles(self) -> list[Any]:
+        """One transfer handle per TP shard (EP ranks > 0 hold copies and send none)."""
+        return [h for h in self.results() if h is not None]

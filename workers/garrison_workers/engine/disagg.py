@@ -9,18 +9,33 @@ on its own ranks (a Ray group, `on_ray=True` for tp=1); a local one computes ins
 After its prompt is prefilled (and its first token sampled), a sequence's
 KV leaves the prefill group, whose blocks are freed at once, for the decode engine with the most
 free blocks, through a `kv_link` chosen by `EngineConfig.kv_transport` (Ray's object store, or
-torch.distributed point-to-point between Ray worker groups). A transfer that fails ends that request
-with an error; nothing is decoded from half a cache, and neither side keeps its blocks.
+torch.distributed point-to-point between Ray worker groups). Transfers run while the decode groups
+keep stepping: each step completes the transfers whose remote part has finished, and the sequence
+decodes from the next step. A transfer that fails ends that request with an error; nothing is
+decoded from half a cache, and neither side keeps its blocks.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from garrison_workers.engine.llm_engine import LLMEngine, RequestOutput
 from garrison_workers.engine.sequence import SamplingParams, Sequence, SequenceStatus
 from garrison_workers.errors import ContextLengthError, GarrisonError, LayoutError, WorkerLostError
-from garrison_workers.kv_link import HandleLink, KVLink, TorchChannel
+from garrison_workers.kv_link import HandleLink, KVLink, TorchChannel, Transfer
+
+
+@dataclass(slots=True)
+class _Handover:
+    """A sequence whose KV is on its way to `decoder`'s reserved blocks."""
+
+    seq: Sequence
+    decoder: LLMEngine
+    computed: int
+    transfer: Transfer
+    block_manager: Any  # the decoder's when reserved: a restarted decoder has a new one, without these blocks
+    aborted: bool = False
 
 
 class DisaggregatedEngine:
@@ -31,6 +46,7 @@ class DisaggregatedEngine:
         self.tokenizer = prefill.tokenizer
         self._links = {decoder: _link(prefill, decoder) for decoder in decoders}
         self._prefill_step: Any = None  # the prefill engine's step in flight, kept across step() calls
+        self._handovers: list[_Handover] = []
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     salt: bytes = b"") -> None:
@@ -42,6 +58,10 @@ class DisaggregatedEngine:
         self.prefill.add_request(request_id, prompt_token_ids, params, salt)
 
     def abort_request(self, request_id: str) -> bool:
+        for handover in self._handovers:  # its blocks are freed when the transfer stops writing into them
+            if handover.seq.request_id == request_id and not handover.aborted:
+                handover.aborted = True
+                return True
         return any(engine.abort_request(request_id) for engine in (self.prefill, *self.decoders))
 
     @property
@@ -49,20 +69,59 @@ class DisaggregatedEngine:
         return self._prefill_step is not None
 
     def has_unfinished_requests(self) -> bool:
-        return self._prefill_step is not None or any(
+        return self._prefill_step is not None or bool(self._handovers) or any(
             e.has_unfinished_requests() or e.handoffs for e in (self.prefill, *self.decoders))
 
     def step(self) -> list[RequestOutput]:
-        """One decode step on every decode group, plus the prefill step if it has finished meanwhile."""
+        """One decode step on every decode group, plus the prefill step and the KV transfers that have
+        finished meanwhile."""
+        outputs = self._finish_handovers()
         if self._prefill_step is None:
             self._prefill_step = self.prefill.begin_step()
         decode_steps = [decoder.begin_step() for decoder in self.decoders]
-        outputs = [out for decoder, step in zip(self.decoders, decode_steps) for out in decoder.finish_step(step)]
+        outputs += [out for decoder, step in zip(self.decoders, decode_steps) for out in decoder.finish_step(step)]
         prefill_step = self._prefill_step
-        if prefill_step is not None and (prefill_step.done() or all(step is None for step in decode_steps)):
+        idle = all(step is None for step in decode_steps)
+        if prefill_step is not None and (prefill_step.done() or (idle and not self._handovers)):
             self._prefill_step = None
             outputs += self._finish_prefill(prefill_step)
+        if idle and self._handovers and not outputs:  # nothing else to do: wait for the oldest transfer
+            outputs += self._finish_handovers(wait=True)
         return outputs
+
+    def _finish_handovers(self, wait: bool = False) -> list[RequestOutput]:
+        outputs: list[RequestOutput] = []
+        for handover in list(self._handovers):
+            if not (handover.transfer.done() or wait):
+                continue
+            wait = False
+            self._handovers.remove(handover)
+            outputs += self._complete(handover)
+        return outputs
+
+    def _complete(self, handover: _Handover) -> list[RequestOutput]:
+        seq, decoder = handover.seq, handover.decoder
+        if decoder.block_manager is not handover.block_manager or decoder.failure is not None:
+            return [] if handover.aborted else [_failed(seq, "the decode group was lost during the KV transfer; retry")]
+        try:
+            handover.transfer.finish()
+        except WorkerLostError as err:
+            decoder.block_manager.free(seq)
+            if handover.aborted:
+                return [out for engine in self._lost(decoder) for out in engine.fail_all(err)]
+            return [out for engine in self._lost(decoder) for out in engine.fail_all(err)] + [_failed(seq, str(err))]
+        except GarrisonError as err:
+            decoder.block_manager.free(seq)
+            return [] if handover.aborted else [_failed(seq, f"KV transfer to the decode group failed: {err}")]
+        if handover.aborted:
+            decoder.block_manager.free(seq)
+            seq.status, seq.finish_reason = SequenceStatus.FINISHED, "abort"
+            return []
+        decoder.admit(seq, handover.computed)
+        return []
+
+    def _lost(self, decoder: LLMEngine) -> list[LLMEngine]:
+        return [engine for engine in (self.prefill, decoder) if engine.executor.failure is not None]
 
     def _finish_prefill(self, prefill_step: Any) -> list[RequestOutput]:
         outputs = self.prefill.finish_step(prefill_step)
@@ -73,22 +132,27 @@ class DisaggregatedEngine:
 
     def _hand_over(self, seq: Sequence) -> list[RequestOutput]:
         num_tokens, source_blocks = seq.num_computed_tokens, list(seq.block_table)
-        # Freed before the transfer reads them: only the next prefill step could reuse them, and it is
-        # scheduled after this hand-over returns (and a Ray group runs its calls in the order sent).
+        # Freed before the transfer reads them: only the next prefill step could reuse them, and the
+        # export is sent to the prefill ranks before that step is (a Ray actor runs calls in the order sent).
         self.prefill.release(seq)
         live = [d for d in self.decoders if d.failure is None]
         if not live:
             return [_failed(seq, "no decode group is serving; restart the failed decode groups")]
         decoder = max(live, key=lambda d: d.block_manager.num_free_blocks)
-        link = self._links[decoder]
         seq.num_computed_tokens = num_tokens
         try:
-            decoder.adopt(seq, lambda blocks: link.transfer(source_blocks, blocks, num_tokens))
-        except WorkerLostError as err:
-            lost = [engine for engine in (self.prefill, decoder) if engine.executor.failure is not None]
-            return [out for engine in lost for out in engine.fail_all(err)] + [_failed(seq, str(err))]
+            computed = decoder.reserve(seq)
         except GarrisonError as err:
+            return [_failed(seq, f"the decode group cannot take this sequence: {err}")]
+        try:
+            transfer = self._links[decoder].start(source_blocks, seq.block_table, num_tokens)
+        except WorkerLostError as err:
+            decoder.block_manager.free(seq)
+            return [out for engine in self._lost(decoder) for out in engine.fail_all(err)] + [_failed(seq, str(err))]
+        except GarrisonError as err:
+            decoder.block_manager.free(seq)
             return [_failed(seq, f"KV transfer to the decode group failed: {err}")]
+        self._handovers.append(_Handover(seq, decoder, computed, transfer, decoder.block_manager))
         return []
 
 

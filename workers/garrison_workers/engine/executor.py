@@ -17,6 +17,12 @@ from garrison_workers.kv_transfer import InProcessTransport, KVTransport, assemb
 from garrison_workers.model import CausalLM
 
 
+class PendingExport(Protocol):
+    def done(self) -> bool: ...
+
+    def handles(self) -> list[Any]: ...
+
+
 class StepFuture(Protocol):
     def done(self) -> bool:
         """True once `result()` would not block."""
@@ -41,6 +47,10 @@ class Executor(Protocol):
         """Transfer handles, one per TP shard, for a sequence's first `num_tokens` tokens of KV."""
         ...
 
+    def start_export_kv(self, block_table: list[int], num_tokens: int) -> "PendingExport":
+        """`export_kv` without waiting: the driver keeps stepping until `done()`, then takes `handles()`."""
+        ...
+
     def import_kv(self, block_table: list[int], num_tokens: int, handles: list[Any]) -> None:
         """Receive a sequence's KV (from a group of any tp) into `block_table`; KVTransferError if bad."""
         ...
@@ -62,6 +72,17 @@ class Executor(Protocol):
 
 def parameter_bytes(model: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+@dataclass(slots=True)
+class DoneExport:
+    exported: list[Any]
+
+    def done(self) -> bool:
+        return True
+
+    def handles(self) -> list[Any]:
+        return self.exported
 
 
 @dataclass(slots=True)
@@ -92,6 +113,9 @@ class LocalExecutor:
     def export_kv(self, block_table: list[int], num_tokens: int) -> list[Any]:
         payload = self.runner.export_kv(block_table, num_tokens, 0, self.config.kv_transfer_checksum)
         return [self.transport.send(payload, None)]
+
+    def start_export_kv(self, block_table: list[int], num_tokens: int) -> DoneExport:
+        return DoneExport(self.export_kv(block_table, num_tokens))
 
     def import_kv(self, block_table: list[int], num_tokens: int, handles: list[Any]) -> None:
         payloads = self.transport.receive(handles, None)

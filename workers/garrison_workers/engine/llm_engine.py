@@ -250,6 +250,17 @@ class LLMEngine:
     def adopt(self, seq: Sequence, receive: Callable[[list[int]], None]) -> None:
         """Continue decoding a sequence prefilled elsewhere: `receive(block_table)` fills the blocks allocated
         for it here (a KV transfer); if that raises, they are freed again and the sequence is not kept."""
+        computed = self.reserve(seq)
+        try:
+            receive(seq.block_table)
+        except BaseException:
+            self.block_manager.free(seq)
+            raise
+        self.admit(seq, computed)
+
+    def reserve(self, seq: Sequence) -> int:
+        """Allocate blocks here for a sequence prefilled elsewhere, for its KV to arrive in; returns its
+        computed tokens. Until `admit`, the sequence is not this engine's: free its blocks on failure."""
         if self.failure is not None:
             raise WorkerLostError(f"{self.failure}")
         computed = seq.num_computed_tokens
@@ -257,11 +268,10 @@ class LLMEngine:
         if not self.block_manager.ensure_slots(seq, computed + 1):
             raise CapacityError(f"the decode group has {self.block_manager.num_free_blocks} free KV blocks, too few "
                                 f"for {computed} tokens")
-        try:
-            receive(seq.block_table)
-        except BaseException:
-            self.block_manager.free(seq)
-            raise
+        return computed
+
+    def admit(self, seq: Sequence, computed: int) -> None:
+        """The sequence's KV is in its reserved blocks: decode it from the next step."""
         seq.num_computed_tokens = computed
         self._seqs[seq.request_id] = seq
         if self.tokenizer is not None:  # continue the text after what the prefill side already streamed
