@@ -377,14 +377,23 @@ class Transfer:
 
 
 def instrument(engine: DisaggregatedEngine, transfers: list[Transfer], stalls: list[tuple[float, float]]) -> None:
-    """Time every handover, and every finished prefill step's bookkeeping (sampling, handovers): the only
-    part of a disaggregated step that keeps the streams' tokens waiting. Instance attributes shadow the methods."""
-    hand_over, finish_prefill = engine._hand_over, engine._finish_prefill
+    """Time every handover (from the export's start to the KV in the decode engine's blocks; decode keeps
+    stepping meanwhile), and every finished prefill step's and completed handover's bookkeeping: the parts of
+    a disaggregated step that keep the streams' tokens waiting. Instance attributes shadow the methods."""
+    hand_over, finish_prefill, complete = engine._hand_over, engine._finish_prefill, engine._complete
+    started: dict[str, tuple[int, float]] = {}
 
     def timed_hand_over(self: DisaggregatedEngine, seq: Any) -> list[RequestOutput]:
-        tokens, start = seq.num_computed_tokens, time.perf_counter()
-        outputs = hand_over(seq)
-        transfers.append(Transfer(seq.request_id, tokens, time.perf_counter() - start))
+        started[seq.request_id] = (seq.num_computed_tokens, time.perf_counter())
+        return hand_over(seq)
+
+    def timed_complete(self: DisaggregatedEngine, handover: Any) -> list[RequestOutput]:
+        start = time.perf_counter()
+        outputs = complete(handover)
+        end = time.perf_counter()
+        stalls.append((start, end))
+        tokens, began = started.pop(handover.seq.request_id)
+        transfers.append(Transfer(handover.seq.request_id, tokens, end - began))
         return outputs
 
     def timed_finish_prefill(self: DisaggregatedEngine, step: Any) -> list[RequestOutput]:
@@ -394,12 +403,14 @@ def instrument(engine: DisaggregatedEngine, transfers: list[Transfer], stalls: l
         return outputs
 
     engine._hand_over = types.MethodType(timed_hand_over, engine)  # type: ignore[method-assign]
+    engine._complete = types.MethodType(timed_complete, engine)  # type: ignore[method-assign]
     engine._finish_prefill = types.MethodType(timed_finish_prefill, engine)  # type: ignore[method-assign]
 
 
 @dataclass(slots=True)
 class Anatomy:
-    """The disaggregated steps of the loaded window, and the ones that also finished a prefill step."""
+    """The disaggregated steps of the loaded window, and the work in them that held tokens back (finishing a
+    prefill step, completing a KV handover)."""
 
     steps: int = 0
     prefill_finishes: int = 0
@@ -688,15 +699,15 @@ def anatomy_lines(report: Report) -> list[str]:
     a = report.anatomy
     return [
         f"disaggregated steps while long prompts arrive: {a.steps}; {a.prefill_finishes} of them also finished a"
-        f" prefill step (sampling, KV handovers), which held the streams' tokens {a.stall_p50_s * 1e3:.1f} ms (p50),"
+        f" prefill step or completed a KV handover, which held the streams' tokens {a.stall_p50_s * 1e3:.1f} ms (p50),"
         f" {a.stall_max_s * 1e3:.1f} ms (max);",
         f"           colocated step while long prompts arrive: {report.colocated_step_p50_s * 1e3:.1f} ms (p50)",
     ]
 
 
 def transfer_lines(report: Report) -> list[str]:
-    lines = ["KV transfer of each long prompt (prefill group -> decode engine: export on the ranks, Ray object store,"
-             " import) vs a plain copy of the same bytes",
+    lines = ["KV handover of each long prompt (prefill group -> decode engine: export on the ranks, Ray object store,"
+             " import; from its start to the KV in place, decode stepping meanwhile) vs a plain copy of the same bytes",
              f"{'tokens':>8}{'MB':>8}{'transfer ms':>13}{'GB/s':>7}{'clone ms':>10}{'GB/s':>7}{'copy_ ms':>10}{'GB/s':>7}"
              f"{'transfer / clone':>18}{'transfer / copy_':>18}"]
     for t in report.transfers:
