@@ -128,6 +128,26 @@ def test_streams_keep_decoding_while_a_prefill_step_is_in_flight(tiny_moe: Path)
         shutdown(engine)
 
 
+def test_a_request_aborted_while_its_kv_is_in_transit_frees_both_sides(tiny_moe: Path) -> None:
+    engine = DisaggregatedEngine(LLMEngine.from_path(tiny_moe, CONFIG, role="prefill", on_ray=True),
+                                 [LLMEngine.from_path(tiny_moe, CONFIG, role="decode")])
+    batch = prompts(512, count=2)
+    expected = run(LLMEngine.from_path(tiny_moe, CONFIG), [batch[1]])["r0"]
+    try:
+        engine.add_request("doomed", batch[0], PARAMS)
+        for _ in range(200):  # until its prefill is done and its KV handover has started
+            engine.step()
+            if engine.handovers_in_flight:
+                break
+        assert engine.handovers_in_flight == ["doomed"]
+        assert engine.abort_request("doomed") and engine.handovers_in_flight == []
+        tokens = run(engine, [batch[1]])["r0"]  # completes the aborted transfer, then serves the next request
+        assert tokens == expected
+        assert_no_blocks_held(engine)
+    finally:
+        shutdown(engine)
+
+
 def stream_until_error(engine: DisaggregatedEngine, kill, kill_after_steps: int) -> tuple[str, float]:
     for step in range(500):
         if step == kill_after_steps:

@@ -68,6 +68,11 @@ class DisaggregatedEngine:
     def prefill_in_flight(self) -> bool:
         return self._prefill_step is not None
 
+    @property
+    def handovers_in_flight(self) -> list[str]:
+        """Request ids whose KV is on its way to a decode engine."""
+        return [h.seq.request_id for h in self._handovers if not h.aborted]
+
     def has_unfinished_requests(self) -> bool:
         return self._prefill_step is not None or bool(self._handovers) or any(
             e.has_unfinished_requests() or e.handoffs for e in (self.prefill, *self.decoders))
