@@ -12,12 +12,15 @@ Admin calls live on `.admin` (an admin key is needed).
 
 from __future__ import annotations
 
+import re
+
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf import message_factory
 
 from garrison.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc, usage_pb2
 from garrison_workers.errors import GarrisonError
@@ -170,20 +173,9 @@ def _call(method: Any, request: Any, metadata: Any, timeout: float | None) -> An
 class _AdminCalls:
     """garrison.v1.Admin, method by method (snake_case), each taking the request message's fields."""
 
-    _REQUESTS = {
-        "create_tenant": ("CreateTenant", admin_pb2.CreateTenantRequest),
-        "list_tenants": ("ListTenants", admin_pb2.ListTenantsRequest),
-        "delete_tenant": ("DeleteTenant", admin_pb2.DeleteTenantRequest),
-        "create_api_key": ("CreateApiKey", admin_pb2.CreateApiKeyRequest),
-        "list_api_keys": ("ListApiKeys", admin_pb2.ListApiKeysRequest),
-        "revoke_api_key": ("RevokeApiKey", admin_pb2.RevokeApiKeyRequest),
-        "grant_model": ("GrantModel", admin_pb2.ModelGrantRequest),
-        "revoke_model": ("RevokeModel", admin_pb2.ModelGrantRequest),
-        "set_quota": ("SetQuota", admin_pb2.SetQuotaRequest),
-        "get_quota": ("GetQuota", admin_pb2.GetQuotaRequest),
-        "get_usage": ("GetUsage", usage_pb2.GetUsageRequest),
-        "list_audit_events": ("ListAuditEvents", admin_pb2.ListAuditEventsRequest),
-    }
+    # snake_case name -> (RPC, request class), read from the service's own descriptor so it never drifts.
+    _REQUESTS = {re.sub(r"(?<!^)(?=[A-Z])", "_", m.name).lower(): (m.name, message_factory.GetMessageClass(m.input_type))
+                 for m in admin_pb2.DESCRIPTOR.services_by_name["Admin"].methods}
 
     def __init__(self, stub: Any, metadata: Any, timeout: float | None, call: Any = _call) -> None:
         self._stub, self._metadata, self._timeout, self._call = stub, metadata, timeout, call

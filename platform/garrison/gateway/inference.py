@@ -20,7 +20,7 @@ from garrison.gateway.requests import prompt_token_ids, sampling_params
 from garrison.router.router import Deployment, RouteRequest, Router
 from garrison.telemetry import Telemetry
 from garrison.tenancy.errors import NotFoundError, QuotaExceededError
-from garrison.tenancy.limits import QuotaEnforcer
+from garrison.tenancy.limits import Lease, QuotaEnforcer
 from garrison.tenancy.records import Authorization
 from garrison.tenancy.service import TenancyService
 from garrison.v1 import inference_pb2 as pb
@@ -114,7 +114,7 @@ class InferenceService:
             raise NotFoundError(f"model {model!r} is not served here; ListModels shows the models you may use")
         return deployment
 
-    def _admit(self, auth: Authorization, prompt_tokens: int, max_new_tokens: int):  # -> Lease
+    def _admit(self, auth: Authorization, prompt_tokens: int, max_new_tokens: int) -> Lease:
         tenant = auth.principal.tenant or ""
         try:
             return self.quotas.admit(tenant, auth.quota, prompt_tokens, max_new_tokens)
