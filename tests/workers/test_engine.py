@@ -43,14 +43,22 @@ def tiny_engine(tmp_path_factory) -> LLMEngine:
     return LLMEngine.from_path(model_dir, EngineConfig(block_size=8, num_kv_blocks=512, max_num_batched_tokens=64))
 
 
+@pytest.fixture(scope="module")
+def short_key_block_engine(tmp_path_factory) -> LLMEngine:
+    """Rows of a batch straddle a 32-key block: short ones decode in the padded batch, the others blockwise."""
+    model_dir = save_tiny_llama4(tmp_path_factory.mktemp("tiny"), seed=3, num_experts_per_tok=2)
+    return LLMEngine.from_path(model_dir, EngineConfig(block_size=8, num_kv_blocks=512, max_num_batched_tokens=64,
+                                                       attention_key_block=32))
+
+
 def assert_all_blocks_free(engine: LLMEngine) -> None:
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
     assert engine.num_active_requests == 0
 
 
-@pytest.mark.parametrize("which", ["tiny_llama4", "smollm2"])
+@pytest.mark.parametrize("which", ["tiny_engine", "short_key_block_engine", "smollm2_engine"])
 def test_batch_invariance(request, which: str) -> None:
-    engine = request.getfixturevalue("tiny_engine" if which == "tiny_llama4" else "smollm2_engine")
+    engine = request.getfixturevalue(which)
     prompts = mixed_prompts(16, engine.model_config.vocab_size, seed=11)
     params = SamplingParams(max_tokens=12, ignore_eos=True)
     together = run_staggered(engine, prompts, params)

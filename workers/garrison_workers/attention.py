@@ -1,13 +1,16 @@
 """Attention over the paged KV cache, and the per-step metadata that describes where tokens live.
 
-The model runner lays out each step's tokens as: all decode rows first (one query token each),
-then every prefill chunk contiguously. Decode rows are attended in one padded batch; prefill
-chunks one sequence at a time, each against its own blocks. Masks are built once per step (one
-for global layers, one for chunked-local layers) and shared by every layer.
+The model runner lays out each step's tokens as: all decode rows first (one query token each, over
+a context of at most one key block), then every prefill chunk contiguously. Decode rows are
+attended in one padded batch; prefill chunks one sequence at a time, each against its own blocks,
+and so is a one-token row over a longer context (a long prompt decoding), which padding would
+otherwise impose on every row of the batch. Masks are built once per step (one for global layers,
+one for chunked-local layers) and shared by every layer.
 
 Long contexts stay in bounded memory: a chunked-local layer gathers only its window, and a global
-layer whose context exceeds one key block is attended block by block with an online softmax, so a
-prefill chunk never materializes a (chunk × context) matrix.
+layer whose context exceeds one key block is attended block by block with an online softmax, so
+neither a prefill chunk nor a decode row materializes a (queries × context) matrix or gathers the
+whole context at once.
 """
 
 from __future__ import annotations

@@ -50,9 +50,13 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, chunks: list[SeqChunk], want_logits: bool = True) -> torch.Tensor | None:
         """Compute every chunk's tokens into the cache; logits `[N, V]` of the chunks that need them, in order."""
-        order = sorted(range(len(chunks)), key=lambda i: len(chunks[i].token_ids) != 1)  # decode rows first
-        decode = [chunks[i] for i in order if len(chunks[i].token_ids) == 1]
-        prefill = [chunks[i] for i in order if len(chunks[i].token_ids) != 1]
+        # Decode rows first. A one-token row over a context longer than a key block is attended like a prefill
+        # chunk (blockwise on global layers): in the padded decode batch, every short row would be padded to its
+        # length, so one long prompt decoding would make the whole batch's step as slow as the longest row.
+        padded = [len(chunk.token_ids) == 1 and chunk.end <= self.key_block for chunk in chunks]
+        order = sorted(range(len(chunks)), key=lambda i: not padded[i])
+        decode = [chunks[i] for i in order if padded[i]]
+        prefill = [chunks[i] for i in order if not padded[i]]
         input_ids, positions, slots, sample_rows = [], [], [], []
         for i in order:
             chunk = chunks[i]
