@@ -5,6 +5,7 @@ Runs inside a Ray actor (see `worker_group`), but is a plain class so it can be 
 
 from __future__ import annotations
 
+import gc
 import socket
 from datetime import timedelta
 from typing import Any
@@ -59,6 +60,10 @@ class Worker:
         self.source = files.source
         self.model = build_model(files.config, files.source, self.config.dtype, self.config.device, self.par)
         self.runner = ModelRunner(self.model, self.num_blocks, self.config)
+        # The rank's objects from here on live as long as the actor: keep the collector's full passes (a
+        # step-long pause each) from walking them.
+        gc.collect()
+        gc.freeze()
         return parameter_bytes(self.model)
 
     def execute(self, chunks: list[SeqChunk]) -> torch.Tensor | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import signal
 import sys
@@ -45,6 +46,10 @@ async def _serve(config: serve_config.ServeConfig) -> int:
     except BaseException:
         await server.stop(0)
         raise
+    # What startup built (modules, models, Ray's and gRPC's objects) lives as long as the process: freezing it
+    # keeps the collector's full passes from walking it, which otherwise stalled a decode step by ~250 ms.
+    gc.collect()
+    gc.freeze()
     _announce(server)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
