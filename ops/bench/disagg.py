@@ -14,9 +14,13 @@ being prefilled). The same workload runs through two systems, one after the othe
   decode engine never waits for it. The prefill side must be the Ray group: a local engine computes
   synchronously inside `begin_step`.
 
-Figures: p50/p99 time per output token (TPOT: gaps between a stream's consecutive tokens while long
-prompts are arriving) and time to first token (TTFT) of the streams and of each long prompt; the
-same 8 streams decoding with no long prompt arriving (the baseline); the ratio disaggregated p99
+Each stream is a run of requests: a finished one is replaced by the next at once, so short prompts keep
+arriving (and, disaggregated, being prefilled and handed over) whether or not long ones do.
+
+Figures: p50/p99 time per output token (TPOT: gaps between consecutive tokens of a stream's request
+while long prompts are arriving) and time to first token (TTFT) of the streams and of each long prompt;
+the same streams with no long prompt arriving, for 20 s of steady state (the baseline: thousands of
+steps, so its p99 is not a handful of samples); the ratio disaggregated p99
 TPOT / baseline p99 TPOT (issue 4's target: at most 1.5x); how long the disaggregated steps that
 finish a prefill step (sampling its first tokens, handing KV over) hold the streams' tokens; and the
 KV transfer's throughput beside a plain memory copy (torch `clone`) of
@@ -88,6 +92,8 @@ class Workload:
     # by a new request at once, so both phases decode over the same context lengths (128 to 384 tokens).
     stream_tokens: int = 256
     long_new_tokens: int = 4  # >= 2, so every long prompt's KV is handed over in the disaggregated run
+    # Steady-state seconds of the baseline: long enough that its p99 rests on thousands of steps, as under load.
+    baseline_s: float = 20.0
     block_size: int = 16
     max_num_batched_tokens: int = 512
     seed: int = 0
@@ -105,7 +111,7 @@ class Workload:
 
 
 FULL = Workload(long_prompt_tokens=(16_384, 24_576, 32_768, 49_152, 65_536))
-QUICK = Workload(long_prompt_tokens=(4096, 8192), stream_tokens=64)
+QUICK = Workload(long_prompt_tokens=(4096, 8192), stream_tokens=64, baseline_s=3.0)
 
 
 def random_prompt(rng: random.Random, length: int, vocab_size: int) -> list[int]:
@@ -279,32 +285,73 @@ def stream_prompts(workload: Workload, vocab_size: int, tag: int) -> list[list[i
 
 
 def warm_up(engine: Engine, workload: Workload, vocab_size: int) -> None:
-    """First-call allocations, every attention path (chunked, blockwise global) and, disaggregated, a handover."""
+    """First-call allocations, every attention path (chunked, blockwise global) and, disaggregated, a handover;
+    then, as `garrison serve` after startup, freeze what exists so the collector's full passes skip it."""
     rng = random.Random(99)
     driver = Driver(engine)
     params = SamplingParams(max_tokens=4, ignore_eos=True)
     for i, length in enumerate((4608, workload.stream_prompt_tokens, workload.stream_prompt_tokens)):
         driver.add(f"warm-{i}", random_prompt(rng, length, vocab_size), params)
     driver.run_until(lambda: not engine.has_unfinished_requests())
+    gc.collect()
+    gc.freeze()
+
+
+class Streams:
+    """The streams: each a run of `stream_tokens`-token requests, a finished one replaced by the next at once,
+    so that new short requests keep arriving (and, disaggregated, keep being prefilled and handed over) in the
+    baseline as under load."""
+
+    def __init__(self, driver: Driver, workload: Workload, vocab_size: int, tag: int) -> None:
+        self.driver, self.prompts = driver, stream_prompts(workload, vocab_size, tag)
+        self.params = SamplingParams(max_tokens=workload.stream_tokens, ignore_eos=True)
+        self.first = [f"stream-{tag}-{i}" for i in range(workload.num_streams)]  # each stream's first request
+        self.active = dict(zip(self.first, range(workload.num_streams)))  # request id -> stream index
+        self.served: list[str] = list(self.first)
+        for request_id, prompt in zip(self.first, self.prompts):
+            driver.add(request_id, prompt, self.params)
+
+    def replace_finished(self) -> None:
+        for request_id in [r for r in self.active if r in self.driver.trace.finished]:
+            index = self.active.pop(request_id)
+            follow_up = f"{self.first[index]}-{len(self.served)}"
+            self.driver.add(follow_up, self.prompts[index], self.params)
+            self.active[follow_up] = index
+            self.served.append(follow_up)
+
+    def stop(self) -> None:
+        for request_id in self.active:
+            self.driver.engine.abort_request(request_id)
+
+    def decoding_from(self) -> float:
+        """When every stream had its first token: the steady state starts."""
+        return max(self.driver.trace.tokens[r][0] for r in self.first)
+
+    def measure(self, phase: Phase, until: float) -> None:
+        """TPOT: gaps within each request (a follow-up's first token is its TTFT, not a TPOT); TTFT of the first
+        requests."""
+        trace, decoding_from = self.driver.trace, self.decoding_from()
+        for request_id in self.served:
+            phase.tpot_s += gaps(trace.tokens[request_id], decoding_from, until)
+        phase.stream_ttft_s = [trace.ttft(request_id) for request_id in self.first]
+        phase.window_s = until - decoding_from
 
 
 def baseline_phase(system: str, engine: Engine, workload: Workload, vocab_size: int) -> Phase:
-    """The 8 streams alone: no long prompt arrives."""
+    """The streams alone for `workload.baseline_s` of steady state: no long prompt arrives."""
     phase, cpu, start = Phase(system, loaded=False), CpuWindow(), time.perf_counter()
     driver = Driver(engine)
-    params = SamplingParams(max_tokens=workload.stream_tokens, ignore_eos=True)
-    ids = [f"base-{i}" for i in range(workload.num_streams)]
-    for request_id, prompt in zip(ids, stream_prompts(workload, vocab_size, 1)):
-        driver.add(request_id, prompt, params)
-    driver.run_until(lambda: all(i in driver.trace.finished for i in ids))
-    trace = driver.trace
-    decoding_from = max(trace.tokens[i][0] for i in ids)  # every stream decoding: the steady state
-    for request_id in ids:
-        phase.tpot_s += gaps(trace.tokens[request_id], decoding_from, math.inf)
-        phase.stream_ttft_s.append(trace.ttft(request_id))
-    phase.window_s = max(trace.tokens[i][-1] for i in ids) - decoding_from
-    phase.wall_s, phase.others_cores = time.perf_counter() - start, cpu.others_cores()
-    phase.steps = len(trace.tokens[ids[0]])
+    streams = Streams(driver, workload, vocab_size, tag=1)
+    steps = 0
+    while not all(driver.trace.tokens.get(r) for r in streams.first) or (
+            time.perf_counter() - streams.decoding_from() < workload.baseline_s):
+        driver.step()
+        steps += 1
+        streams.replace_finished()
+    streams.stop()
+    streams.measure(phase, time.perf_counter())
+    phase.wall_s, phase.others_cores, phase.steps = time.perf_counter() - start, cpu.others_cores(), steps
+    driver.run_until(lambda: not engine.has_unfinished_requests())  # aborted ones may still be in transit
     return phase
 
 
@@ -319,44 +366,28 @@ def loaded_phase(system: str, engine: Engine, workload: Workload, vocab_size: in
     rng = random.Random(workload.seed * 1000 + 2)
     longs = [(f"long-{i}", random_prompt(rng, n, vocab_size)) for i, n in enumerate(workload.long_prompt_tokens)]
     long_params = SamplingParams(max_tokens=workload.long_new_tokens, ignore_eos=True)
-    stream_params = SamplingParams(max_tokens=workload.stream_tokens, ignore_eos=True)
-    prompts = stream_prompts(workload, vocab_size, 2)
-    streams = [f"stream-{i}" for i in range(workload.num_streams)]  # the first request of each stream
-    active = dict(zip(streams, range(workload.num_streams)))  # request id -> stream index
-    served: list[str] = list(streams)
 
     driver.add(*longs[0], long_params)
-    for request_id, prompt in zip(streams, prompts):
-        driver.add(request_id, prompt, stream_params)
+    streams = Streams(driver, workload, vocab_size, tag=2)
     step_ends, next_long = [], 1
     while not all(request_id in trace.finished for request_id, _ in longs):
         if not engine.has_unfinished_requests():
             raise RuntimeError("the engine ran out of work before the long prompts were done")
         driver.step()
         step_ends.append(time.perf_counter())
-        for request_id in [r for r in active if r in trace.finished]:  # a stream's next request, at once
-            index = active.pop(request_id)
-            follow_up = f"stream-{index}-{len(served)}"
-            driver.add(follow_up, prompts[index], stream_params)
-            active[follow_up] = index
-            served.append(follow_up)
+        streams.replace_finished()
         if next_long < len(longs) and trace.tokens.get(longs[next_long - 1][0]):  # closed loop: the next arrives
             driver.add(*longs[next_long], long_params)
             next_long += 1
-    for request_id in active:
-        engine.abort_request(request_id)
+    streams.stop()
 
-    decoding_from = max(trace.tokens[r][0] for r in streams)
     until = max(trace.tokens[r][-1] for r, _ in longs)
-    for request_id in served:  # gaps within each request: a follow-up's first token is its TTFT, not a TPOT
-        phase.tpot_s += gaps(trace.tokens[request_id], decoding_from, until)
-    for request_id in streams:
-        phase.stream_ttft_s.append(trace.ttft(request_id))
+    streams.measure(phase, until)
     phase.long_ttft_s = {len(prompt): trace.ttft(request_id) for request_id, prompt in longs}
-    phase.window_s = until - decoding_from
     phase.wall_s, phase.others_cores = time.perf_counter() - start, cpu.others_cores()
     phase.steps = len(step_ends)
-    phase_window = [t for t in step_ends if decoding_from < t <= until]
+    phase_window = [t for t in step_ends if streams.decoding_from() < t <= until]
+    driver.run_until(lambda: not engine.has_unfinished_requests())
     return phase, phase_window
 
 
@@ -639,19 +670,22 @@ def header_lines(report: Report) -> list[str]:
         f"           another (the next as soon as the previous has its first token), {w.long_new_tokens} new tokens each;"
         f" each stream is a run of {w.stream_tokens}-token requests (a finished one is replaced at once; TPOT is"
         f" measured within requests), aborted when the last long prompt is done; random token ids (seed {w.seed})",
-        f"baseline   the same {w.num_streams} streams alone, {w.stream_tokens} tokens each, on the same engine",
+        f"baseline   the same {w.num_streams} streams (runs of {w.stream_tokens}-token requests) alone for"
+        f" {w.baseline_s:.0f} s of steady state, on the same engine, before the long prompts",
         f"engines    block {c['block_size']}, {c['num_kv_blocks']} KV blocks per engine, max_num_batched_tokens "
         f"{c['max_num_batched_tokens']} (the prefill chunk), prefix cache off",
         f"colocated  one engine in this process; torch threads: {report.threads}",
         "disagg     prefill: Ray worker group tp=1 (1 actor, 1 torch thread); decode: one engine in this process"
         " (1 thread); KV handed over through Ray's object store; a prefill step stays in flight across decode steps",
-        "method     a token's time = end of the step() that returned it; TPOT = gaps between a stream's consecutive"
-        " tokens,",
-        "           from when all streams have their first token until the last long prompt is done (baseline: from"
-        " all",
-        "           first tokens to the end); TTFT = first token - add_request; one warm-up per system; others ="
-        " cores other",
-        "           processes kept busy (this process, Ray's daemons and the actors excluded)",
+        "method     a token's time = end of the step() that returned it; TPOT = gaps between consecutive tokens"
+        " of a stream's",
+        "           request, from when all streams have their first token until the last long prompt is done"
+        " (baseline: for its",
+        "           steady-state seconds); TTFT = first token - add_request; one warm-up per system, then gc.freeze()"
+        " as garrison",
+        "           serve does after startup; others = cores other processes kept busy (this process, Ray's daemons"
+        " and the actors",
+        "           excluded)",
     ]
 
 
@@ -687,8 +721,8 @@ def ttft_lines(report: Report) -> list[str]:
 def ratio_lines(report: Report) -> list[str]:
     r = ratios(report)
     return [
-        f"disaggregated p99 TPOT / no-long-prompt p99 TPOT: {r['disaggregated_over_own_baseline']:.1f}x against the"
-        f" disaggregated baseline, {r['disaggregated_over_colocated_baseline']:.1f}x against the colocated baseline"
+        f"disaggregated p99 TPOT / no-long-prompt p99 TPOT: {r['disaggregated_over_own_baseline']:.2f}x against the"
+        f" disaggregated baseline, {r['disaggregated_over_colocated_baseline']:.2f}x against the colocated baseline"
         " (issue 4's target: <= 1.5x)",
         f"colocated p99 TPOT / its no-long-prompt p99 TPOT: {r['colocated_over_own_baseline']:.1f}x;"
         f" disaggregated / colocated p99 TPOT under long prompts: {r['disaggregated_over_colocated']:.2f}x",
