@@ -41,6 +41,7 @@ stderr, so `--json` leaves stdout pure JSON.
 from __future__ import annotations
 
 import argparse
+import bisect
 import gc
 import itertools
 import json
@@ -409,9 +410,11 @@ class Transfer:
 
 def instrument(engine: DisaggregatedEngine, transfers: list[Transfer], stalls: list[tuple[float, float]]) -> None:
     """Time every handover (from the export's start to the KV in the decode engine's blocks; decode keeps
-    stepping meanwhile), and every finished prefill step's and completed handover's bookkeeping: the parts of
-    a disaggregated step that keep the streams' tokens waiting. Instance attributes shadow the methods."""
+    stepping meanwhile), and the work of a disaggregated step that keeps the streams' tokens waiting: finishing
+    a prefill step, and moving KV handovers on (a slice of import each) or completing them. Instance
+    attributes shadow the methods."""
     hand_over, finish_prefill, complete = engine._hand_over, engine._finish_prefill, engine._complete
+    finish_handovers = engine._finish_handovers
     started: dict[str, tuple[int, float]] = {}
 
     def timed_hand_over(self: DisaggregatedEngine, seq: Any) -> list[RequestOutput]:
@@ -419,12 +422,17 @@ def instrument(engine: DisaggregatedEngine, transfers: list[Transfer], stalls: l
         return hand_over(seq)
 
     def timed_complete(self: DisaggregatedEngine, handover: Any) -> list[RequestOutput]:
-        start = time.perf_counter()
         outputs = complete(handover)
-        end = time.perf_counter()
-        stalls.append((start, end))
         tokens, began = started.pop(handover.seq.request_id)
-        transfers.append(Transfer(handover.seq.request_id, tokens, end - began))
+        transfers.append(Transfer(handover.seq.request_id, tokens, time.perf_counter() - began))
+        return outputs
+
+    def timed_finish_handovers(self: DisaggregatedEngine, wait: bool = False) -> list[RequestOutput]:
+        if not self._handovers:
+            return []
+        start = time.perf_counter()
+        outputs = finish_handovers(wait)
+        stalls.append((start, time.perf_counter()))
         return outputs
 
     def timed_finish_prefill(self: DisaggregatedEngine, step: Any) -> list[RequestOutput]:
@@ -435,25 +443,30 @@ def instrument(engine: DisaggregatedEngine, transfers: list[Transfer], stalls: l
 
     engine._hand_over = types.MethodType(timed_hand_over, engine)  # type: ignore[method-assign]
     engine._complete = types.MethodType(timed_complete, engine)  # type: ignore[method-assign]
+    engine._finish_handovers = types.MethodType(timed_finish_handovers, engine)  # type: ignore[method-assign]
     engine._finish_prefill = types.MethodType(timed_finish_prefill, engine)  # type: ignore[method-assign]
 
 
 @dataclass(slots=True)
 class Anatomy:
     """The disaggregated steps of the loaded window, and the work in them that held tokens back (finishing a
-    prefill step, completing a KV handover)."""
+    prefill step, moving KV handovers on: importing a slice, completing one)."""
 
     steps: int = 0
-    prefill_finishes: int = 0
-    stall_p50_s: float = math.nan  # time such a step spent finishing the prefill step (sampling, handovers)
+    busy_steps: int = 0  # steps that did any of that work
+    stall_p50_s: float = math.nan  # time such a step spent on it
     stall_max_s: float = math.nan
 
 
 def anatomy(stalls: list[tuple[float, float]], step_ends: list[float]) -> Anatomy:
-    if not step_ends:
-        return Anatomy()
-    inside = [end - start for start, end in stalls if step_ends[0] <= end <= step_ends[-1]]
-    return Anatomy(len(step_ends), len(inside), percentile(inside, 50), max(inside, default=math.nan))
+    """Each stall belongs to the step whose end is the first at or after its own."""
+    held: dict[int, float] = defaultdict(float)
+    for start, end in stalls:
+        step = bisect.bisect_left(step_ends, end)
+        if 0 < step < len(step_ends):  # inside the window
+            held[step] += end - start
+    spent = list(held.values())
+    return Anatomy(len(step_ends), len(spent), percentile(spent, 50), max(spent, default=math.nan))
 
 
 def copy_seconds(num_bytes: int, repeats: int = 3) -> tuple[float, float]:
@@ -676,7 +689,9 @@ def header_lines(report: Report) -> list[str]:
         f"{c['max_num_batched_tokens']} (the prefill chunk), prefix cache off",
         f"colocated  one engine in this process; torch threads: {report.threads}",
         "disagg     prefill: Ray worker group tp=1 (1 actor, 1 torch thread); decode: one engine in this process"
-        " (1 thread); KV handed over through Ray's object store; a prefill step stays in flight across decode steps",
+        " (1 thread); KV handed over through Ray's object store, imported a slice per decode step (paced to ~1/4 of"
+        " a step);",
+        "           a prefill step stays in flight across decode steps",
         "method     a token's time = end of the step() that returned it; TPOT = gaps between consecutive tokens"
         " of a stream's",
         "           request, from when all streams have their first token until the last long prompt is done"
@@ -732,16 +747,18 @@ def ratio_lines(report: Report) -> list[str]:
 def anatomy_lines(report: Report) -> list[str]:
     a = report.anatomy
     return [
-        f"disaggregated steps while long prompts arrive: {a.steps}; {a.prefill_finishes} of them also finished a"
-        f" prefill step or completed a KV handover, which held the streams' tokens {a.stall_p50_s * 1e3:.1f} ms (p50),"
-        f" {a.stall_max_s * 1e3:.1f} ms (max);",
+        f"disaggregated steps while long prompts arrive: {a.steps}; {a.busy_steps} of them also finished a"
+        f" prefill step or moved KV handovers on (an import slice, a completion), which held the streams' tokens"
+        f" {a.stall_p50_s * 1e3:.1f} ms (p50), {a.stall_max_s * 1e3:.1f} ms (max);",
         f"           colocated step while long prompts arrive: {report.colocated_step_p50_s * 1e3:.1f} ms (p50)",
     ]
 
 
 def transfer_lines(report: Report) -> list[str]:
     lines = ["KV handover of each long prompt (prefill group -> decode engine: export on the ranks, Ray object store,"
-             " import; from its start to the KV in place, decode stepping meanwhile) vs a plain copy of the same bytes",
+             " import a slice per decode step,",
+             " paced to ~1/4 of a step; from its start to the KV in place, decode stepping meanwhile; the link's own speed"
+             " is in the next table) vs a plain copy of the same bytes",
              f"{'tokens':>8}{'MB':>8}{'transfer ms':>13}{'GB/s':>7}{'clone ms':>10}{'GB/s':>7}{'copy_ ms':>10}{'GB/s':>7}"
              f"{'transfer / clone':>18}{'transfer / copy_':>18}"]
     for t in report.transfers:

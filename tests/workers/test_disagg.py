@@ -209,6 +209,90 @@ def test_prompt_too_long_for_the_decode_side_is_refused_up_front(tiny_moe: Path)
     assert not engine.has_unfinished_requests()
 
 
+# -- through the object store, a long prompt's KV is imported a slice of tokens per decode step ------------
+
+SLICE = 8  # tokens per imported slice: the test prompts (5-59 tokens) arrive in 1 to 8 slices
+
+
+def sliced(path: Path, prefill: ParallelDims, decode: ParallelDims
+           ) -> tuple[DisaggregatedEngine, list[tuple[int, int, int]]]:
+    """An engine importing SLICE tokens per step, and every slice its decode engine imports: (the sequence's
+    first block there, start, stop)."""
+    config = replace(CONFIG, num_kv_blocks=1024)  # room for a long stream beside the test prompts
+    engine = DisaggregatedEngine(LLMEngine.from_path(path, config, prefill, role="prefill"),
+                                 [LLMEngine.from_path(path, config, decode, role="decode")], import_slice_tokens=SLICE)
+    executor, slices = engine.decoders[0].executor, []
+    start_import = executor.start_import_kv
+
+    def recording(block_table, num_tokens, handles, start=0, stop=None):
+        slices.append((block_table[0], start, stop))
+        return start_import(block_table, num_tokens, handles, start, stop)
+
+    executor.start_import_kv = recording
+    return engine, slices
+
+
+@pytest.mark.parametrize("prefill, decode", [
+    (ParallelDims(tp=1), ParallelDims(tp=2)),  # in-process export; the decode ranks import ahead of their steps
+    (ParallelDims(tp=2), ParallelDims(tp=1)),  # Ray object store; each slice cut from both shards, then re-split
+], ids=["p-tp1_d-tp2", "p-tp2_d-tp1"])
+def test_kv_imported_slice_by_slice_gives_the_same_tokens(tiny_moe: Path, colocated_tokens: dict[str, list[int]],
+                                                          prefill: ParallelDims, decode: ParallelDims) -> None:
+    engine, slices = sliced(tiny_moe, prefill, decode)
+    batch = prompts(512)
+    tokens: dict[str, list[int]] = {f"r{i}": [] for i in range(len(batch))}
+    try:
+        engine.add_request("stream", batch[0], replace(PARAMS, max_tokens=3000))  # keeps the decode engine stepping
+        while not tokens.setdefault("stream", []):
+            for out in engine.step():
+                tokens[out.request_id] += out.new_token_ids
+        for i, prompt in enumerate(batch):
+            engine.add_request(f"r{i}", prompt, PARAMS)
+        while not all(len(tokens[f"r{i}"]) == PARAMS.max_tokens for i in range(len(batch))):
+            for out in engine.step():
+                assert out.error is None, out.error
+                tokens[out.request_id] += out.new_token_ids
+        assert engine.abort_request("stream"), f"the stream ended after {len(tokens['stream'])} tokens"
+        del tokens["stream"]
+        assert tokens == colocated_tokens
+        assert_no_blocks_held(engine)
+    finally:
+        shutdown(engine)
+    imports: dict[int, list[tuple[int, int]]] = {}
+    for first_block, start, stop in slices:  # transfers overlap; each one's slices run in order from token 0
+        imports.setdefault(first_block, []).append((start, stop))
+    ends = sorted(parts[-1][1] for parts in imports.values())
+    assert ends == sorted(len(p) for p in [batch[0], *batch])  # each prompt whole, once (the stream's too)
+    for parts in imports.values():  # (with nothing to decode, the rest of the oldest one is imported at once)
+        assert parts[0][0] == 0 and all(start == parts[i - 1][1] for i, (start, _) in enumerate(parts) if i)
+        assert all(stop - start <= SLICE for start, stop in parts[:-1])
+    longest = max(len(p) for p in batch)  # arrived while the stream decoded: slice by slice, to the end
+    [parts] = [parts for parts in imports.values() if parts[-1][1] == longest]
+    assert len(parts) == -(-longest // SLICE) > 1 and all(stop - start <= SLICE for start, stop in parts)
+
+
+def test_short_or_corrupt_shard_fails_a_sliced_import_and_frees_both_sides(
+        tiny_moe: Path, colocated_tokens: dict[str, list[int]]) -> None:
+    """Shapes are checked on every slice, the checksum on the first; the request fails before any decode."""
+    engine, _ = sliced(tiny_moe, ParallelDims(tp=2), ParallelDims(tp=1))
+    prompt = max(prompts(512), key=len)
+    try:
+        for how, why in (("short", "holds .* tokens"), ("corrupt", "fails its checksum")):
+            tamper(engine.prefill.executor, how)
+            engine.add_request(how, prompt, PARAMS)
+            outputs = []
+            while engine.has_unfinished_requests():
+                outputs += engine.step()
+            failed = [out for out in outputs if out.finish_reason == "error"]
+            assert len(failed) == 1 and re.search(f"KV transfer to the decode group failed: .*{why}", failed[0].error)
+            assert sum(len(out.new_token_ids) for out in outputs) == 1
+            assert_no_blocks_held(engine)
+        tamper(engine.prefill.executor, None)
+        assert run(engine, prompts(512)) == colocated_tokens
+    finally:
+        shutdown(engine)
+
+
 # -- kv_transport "torch": a prefill worker group hands KV to a decode worker group over a channel --------
 
 TORCH = replace(CONFIG, kv_transport="torch")

@@ -4,7 +4,9 @@ A `DisaggregatedEngine` holds one link per decode engine, chosen by `EngineConfi
 has the one call `transfer(source_blocks, dest_blocks, num_tokens)`; freeing blocks stays with the caller.
 
 - `HandleLink` ("ray"): the prefill ranks export handles (Ray object references, or payloads in this
-  process), then the decode ranks import them. Any executors, on one node or across nodes.
+  process), then the decode ranks import them. Any executors, on one node or across nodes. The import
+  goes a slice of tokens per decode step, sized by an `ImportPace`, so that a long prompt's KV (a
+  gigabyte at a million tokens of a small model) never holds one step of the streams for its whole copy.
 - `TorchChannel` ("torch"): a torch.distributed process group of both Ray worker groups' ranks (gloo on
   CPU, NCCL on GPU), built from its own TCPStore, apart from each group's own process group. The driver
   starts the receives and the sends together and waits for both. Opened with the link, and again after a
@@ -15,14 +17,14 @@ from __future__ import annotations
 
 import itertools
 import uuid
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from garrison_workers.errors import GarrisonError, WorkerLostError
 from garrison_workers.kv_transfer import HeadShard, KVRoute
 
 if TYPE_CHECKING:
     from garrison_workers.config import ModelConfig
-    from garrison_workers.engine.executor import Executor, PendingExport
+    from garrison_workers.engine.executor import Executor, PendingExport, PendingImport
     from garrison_workers.worker_group import PendingStep, WorkerGroup
 
 # Tags of one transfer: header, K and V. Gloo keeps tags in 32 bits; a channel's tags wrap long after any
@@ -34,6 +36,11 @@ _TAG_LIMIT = 1 << 30
 class Transfer(Protocol):
     def done(self) -> bool:
         """True once `finish()` would not wait for a remote group."""
+        ...
+
+    def advance(self) -> bool:
+        """Move the transfer on by at most one bounded piece of work without waiting (a sliced import); True
+        once `finish()` has nothing left to do but report. Errors wait for `finish()`."""
         ...
 
     def finish(self) -> None:
@@ -54,30 +61,106 @@ class KVLink(Protocol):
         ...
 
 
+class ImportPace:
+    """How many tokens of KV one decode step may import: what takes about `share` of a decode step at the speed
+    the ranks have imported so far (their own copy time, not the driver's round trip). It adapts to the
+    hardware: slices of a few hundred kilobytes on a CPU, of gigabytes between GPUs."""
+
+    def __init__(self, first_tokens: int, block_size: int, share: float = 0.25, fixed: bool = False) -> None:
+        """`fixed`: always `first_tokens` (a set slice size, not paced)."""
+        self.first_tokens, self.block_size, self.share, self.fixed = first_tokens, block_size, share, fixed
+        self.tokens_per_s: float | None = None
+        self.step_s: float | None = None
+
+    def tokens(self) -> int:
+        if self.fixed or self.tokens_per_s is None or self.step_s is None:
+            return self.first_tokens
+        budget = int(self.tokens_per_s * self.step_s * self.share)
+        return max(self.block_size, budget // self.block_size * self.block_size)
+
+    def observe_step(self, seconds: float) -> None:
+        self.step_s = _moving_average(self.step_s, seconds)
+
+    def observe_import(self, tokens: int, seconds: float) -> None:
+        if tokens and seconds > 0:
+            self.tokens_per_s = _moving_average(self.tokens_per_s, tokens / seconds)
+
+
+def _moving_average(average: float | None, sample: float, weight: float = 0.1) -> float:
+    return sample if average is None else average + weight * (sample - average)
+
+
 class HandleLink:
-    def __init__(self, source: Executor, dest: Executor) -> None:
-        self.source, self.dest = source, dest
+    """`pace` None imports each sequence whole; with one, `advance()` imports one slice per call."""
+
+    def __init__(self, source: Executor, dest: Executor, pace: ImportPace | None = None) -> None:
+        self.source, self.dest, self.pace = source, dest, pace
 
     def start(self, source_blocks: list[int], dest_blocks: list[int], num_tokens: int) -> "_HandleTransfer":
         return _HandleTransfer(self.source.start_export_kv(source_blocks, num_tokens), self.dest, dest_blocks,
-                               num_tokens)
+                               num_tokens, self.pace)
 
     def transfer(self, source_blocks: list[int], dest_blocks: list[int], num_tokens: int) -> None:
         self.start(source_blocks, dest_blocks, num_tokens).finish()
 
 
 class _HandleTransfer:
-    """The export runs on the prefill ranks while the driver steps; the import (local, or on the decode
-    ranks) runs in `finish`, once the handles exist."""
+    """The export runs on the prefill ranks while the driver steps; then the destination imports the tokens
+    slice by slice, one per `advance()` (local, or started on the decode ranks ahead of their next step), or
+    all that is left in `finish()`. Nothing is decoded before the last slice is in: `finish()` reports."""
 
-    def __init__(self, export: PendingExport, dest: Executor, dest_blocks: list[int], num_tokens: int) -> None:
-        self.export, self.dest, self.dest_blocks, self.num_tokens = export, dest, dest_blocks, num_tokens
+    def __init__(self, export: PendingExport, dest: Executor, dest_blocks: list[int], num_tokens: int,
+                 pace: ImportPace | None) -> None:
+        self.export, self.dest, self.dest_blocks, self.num_tokens, self.pace = export, dest, dest_blocks, num_tokens, pace
+        self._handles: list[Any] | None = None
+        self._next = 0  # tokens whose import has started
+        self._slice: tuple[PendingImport, int] | None = None  # the import in flight and its tokens
+        self._error: GarrisonError | None = None
 
     def done(self) -> bool:
         return self.export.done()
 
+    def advance(self) -> bool:
+        if self._settle(wait=False) and self._error is None and self._next < self.num_tokens and self.export.done():
+            self._start_slice(self.pace.tokens() if self.pace else self.num_tokens)
+            self._settle(wait=False)  # a local import is already done
+        return self._error is not None or (self._slice is None and self._next >= self.num_tokens)
+
     def finish(self) -> None:
-        self.dest.import_kv(self.dest_blocks, self.num_tokens, self.export.handles())
+        self._settle(wait=True)
+        while self._error is None and self._next < self.num_tokens:
+            self._start_slice(self.num_tokens)
+            self._settle(wait=True)
+        if self._error is not None:
+            raise self._error
+
+    def _start_slice(self, max_tokens: int) -> None:
+        start, stop = self._next, min(self.num_tokens, self._next + max_tokens)
+        try:
+            if self._handles is None:
+                self._handles = self.export.handles()
+            self._slice = (self.dest.start_import_kv(self.dest_blocks, self.num_tokens, self._handles, start, stop),
+                           stop - start)
+            self._next = stop
+        except GarrisonError as err:
+            self._error = err
+
+    def _settle(self, wait: bool) -> bool:
+        """Take the result of the slice in flight; False while it still runs (and not `wait`)."""
+        if self._slice is None:
+            return True
+        pending, tokens = self._slice
+        if not (wait or pending.done()):
+            return False
+        self._slice = None
+        try:
+            seconds = pending.result()
+        except GarrisonError as err:
+            self._error = err
+            return True
+        if self.pace is not None:
+            self.pace.observe_import(tokens, seconds)
+        return True
 
 
 class TorchChannel:
@@ -128,6 +211,9 @@ class _ChannelTransfer:
 
     def done(self) -> bool:
         return all(side.done() for side in self.sides)
+
+    def advance(self) -> bool:
+        return self.done()  # the receiving ranks write the KV as it arrives: no import left for the driver
 
     def finish(self) -> None:
         try:

@@ -269,12 +269,13 @@ class TorchDistributedTransport:
             raise KVTransferError(f"KV transfer failed {what}: {err}") from None
 
 
-def assemble_heads(payloads: list[KVPayload], num_tokens: int, num_kv_heads: int, head_start: int, head_count: int
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Check every shard, then cut heads [head_start, head_start + head_count) out of their union.
+def assemble_heads(payloads: list[KVPayload], num_tokens: int, num_kv_heads: int, head_start: int, head_count: int,
+                   tokens: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check every shard, then cut heads [head_start, head_start + head_count) of `tokens` out of their union.
 
     The shards must tile, without gaps or overlaps, a run of heads holding the wanted ones: every head of
     the model (the object store delivers every shard) or only the shards that overlap (point-to-point).
+    Shapes are checked whole for every slice of tokens; checksums (which read every byte) with the first.
     """
     covered = sorted((p.head_start, p.head_start + p.k_LTKD.shape[2]) for p in payloads)
     end = head_start + head_count
@@ -287,12 +288,12 @@ def assemble_heads(payloads: list[KVPayload], num_tokens: int, num_kv_heads: int
                 or payload.k_LTKD.shape != payload.v_LTKD.shape:
             raise KVTransferError(f"KV transfer shard holds {payload.k_LTKD.shape[1]} tokens (says {payload.num_tokens}), "
                                   f"expected {num_tokens}; nothing is decoded from a partial cache")
-        if payload.checksum is not None and payload.digest() != payload.checksum:
+        if payload.checksum is not None and not tokens.start and payload.digest() != payload.checksum:
             raise KVTransferError(f"KV transfer shard for heads from {payload.head_start} fails its checksum")
     ordered = sorted(payloads, key=lambda p: p.head_start)
     first = ordered[0].head_start
     if len(ordered) == 1 and (first, covered[0][1]) == (head_start, end):  # the shard is exactly the heads wanted
-        return ordered[0].k_LTKD, ordered[0].v_LTKD
-    k = torch.cat([p.k_LTKD for p in ordered], dim=2)[:, :, head_start - first:end - first]
-    v = torch.cat([p.v_LTKD for p in ordered], dim=2)[:, :, head_start - first:end - first]
+        return ordered[0].k_LTKD[:, tokens], ordered[0].v_LTKD[:, tokens]
+    k = torch.cat([p.k_LTKD[:, tokens] for p in ordered], dim=2)[:, :, head_start - first:end - first]
+    v = torch.cat([p.v_LTKD[:, tokens] for p in ordered], dim=2)[:, :, head_start - first:end - first]
     return k, v

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import socket
+import time
 from datetime import timedelta
 from typing import Any
 
@@ -86,12 +87,17 @@ class Worker:
         payload = self.runner.export_kv(block_table, num_tokens, head_start, self.config.kv_transfer_checksum, device)
         return self.transport.send(payload, route)
 
-    def import_kv(self, block_table: list[int], num_tokens: int, handles: list[Any], route: KVRoute | None = None
-                  ) -> None:
+    def import_kv(self, block_table: list[int], num_tokens: int, handles: list[Any], route: KVRoute | None = None,
+                  start: int = 0, stop: int | None = None) -> float:
+        """Write tokens [start, stop) of a sequence's KV (this rank's heads) into its blocks; returns the seconds
+        it took here (the driver paces sliced imports by it)."""
+        began = time.perf_counter()
         payloads = self.transport.receive(handles, route)
         heads = self.model.num_local_kv_heads
-        k, v = assemble_heads(payloads, num_tokens, self.model.config.num_kv_heads, self.par.tp_rank * heads, heads)
-        self.runner.import_kv(block_table, k, v)
+        k, v = assemble_heads(payloads, num_tokens, self.model.config.num_kv_heads, self.par.tp_rank * heads, heads,
+                              slice(start, stop))
+        self.runner.import_kv(block_table, k, v, start)
+        return time.perf_counter() - began
 
     def set_expert_placement(self, layer: int, placement: list[int]) -> None:
         prefix = f"model.layers.{layer}.feed_forward."

@@ -113,8 +113,15 @@ class WorkerGroup:
         """Start exporting a sequence's KV; the ranks run it after any step already sent (calls run in order)."""
         return PendingExport(self, self._start_all("export_kv", block_table, num_tokens), "export_kv")
 
-    def import_kv(self, block_table: list[int], num_tokens: int, handles: list[Any]) -> None:
-        self._call_all("import_kv", block_table, num_tokens, handles, timeout=STEP_TIMEOUT_S)
+    def import_kv(self, block_table: list[int], num_tokens: int, handles: list[Any], start: int = 0,
+                  stop: int | None = None) -> float:
+        return self.start_import_kv(block_table, num_tokens, handles, start, stop).result()
+
+    def start_import_kv(self, block_table: list[int], num_tokens: int, handles: list[Any], start: int = 0,
+                        stop: int | None = None) -> "PendingImport":
+        """Start importing; the ranks run it before any step sent after it (calls run in order)."""
+        return PendingImport(self, self._start_all("import_kv", block_table, num_tokens, handles, None, start, stop),
+                             "import_kv")
 
     # -- KV channels: point-to-point with another group (kv_link.TorchChannel) --------------------
 
@@ -219,6 +226,12 @@ class PendingStep:
     def results(self) -> list[Any]:
         """Every rank's answer, in rank order."""
         return self.group._collect(self.method, self.refs, STEP_TIMEOUT_S)
+
+
+class PendingImport(PendingStep):
+    def result(self) -> float:
+        """Seconds the slowest rank spent importing."""
+        return max(self.results())
 
 
 class PendingExport(PendingStep):

@@ -10,20 +10,24 @@ After its prompt is prefilled (and its first token sampled), a sequence's
 KV leaves the prefill group, whose blocks are freed at once, for the decode engine with the most
 free blocks, through a `kv_link` chosen by `EngineConfig.kv_transport` (Ray's object store, or
 torch.distributed point-to-point between Ray worker groups). Transfers run while the decode groups
-keep stepping: each step completes the transfers whose remote part has finished, and the sequence
-decodes from the next step. A transfer that fails ends that request with an error; nothing is
-decoded from half a cache, and neither side keeps its blocks.
+keep stepping: each step moves every transfer on by one bounded piece (through the object store, a
+slice of tokens imported in about a quarter of a decode step) and completes those that are done;
+the sequence decodes from the next step. A transfer that fails ends that request with an error;
+nothing is decoded from half a cache, and neither side keeps its blocks.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 from garrison_workers.engine.llm_engine import LLMEngine, RequestOutput
 from garrison_workers.engine.sequence import SamplingParams, Sequence, SequenceStatus
 from garrison_workers.errors import ContextLengthError, GarrisonError, LayoutError, WorkerLostError
-from garrison_workers.kv_link import HandleLink, KVLink, TorchChannel, Transfer
+from garrison_workers.kv_link import HandleLink, ImportPace, KVLink, TorchChannel, Transfer
 
 
 @dataclass(slots=True)
@@ -39,12 +43,19 @@ class _Handover:
 
 
 class DisaggregatedEngine:
-    def __init__(self, prefill: LLMEngine, decoders: list[LLMEngine]) -> None:
+    def __init__(self, prefill: LLMEngine, decoders: list[LLMEngine], import_slice_tokens: int | None = None) -> None:
+        """`import_slice_tokens`: tokens of KV a decode engine imports per step through the object store; None
+        paces them to about a quarter of a decode step."""
         if prefill.role != "prefill" or not decoders or any(d.role != "decode" for d in decoders):
             raise ValueError("need one engine with role 'prefill' and at least one with role 'decode'")
+        if import_slice_tokens is not None and import_slice_tokens < 1:
+            raise ValueError(f"import_slice_tokens must be >= 1, not {import_slice_tokens}")
         self.prefill, self.decoders = prefill, decoders
         self.tokenizer = prefill.tokenizer
-        self._links = {decoder: _link(prefill, decoder) for decoder in decoders}
+        self._paces = {decoder: ImportPace(import_slice_tokens or _first_slice_tokens(decoder),
+                                           decoder.config.block_size, fixed=import_slice_tokens is not None)
+                       for decoder in decoders}
+        self._links = {decoder: _link(prefill, decoder, self._paces[decoder]) for decoder in decoders}
         self._prefill_step: Any = None  # the prefill engine's step in flight, kept across step() calls
         self._handovers: list[_Handover] = []
 
@@ -83,8 +94,13 @@ class DisaggregatedEngine:
         outputs = self._finish_handovers()
         if self._prefill_step is None:
             self._prefill_step = self.prefill.begin_step()
+        began = time.perf_counter()
         decode_steps = [decoder.begin_step() for decoder in self.decoders]
         outputs += [out for decoder, step in zip(self.decoders, decode_steps) for out in decoder.finish_step(step)]
+        step_s = time.perf_counter() - began
+        for decoder, step in zip(self.decoders, decode_steps):
+            if step is not None:
+                self._paces[decoder].observe_step(step_s)
         prefill_step = self._prefill_step
         idle = all(step is None for step in decode_steps)
         if prefill_step is not None and (prefill_step.done() or (idle and not self._handovers)):
@@ -95,11 +111,13 @@ class DisaggregatedEngine:
         return outputs
 
     def _finish_handovers(self, wait: bool = False) -> list[RequestOutput]:
+        """Move each transfer on by one piece and complete those done; `wait`: complete the oldest, waiting."""
         outputs: list[RequestOutput] = []
         for handover in list(self._handovers):
-            if not (handover.transfer.done() or wait):
+            if wait:
+                wait = False
+            elif not handover.transfer.advance():
                 continue
-            wait = False
             self._handovers.remove(handover)
             outputs += self._complete(handover)
         return outputs
@@ -161,13 +179,20 @@ class DisaggregatedEngine:
         return []
 
 
-def _link(prefill: LLMEngine, decoder: LLMEngine) -> KVLink:
+def _first_slice_tokens(decoder: LLMEngine) -> int:
+    """Before any import has been timed: 4 MiB of KV, in whole blocks."""
+    block_size = decoder.config.block_size
+    token_bytes = decoder.model_config.kv_bytes_per_token(torch.finfo(decoder.config.dtype).bits // 8)
+    return max(1, (4 << 20) // (token_bytes * block_size)) * block_size
+
+
+def _link(prefill: LLMEngine, decoder: LLMEngine, pace: ImportPace) -> KVLink:
     transport = prefill.config.kv_transport
     if decoder.config.kv_transport != transport:
         raise LayoutError(f"the prefill engine moves KV with kv_transport {transport!r} but a decode engine with "
                           f"{decoder.config.kv_transport!r}; configure one transport for both")
     if transport == "ray":
-        return HandleLink(prefill.executor, decoder.executor)
+        return HandleLink(prefill.executor, decoder.executor, pace)
     from garrison_workers.worker_group import WorkerGroup  # Ray is needed only for worker groups
 
     if not (isinstance(prefill.executor, WorkerGroup) and isinstance(decoder.executor, WorkerGroup)):

@@ -5,6 +5,7 @@ The engine (scheduler, block manager, sampler) stays in one process and sees onl
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -21,6 +22,14 @@ class PendingExport(Protocol):
     def done(self) -> bool: ...
 
     def handles(self) -> list[Any]: ...
+
+
+class PendingImport(Protocol):
+    def done(self) -> bool: ...
+
+    def result(self) -> float:
+        """The seconds the import took on the ranks; raises what the import raised."""
+        ...
 
 
 class StepFuture(Protocol):
@@ -51,8 +60,15 @@ class Executor(Protocol):
         """`export_kv` without waiting: the driver keeps stepping until `done()`, then takes `handles()`."""
         ...
 
-    def import_kv(self, block_table: list[int], num_tokens: int, handles: list[Any]) -> None:
-        """Receive a sequence's KV (from a group of any tp) into `block_table`; KVTransferError if bad."""
+    def import_kv(self, block_table: list[int], num_tokens: int, handles: list[Any], start: int = 0,
+                  stop: int | None = None) -> float:
+        """Receive tokens [start, stop) (all by default) of a sequence's KV, exported by a group of any tp, into
+        `block_table`; KVTransferError if bad. Returns the seconds the ranks spent on it."""
+        ...
+
+    def start_import_kv(self, block_table: list[int], num_tokens: int, handles: list[Any], start: int = 0,
+                        stop: int | None = None) -> "PendingImport":
+        """`import_kv` without waiting (ranks in other processes import while the driver goes on)."""
         ...
 
     def restart(self) -> None: ...
@@ -83,6 +99,17 @@ class DoneExport:
 
     def handles(self) -> list[Any]:
         return self.exported
+
+
+@dataclass(slots=True)
+class DoneImport:
+    seconds: float
+
+    def done(self) -> bool:
+        return True
+
+    def result(self) -> float:
+        return self.seconds
 
 
 @dataclass(slots=True)
@@ -117,11 +144,18 @@ class LocalExecutor:
     def start_export_kv(self, block_table: list[int], num_tokens: int) -> DoneExport:
         return DoneExport(self.export_kv(block_table, num_tokens))
 
-    def import_kv(self, block_table: list[int], num_tokens: int, handles: list[Any]) -> None:
+    def import_kv(self, block_table: list[int], num_tokens: int, handles: list[Any], start: int = 0,
+                  stop: int | None = None) -> float:
+        began = time.perf_counter()
         payloads = self.transport.receive(handles, None)
         num_kv = self.model.config.num_kv_heads
-        k, v = assemble_heads(payloads, num_tokens, num_kv, 0, num_kv)
-        self.runner.import_kv(block_table, k, v)
+        k, v = assemble_heads(payloads, num_tokens, num_kv, 0, num_kv, slice(start, stop))
+        self.runner.import_kv(block_table, k, v, start)
+        return time.perf_counter() - began
+
+    def start_import_kv(self, block_table: list[int], num_tokens: int, handles: list[Any], start: int = 0,
+                        stop: int | None = None) -> "DoneImport":
+        return DoneImport(self.import_kv(block_table, num_tokens, handles, start, stop))
 
     def restart(self) -> None:
         self.runner = ModelRunner(self.model, self.num_blocks, self.config)  # a fresh, empty KV cache

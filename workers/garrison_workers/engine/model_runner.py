@@ -90,9 +90,9 @@ class ModelRunner:
         return payload
 
     @torch.inference_mode()
-    def import_kv(self, block_table: list[int], k_LTKD: torch.Tensor, v_LTKD: torch.Tensor) -> None:
-        """Write a sequence's K and V (this rank's heads) into its blocks."""
-        slots = self._slots(block_table, 0, k_LTKD.shape[1]).to(self.device)
+    def import_kv(self, block_table: list[int], k_LTKD: torch.Tensor, v_LTKD: torch.Tensor, start: int = 0) -> None:
+        """Write K and V (this rank's heads) of a sequence's tokens from `start` on into its blocks."""
+        slots = self._slots(block_table, start, start + k_LTKD.shape[1]).to(self.device)
         for (k_cache, v_cache), k_TKD, v_TKD in zip(self.kv_caches, k_LTKD, v_LTKD):
             k_cache.index_copy_(0, slots, k_TKD.to(self.device, k_cache.dtype))
             v_cache.index_copy_(0, slots, v_TKD.to(self.device, v_cache.dtype))
