@@ -139,3 +139,10 @@ def test_prefix_cache_is_shared_only_within_a_salt(tiny_engine: LLMEngine) -> No
     assert again_hits == (len(prompt) - 1) // 8 * 8
     assert first == again == other
     assert_all_blocks_free(tiny_engine)
+
+
+def test_kv_cache_device_is_the_engine_device_or_host_memory() -> None:
+    assert EngineConfig(device="cuda", kv_cache_device="cpu").kv_device == "cpu"  # built, not run: no GPU needed
+    assert EngineConfig().kv_device == "cpu"
+    with pytest.raises(ValueError, match="kv_cache_device must be the engine's device"):
+        EngineConfig(device="cpu", kv_cache_device="cuda")

@@ -49,8 +49,9 @@ class AttentionMetadata:
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k_TKD: torch.Tensor, v_TKD: torch.Tensor,
              slot_mapping_T: torch.Tensor) -> None:
-    k_cache.index_copy_(0, slot_mapping_T, k_TKD)
-    v_cache.index_copy_(0, slot_mapping_T, v_TKD)
+    """The step's new K/V into their slots (the slots live with the cache, which may be in host memory)."""
+    k_cache.index_copy_(0, slot_mapping_T, k_TKD.to(k_cache.device))
+    v_cache.index_copy_(0, slot_mapping_T, v_TKD.to(v_cache.device))
 
 
 def paged_attention(q_THD: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -72,8 +73,8 @@ def _decode_attention(q_THD: torch.Tensor, out_THD: torch.Tensor, k_cache: torch
     # Padding slots point at slot 0, which always holds finite values, so masked keys add exact zeros.
     slots = meta.decode_chunked_slots_BW if chunked else meta.decode_slots_BL
     assert slots is not None
-    k_BKLD = _gather(k_cache, slots).transpose(1, 2)
-    v_BKLD = _gather(v_cache, slots).transpose(1, 2)
+    k_BKLD = _gather(k_cache, slots, q_THD.device).transpose(1, 2)
+    v_BKLD = _gather(v_cache, slots, q_THD.device).transpose(1, 2)
     mask = meta.decode_mask_chunked_B11W if chunked else meta.decode_mask_global_B11L
     o_BH1D = F.scaled_dot_product_attention(q_BH1D, k_BKLD, v_BKLD, attn_mask=mask, scale=scale, enable_gqa=True)
     out_THD[:num_decode] = o_BH1D.squeeze(2)
@@ -88,8 +89,8 @@ def _prefill_attention(q_THD: torch.Tensor, out_THD: torch.Tensor, k_cache: torc
         return
     slots_L = seg.slots_L[seg.chunked_key_start:] if chunked else seg.slots_L
     mask_QL = seg.mask_chunked_QL if chunked else seg.mask_global_QL
-    k_KLD = _gather(k_cache, slots_L).transpose(0, 1)
-    v_KLD = _gather(v_cache, slots_L).transpose(0, 1)
+    k_KLD = _gather(k_cache, slots_L, q_THD.device).transpose(0, 1)
+    v_KLD = _gather(v_cache, slots_L, q_THD.device).transpose(0, 1)
     # 4-D inputs: on CPU only those reach the fused (flash) kernel; 3-D ones materialize the scores.
     o_1HQD = F.scaled_dot_product_attention(q_HQD[None], k_KLD[None], v_KLD[None], attn_mask=mask_QL,
                                             scale=scale, enable_gqa=True)
@@ -116,7 +117,7 @@ def _blockwise_attention(q_HQD: torch.Tensor, k_cache: torch.Tensor, v_cache: to
     for start in range(0, context, seg.key_block):
         stop = min(start + seg.key_block, context)
         slots = seg.slots_L[start:stop]
-        s_KRB = q_KRD @ _gather(k_cache, slots).permute(1, 2, 0)
+        s_KRB = q_KRD @ _gather(k_cache, slots, q_HQD.device).permute(1, 2, 0)
         if stop - 1 > int(seg.positions_Q[0]):  # the block reaches past the first query: mask the future
             keys_B = torch.arange(start, stop, device=q_HQD.device)
             s_KRB.masked_fill_(keys_B[None, :] > positions_R[:, None], float("-inf"))
@@ -124,14 +125,15 @@ def _blockwise_attention(q_HQD: torch.Tensor, k_cache: torch.Tensor, v_cache: to
         p_KRB = torch.exp(s_KRB - m_new)
         correction = torch.exp(m_KR1 - m_new)
         l_KR1 = l_KR1 * correction + p_KRB.sum(dim=-1, keepdim=True)
-        acc_KRD = acc_KRD * correction + p_KRB @ _gather(v_cache, slots).transpose(0, 1)
+        acc_KRD = acc_KRD * correction + p_KRB @ _gather(v_cache, slots, q_HQD.device).transpose(0, 1)
         m_KR1 = m_new
     return (acc_KRD / l_KR1).reshape(num_heads, num_queries, head_dim)
 
 
-def _gather(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """cache[slots] for an index of any shape; index_select is several times faster than advanced indexing on CPU."""
-    return cache.index_select(0, slots.flatten()).view(*slots.shape, *cache.shape[1:])
+def _gather(cache: torch.Tensor, slots: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """cache[slots] for an index of any shape, on `device` (only these keys cross from a host-memory cache);
+    index_select is several times faster than advanced indexing on CPU."""
+    return cache.index_select(0, slots.flatten()).view(*slots.shape, *cache.shape[1:]).to(device)
 
 
 def causal_masks(positions_Q: torch.Tensor, context_len: int, chunk_size: int | None, key_block: int

@@ -25,9 +25,21 @@ class EngineConfig:
     worker_threads: int | None = None  # torch threads per Ray rank; None: the node's cores / ranks, at most 4
     dtype: torch.dtype = torch.float32
     device: str = "cpu"
+    # Where the KV cache lives: None, on `device`; "cpu" with a GPU device, in pinned host memory, for contexts
+    # whose KV does not fit beside the weights. Each step then writes its new K/V to the host, and attention
+    # copies to the GPU only the keys it reads (a decode row's, a local window, or one key block of a long
+    # context at a time), so GPU memory stays bounded by the step, not the context.
+    kv_cache_device: str | None = None
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("block_size, max_num_seqs and max_num_batched_tokens must be >= 1")
         if self.kv_transport not in ("ray", "torch"):
             raise ValueError(f"kv_transport must be 'ray' or 'torch', not {self.kv_transport!r}")
+        if self.kv_cache_device not in (None, "cpu", self.device):
+            raise ValueError(f"kv_cache_device must be the engine's device ({self.device!r}) or 'cpu' (host "
+                             f"memory), not {self.kv_cache_device!r}")
+
+    @property
+    def kv_device(self) -> str:
+        return self.kv_cache_device or self.device

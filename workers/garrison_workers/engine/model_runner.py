@@ -36,11 +36,15 @@ class ModelRunner:
         self.model, self.config = model, model.config
         self.key_block = engine_config.attention_key_block
         self.block_size, self.device = engine_config.block_size, torch.device(engine_config.device)
-        dtype, device = engine_config.dtype, self.device
+        self.kv_device = torch.device(engine_config.kv_device)
+        dtype, device = engine_config.dtype, self.kv_device
+        pin = device.type == "cpu" and self.device.type == "cuda"  # host memory the GPU copies from directly
         shape = (num_blocks * self.block_size, model.num_local_kv_heads, self.config.head_dim)
-        # Zero-filled so that padded gathers read finite values (0 * garbage could be NaN).
-        self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-                          for _ in range(self.config.num_layers)]
+
+        def zeros() -> torch.Tensor:  # zero-filled so that padded gathers read finite values (0 * garbage could be NaN)
+            return torch.zeros(shape, dtype=dtype, device=device, pin_memory=pin)
+
+        self.kv_caches = [(zeros(), zeros()) for _ in range(self.config.num_layers)]
 
     @staticmethod
     def kv_block_bytes(config: ModelConfig, block_size: int, dtype: torch.dtype, tp: int = 1) -> int:
@@ -82,7 +86,7 @@ class ModelRunner:
     def export_kv(self, block_table: list[int], num_tokens: int, head_start: int, checksum: bool,
                   device: str | torch.device = "cpu") -> KVPayload:
         """This rank's K and V of every layer for tokens 0..num_tokens-1 of a sequence, copied out to `device`."""
-        slots = self._slots(block_table, 0, num_tokens).to(self.device)
+        slots = self._slots(block_table, 0, num_tokens).to(self.kv_device)
         k = torch.stack([k_cache.index_select(0, slots) for k_cache, _ in self.kv_caches]).to(device)
         v = torch.stack([v_cache.index_select(0, slots) for _, v_cache in self.kv_caches]).to(device)
         payload = KVPayload(num_tokens, head_start, k, v)
@@ -92,10 +96,10 @@ class ModelRunner:
     @torch.inference_mode()
     def import_kv(self, block_table: list[int], k_LTKD: torch.Tensor, v_LTKD: torch.Tensor, start: int = 0) -> None:
         """Write K and V (this rank's heads) of a sequence's tokens from `start` on into its blocks."""
-        slots = self._slots(block_table, start, start + k_LTKD.shape[1]).to(self.device)
+        slots = self._slots(block_table, start, start + k_LTKD.shape[1]).to(self.kv_device)
         for (k_cache, v_cache), k_TKD, v_TKD in zip(self.kv_caches, k_LTKD, v_LTKD):
-            k_cache.index_copy_(0, slots, k_TKD.to(self.device, k_cache.dtype))
-            v_cache.index_copy_(0, slots, v_TKD.to(self.device, v_cache.dtype))
+            k_cache.index_copy_(0, slots, k_TKD.to(self.kv_device, k_cache.dtype))
+            v_cache.index_copy_(0, slots, v_TKD.to(self.kv_device, v_cache.dtype))
 
     def _slots(self, block_table: list[int], start: int, end: int) -> torch.Tensor:
         positions = torch.arange(start, end)
@@ -133,11 +137,13 @@ class ModelRunner:
         return slots_BL, valid_BL[:, None, None, :]
 
     def _to_device(self, meta: AttentionMetadata) -> AttentionMetadata:
-        if self.device.type == "cpu":
+        """Cache slots go where the cache is (they index it), positions and masks where the model computes."""
+        if self.device.type == "cpu" and self.kv_device.type == "cpu":
             return meta
         move = lambda t: None if t is None else t.to(self.device, non_blocking=True)  # noqa: E731
+        slots = lambda t: None if t is None else t.to(self.kv_device, non_blocking=True)  # noqa: E731
         return AttentionMetadata(
-            move(meta.positions_T), move(meta.slot_mapping_T), meta.num_decode, move(meta.decode_slots_BL),
-            move(meta.decode_mask_global_B11L), move(meta.decode_mask_chunked_B11W), move(meta.decode_chunked_slots_BW),
-            [PrefillSegment(s.query_start, s.query_len, move(s.slots_L), move(s.positions_Q), move(s.mask_global_QL),
+            move(meta.positions_T), slots(meta.slot_mapping_T), meta.num_decode, slots(meta.decode_slots_BL),
+            move(meta.decode_mask_global_B11L), move(meta.decode_mask_chunked_B11W), slots(meta.decode_chunked_slots_BW),
+            [PrefillSegment(s.query_start, s.query_len, slots(s.slots_L), move(s.positions_Q), move(s.mask_global_QL),
                             s.chunked_key_start, move(s.mask_chunked_QL), s.key_block) for s in meta.prefills])
