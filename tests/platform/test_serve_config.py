@@ -7,12 +7,14 @@ from pathlib import Path
 
 import grpc
 import pytest
+import torch
 import yaml
 
 from conftest import save_tiny_llama4
 from garrison.certs import make_certs
 from garrison.client import ClientError, GarrisonClient, TLSFiles
 from garrison.serving.background import BackgroundServer
+from garrison.serving.cluster import engine_config
 from garrison.serving.config import ConfigError, load
 
 
@@ -24,6 +26,10 @@ def test_unknown_or_malformed_settings_are_refused_with_their_place(tmp_path: Pa
         "models:\n  - {name: m, source: x, engine: {kv_cache: 1}}\n": "config.models[0].engine: unknown setting(s) kv_cache",
         "models:\n  - {source: x}\n": "config.models[0]",
         "models: []\n": "non-empty list",
+        "models:\n  - {name: m, source: x, engine: {device: gpu}}\n": "config.models[0].engine: device must be cpu, cuda",
+        "models:\n  - {name: m, source: x, engine: {dtype: fp8}}\n": "dtype must be one of float32, bfloat16",
+        "models:\n  - {name: m, source: x, engine: {kv_cache_device: cuda}}\n": "kv_cache_device must be cpu (host",
+        "models:\n  - {name: m, source: x, engine: {kv_transport: nccl}}\n": "kv_transport must be ray or torch",
         "- 1\n": "mapping",
         "listen: [unclosed\n": "not valid YAML",
     }
@@ -35,6 +41,17 @@ def test_unknown_or_malformed_settings_are_refused_with_their_place(tmp_path: Pa
         assert expected in str(info.value), (text, str(info.value))
     with pytest.raises(ConfigError, match="cannot read"):
         load(tmp_path / "missing.yaml")
+
+
+def test_engine_settings_reach_the_engine_config(tmp_path: Path) -> None:
+    """A GPU deployment's settings (no GPU needed to build its config): device, dtype, a host-memory KV cache."""
+    path = tmp_path / "serve.yaml"
+    path.write_text("models:\n  - {name: m, source: x, engine: {device: cuda, dtype: bfloat16, kv_cache_device: cpu,"
+                    " kv_transport: torch, kv_cache_bytes: 4096}}\n")
+    config = engine_config(load(path).models[0].engine)
+    assert (config.device, config.dtype, config.kv_cache_device, config.kv_device, config.kv_transport,
+            config.kv_cache_bytes) == ("cuda", torch.bfloat16, "cpu", "cpu", "torch", 4096)
+    assert engine_config(load(None).models[0].engine).kv_device == "cpu"  # the embedded default: all on the CPU
 
 
 def test_a_config_file_serves_tls_clients_and_colocated_and_disaggregated_models(tmp_path: Path) -> None:

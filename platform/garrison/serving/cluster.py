@@ -32,7 +32,8 @@ def engine_config(settings: EngineSettings) -> EngineConfig:
     return EngineConfig(block_size=settings.block_size, kv_cache_bytes=settings.kv_cache_bytes,
                         max_num_seqs=settings.max_num_seqs, max_num_batched_tokens=settings.max_num_batched_tokens,
                         max_model_len=settings.max_model_len, enable_prefix_caching=settings.enable_prefix_caching,
-                        kv_transport=settings.kv_transport)
+                        kv_transport=settings.kv_transport, device=settings.device, dtype=settings.torch_dtype,
+                        kv_cache_device=settings.kv_cache_device)
 
 
 def needs_ray(config: ServeConfig) -> bool:

@@ -13,7 +13,8 @@ unknown keys are refused so a typo never silently falls back to a default. Examp
     models:
       - name: scout
         source: /models/llama4-scout       # a directory, a .gguf file, or a bundled name
-        engine: {kv_cache_bytes: 68719476736, max_num_seqs: 256, max_num_batched_tokens: 8192, kv_transport: torch}
+        engine: {kv_cache_bytes: 68719476736, max_num_seqs: 256, max_num_batched_tokens: 8192, kv_transport: torch,
+                 device: cuda, dtype: bfloat16}   # kv_cache_device: cpu keeps the KV cache in host memory
         groups:                            # one replica = these groups; prefill+decode disaggregates
           - {role: prefill, tp: 4, ep: 2}
           - {role: decode, tp: 2, ep: 4}
@@ -23,10 +24,12 @@ unknown keys are refused so a typo never silently falls back to a default. Examp
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from garrison.paths import default_data_dir
@@ -64,6 +67,29 @@ class EngineSettings:
     # How a disaggregated replica moves KV from prefill to decode: "ray" (object store; any placement)
     # or "torch" (torch.distributed point-to-point, NCCL on GPU; every group on Ray).
     kv_transport: str = "ray"
+    device: str = "cpu"  # "cuda": each rank of a group takes one GPU (Ray schedules them)
+    dtype: str = "float32"  # of the weights and the KV cache: float32, bfloat16 or float16
+    # "cpu" with device cuda: the KV cache in pinned host memory (contexts too long for the GPU; attention
+    # copies over only the keys each step reads). None: the KV cache on `device`.
+    kv_cache_device: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kv_transport not in ("ray", "torch"):
+            raise ConfigError(f"kv_transport must be ray or torch, not {self.kv_transport!r}")
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", str(self.device)):
+            raise ConfigError(f"device must be cpu, cuda or cuda:N, not {self.device!r}")
+        if self.dtype not in _DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(_DTYPES)}, not {self.dtype!r}")
+        if self.kv_cache_device not in (None, "cpu", self.device):
+            raise ConfigError(f"kv_cache_device must be cpu (host memory) or the device ({self.device}), "
+                              f"not {self.kv_cache_device!r}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype]
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(slots=True, frozen=True)
@@ -189,4 +215,6 @@ def _build(cls: type, raw: Any, where: str, base: Path) -> Any:
     try:
         return cls(**values)
     except TypeError as err:  # a required setting is missing
+        raise ConfigError(f"{where}: {err}") from None
+    except ConfigError as err:  # a value out of range: say where
         raise ConfigError(f"{where}: {err}") from None
