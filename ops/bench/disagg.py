@@ -757,8 +757,8 @@ def anatomy_lines(report: Report) -> list[str]:
 def transfer_lines(report: Report) -> list[str]:
     lines = ["KV handover of each long prompt (prefill group -> decode engine: export on the ranks, Ray object store,"
              " import a slice per decode step,",
-             " paced to ~1/4 of a step; from its start to the KV in place, decode stepping meanwhile; the link's own speed"
-             " is in the next table) vs a plain copy of the same bytes",
+             " paced to ~1/4 of a step; from its start to the KV in place, decode stepping meanwhile; the link's own"
+             " speed is in the next table) vs a plain copy of the same bytes",
              f"{'tokens':>8}{'MB':>8}{'transfer ms':>13}{'GB/s':>7}{'clone ms':>10}{'GB/s':>7}{'copy_ ms':>10}{'GB/s':>7}"
              f"{'transfer / clone':>18}{'transfer / copy_':>18}"]
     for t in report.transfers:

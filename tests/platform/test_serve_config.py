@@ -26,7 +26,7 @@ def test_unknown_or_malformed_settings_are_refused_with_their_place(tmp_path: Pa
         "models:\n  - {name: m, source: x, engine: {kv_cache: 1}}\n": "config.models[0].engine: unknown setting(s) kv_cache",
         "models:\n  - {source: x}\n": "config.models[0]",
         "models: []\n": "non-empty list",
-        "models:\n  - {name: m, source: x, engine: {device: gpu}}\n": "config.models[0].engine: device must be cpu, cuda",
+        "models:\n  - {name: m, source: x, engine: {device: gpu}}\n": "config.models[0].engine: device must be cpu",
         "models:\n  - {name: m, source: x, engine: {dtype: fp8}}\n": "dtype must be one of float32, bfloat16",
         "models:\n  - {name: m, source: x, engine: {kv_cache_device: cuda}}\n": "kv_cache_device must be cpu (host",
         "models:\n  - {name: m, source: x, engine: {kv_transport: nccl}}\n": "kv_transport must be ray or torch",

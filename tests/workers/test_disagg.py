@@ -271,28 +271,6 @@ def test_kv_imported_slice_by_slice_gives_the_same_tokens(tiny_moe: Path, coloca
     assert len(parts) == -(-longest // SLICE) > 1 and all(stop - start <= SLICE for start, stop in parts)
 
 
-def test_short_or_corrupt_shard_fails_a_sliced_import_and_frees_both_sides(
-        tiny_moe: Path, colocated_tokens: dict[str, list[int]]) -> None:
-    """Shapes are checked on every slice, the checksum on the first; the request fails before any decode."""
-    engine, _ = sliced(tiny_moe, ParallelDims(tp=2), ParallelDims(tp=1))
-    prompt = max(prompts(512), key=len)
-    try:
-        for how, why in (("short", "holds .* tokens"), ("corrupt", "fails its checksum")):
-            tamper(engine.prefill.executor, how)
-            engine.add_request(how, prompt, PARAMS)
-            outputs = []
-            while engine.has_unfinished_requests():
-                outputs += engine.step()
-            failed = [out for out in outputs if out.finish_reason == "error"]
-            assert len(failed) == 1 and re.search(f"KV transfer to the decode group failed: .*{why}", failed[0].error)
-            assert sum(len(out.new_token_ids) for out in outputs) == 1
-            assert_no_blocks_held(engine)
-        tamper(engine.prefill.executor, None)
-        assert run(engine, prompts(512)) == colocated_tokens
-    finally:
-        shutdown(engine)
-
-
 # -- kv_transport "torch": a prefill worker group hands KV to a decode worker group over a channel --------
 
 TORCH = replace(CONFIG, kv_transport="torch")
@@ -348,10 +326,16 @@ def tamper(group, how: str | None) -> None:
     ray.get([actor.__ray_call__.remote(patch, how) for actor in group.actors])
 
 
+@pytest.mark.parametrize("link", ["torch-channel", "object-store-sliced"])
 def test_short_or_corrupt_transfer_fails_the_request_and_frees_both_sides(
-        tiny_moe: Path, colocated_tokens: dict[str, list[int]]) -> None:
-    engine = over_channel(tiny_moe, ParallelDims(tp=2), ParallelDims(tp=2))  # each decode rank hears one shard
-    prompt = prompts(512)[0]
+        tiny_moe: Path, colocated_tokens: dict[str, list[int]], link: str) -> None:
+    """Shapes are checked on arrival (and on every slice of a sliced import), checksums on arrival (with a sliced
+    import's first slice); the request fails before anything is decoded."""
+    if link == "torch-channel":
+        engine = over_channel(tiny_moe, ParallelDims(tp=2), ParallelDims(tp=2))  # each decode rank hears one shard
+    else:
+        engine, _ = sliced(tiny_moe, ParallelDims(tp=2), ParallelDims(tp=1))
+    prompt = max(prompts(512), key=len)  # several slices
     try:
         for how, why in (("short", "holds .* tokens"), ("corrupt", "fails its checksum")):
             tamper(engine.prefill.executor, how)
@@ -363,7 +347,7 @@ def test_short_or_corrupt_transfer_fails_the_request_and_frees_both_sides(
             assert len(failed) == 1 and re.search(f"KV transfer to the decode group failed: .*{why}", failed[0].error)
             assert sum(len(out.new_token_ids) for out in outputs) == 1  # the prefill's first token, then nothing
             assert_no_blocks_held(engine)
-        tamper(engine.prefill.executor, None)  # the channel reopens after a failure and serves again
+        tamper(engine.prefill.executor, None)  # a channel reopens after a failure and serves again
         assert run(engine, prompts(512)) == colocated_tokens
         assert_no_blocks_held(engine)
     finally:

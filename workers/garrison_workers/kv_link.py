@@ -111,7 +111,8 @@ class _HandleTransfer:
 
     def __init__(self, export: PendingExport, dest: Executor, dest_blocks: list[int], num_tokens: int,
                  pace: ImportPace | None) -> None:
-        self.export, self.dest, self.dest_blocks, self.num_tokens, self.pace = export, dest, dest_blocks, num_tokens, pace
+        self.export, self.dest, self.dest_blocks, self.num_tokens = export, dest, dest_blocks, num_tokens
+        self.pace = pace
         self._handles: list[Any] | None = None
         self._next = 0  # tokens whose import has started
         self._slice: tuple[PendingImport, int] | None = None  # the import in flight and its tokens

@@ -144,6 +144,7 @@ class ModelRunner:
         slots = lambda t: None if t is None else t.to(self.kv_device, non_blocking=True)  # noqa: E731
         return AttentionMetadata(
             move(meta.positions_T), slots(meta.slot_mapping_T), meta.num_decode, slots(meta.decode_slots_BL),
-            move(meta.decode_mask_global_B11L), move(meta.decode_mask_chunked_B11W), slots(meta.decode_chunked_slots_BW),
+            move(meta.decode_mask_global_B11L), move(meta.decode_mask_chunked_B11W),
+            slots(meta.decode_chunked_slots_BW),
             [PrefillSegment(s.query_start, s.query_len, slots(s.slots_L), move(s.positions_Q), move(s.mask_global_QL),
                             s.chunked_key_start, move(s.mask_chunked_QL), s.key_block) for s in meta.prefills])
