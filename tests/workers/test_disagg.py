@@ -128,26 +128,6 @@ def test_streams_keep_decoding_while_a_prefill_step_is_in_flight(tiny_moe: Path)
         shutdown(engine)
 
 
-def test_a_request_aborted_while_its_kv_is_in_transit_frees_both_sides(tiny_moe: Path) -> None:
-    engine = DisaggregatedEngine(LLMEngine.from_path(tiny_moe, CONFIG, role="prefill", on_ray=True),
-                                 [LLMEngine.from_path(tiny_moe, CONFIG, role="decode")])
-    batch = prompts(512, count=2)
-    expected = run(LLMEngine.from_path(tiny_moe, CONFIG), [batch[1]])["r0"]
-    try:
-        engine.add_request("doomed", batch[0], PARAMS)
-        for _ in range(200):  # until its prefill is done and its KV handover has started
-            engine.step()
-            if engine.handovers_in_flight:
-                break
-        assert engine.handovers_in_flight == ["doomed"]
-        assert engine.abort_request("doomed") and engine.handovers_in_flight == []
-        tokens = run(engine, [batch[1]])["r0"]  # completes the aborted transfer, then serves the next request
-        assert tokens == expected
-        assert_no_blocks_held(engine)
-    finally:
-        shutdown(engine)
-
-
 def stream_until_error(engine: DisaggregatedEngine, kill, kill_after_steps: int) -> tuple[str, float]:
     for step in range(500):
         if step == kill_after_steps:
@@ -214,22 +194,27 @@ def test_prompt_too_long_for_the_decode_side_is_refused_up_front(tiny_moe: Path)
 SLICE = 8  # tokens per imported slice: the test prompts (5-59 tokens) arrive in 1 to 8 slices
 
 
-def sliced(path: Path, prefill: ParallelDims, decode: ParallelDims
-           ) -> tuple[DisaggregatedEngine, list[tuple[int, int, int]]]:
-    """An engine importing SLICE tokens per step, and every slice its decode engine imports: (the sequence's
-    first block there, start, stop)."""
-    config = replace(CONFIG, num_kv_blocks=1024)  # room for a long stream beside the test prompts
-    engine = DisaggregatedEngine(LLMEngine.from_path(path, config, prefill, role="prefill"),
-                                 [LLMEngine.from_path(path, config, decode, role="decode")], import_slice_tokens=SLICE)
+def record_imports(engine: DisaggregatedEngine) -> list[tuple[int, int, int, int]]:
+    """Every slice the decode engine starts importing from now on: (the sequence's first block there, its tokens,
+    start, stop). A slice that had not arrived yet (over a channel) is started, and recorded, again."""
     executor, slices = engine.decoders[0].executor, []
     start_import = executor.start_import_kv
 
     def recording(block_table, num_tokens, handles, start=0, stop=None):
-        slices.append((block_table[0], start, stop))
+        slices.append((block_table[0], num_tokens, start, stop))
         return start_import(block_table, num_tokens, handles, start, stop)
 
     executor.start_import_kv = recording
-    return engine, slices
+    return slices
+
+
+def sliced(path: Path, prefill: ParallelDims, decode: ParallelDims, on_ray: bool | None = None
+           ) -> tuple[DisaggregatedEngine, list[tuple[int, int, int, int]]]:
+    """An engine importing SLICE tokens per step through the object store, and its `record_imports`."""
+    config = replace(CONFIG, num_kv_blocks=1024)  # room for a long stream beside the test prompts
+    engine = DisaggregatedEngine(LLMEngine.from_path(path, config, prefill, role="prefill", on_ray=on_ray),
+                                 [LLMEngine.from_path(path, config, decode, role="decode")], import_slice_tokens=SLICE)
+    return engine, record_imports(engine)
 
 
 @pytest.mark.parametrize("prefill, decode", [
@@ -259,7 +244,7 @@ def test_kv_imported_slice_by_slice_gives_the_same_tokens(tiny_moe: Path, coloca
     finally:
         shutdown(engine)
     imports: dict[int, list[tuple[int, int]]] = {}
-    for first_block, start, stop in slices:  # transfers overlap; each one's slices run in order from token 0
+    for first_block, _, start, stop in slices:  # transfers overlap; each one's slices run in order from token 0
         imports.setdefault(first_block, []).append((start, stop))
     ends = sorted(parts[-1][1] for parts in imports.values())
     assert ends == sorted(len(p) for p in [batch[0], *batch])  # each prompt whole, once (the stream's too)
@@ -297,6 +282,95 @@ def test_same_tokens_as_colocated_over_a_torch_channel(tiny_moe: Path, colocated
     try:
         assert isinstance(engine._links[engine.decoders[0]], TorchChannel)
         assert run(engine, prompts(512)) == colocated_tokens
+        assert_no_blocks_held(engine)
+    finally:
+        shutdown(engine)
+
+
+def start_stream(engine: DisaggregatedEngine, prompt: list[int]) -> dict[str, list[int]]:
+    """A long request decoding, so that the decode engine keeps stepping (and imports a slice per step)."""
+    tokens: dict[str, list[int]] = {"stream": []}
+    engine.add_request("stream", prompt, replace(PARAMS, max_tokens=3000))
+    while not tokens["stream"]:
+        for out in engine.step():
+            tokens[out.request_id] += out.new_token_ids
+    return tokens
+
+
+def delay_sends(seconds: float):
+    """A patch for `__ray_call__`: the rank's channel thread waits `seconds` before each send."""
+    def patch(worker) -> None:
+        transport = worker.transport
+        send = type(transport)._send
+        transport._send = lambda *args: (time.sleep(seconds), send(transport, *args))[1]
+    return patch
+
+
+def test_decode_steps_go_on_while_a_channel_transfer_waits_for_its_sender(
+        tiny_moe: Path, colocated_tokens: dict[str, list[int]]) -> None:
+    """The decode ranks receive on their channel threads: a sender that is late (by 2 s here) holds back its own
+    request only, not the streams' steps; its KV is imported once it is in."""
+    engine = over_channel(tiny_moe, ParallelDims(), ParallelDims())
+    batch = prompts(512)
+    try:
+        tokens = start_stream(engine, batch[1])
+        ray.get([actor.__ray_call__.remote(delay_sends(2.0)) for actor in engine.prefill.executor.actors])
+        engine.add_request("r0", batch[0], PARAMS)
+        tokens["r0"], streamed_during_handover, handover_s = [], 0, 0.0
+        while len(tokens["r0"]) < PARAMS.max_tokens:
+            began = time.monotonic()
+            outputs = engine.step()
+            if "r0" in engine.handovers_in_flight:
+                handover_s += time.monotonic() - began
+                streamed_during_handover += sum(len(out.new_token_ids) for out in outputs if out.request_id == "stream")
+            for out in outputs:
+                assert out.error is None, out.error
+                tokens[out.request_id] += out.new_token_ids
+        assert tokens["r0"] == colocated_tokens["r0"]
+        assert handover_s >= 2.0 and streamed_during_handover >= 20, (handover_s, streamed_during_handover)
+        engine.abort_request("stream")
+        while engine.has_unfinished_requests():
+            engine.step()
+        assert_no_blocks_held(engine)
+    finally:
+        shutdown(engine)
+
+
+@pytest.mark.parametrize("transport", ["ray", "torch"])
+def test_a_request_aborted_while_its_kv_is_in_transit_frees_both_sides(
+        tiny_moe: Path, colocated_tokens: dict[str, list[int]], transport: str) -> None:
+    """Aborted after its first import slice: no further slice is imported, both sides free its blocks, and the
+    engine serves the next request."""
+    # Both groups on Ray with a thread each: an engine in this process would share the two cores with them.
+    config = replace(CONFIG, num_kv_blocks=1024, worker_threads=1, kv_transport=transport)
+    engine = DisaggregatedEngine(LLMEngine.from_path(tiny_moe, config, role="prefill", on_ray=True),
+                                 [LLMEngine.from_path(tiny_moe, config, ParallelDims(tp=2), role="decode")],
+                                 import_slice_tokens=SLICE)
+    imports = record_imports(engine)
+    batch = prompts(512)
+    doomed = batch[1] * 3  # several slices, and a length of its own
+    try:
+        tokens = start_stream(engine, batch[2])
+        engine.add_request("doomed", doomed, PARAMS)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # until its handover has started a slice
+            engine.step()
+            if "doomed" in engine.handovers_in_flight and any(n == len(doomed) for _, n, _, _ in imports):
+                break
+        assert max(stop for _, n, _, stop in imports if n == len(doomed)) < len(doomed)  # slices are left
+        assert engine.abort_request("doomed") and engine.handovers_in_flight == []
+        imported = len(imports)
+        engine.add_request("r0", batch[0], PARAMS)
+        tokens["r0"] = []
+        while len(tokens["r0"]) < PARAMS.max_tokens:
+            for out in engine.step():
+                assert out.error is None, out.error
+                tokens[out.request_id] += out.new_token_ids
+        assert not [s for s in imports[imported:] if s[1] == len(doomed)]
+        assert tokens["r0"] == colocated_tokens["r0"]
+        engine.abort_request("stream")
+        while engine.has_unfinished_requests():
+            engine.step()
         assert_no_blocks_held(engine)
     finally:
         shutdown(engine)

@@ -1,20 +1,21 @@
 """The torch.distributed point-to-point KV transport: shards reach the ranks needing their heads; bad ones are refused.
 
-Every channel member runs as a thread of this process (gloo). The same transport between Ray worker groups,
-driven by a DisaggregatedEngine, is tested in test_disagg.py.
+Every channel member is a transport in this process (gloo), each with its channel's thread. The same transport
+between Ray worker groups, driven by a DisaggregatedEngine, is tested in test_disagg.py.
 """
 
 from __future__ import annotations
 
 import socket
+import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
 import pytest
 import torch
 
-from garrison_workers.kv_transfer import (HeadShard, KVPayload, KVRoute, KVTransferError, TorchDistributedTransport,
-                                          assemble_heads)
+from garrison_workers.kv_transfer import (HeadShard, KVPayload, KVRoute, KVTransferError, StagedKV,
+                                          TorchDistributedTransport, assemble_heads)
 
 LAYERS, TOKENS, HEADS, DIM = 3, 7, 4, 8
 
@@ -53,11 +54,10 @@ def shard(k: torch.Tensor, v: torch.Tensor, start: int, count: int, checksum: bo
 
 
 def transfer(transports: list[TorchDistributedTransport], r: KVRoute, payloads: dict[int, KVPayload]
-             ) -> dict[int, list[KVPayload] | Exception]:
-    """Every sender and receiver at once, as the driver starts them; each rank's result or error."""
-    with ThreadPoolExecutor(len(transports)) as pool:
-        futures = {rank: pool.submit(transports[rank].send, payload, r) for rank, payload in payloads.items()}
-        futures |= {s.rank: pool.submit(transports[s.rank].receive, [], r) for s in r.receivers}
+             ) -> dict[int, list[KVPayload] | Exception | None]:
+    """Every sender and receiver posted at once, as the driver starts them; each rank's result or error."""
+    futures = {rank: transports[rank].post_send(payload, r) for rank, payload in payloads.items()}
+    futures |= {s.rank: transports[s.rank].post_receive(r) for s in r.receivers}
     return {rank: f.exception() or f.result() for rank, f in futures.items()}  # type: ignore[misc]
 
 
@@ -80,12 +80,49 @@ def test_each_decode_rank_gets_exactly_its_heads(prefill_tp: int, decode_tp: int
 
 
 def test_transfers_with_distinct_tags_share_a_channel() -> None:
+    """Posted back to back, before any has arrived (as handovers overlap): each arrives whole, in order."""
     transports = open_channel(2)
-    for tag, seed in ((0, 1), (3, 2), (6, 3)):
-        k, v = full_kv(seed)
-        received = transfer(transports, route(1, 1, tag), {0: shard(k, v, 0, HEADS, checksum=False)})[1]
-        assert isinstance(received, list) and received[0].checksum is None
-        assert torch.equal(received[0].k_LTKD, k)
+    kvs = {tag: full_kv(seed) for tag, seed in ((0, 1), (3, 2), (6, 3))}
+    sent = [transports[0].post_send(shard(k, v, 0, HEADS, checksum=False), route(1, 1, tag))
+            for tag, (k, v) in kvs.items()]
+    received = {tag: transports[1].post_receive(route(1, 1, tag)) for tag in kvs}
+    assert [s.result() for s in sent] == [None] * 3
+    for tag, (k, v) in kvs.items():
+        [payload] = received[tag].result()
+        assert payload.checksum is None and torch.equal(payload.k_LTKD, k) and torch.equal(payload.v_LTKD, v)
+
+
+def test_staged_receive_is_polled_without_waiting() -> None:
+    """The receiving rank starts a receive and goes on: `receive` says None until the KV is in (however late the
+    sender is), then gives it until released."""
+    transports = open_channel(2)
+    r = route(1, 1)
+    staged = [StagedKV(r.channel, r.tag)]
+    transports[1].start_receive(r)
+    began = time.monotonic()
+    assert transports[1].receive(staged) is None and time.monotonic() - began < 0.1
+    k, v = full_kv()
+    transports[0].send(shard(k, v, 0, HEADS), r)
+    deadline = time.monotonic() + 10
+    while (payloads := transports[1].receive(staged)) is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert payloads is not None and torch.equal(assemble_heads(payloads, TOKENS, HEADS, 0, HEADS)[1], v)
+    transports[1].release(staged)
+    with pytest.raises(KVTransferError, match="no KV staged"):
+        transports[1].receive(staged)
+
+
+def test_failed_staged_receive_is_reported_once() -> None:
+    transports = open_channel(2, timeout_s=0.5)
+    r = route(1, 1)
+    staged = [StagedKV(r.channel, r.tag)]
+    transports[1].start_receive(r)  # no sender: times out on the channel's thread
+    deadline = time.monotonic() + 10
+    with pytest.raises(KVTransferError, match="receiving headers"):
+        while transports[1].receive(staged) is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+    with pytest.raises(KVTransferError, match="no KV staged"):  # reported by the call that found it, then forgotten
+        transports[1].receive(staged)
 
 
 def test_short_shard_arrives_whole_and_is_refused() -> None:
@@ -121,11 +158,11 @@ def test_header_beyond_the_route_is_refused_before_receiving() -> None:
 def test_missing_sender_times_out_as_a_transfer_error() -> None:
     transports = open_channel(2, timeout_s=1.0)
     with pytest.raises(KVTransferError, match="receiving headers"):
-        transports[1].receive([], route(1, 1))
+        transports[1].post_receive(route(1, 1)).result()
 
 
 def test_rank_outside_the_channel_is_refused() -> None:
     transport = TorchDistributedTransport(torch.device("cpu"), timedelta(seconds=1))
     with pytest.raises(KVTransferError, match="not in KV channel 'test'"):
-        transport.receive([], route(1, 1))
+        transport.start_receive(route(1, 1))
 

@@ -1,26 +1,31 @@
 """The driver's side of a KV transfer: how a prefill executor's KV reaches a decode executor's blocks.
 
-A `DisaggregatedEngine` holds one link per decode engine, chosen by `EngineConfig.kv_transport`. Every link
-has the one call `transfer(source_blocks, dest_blocks, num_tokens)`; freeing blocks stays with the caller.
+A `DisaggregatedEngine` holds one link per decode engine, chosen by `EngineConfig.kv_transport`. A link
+`start`s a transfer, which the driver moves on a piece per decode step (`advance`) and then `finish`es;
+freeing blocks stays with the caller.
 
 - `HandleLink` ("ray"): the prefill ranks export handles (Ray object references, or payloads in this
-  process), then the decode ranks import them. Any executors, on one node or across nodes. The import
-  goes a slice of tokens per decode step, sized by an `ImportPace`, so that a long prompt's KV (a
-  gigabyte at a million tokens of a small model) never holds one step of the streams for its whole copy.
+  process), then the decode ranks import them. Any executors, on one node or across nodes.
 - `TorchChannel` ("torch"): a torch.distributed process group of both Ray worker groups' ranks (gloo on
   CPU, NCCL on GPU), built from its own TCPStore, apart from each group's own process group. The driver
-  starts the receives and the sends together and waits for both. Opened with the link, and again after a
+  starts the sends and the receives together; both run on the ranks' channel threads, so neither group's
+  steps wait for them, and the decode ranks stage what arrives. Opened with the link, and again after a
   failed transfer (messages may be left pending in the old group) or a restart of either group.
+
+Either way the decode ranks then write the KV into their blocks a slice of tokens per decode step, sized by
+an `ImportPace`, so that a long prompt's KV (a gigabyte at a million tokens of a small model) never holds
+one step of the streams for its whole copy.
 """
 
 from __future__ import annotations
 
 import itertools
+import time
 import uuid
 from typing import TYPE_CHECKING, Any, Protocol
 
 from garrison_workers.errors import GarrisonError, WorkerLostError
-from garrison_workers.kv_transfer import HeadShard, KVRoute
+from garrison_workers.kv_transfer import HeadShard, KVRoute, StagedKV
 
 if TYPE_CHECKING:
     from garrison_workers.config import ModelConfig
@@ -34,13 +39,14 @@ _TAG_LIMIT = 1 << 30
 
 
 class Transfer(Protocol):
-    def done(self) -> bool:
-        """True once `finish()` would not wait for a remote group."""
-        ...
-
     def advance(self) -> bool:
         """Move the transfer on by at most one bounded piece of work without waiting (a sliced import); True
         once `finish()` has nothing left to do but report. Errors wait for `finish()`."""
+        ...
+
+    def cancel(self) -> None:
+        """Start no more pieces (the request was aborted): `advance()` is True once those in flight are done,
+        and `finish()` imports nothing more. The destination blocks then hold nothing usable."""
         ...
 
     def finish(self) -> None:
@@ -53,7 +59,7 @@ class Transfer(Protocol):
 class KVLink(Protocol):
     def start(self, source_blocks: list[int], dest_blocks: list[int], num_tokens: int) -> Transfer:
         """Start moving a sequence's first `num_tokens` tokens of KV from the source's blocks into the
-        destination's; the driver keeps stepping until the transfer is `done()`."""
+        destination's; the source's blocks may be reused by its next step."""
         ...
 
     def transfer(self, source_blocks: list[int], dest_blocks: list[int], num_tokens: int) -> None:
@@ -107,33 +113,44 @@ class HandleLink:
 class _HandleTransfer:
     """The export runs on the prefill ranks while the driver steps; then the destination imports the tokens
     slice by slice, one per `advance()` (local, or started on the decode ranks ahead of their next step), or
-    all that is left in `finish()`. Nothing is decoded before the last slice is in: `finish()` reports."""
+    all that is left in `finish()`. A slice of KV still arriving (over a channel) is started again later.
+    Nothing is decoded before the last slice is in: `finish()` reports."""
 
     def __init__(self, export: PendingExport, dest: Executor, dest_blocks: list[int], num_tokens: int,
                  pace: ImportPace | None) -> None:
         self.export, self.dest, self.dest_blocks, self.num_tokens = export, dest, dest_blocks, num_tokens
         self.pace = pace
+        self.cancelled = False
         self._handles: list[Any] | None = None
         self._next = 0  # tokens whose import has started
-        self._slice: tuple[PendingImport, int] | None = None  # the import in flight and its tokens
+        self._slice: tuple[PendingImport, int, int] | None = None  # the import in flight, its start and stop
         self._error: GarrisonError | None = None
 
-    def done(self) -> bool:
-        return self.export.done()
-
     def advance(self) -> bool:
-        if self._settle(wait=False) and self._error is None and self._next < self.num_tokens and self.export.done():
+        if self._settle(wait=False) and self._wanted() and self.export.done():
             self._start_slice(self.pace.tokens() if self.pace else self.num_tokens)
             self._settle(wait=False)  # a local import is already done
-        return self._error is not None or (self._slice is None and self._next >= self.num_tokens)
+        return self._slice is None and not self._wanted()
+
+    def cancel(self) -> None:
+        self.cancelled = True
 
     def finish(self) -> None:
         self._settle(wait=True)
-        while self._error is None and self._next < self.num_tokens:
+        pause = 0.0005
+        while self._wanted():
+            start = self._next
             self._start_slice(self.num_tokens)
             self._settle(wait=True)
+            if self._next == start and self._error is None:  # still arriving: ask again, less and less often
+                time.sleep(pause)
+                pause = min(2 * pause, 0.01)
         if self._error is not None:
             raise self._error
+
+    def _wanted(self) -> bool:
+        """Tokens are left to import (and nothing stops it)."""
+        return self._error is None and not self.cancelled and self._next < self.num_tokens
 
     def _start_slice(self, max_tokens: int) -> None:
         start, stop = self._next, min(self.num_tokens, self._next + max_tokens)
@@ -141,7 +158,7 @@ class _HandleTransfer:
             if self._handles is None:
                 self._handles = self.export.handles()
             self._slice = (self.dest.start_import_kv(self.dest_blocks, self.num_tokens, self._handles, start, stop),
-                           stop - start)
+                           start, stop)
             self._next = stop
         except GarrisonError as err:
             self._error = err
@@ -150,7 +167,7 @@ class _HandleTransfer:
         """Take the result of the slice in flight; False while it still runs (and not `wait`)."""
         if self._slice is None:
             return True
-        pending, tokens = self._slice
+        pending, start, stop = self._slice
         if not (wait or pending.done()):
             return False
         self._slice = None
@@ -159,17 +176,21 @@ class _HandleTransfer:
         except GarrisonError as err:
             self._error = err
             return True
-        if self.pace is not None:
-            self.pace.observe_import(tokens, seconds)
+        if seconds is None:  # not arrived yet: that slice again
+            self._next = start
+        elif self.pace is not None:
+            self.pace.observe_import(stop - start, seconds)
         return True
 
 
 class TorchChannel:
     """Channel ranks: the prefill group's ranks first, then the decode group's. The prefill ranks of ep_rank 0
-    send (EP ranks hold copies of the same heads); every decode rank receives the heads it holds."""
+    send (EP ranks hold copies of the same heads); every decode rank receives the heads it holds, then imports
+    them a slice per `advance()` (`pace`; None: whole)."""
 
-    def __init__(self, prefill: WorkerGroup, decode: WorkerGroup, model_config: ModelConfig) -> None:
-        self.prefill, self.decode, self.model_config = prefill, decode, model_config
+    def __init__(self, prefill: WorkerGroup, decode: WorkerGroup, model_config: ModelConfig,
+                 pace: ImportPace | None = None) -> None:
+        self.prefill, self.decode, self.model_config, self.pace = prefill, decode, model_config, pace
         self.name = f"kv-{uuid.uuid4().hex[:12]}"
         self._tags = itertools.count()
         self._opened_at: tuple[int, int] | None = None  # both groups' generations when joined; None: reopen
@@ -183,8 +204,9 @@ class TorchChannel:
         if self._opened_at != (self.prefill.generation, self.decode.generation):
             self._open()
         route = self.route(num_tokens)
-        return _ChannelTransfer(self, self.decode.receive_kv(dest_blocks, num_tokens, route),
-                                self.prefill.send_kv(source_blocks, num_tokens, route))
+        staged = StagedKV(route.channel, route.tag)
+        posted = _Posted(staged, self.decode.receive_kv(route), self.prefill.send_kv(source_blocks, num_tokens, route))
+        return _ChannelTransfer(self, _HandleTransfer(posted, self.decode, dest_blocks, num_tokens, self.pace), staged)
 
     def transfer(self, source_blocks: list[int], dest_blocks: list[int], num_tokens: int) -> None:
         self.start(source_blocks, dest_blocks, num_tokens).finish()
@@ -206,22 +228,39 @@ class TorchChannel:
         self._opened_at = (self.prefill.generation, self.decode.generation)
 
 
-class _ChannelTransfer:
-    def __init__(self, channel: TorchChannel, *sides: PendingStep) -> None:
-        self.channel, self.sides = channel, sides
+class _Posted:
+    """Both sides of a channel transfer posted on the ranks (the prefill ranks' export copied out of their blocks):
+    from then on the decode ranks' staged KV is the transfer's one handle."""
+
+    def __init__(self, staged: StagedKV, *sides: PendingStep) -> None:
+        self.staged, self.sides = staged, sides
 
     def done(self) -> bool:
         return all(side.done() for side in self.sides)
 
+    def handles(self) -> list[Any]:
+        _wait_all(*self.sides)
+        return [self.staged]
+
+
+class _ChannelTransfer:
+    def __init__(self, channel: TorchChannel, imports: _HandleTransfer, staged: StagedKV) -> None:
+        self.channel, self.imports, self.staged = channel, imports, staged
+
     def advance(self) -> bool:
-        return self.done()  # the receiving ranks write the KV as it arrives: no import left for the driver
+        return self.imports.advance()
+
+    def cancel(self) -> None:
+        self.imports.cancel()
 
     def finish(self) -> None:
         try:
-            _wait_all(*self.sides)
+            self.imports.finish()
         except BaseException:
             self.channel._opened_at = None  # messages may be left pending in the old group: reopen
             raise
+        finally:  # queued on the decode ranks after the last slice, ahead of their next step
+            self.channel.decode.drop_kv([self.staged])
 
 
 def _wait_all(*pending: PendingStep) -> None:

@@ -9,7 +9,10 @@ Payloads travel through a `KVTransport`, on the ranks:
   the reference; the driver hands the references to the receivers once every send is done;
 - through torch.distributed point-to-point (gloo on CPU, NCCL on GPU): a process group of both groups'
   ranks (`kv_link.TorchChannel` sets it up); `send` goes straight to the receiving ranks that need
-  the shard's heads, so the driver starts the sends and the receives together and passes no handles.
+  the shard's heads, and `start_receive` stages them on the receiving rank. Both run on a thread of the
+  rank, so that neither group's steps wait for the other's (a receive posted before the sender reaches
+  its send would otherwise hold the decode rank, and its streams, for as long). The handle of staged KV
+  is a `StagedKV`, known to the driver before anything has arrived.
 
 Either way the receiver checks what arrived (`assemble_heads`) before anything is written to its cache.
 """
@@ -18,8 +21,10 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import logging
 import time
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, NamedTuple, Protocol
@@ -28,6 +33,8 @@ import torch
 import torch.distributed as dist
 
 from garrison_workers.errors import GarrisonError
+
+log = logging.getLogger(__name__)
 
 
 class KVTransferError(GarrisonError):
@@ -82,19 +89,33 @@ class KVRoute:
     receivers: tuple[HeadShard, ...]
 
 
+class StagedKV(NamedTuple):
+    """The handle of a transfer received over a channel in the background: what each receiving rank staged."""
+
+    channel: str
+    tag: int
+
+
 class KVTransport(Protocol):
     """Moves one rank's TP shard of a sequence's KV to the ranks that need its heads.
 
     The driver calls `send` on every sending rank and `receive` on every receiving rank of one transfer.
     A transport either returns handles from `send` that the driver passes to `receive` once the sends are
     done (the object store; `route` may be None), or returns None and sends straight to the receivers along
-    `route`: then sends and receives must run at the same time, and `handles` is empty.
+    `route` (point-to-point): then each receiving rank has started receiving that route in the background
+    (`TorchDistributedTransport.start_receive`), and the handles are one `StagedKV`.
     """
 
     def send(self, payload: KVPayload, route: KVRoute | None) -> Any: ...
 
-    def receive(self, handles: list[Any], route: KVRoute | None) -> list[KVPayload]:
-        """The shards this rank needs; any of them may still be short or corrupt (see `assemble_heads`)."""
+    def receive(self, handles: list[Any]) -> list[KVPayload] | None:
+        """The shards this rank needs; any of them may still be short or corrupt (see `assemble_heads`). None
+        while they are still arriving (received in the background)."""
+        ...
+
+    def release(self, handles: list[Any]) -> None:
+        """Forget what this rank holds for `handles` (its staged KV; the object store's references are the
+        driver's to drop)."""
         ...
 
 
@@ -132,20 +153,20 @@ class InProcessTransport:
     def send(self, payload: KVPayload, route: KVRoute | None = None) -> Any:
         return payload
 
-    def receive(self, handles: list[Any], route: KVRoute | None = None) -> list[KVPayload]:
+    def receive(self, handles: list[Any]) -> list[KVPayload]:
         return [_resolve(h) for h in handles]
 
+    def release(self, handles: list[Any]) -> None:
+        pass
 
-class RayObjectStoreTransport:
+
+class RayObjectStoreTransport(InProcessTransport):
     """Through Ray's object store: works between any two actors, on one node or across nodes."""
 
     def send(self, payload: KVPayload, route: KVRoute | None = None) -> Any:
         import ray
 
         return ray.put(_to_wire(payload))
-
-    def receive(self, handles: list[Any], route: KVRoute | None = None) -> list[KVPayload]:
-        return [_resolve(h) for h in handles]
 
 
 # A shard's header on a point-to-point channel, sent before its K and V: int64 words, the sha256 digest last.
@@ -196,29 +217,47 @@ def _as_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(-1).view(torch.uint8)
 
 
+@dataclass(slots=True)
+class _Channel:
+    group: Any  # the channel's process group
+    rank: int  # this rank in it
+    # One thread per channel posts this rank's sends or receives, a transfer at a time in the order the driver
+    # started them: both sides then agree on the order of messages (NCCL matches a pair's messages by it).
+    thread: ThreadPoolExecutor
+
+
 class TorchDistributedTransport:
     """Point-to-point over torch.distributed: each KV channel is a process group of a prefill group's ranks and
     a decode group's, built from its own TCPStore, apart from the rank's own (default) process group.
+
+    Sends and receives run on the channel's thread, so the rank's steps go on meanwhile: `send` returns at
+    once (the payload is already a copy of the blocks, which may be reused), and `start_receive` stages the
+    shards for `receive(StagedKV)`, which says None until they are in. A sender's failure is logged here; the
+    receiver reports it (its receive fails or times out), and the driver reopens the channel.
 
     gloo when the KV cache is on the CPU; NCCL when it is on a GPU: the same calls on device tensors. The NCCL
     path has not run yet (no GPU where this was written): NCCL ignores tags and matches a pair's messages in
     the order posted, which holds here (header, K, V on both sides; one transfer at a time per channel), and
     its waits only order the GPU stream, hence the synchronize; a timeout there may abort the process (torch's
-    NCCL watchdog) instead of failing one transfer.
+    NCCL watchdog) instead of failing one transfer. Staged shards take device memory until imported.
     """
 
     def __init__(self, device: torch.device, timeout: timedelta) -> None:
         self.device, self.timeout = device, timeout
-        self._channels: dict[str, tuple[Any, int]] = {}  # name -> (process group, this rank in it)
+        self._channels: dict[str, _Channel] = {}
+        self._staged: dict[StagedKV, Future[list[KVPayload]]] = {}
 
     def join(self, channel: str, host: str, port: int, rank: int, size: int) -> None:
         """Join a channel (replacing an older group of that name); every member calls this at the same time."""
-        self._channels.pop(channel, None)
+        old = self._channels.pop(channel, None)
+        if old is not None:  # a transfer stuck on the old group times out on its own thread
+            old.thread.shutdown(wait=False, cancel_futures=True)
         try:
             store = dist.TCPStore(host, port, size, is_master=rank == 0, timeout=self.timeout)
-            self._channels[channel] = (self._process_group(store, rank, size), rank)
+            group = self._process_group(store, rank, size)
         except RuntimeError as err:  # a member missing or gone: this rank stays healthy, the channel is not open
             raise KVTransferError(f"could not join KV channel {channel!r} as rank {rank} of {size}: {err}") from None
+        self._channels[channel] = _Channel(group, rank, ThreadPoolExecutor(1, thread_name_prefix=f"kv-{channel}"))
 
     def _process_group(self, store: dist.Store, rank: int, size: int) -> Any:
         if self.device.type == "cuda":
@@ -227,19 +266,62 @@ class TorchDistributedTransport:
             return dist.ProcessGroupNCCL(store, rank, size, options)
         return dist.ProcessGroupGloo(store, rank, size, self.timeout)
 
-    def send(self, payload: KVPayload, route: KVRoute | None) -> Any:
-        group, me = self._member(route, "senders")
+    def send(self, payload: KVPayload, route: KVRoute | None) -> None:
+        self.post_send(payload, route).add_done_callback(_log_failed_send)
+
+    def post_send(self, payload: KVPayload, route: KVRoute | None) -> Future[None]:
+        """Send this rank's shard along `route` on the channel's thread."""
+        channel, me = self._member(route, "senders")
         assert route is not None
+        return channel.thread.submit(self._send, channel.group, me, payload, route)
+
+    def start_receive(self, route: KVRoute) -> None:
+        """Start receiving the shards this rank needs along `route`; `receive([StagedKV(...)])` takes them."""
+        self._staged[StagedKV(route.channel, route.tag)] = self.post_receive(route)
+
+    def post_receive(self, route: KVRoute | None) -> Future[list[KVPayload]]:
+        """Receive the shards this rank needs along `route` on the channel's thread."""
+        channel, me = self._member(route, "receivers")
+        assert route is not None
+        return channel.thread.submit(self._receive, channel.group, me, route)
+
+    def receive(self, handles: list[Any]) -> list[KVPayload] | None:
+        [handle] = handles
+        arriving = self._staged.get(handle)
+        if arriving is None:
+            raise KVTransferError(f"this rank has no KV staged for {handle}: it was released; the transfer must "
+                                  "start again")
+        if not arriving.done():
+            return None
+        if arriving.cancelled():
+            del self._staged[handle]
+            raise KVTransferError(f"the KV channel {handle.channel!r} was reopened before {handle} was received; "
+                                  "the transfer must start again")
+        error = arriving.exception()
+        if error is not None:
+            del self._staged[handle]
+            raise error
+        return arriving.result()
+
+    def release(self, handles: list[Any]) -> None:
+        for handle in handles:
+            self._staged.pop(handle, None)  # one still arriving is dropped when its thread is done with it
+
+    def _member(self, route: KVRoute | None, side: str) -> tuple[_Channel, HeadShard]:
+        if route is None or route.channel not in self._channels:
+            raise KVTransferError(f"this rank is not in KV channel {getattr(route, 'channel', None)!r}; open the "
+                                  "channel (kv_link.TorchChannel) before transferring over it")
+        channel = self._channels[route.channel]
+        return channel, next(s for s in getattr(route, side) if s.rank == channel.rank)
+
+    def _send(self, group: Any, me: HeadShard, payload: KVPayload, route: KVRoute) -> None:
         messages = (_header(payload).to(self.device), _as_bytes(payload.k_LTKD.to(self.device)),
                     _as_bytes(payload.v_LTKD.to(self.device)))
         works = [group.send([message], peer.rank, route.tag + i)
                  for peer in route.receivers if peer.overlaps(me) for i, message in enumerate(messages)]
         self._wait(works, f"sending heads {me.head_start}..{me.head_start + me.num_heads - 1}")
-        return None
 
-    def receive(self, handles: list[Any], route: KVRoute | None) -> list[KVPayload]:
-        group, me = self._member(route, "receivers")
-        assert route is not None
+    def _receive(self, group: Any, me: HeadShard, route: KVRoute) -> list[KVPayload]:
         sources = [s for s in route.senders if s.overlaps(me)]
         headers = [torch.empty(_HEADER_WORDS, dtype=torch.int64, device=self.device) for _ in sources]
         self._wait([group.recv([h], s.rank, route.tag) for h, s in zip(headers, sources)], "receiving headers")
@@ -251,13 +333,6 @@ class TorchDistributedTransport:
         return [KVPayload(a.num_tokens, a.head_start, k.view(a.dtype).view(a.shape), v.view(a.dtype).view(a.shape),
                           a.checksum) for a, (k, v) in zip(announced, buffers)]
 
-    def _member(self, route: KVRoute | None, side: str) -> tuple[Any, HeadShard]:
-        if route is None or route.channel not in self._channels:
-            raise KVTransferError(f"this rank is not in KV channel {getattr(route, 'channel', None)!r}; open the "
-                                  "channel (kv_link.TorchChannel) before transferring over it")
-        group, rank = self._channels[route.channel]
-        return group, next(s for s in getattr(route, side) if s.rank == rank)
-
     def _wait(self, works: list[Any], what: str) -> None:
         deadline = time.monotonic() + self.timeout.total_seconds()
         try:
@@ -267,6 +342,11 @@ class TorchDistributedTransport:
                 torch.cuda.current_stream(self.device).synchronize()
         except RuntimeError as err:  # a timeout, or a peer gone: the channel must be reopened before its next use
             raise KVTransferError(f"KV transfer failed {what}: {err}") from None
+
+
+def _log_failed_send(sent: Future[None]) -> None:
+    if not sent.cancelled() and sent.exception() is not None:
+        log.warning("%s", sent.exception())
 
 
 def assemble_heads(payloads: list[KVPayload], num_tokens: int, num_kv_heads: int, head_start: int, head_count: int,

@@ -73,9 +73,21 @@ class Worker:
 
     def join_kv_channel(self, channel: str, host: str, port: int, first_rank: int, size: int) -> None:
         """Join a KV channel as its rank `first_rank` + this rank; every member joins at the same time."""
+        self._channels().join(channel, host, port, first_rank + self.rank, size)
+
+    def receive_kv(self, route: KVRoute) -> None:
+        """Start receiving this rank's heads of a sequence's KV along `route`, in the background: the rank's steps
+        go on; `import_kv([StagedKV(route.channel, route.tag)], ...)` writes them once they are in."""
+        self._channels().start_receive(route)
+
+    def drop_kv(self, handles: list[Any]) -> None:
+        """Forget KV staged for a transfer that will not be imported (aborted, or failed elsewhere)."""
+        self.transport.release(handles)
+
+    def _channels(self) -> TorchDistributedTransport:
         if not isinstance(self.transport, TorchDistributedTransport):
             raise KVTransferError(f"KV channels need kv_transport 'torch'; this group has {self.config.kv_transport!r}")
-        self.transport.join(channel, host, port, first_rank + self.rank, size)
+        return self.transport
 
     def export_kv(self, block_table: list[int], num_tokens: int, route: KVRoute | None = None) -> Any:
         """Send this rank's KV heads (along `route` over a channel); EP ranks > 0 hold copies and send nothing."""
@@ -87,16 +99,24 @@ class Worker:
         payload = self.runner.export_kv(block_table, num_tokens, head_start, self.config.kv_transfer_checksum, device)
         return self.transport.send(payload, route)
 
-    def import_kv(self, block_table: list[int], num_tokens: int, handles: list[Any], route: KVRoute | None = None,
-                  start: int = 0, stop: int | None = None) -> float:
+    def import_kv(self, block_table: list[int], num_tokens: int, handles: list[Any], start: int = 0,
+                  stop: int | None = None) -> float | None:
         """Write tokens [start, stop) of a sequence's KV (this rank's heads) into its blocks; returns the seconds
-        it took here (the driver paces sliced imports by it)."""
+        it took here (the driver paces sliced imports by it), or None, at once, while staged KV is still arriving.
+        Staged KV stays until `drop_kv` (another rank's may have been late: the slice then runs again here), or
+        until it fails a check."""
         began = time.perf_counter()
-        payloads = self.transport.receive(handles, route)
-        heads = self.model.num_local_kv_heads
-        k, v = assemble_heads(payloads, num_tokens, self.model.config.num_kv_heads, self.par.tp_rank * heads, heads,
-                              slice(start, stop))
-        self.runner.import_kv(block_table, k, v, start)
+        try:
+            payloads = self.transport.receive(handles)
+            if payloads is None:
+                return None
+            heads = self.model.num_local_kv_heads
+            k, v = assemble_heads(payloads, num_tokens, self.model.config.num_kv_heads, self.par.tp_rank * heads,
+                                  heads, slice(start, stop))
+            self.runner.import_kv(block_table, k, v, start)
+        except KVTransferError:
+            self.transport.release(handles)
+            raise
         return time.perf_counter() - began
 
     def set_expert_placement(self, layer: int, placement: list[int]) -> None:

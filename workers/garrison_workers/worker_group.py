@@ -114,13 +114,13 @@ class WorkerGroup:
         return PendingExport(self, self._start_all("export_kv", block_table, num_tokens), "export_kv")
 
     def import_kv(self, block_table: list[int], num_tokens: int, handles: list[Any], start: int = 0,
-                  stop: int | None = None) -> float:
+                  stop: int | None = None) -> float | None:
         return self.start_import_kv(block_table, num_tokens, handles, start, stop).result()
 
     def start_import_kv(self, block_table: list[int], num_tokens: int, handles: list[Any], start: int = 0,
                         stop: int | None = None) -> "PendingImport":
         """Start importing; the ranks run it before any step sent after it (calls run in order)."""
-        return PendingImport(self, self._start_all("import_kv", block_table, num_tokens, handles, None, start, stop),
+        return PendingImport(self, self._start_all("import_kv", block_table, num_tokens, handles, start, stop),
                              "import_kv")
 
     # -- KV channels: point-to-point with another group (kv_link.TorchChannel) --------------------
@@ -137,12 +137,19 @@ class WorkerGroup:
                            "join_kv_channel")
 
     def send_kv(self, block_table: list[int], num_tokens: int, route: KVRoute) -> "PendingStep":
-        """Start sending a sequence's KV along `route`; the receiving group's `receive_kv` must run meanwhile."""
+        """Copy a sequence's KV out of its blocks and send it along `route` on the ranks' channel threads; done once
+        copied (the blocks may be reused). The receiving group's `receive_kv` takes it."""
         return PendingStep(self, self._start_all("export_kv", block_table, num_tokens, route), "export_kv")
 
-    def receive_kv(self, block_table: list[int], num_tokens: int, route: KVRoute) -> "PendingStep":
-        """Start receiving a sequence's KV along `route` into `block_table`; checked before it is written."""
-        return PendingStep(self, self._start_all("import_kv", block_table, num_tokens, [], route), "import_kv")
+    def receive_kv(self, route: KVRoute) -> "PendingStep":
+        """Start receiving a sequence's KV along `route` on the ranks' channel threads; done as soon as they have
+        started. `import_kv([StagedKV(route.channel, route.tag)], ...)` then writes it, checked, into blocks."""
+        return PendingStep(self, self._start_all("receive_kv", route), "receive_kv")
+
+    def drop_kv(self, handles: list[Any]) -> None:
+        """Let the ranks forget KV staged for a transfer that will not be imported; nothing to wait for."""
+        if self.failure is None:
+            self._start_all("drop_kv", handles)
 
     def resident_weight_bytes(self) -> list[int]:
         return list(self._weight_bytes)
@@ -229,9 +236,10 @@ class PendingStep:
 
 
 class PendingImport(PendingStep):
-    def result(self) -> float:
-        """Seconds the slowest rank spent importing."""
-        return max(self.results())
+    def result(self) -> float | None:
+        """Seconds the slowest rank spent importing; None if any rank's KV had not arrived yet."""
+        seconds = self.results()
+        return None if None in seconds else max(seconds)
 
 
 class PendingExport(PendingStep):

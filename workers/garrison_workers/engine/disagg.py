@@ -9,11 +9,11 @@ on its own ranks (a Ray group, `on_ray=True` for tp=1); a local one computes ins
 After its prompt is prefilled (and its first token sampled), a sequence's
 KV leaves the prefill group, whose blocks are freed at once, for the decode engine with the most
 free blocks, through a `kv_link` chosen by `EngineConfig.kv_transport` (Ray's object store, or
-torch.distributed point-to-point between Ray worker groups). Transfers run while the decode groups
-keep stepping: each step moves every transfer on by one bounded piece (through the object store, a
-slice of tokens imported in about a quarter of a decode step) and completes those that are done;
-the sequence decodes from the next step. A transfer that fails ends that request with an error;
-nothing is decoded from half a cache, and neither side keeps its blocks.
+torch.distributed point-to-point between Ray worker groups, received in the background). Transfers
+run while the decode groups keep stepping: each step moves every transfer on by one bounded piece (a
+slice of tokens imported in about a quarter of a decode step) and completes those that are done; the
+sequence decodes from the next step. A transfer that fails ends that request with an error; nothing is
+decoded from half a cache, and neither side keeps its blocks. An aborted transfer imports no more slices.
 """
 
 from __future__ import annotations
@@ -44,8 +44,8 @@ class _Handover:
 
 class DisaggregatedEngine:
     def __init__(self, prefill: LLMEngine, decoders: list[LLMEngine], import_slice_tokens: int | None = None) -> None:
-        """`import_slice_tokens`: tokens of KV a decode engine imports per step through the object store; None
-        paces them to about a quarter of a decode step."""
+        """`import_slice_tokens`: tokens of KV a decode engine imports per step; None paces them to about a quarter
+        of a decode step."""
         if prefill.role != "prefill" or not decoders or any(d.role != "decode" for d in decoders):
             raise ValueError("need one engine with role 'prefill' and at least one with role 'decode'")
         if import_slice_tokens is not None and import_slice_tokens < 1:
@@ -72,6 +72,7 @@ class DisaggregatedEngine:
         for handover in self._handovers:  # its blocks are freed when the transfer stops writing into them
             if handover.seq.request_id == request_id and not handover.aborted:
                 handover.aborted = True
+                handover.transfer.cancel()
                 return True
         return any(engine.abort_request(request_id) for engine in (self.prefill, *self.decoders))
 
@@ -198,7 +199,7 @@ def _link(prefill: LLMEngine, decoder: LLMEngine, pace: ImportPace) -> KVLink:
     if not (isinstance(prefill.executor, WorkerGroup) and isinstance(decoder.executor, WorkerGroup)):
         raise LayoutError("kv_transport 'torch' joins the ranks of two Ray worker groups; start both the prefill "
                           "and the decode engines on Ray (on_ray=True), or use kv_transport 'ray'")
-    return TorchChannel(prefill.executor, decoder.executor, prefill.model_config)
+    return TorchChannel(prefill.executor, decoder.executor, prefill.model_config, pace)
 
 
 def _failed(seq: Sequence, why: str) -> RequestOutput:

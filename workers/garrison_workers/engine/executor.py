@@ -27,8 +27,9 @@ class PendingExport(Protocol):
 class PendingImport(Protocol):
     def done(self) -> bool: ...
 
-    def result(self) -> float:
-        """The seconds the import took on the ranks; raises what the import raised."""
+    def result(self) -> float | None:
+        """The seconds the import took on the ranks, or None when the KV had not arrived yet (received over a
+        channel in the background: start the slice again later); raises what the import raised."""
         ...
 
 
@@ -61,9 +62,9 @@ class Executor(Protocol):
         ...
 
     def import_kv(self, block_table: list[int], num_tokens: int, handles: list[Any], start: int = 0,
-                  stop: int | None = None) -> float:
+                  stop: int | None = None) -> float | None:
         """Receive tokens [start, stop) (all by default) of a sequence's KV, exported by a group of any tp, into
-        `block_table`; KVTransferError if bad. Returns the seconds the ranks spent on it."""
+        `block_table`; KVTransferError if bad. Returns the seconds the ranks spent on it (None: not arrived yet)."""
         ...
 
     def start_import_kv(self, block_table: list[int], num_tokens: int, handles: list[Any], start: int = 0,
@@ -147,7 +148,7 @@ class LocalExecutor:
     def import_kv(self, block_table: list[int], num_tokens: int, handles: list[Any], start: int = 0,
                   stop: int | None = None) -> float:
         began = time.perf_counter()
-        payloads = self.transport.receive(handles, None)
+        payloads = self.transport.receive(handles)
         num_kv = self.model.config.num_kv_heads
         k, v = assemble_heads(payloads, num_tokens, num_kv, 0, num_kv, slice(start, stop))
         self.runner.import_kv(block_table, k, v, start)
