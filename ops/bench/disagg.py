@@ -1,6 +1,6 @@
 """Disaggregated prefill/decode against colocated, under long prompts, on a tiny random Llama 4 on this CPU.
 
-    .venv/bin/python ops/bench/disagg.py [--quick] [--json] [--threads N]
+    .venv/bin/python ops/bench/disagg.py [--quick] [--json] [--threads N] [--kv-transport ray|torch]
 
 Garrison issue 4. Eight streaming requests decode while long prompts keep arriving (closed loop: the
 next long prompt arrives as soon as the previous one has its first token, so there is always a prompt
@@ -12,7 +12,9 @@ being prefilled). The same workload runs through two systems, one after the othe
   torch thread) and whose decode engine runs in this process (one torch thread), with the KV cache
   handed over through Ray's object store. A prefill step stays in flight across decode steps; the
   decode engine never waits for it. The prefill side must be the Ray group: a local engine computes
-  synchronously inside `begin_step`.
+  synchronously inside `begin_step`. With `--kv-transport torch` the decode engine is a Ray worker group
+  too (one actor, one torch thread) and the KV goes over a torch.distributed channel between the two
+  groups (gloo here; NCCL between GPUs), received in the background and imported a slice per step.
 
 Each stream is a run of requests: a finished one is replaced by the next at once, so short prompts keep
 arriving (and, disaggregated, being prefilled and handed over) whether or not long ones do.
@@ -509,6 +511,7 @@ class Report:
     threads: int
     engine_config: dict[str, Any]
     model: dict[str, Any]
+    kv_transport: str = "ray"  # of the disaggregated system
     kv_bytes_per_token: int = 0
     phases: list[Phase] = field(default_factory=list)
     transfers: list[Transfer] = field(default_factory=list)
@@ -558,14 +561,16 @@ def colocated_run(report: Report, model_dir: Path, vocab_size: int) -> None:
 def disaggregated_run(report: Report, model_dir: Path, vocab_size: int) -> None:
     import ray
 
-    workload, config = report.workload, report.workload.engine_config()
-    torch.set_num_threads(1)  # the decode engine, in this process; the prefill rank gets one thread too
+    workload = report.workload
+    config = replace(workload.engine_config(), worker_threads=1, kv_transport=report.kv_transport)
+    torch.set_num_threads(1)  # the decode engine, in this process or its rank; the prefill rank gets one thread too
     progress(f"disaggregated: starting Ray ({RAY_CPUS} CPU slots) and loading")
     start = time.perf_counter()
     ray.init(num_cpus=RAY_CPUS, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    prefill = LLMEngine.from_path(model_dir, replace(config, worker_threads=1), PREFILL_DIMS, role="prefill",
-                                  on_ray=True)
-    decoders = [LLMEngine.from_path(model_dir, config, DECODE_DIMS, role="decode")]
+    prefill = LLMEngine.from_path(model_dir, config, PREFILL_DIMS, role="prefill", on_ray=True)
+    # A torch channel joins two Ray groups' ranks: the decode engine then runs on a rank of its own.
+    decoders = [LLMEngine.from_path(model_dir, config, DECODE_DIMS, role="decode",
+                                    on_ray=report.kv_transport == "torch")]
     engine = DisaggregatedEngine(prefill, decoders)
     report.load_s["disaggregated"] = time.perf_counter() - start
     try:
@@ -615,14 +620,15 @@ def links_run(report: Report, model_dir: Path) -> None:
         ray.shutdown()
 
 
-def run_benchmark(quick: bool, threads: int) -> Report:
+def run_benchmark(quick: bool, threads: int, kv_transport: str = "ray") -> Report:
     started = time.perf_counter()
     workload = QUICK if quick else FULL
     with tempfile.TemporaryDirectory(prefix="garrison-disagg-") as tmp:
         model_dir = Path(tmp)
         progress("building and saving the tiny Llama 4")
         raw = save_model(model_dir)
-        report = Report(machine_facts(), workload, quick, threads, engine_config_dict(workload.engine_config()), raw)
+        report = Report(machine_facts(), workload, quick, threads, engine_config_dict(workload.engine_config()), raw,
+                        kv_transport)
         report.machine.torch_threads = threads
         report.other_benchmarks["start"] = other_benchmarks()
         report.kv_bytes_per_token = from_hf_config(raw).kv_bytes_per_token(DTYPE_BYTES)
@@ -673,7 +679,7 @@ def header_lines(report: Report) -> list[str]:
         f"date       {m.date}; load average start {fmt_load(m.load_average_start)}, end {fmt_load(m.load_average_end)}",
         f"quiet      {quiet}",
         f"mode       {mode}; run wall time {report.wall_s:.0f} s; load colocated {report.load_s['colocated']:.1f} s,"
-        f" disaggregated (Ray start + 2 actors + decode engine) {report.load_s['disaggregated']:.1f} s",
+        f" disaggregated (Ray start + prefill group + decode engine) {report.load_s['disaggregated']:.1f} s",
         f"model      random Llama 4 text: hidden {r['hidden_size']}, {r['num_hidden_layers']} layers (RoPE layers with "
         f"{r['attention_chunk_size']}-token local chunks, every {r['no_rope_layer_interval']}nd layer global NoPE), "
         f"{r['num_local_experts']} experts top-{r['num_experts_per_tok']}, {r['num_attention_heads']} heads / "
@@ -688,10 +694,7 @@ def header_lines(report: Report) -> list[str]:
         f"engines    block {c['block_size']}, {c['num_kv_blocks']} KV blocks per engine, max_num_batched_tokens "
         f"{c['max_num_batched_tokens']} (the prefill chunk), prefix cache off",
         f"colocated  one engine in this process; torch threads: {report.threads}",
-        "disagg     prefill: Ray worker group tp=1 (1 actor, 1 torch thread); decode: one engine in this process"
-        " (1 thread); KV handed over through Ray's object store, imported a slice per decode step (paced to ~1/4 of"
-        " a step);",
-        "           a prefill step stays in flight across decode steps",
+        *disagg_lines(report.kv_transport),
         "method     a token's time = end of the step() that returned it; TPOT = gaps between consecutive tokens"
         " of a stream's",
         "           request, from when all streams have their first token until the last long prompt is done"
@@ -702,6 +705,18 @@ def header_lines(report: Report) -> list[str]:
         " and the actors",
         "           excluded)",
     ]
+
+
+def disagg_lines(kv_transport: str) -> list[str]:
+    if kv_transport == "torch":
+        return ["disagg     prefill and decode: a Ray worker group tp=1 each (1 actor, 1 torch thread); KV handed over"
+                " through a torch.distributed (gloo) channel,",
+                "           received in the background, imported a slice per decode step (paced to ~1/4 of a step);"
+                " a prefill step stays in flight across decode steps"]
+    return ["disagg     prefill: Ray worker group tp=1 (1 actor, 1 torch thread); decode: one engine in this process"
+            " (1 thread); KV handed over through Ray's object store, imported a slice per decode step (paced to ~1/4 of"
+            " a step);",
+            "           a prefill step stays in flight across decode steps"]
 
 
 def tpot_lines(report: Report) -> list[str]:
@@ -755,7 +770,8 @@ def anatomy_lines(report: Report) -> list[str]:
 
 
 def transfer_lines(report: Report) -> list[str]:
-    lines = ["KV handover of each long prompt (prefill group -> decode engine: export on the ranks, Ray object store,"
+    link = "a torch channel" if report.kv_transport == "torch" else "Ray object store"
+    lines = [f"KV handover of each long prompt (prefill group -> decode engine: export on the ranks, {link},"
              " import a slice per decode step,",
              " paced to ~1/4 of a step; from its start to the KV in place, decode stepping meanwhile; the link's own"
              " speed is in the next table) vs a plain copy of the same bytes",
@@ -794,6 +810,7 @@ def link_lines(report: Report) -> list[str]:
 def to_json(report: Report) -> str:
     body = {
         "machine": asdict(report.machine), "workload": asdict(report.workload), "quick": report.quick,
+        "kv_transport": report.kv_transport,
         "threads": report.threads, "engine_config": report.engine_config, "model": report.model,
         "kv_bytes_per_token": report.kv_bytes_per_token, "load_s": report.load_s, "wall_s": report.wall_s,
         "quiet": report.quiet, "other_benchmarks": report.other_benchmarks, "others_cores": report.others_cores,
@@ -816,8 +833,11 @@ def main() -> int:
     parser.add_argument("--json", action="store_true", help="print the figures as JSON instead of a table")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                         help="torch threads of the colocated engine (default: one per core)")
+    parser.add_argument("--kv-transport", choices=("ray", "torch"), default="ray",
+                        help="how the disaggregated system moves KV: Ray's object store to a decode engine in this "
+                             "process (default), or a torch.distributed channel between two Ray worker groups")
     args = parser.parse_args()
-    report = run_benchmark(args.quick, max(1, args.threads))
+    report = run_benchmark(args.quick, max(1, args.threads), args.kv_transport)
     print(to_json(report) if args.json else render(report))
     return 0
 
