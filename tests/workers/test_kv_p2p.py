@@ -34,10 +34,10 @@ def open_channel(size: int, timeout_s: float = 10.0) -> list[TorchDistributedTra
     return transports
 
 
-def route(prefill_tp: int, decode_tp: int, tag: int = 0, num_tokens: int = TOKENS) -> KVRoute:
+def route(prefill_tp: int, decode_tp: int, tag: int = 0, num_tokens: int = TOKENS, lane: int = 0) -> KVRoute:
     """Channel ranks 0..prefill_tp-1 send, the next decode_tp ranks receive."""
     hp, hd = HEADS // prefill_tp, HEADS // decode_tp
-    return KVRoute("test", tag, num_tokens, LAYERS, DIM, tuple(HeadShard(r, r * hp, hp) for r in range(prefill_tp)),
+    return KVRoute("test", tag, lane, num_tokens, LAYERS, DIM, tuple(HeadShard(r, r * hp, hp) for r in range(prefill_tp)),
                    tuple(HeadShard(prefill_tp + r, r * hd, hd) for r in range(decode_tp)))
 
 
@@ -90,6 +90,20 @@ def test_transfers_with_distinct_tags_share_a_channel() -> None:
     for tag, (k, v) in kvs.items():
         [payload] = received[tag].result()
         assert payload.checksum is None and torch.equal(payload.k_LTKD, k) and torch.equal(payload.v_LTKD, v)
+
+
+def test_a_short_transfer_passes_a_long_one_on_the_express_lane() -> None:
+    """A long prompt's transfer occupies the bulk lane (here: its receiver is not there yet); a short one
+    started after it arrives meanwhile on the express lane, and the long one arrives once received."""
+    transports = open_channel(2)
+    k, v = full_kv()
+    long_sent = transports[0].post_send(shard(k, v, 0, HEADS), route(1, 1, tag=0, lane=1))
+    short = route(1, 1, tag=3, lane=0)
+    short_sent = transports[0].post_send(shard(k, v, 0, HEADS), short)
+    [payload] = transports[1].post_receive(short).result(timeout=5)
+    assert torch.equal(payload.k_LTKD, k) and short_sent.result(timeout=5) is None and not long_sent.done()
+    [payload] = transports[1].post_receive(route(1, 1, tag=0, lane=1)).result(timeout=5)
+    assert torch.equal(payload.v_LTKD, v) and long_sent.result(timeout=5) is None
 
 
 def test_staged_receive_is_polled_without_waiting() -> None:

@@ -9,7 +9,8 @@ freeing blocks stays with the caller.
 - `TorchChannel` ("torch"): a torch.distributed process group of both Ray worker groups' ranks (gloo on
   CPU, NCCL on GPU), built from its own TCPStore, apart from each group's own process group. The driver
   starts the sends and the receives together; both run on the ranks' channel threads, so neither group's
-  steps wait for them, and the decode ranks stage what arrives. Opened with the link, and again after a
+  steps wait for them, and the decode ranks stage what arrives. Short transfers take the channel's
+  express lane, long ones its bulk lane, so that a short prompt's KV never waits behind a long one's. Opened with the link, and again after a
   failed transfer (messages may be left pending in the old group) or a restart of either group.
 
 Either way the decode ranks then write the KV into their blocks a slice of tokens per decode step, sized by
@@ -25,7 +26,7 @@ import uuid
 from typing import TYPE_CHECKING, Any, Protocol
 
 from garrison_workers.errors import GarrisonError, WorkerLostError
-from garrison_workers.kv_transfer import HeadShard, KVRoute, StagedKV
+from garrison_workers.kv_transfer import EXPRESS_BYTES, HeadShard, KVRoute, StagedKV
 
 if TYPE_CHECKING:
     from garrison_workers.config import ModelConfig
@@ -191,6 +192,7 @@ class TorchChannel:
     def __init__(self, prefill: WorkerGroup, decode: WorkerGroup, model_config: ModelConfig,
                  pace: ImportPace | None = None) -> None:
         self.prefill, self.decode, self.model_config, self.pace = prefill, decode, model_config, pace
+        self._token_bytes = model_config.kv_bytes_per_token(prefill.config.dtype.itemsize)
         self.name = f"kv-{uuid.uuid4().hex[:12]}"
         self._tags = itertools.count()
         self._opened_at: tuple[int, int] | None = None  # both groups' generations when joined; None: reopen
@@ -218,7 +220,8 @@ class TorchChannel:
         receivers = tuple(HeadShard(prefill.world_size + rank, decode.coords(rank)[1] * held, held)
                           for rank in range(decode.world_size))
         tag = next(self._tags) * _TAGS_PER_TRANSFER % _TAG_LIMIT
-        return KVRoute(self.name, tag, num_tokens, config.num_layers, config.head_dim, senders, receivers)
+        lane = 0 if num_tokens * self._token_bytes <= EXPRESS_BYTES else 1  # all heads' bytes: the same on any tp
+        return KVRoute(self.name, tag, lane, num_tokens, config.num_layers, config.head_dim, senders, receivers)
 
     def _open(self) -> None:
         host, port = self.prefill.rendezvous_address()

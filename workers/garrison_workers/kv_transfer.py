@@ -9,10 +9,10 @@ Payloads travel through a `KVTransport`, on the ranks:
   the reference; the driver hands the references to the receivers once every send is done;
 - through torch.distributed point-to-point (gloo on CPU, NCCL on GPU): a process group of both groups'
   ranks (`kv_link.TorchChannel` sets it up); `send` goes straight to the receiving ranks that need
-  the shard's heads, and `start_receive` stages them on the receiving rank. Both run on a thread of the
-  rank, so that neither group's steps wait for the other's (a receive posted before the sender reaches
-  its send would otherwise hold the decode rank, and its streams, for as long). The handle of staged KV
-  is a `StagedKV`, known to the driver before anything has arrived.
+  the shard's heads, and `start_receive` stages them on the receiving rank. Both run on threads of the
+  rank, so that neither group's steps wait for the transfer (the receive of a long prompt's KV would
+  otherwise hold the decode rank, and its streams, for as long). The handle of staged KV is a
+  `StagedKV`, known to the driver before anything has arrived.
 
 Either way the receiver checks what arrived (`assemble_heads`) before anything is written to its cache.
 """
@@ -77,11 +77,13 @@ class KVRoute:
     The senders are the prefill group's ranks holding distinct heads (ep_rank 0); the receivers are every
     rank of the decode group (EP ranks each hold all of their TP rank's heads). A sender sends to, and a
     receiver receives from, exactly the ranks whose heads overlap its own, so both sides agree on the
-    messages. `tag` is unique within the channel's life and keeps the messages of transfers apart.
+    messages. `tag` is unique within the channel's life and keeps the messages of transfers apart. `lane`:
+    the channel's lane (an index into `LANES`) that carries it.
     """
 
     channel: str
     tag: int
+    lane: int
     num_tokens: int
     num_layers: int
     head_dim: int
@@ -217,12 +219,18 @@ def _as_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(-1).view(torch.uint8)
 
 
+# A channel's lanes: a process group and a thread each, on every member. A lane posts its transfers one at a
+# time in the order the driver started them, so both sides agree on the order of messages (NCCL matches a
+# pair's messages by it). Transfers of up to EXPRESS_BYTES go on the express lane, longer ones on the bulk
+# lane: a short prompt's KV never waits behind a long prompt's (a gigabyte or more at a million tokens).
+LANES = ("express", "bulk")
+EXPRESS_BYTES = 16 << 20
+
+
 @dataclass(slots=True)
-class _Channel:
-    group: Any  # the channel's process group
-    rank: int  # this rank in it
-    # One thread per channel posts this rank's sends or receives, a transfer at a time in the order the driver
-    # started them: both sides then agree on the order of messages (NCCL matches a pair's messages by it).
+class _Lane:
+    group: Any  # the lane's process group
+    rank: int  # this rank in the channel
     thread: ThreadPoolExecutor
 
 
@@ -230,8 +238,8 @@ class TorchDistributedTransport:
     """Point-to-point over torch.distributed: each KV channel is a process group of a prefill group's ranks and
     a decode group's, built from its own TCPStore, apart from the rank's own (default) process group.
 
-    Sends and receives run on the channel's thread, so the rank's steps go on meanwhile: `send` returns at
-    once (the payload is already a copy of the blocks, which may be reused), and `start_receive` stages the
+    Sends and receives run on the threads of the channel's lanes, so the rank's steps go on meanwhile:
+    `send` returns at once (the payload is already a copy of the blocks, which may be reused), and `start_receive` stages the
     shards for `receive(StagedKV)`, which says None until they are in. A sender's failure is logged here; the
     receiver reports it (its receive fails or times out), and the driver reopens the channel.
 
@@ -244,20 +252,20 @@ class TorchDistributedTransport:
 
     def __init__(self, device: torch.device, timeout: timedelta) -> None:
         self.device, self.timeout = device, timeout
-        self._channels: dict[str, _Channel] = {}
+        self._channels: dict[str, list[_Lane]] = {}  # name -> its lanes
         self._staged: dict[StagedKV, Future[list[KVPayload]]] = {}
 
     def join(self, channel: str, host: str, port: int, rank: int, size: int) -> None:
         """Join a channel (replacing an older group of that name); every member calls this at the same time."""
-        old = self._channels.pop(channel, None)
-        if old is not None:  # a transfer stuck on the old group times out on its own thread
+        for old in self._channels.pop(channel, []):  # a transfer stuck on an old group times out on its own thread
             old.thread.shutdown(wait=False, cancel_futures=True)
         try:
             store = dist.TCPStore(host, port, size, is_master=rank == 0, timeout=self.timeout)
-            group = self._process_group(store, rank, size)
+            groups = [self._process_group(dist.PrefixStore(lane, store), rank, size) for lane in LANES]
         except RuntimeError as err:  # a member missing or gone: this rank stays healthy, the channel is not open
             raise KVTransferError(f"could not join KV channel {channel!r} as rank {rank} of {size}: {err}") from None
-        self._channels[channel] = _Channel(group, rank, ThreadPoolExecutor(1, thread_name_prefix=f"kv-{channel}"))
+        self._channels[channel] = [_Lane(group, rank, ThreadPoolExecutor(1, thread_name_prefix=f"{channel}-{lane}"))
+                                   for group, lane in zip(groups, LANES)]
 
     def _process_group(self, store: dist.Store, rank: int, size: int) -> Any:
         if self.device.type == "cuda":
@@ -271,9 +279,9 @@ class TorchDistributedTransport:
 
     def post_send(self, payload: KVPayload, route: KVRoute | None) -> Future[None]:
         """Send this rank's shard along `route` on the channel's thread."""
-        channel, me = self._member(route, "senders")
+        lane, me = self._member(route, "senders")
         assert route is not None
-        return channel.thread.submit(self._send, channel.group, me, payload, route)
+        return lane.thread.submit(self._send, lane.group, me, payload, route)
 
     def start_receive(self, route: KVRoute) -> None:
         """Start receiving the shards this rank needs along `route`; `receive([StagedKV(...)])` takes them."""
@@ -281,9 +289,9 @@ class TorchDistributedTransport:
 
     def post_receive(self, route: KVRoute | None) -> Future[list[KVPayload]]:
         """Receive the shards this rank needs along `route` on the channel's thread."""
-        channel, me = self._member(route, "receivers")
+        lane, me = self._member(route, "receivers")
         assert route is not None
-        return channel.thread.submit(self._receive, channel.group, me, route)
+        return lane.thread.submit(self._receive, lane.group, me, route)
 
     def receive(self, handles: list[Any]) -> list[KVPayload] | None:
         [handle] = handles
@@ -307,12 +315,12 @@ class TorchDistributedTransport:
         for handle in handles:
             self._staged.pop(handle, None)  # one still arriving is dropped when its thread is done with it
 
-    def _member(self, route: KVRoute | None, side: str) -> tuple[_Channel, HeadShard]:
+    def _member(self, route: KVRoute | None, side: str) -> tuple[_Lane, HeadShard]:
         if route is None or route.channel not in self._channels:
             raise KVTransferError(f"this rank is not in KV channel {getattr(route, 'channel', None)!r}; open the "
                                   "channel (kv_link.TorchChannel) before transferring over it")
-        channel = self._channels[route.channel]
-        return channel, next(s for s in getattr(route, side) if s.rank == channel.rank)
+        lane = self._channels[route.channel][route.lane]
+        return lane, next(s for s in getattr(route, side) if s.rank == lane.rank)
 
     def _send(self, group: Any, me: HeadShard, payload: KVPayload, route: KVRoute) -> None:
         messages = (_header(payload).to(self.device), _as_bytes(payload.k_LTKD.to(self.device)),
