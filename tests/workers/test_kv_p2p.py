@@ -37,8 +37,9 @@ def open_channel(size: int, timeout_s: float = 10.0) -> list[TorchDistributedTra
 def route(prefill_tp: int, decode_tp: int, tag: int = 0, num_tokens: int = TOKENS, lane: int = 0) -> KVRoute:
     """Channel ranks 0..prefill_tp-1 send, the next decode_tp ranks receive."""
     hp, hd = HEADS // prefill_tp, HEADS // decode_tp
-    return KVRoute("test", tag, lane, num_tokens, LAYERS, DIM, tuple(HeadShard(r, r * hp, hp) for r in range(prefill_tp)),
-                   tuple(HeadShard(prefill_tp + r, r * hd, hd) for r in range(decode_tp)))
+    senders = tuple(HeadShard(r, r * hp, hp) for r in range(prefill_tp))
+    receivers = tuple(HeadShard(prefill_tp + r, r * hd, hd) for r in range(decode_tp))
+    return KVRoute("test", tag, lane, num_tokens, LAYERS, DIM, senders, receivers)
 
 
 def full_kv(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,8 +10,9 @@ freeing blocks stays with the caller.
   CPU, NCCL on GPU), built from its own TCPStore, apart from each group's own process group. The driver
   starts the sends and the receives together; both run on the ranks' channel threads, so neither group's
   steps wait for them, and the decode ranks stage what arrives. Short transfers take the channel's
-  express lane, long ones its bulk lane, so that a short prompt's KV never waits behind a long one's. Opened with the link, and again after a
-  failed transfer (messages may be left pending in the old group) or a restart of either group.
+  express lane, long ones its bulk lane, so that a short prompt's KV never waits behind a long one's.
+  Opened with the link, and again after a failed transfer (messages may be left pending in the old
+  group) or a restart of either group.
 
 Either way the decode ranks then write the KV into their blocks a slice of tokens per decode step, sized by
 an `ImportPace`, so that a long prompt's KV (a gigabyte at a million tokens of a small model) never holds

@@ -238,14 +238,14 @@ class TorchDistributedTransport:
     """Point-to-point over torch.distributed: each KV channel is a process group of a prefill group's ranks and
     a decode group's, built from its own TCPStore, apart from the rank's own (default) process group.
 
-    Sends and receives run on the threads of the channel's lanes, so the rank's steps go on meanwhile:
-    `send` returns at once (the payload is already a copy of the blocks, which may be reused), and `start_receive` stages the
-    shards for `receive(StagedKV)`, which says None until they are in. A sender's failure is logged here; the
-    receiver reports it (its receive fails or times out), and the driver reopens the channel.
+    Sends and receives run on the threads of the channel's lanes, so the rank's steps go on meanwhile: `send`
+    returns at once (the payload is already a copy of the blocks, which may be reused), and `start_receive`
+    stages the shards for `receive(StagedKV)`, which says None until they are in. A sender's failure is logged
+    here; the receiver reports it (its receive fails or times out), and the driver reopens the channel.
 
     gloo when the KV cache is on the CPU; NCCL when it is on a GPU: the same calls on device tensors. The NCCL
     path has not run yet (no GPU where this was written): NCCL ignores tags and matches a pair's messages in
-    the order posted, which holds here (header, K, V on both sides; one transfer at a time per channel), and
+    the order posted, which holds here (header, K, V on both sides; one transfer at a time per lane), and
     its waits only order the GPU stream, hence the synchronize; a timeout there may abort the process (torch's
     NCCL watchdog) instead of failing one transfer. Staged shards take device memory until imported.
     """

@@ -81,7 +81,7 @@ class Worker:
         self._channels().start_receive(route)
 
     def drop_kv(self, handles: list[Any]) -> None:
-        """Forget KV staged for a transfer that will not be imported (aborted, or failed elsewhere)."""
+        """Forget the KV staged for a transfer: imported, aborted, or failed on another rank."""
         self.transport.release(handles)
 
     def _channels(self) -> TorchDistributedTransport:

@@ -147,7 +147,7 @@ class WorkerGroup:
         return PendingStep(self, self._start_all("receive_kv", route), "receive_kv")
 
     def drop_kv(self, handles: list[Any]) -> None:
-        """Let the ranks forget KV staged for a transfer that will not be imported; nothing to wait for."""
+        """Let the ranks forget the KV staged for a transfer that is over; nothing to wait for."""
         if self.failure is None:
             self._start_all("drop_kv", handles)
 
