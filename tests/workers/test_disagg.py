@@ -327,7 +327,7 @@ def test_decode_steps_go_on_while_a_channel_transfer_waits_for_its_sender(
                 assert out.error is None, out.error
                 tokens[out.request_id] += out.new_token_ids
         assert tokens["r0"] == colocated_tokens["r0"]
-        assert handover_s >= 2.0 and streamed_during_handover >= 20, (handover_s, streamed_during_handover)
+        assert handover_s > 1.5 and streamed_during_handover >= 20, (handover_s, streamed_during_handover)
         engine.abort_request("stream")
         while engine.has_unfinished_requests():
             engine.step()
