@@ -14,7 +14,7 @@ from conftest import save_tiny_llama4
 from garrison.certs import make_certs
 from garrison.client import ClientError, GarrisonClient, TLSFiles
 from garrison.serving.background import BackgroundServer
-from garrison.serving.cluster import engine_config
+from garrison.serving.cluster import engine_config, ray_ranks
 from garrison.serving.config import ConfigError, load
 
 
@@ -52,6 +52,15 @@ def test_engine_settings_reach_the_engine_config(tmp_path: Path) -> None:
     assert (config.device, config.dtype, config.kv_cache_device, config.kv_device, config.kv_transport,
             config.kv_cache_bytes) == ("cuda", torch.bfloat16, "cpu", "cpu", "torch", 4096)
     assert engine_config(load(None).models[0].engine).kv_device == "cpu"  # the embedded default: all on the CPU
+
+
+def test_a_local_ray_instance_has_a_slot_for_every_rank_configured(tmp_path: Path) -> None:
+    """On one machine a disaggregated replica can want more ranks than there are cores; a local Ray instance
+    started with only one slot per core could never place its groups (the start waited out its timeout)."""
+    path = tmp_path / "serve.yaml"
+    path.write_text("models:\n  - {name: a, source: x}\n  - {name: b, source: x, replicas: 2, groups: "
+                    "[{role: prefill, tp: 2, ep: 2}, {role: decode, tp: 3}]}\n")
+    assert ray_ranks(load(path)) == 1 + 2 * (4 + 3)
 
 
 def test_a_config_file_serves_tls_clients_and_colocated_and_disaggregated_models(tmp_path: Path) -> None:

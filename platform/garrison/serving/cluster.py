@@ -41,6 +41,12 @@ def needs_ray(config: ServeConfig) -> bool:
         m.on_ray or any(g.tp * g.ep > 1 for g in m.groups) for m in config.models)
 
 
+def ray_ranks(config: ServeConfig) -> int:
+    """Worker ranks (Ray actors, one CPU slot each) the models ask for: a local Ray instance advertises at least
+    this many slots, so that every group can be placed on one machine (its ranks then share its cores)."""
+    return sum(m.replicas * sum(g.tp * g.ep for g in m.groups) for m in config.models)
+
+
 def key_provider(config: ServeConfig) -> KeyProvider | None:
     """The configured KEK provider; with `bootstrap` and none configured, <data_dir>/kek.key (made once)."""
     provider = provider_from_options(_text(config.kek_file), config.kek_env, _text(config.kek_secret_dir))

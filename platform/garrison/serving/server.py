@@ -22,7 +22,7 @@ from garrison.gateway import admin, inference
 from garrison.gateway.calls import method_handlers
 from garrison.gateway.hot_path import AuthCache, UsageBuffer
 from garrison.router.router import Router
-from garrison.serving.cluster import needs_ray, start_deployments
+from garrison.serving.cluster import needs_ray, ray_ranks, start_deployments
 from garrison_workers.worker_group import ensure_ray
 from garrison.serving.config import ConfigError, ServeConfig
 from garrison.telemetry import Telemetry
@@ -69,7 +69,7 @@ class GarrisonServer:
         self.tenancy = await asyncio.to_thread(TenancyService.open, config.resolved_database_url)
         self.telemetry = Telemetry(config.telemetry, self._span_exporter)
         if needs_ray(config):  # on this thread: Ray installs its signal handlers only from the main thread
-            self._started_ray = ensure_ray(config.ray_address)
+            self._started_ray = ensure_ray(config.ray_address, min_cpus=ray_ranks(config))
         deployments = await asyncio.to_thread(start_deployments, config)
         self.router = Router(deployments)
         self.telemetry.observe_load(self._load_rows)
