@@ -297,6 +297,14 @@ def start_stream(engine: DisaggregatedEngine, prompt: list[int]) -> dict[str, li
     return tokens
 
 
+def end_stream(engine: DisaggregatedEngine) -> None:
+    """Abort the stream, let what is in flight finish, and check that neither side holds a block."""
+    assert engine.abort_request("stream")
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert_no_blocks_held(engine)
+
+
 def delay_sends(seconds: float):
     """A patch for `__ray_call__`: the rank's channel thread waits `seconds` before each send."""
     def patch(worker) -> None:
@@ -328,10 +336,7 @@ def test_decode_steps_go_on_while_a_channel_transfer_waits_for_its_sender(
                 tokens[out.request_id] += out.new_token_ids
         assert tokens["r0"] == colocated_tokens["r0"]
         assert handover_s > 1.5 and streamed_during_handover >= 20, (handover_s, streamed_during_handover)
-        engine.abort_request("stream")
-        while engine.has_unfinished_requests():
-            engine.step()
-        assert_no_blocks_held(engine)
+        end_stream(engine)
     finally:
         shutdown(engine)
 
@@ -368,10 +373,7 @@ def test_a_request_aborted_while_its_kv_is_in_transit_frees_both_sides(
                 tokens[out.request_id] += out.new_token_ids
         assert not [s for s in imports[imported:] if s[1] == len(doomed)]
         assert tokens["r0"] == colocated_tokens["r0"]
-        engine.abort_request("stream")
-        while engine.has_unfinished_requests():
-            engine.step()
-        assert_no_blocks_held(engine)
+        end_stream(engine)
     finally:
         shutdown(engine)
 
