@@ -401,7 +401,7 @@ def loaded_phase(system: str, engine: Engine, workload: Workload, vocab_size: in
 class Transfer:
     request_id: str
     tokens: int
-    seconds: float  # export on the prefill ranks + object store + import on the decode side
+    seconds: float  # export on the prefill ranks, the link (object store or channel), import on the decode side
     clone_s: float = math.nan  # torch clone of a tensor of the same bytes (allocation included), best of 3
     copy_s: float = math.nan  # copy_ of the same bytes into a tensor already allocated and touched, best of 3
     link_s: dict[str, float] = field(default_factory=dict)  # kv_transport -> the link alone between two groups
