@@ -11,7 +11,7 @@ import grpc
 from garrison.tenancy.errors import (AlreadyExistsError, InvalidArgumentError, NotFoundError, PermissionDeniedError,
                                      QuotaExceededError, RequestTooLargeError, UnauthenticatedError)
 from garrison_workers.errors import (CapacityError, ContextLengthError, GarrisonError, InvalidRequestError,
-                                     LayoutError, ModelLoadError, WorkerLostError)
+                                     LayoutError, ModelLoadError, SequenceError, UnavailableError)
 
 GRPC_STATUS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (UnauthenticatedError, grpc.StatusCode.UNAUTHENTICATED),
@@ -26,7 +26,10 @@ GRPC_STATUS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     # The request needs more KV cache than the worker group has even when it runs alone.
     (CapacityError, grpc.StatusCode.INVALID_ARGUMENT),
     (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
-    (WorkerLostError, grpc.StatusCode.UNAVAILABLE),
+    # A lost rank, a failed KV handoff, no serving replica: a retry may succeed.
+    (UnavailableError, grpc.StatusCode.UNAVAILABLE),
+    # One sequence failed inside the engine (NaN logits): the server's fault, not the client's; the others go on.
+    (SequenceError, grpc.StatusCode.INTERNAL),
     # Server-side setup (a model that will not load, a layout that does not fit): the operator must act.
     (ModelLoadError, grpc.StatusCode.FAILED_PRECONDITION),
     (LayoutError, grpc.StatusCode.FAILED_PRECONDITION),

@@ -135,7 +135,7 @@ def stream_until_error(engine: DisaggregatedEngine, kill, kill_after_steps: int)
             kill()
         for out in engine.step():
             if out.finish_reason == "error":
-                return out.error or "", time.monotonic() - killed_at
+                return str(out.error or ""), time.monotonic() - killed_at
     raise AssertionError("no error reached the caller")
 
 
@@ -420,7 +420,7 @@ def test_short_or_corrupt_transfer_fails_the_request_and_frees_both_sides(
             while engine.has_unfinished_requests():
                 outputs += engine.step()
             failed = [out for out in outputs if out.finish_reason == "error"]
-            assert len(failed) == 1 and re.search(f"KV transfer to the decode group failed: .*{why}", failed[0].error)
+            assert len(failed) == 1 and re.search(f"KV transfer to the decode group failed: .*{why}", str(failed[0].error))
             assert sum(len(out.new_token_ids) for out in outputs) == 1  # the prefill's first token, then nothing
             assert_no_blocks_held(engine)
         tamper(engine.prefill.executor, None)  # a channel reopens after a failure and serves again
@@ -464,7 +464,7 @@ def test_rank_dying_mid_transfer_fails_that_group_only(tiny_moe: Path, colocated
         engine.add_request("r", prompts(512)[0], PARAMS)
         started, errors = time.monotonic(), []
         while engine.has_unfinished_requests():
-            errors += [out.error for out in engine.step() if out.error]
+            errors += [str(out.error) for out in engine.step() if out.error]
         assert len(errors) == 1 and "rank 1 (ep 0, tp 1) died" in errors[0] and time.monotonic() - started < 10
         assert dying.failure is not None and surviving.failure is None
         assert_no_blocks_held(engine)

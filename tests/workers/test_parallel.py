@@ -135,7 +135,7 @@ def test_killed_rank_fails_requests_quickly_and_restart_recovers(tiny_moe, promp
         timer.join()
         assert outputs, "the lost rank was never reported"
         assert time.monotonic() - killed_at[0] < 10
-        assert "rank 2 (ep 1, tp 0)" in outputs[0].error
+        assert "rank 2 (ep 1, tp 0)" in str(outputs[0].error)
         assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
         engine.restart()
         [done] = engine.generate([prompt], SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True))

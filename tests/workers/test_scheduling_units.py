@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 
 from garrison_workers.engine.block_manager import BlockManager
-from garrison_workers.engine.sampler import sample
+from garrison_workers.engine.sampler import TokenDraw, sample
 from garrison_workers.engine.scheduler import Scheduler
 from garrison_workers.engine.sequence import SamplingParams, Sequence
 
@@ -128,12 +131,36 @@ def test_scheduler_preempts_newest_when_blocks_run_out() -> None:
 
 def test_sampler_greedy_topk_topp_seed_and_logprobs() -> None:
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    greedy = seq("g", [1], logprobs=True)
-    tokens, logprobs = sample(logits, [greedy])
-    assert tokens == [0] and abs(logprobs[0] - torch.log(torch.tensor(0.5)).item()) < 1e-6
-    top_k = [sample(logits, [seq("k", [1], temperature=1.0, top_k=2, seed=s)])[0][0] for s in range(200)]
-    assert set(top_k) == {0, 1}
-    top_p = [sample(logits, [seq("p", [1], temperature=1.0, top_p=0.7, seed=s)])[0][0] for s in range(200)]
-    assert set(top_p) == {0, 1}  # 0.5 alone is short of 0.7; 0.5 + 0.3 reaches it
-    first = [sample(logits, [seq("s", [1], temperature=1.0, seed=42)])[0][0] for _ in range(5)]
-    assert len(set(first)) == 1
+    [greedy] = sample(logits, [TokenDraw(logprobs=True)])
+    assert greedy.token_id == 0 and abs(greedy.logprob - torch.log(torch.tensor(0.5)).item()) < 1e-6
+    top_k = {sample(logits, [TokenDraw(temperature=1.0, top_k=2, seed=s)])[0].token_id for s in range(200)}
+    assert top_k == {0, 1}
+    top_p = {sample(logits, [TokenDraw(temperature=1.0, top_p=0.7, seed=s)])[0].token_id for s in range(200)}
+    assert top_p == {0, 1}  # 0.5 alone is short of 0.7; 0.5 + 0.3 reaches it
+    assert len({sample(logits, [TokenDraw(temperature=1.0, seed=42)])[0].token_id for _ in range(5)}) == 1
+    # Each draw of a sequence has a seed of its own: the index moves the draw, the seed fixes it.
+    assert len({sample(logits, [TokenDraw(temperature=1.0, seed=42, index=i)])[0].token_id for i in range(50)}) > 1
+
+
+EXTREMES = [0.0, 1e-45, 1.17549435e-38, 1e-30, 1e-6, 1.0, 100.0]
+
+
+@pytest.mark.parametrize("temperature", EXTREMES)
+@pytest.mark.parametrize("top_p", [1.4e-45, 1e-30, 0.5, 1.0])
+@pytest.mark.parametrize("top_k", [0, 1, 3, 2**31 - 1])
+def test_every_sampling_value_the_api_accepts_gives_a_token(temperature: float, top_p: float, top_k: int) -> None:
+    """Logits as a model gives them (one large, some tied, a huge spread): never NaN, never an error."""
+    logits = torch.tensor([[30.0, 30.0, -50.0, 1e4, -1e4, 0.0, 3.5]])
+    for seed in (0, 2**63 - 1, 2**64 - 1):
+        [token] = sample(logits, [TokenDraw(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, logprobs=True)])
+        assert token.error is None and 0 <= token.token_id < logits.shape[1]
+        if temperature < 1e-6 or top_p < 0.5 or top_k == 1:  # the distribution collapses onto the largest logit
+            assert token.token_id == 3
+        assert math.isfinite(token.logprob)
+
+
+def test_a_row_without_finite_logits_fails_alone() -> None:
+    logits = torch.tensor([[1.0, 2.0, 3.0], [float("nan"), 1.0, 2.0], [-math.inf] * 3, [1.0, math.inf, 0.0]])
+    tokens = sample(logits, [TokenDraw(), TokenDraw(temperature=0.7), TokenDraw(), TokenDraw(temperature=0.7, seed=3)])
+    assert [t.error is None for t in tokens] == [True, False, False, True]
+    assert tokens[0].token_id == 2 and tokens[3].token_id == 1  # +inf (an overflow) still wins

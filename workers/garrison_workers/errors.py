@@ -32,8 +32,17 @@ class LayoutError(GarrisonError):
     """A tensor/expert-parallel layout does not fit the model (e.g. tp does not divide the heads)."""
 
 
-class WorkerLostError(GarrisonError):
+class UnavailableError(GarrisonError):
+    """The server cannot serve this request now (a lost rank, a failed handoff, no capacity); a retry may succeed."""
+
+
+class WorkerLostError(UnavailableError):
     """A rank of a worker group died; its in-flight requests failed and the group must be restarted."""
+
+
+class SequenceError(GarrisonError):
+    """One sequence failed inside the engine (its logits held NaN, its text could not be decoded): that request
+    ends, the others in its batch go on. Not the client's doing: a fault of the model or of Garrison."""
 
 
 class WeightStoreError(ModelLoadError):

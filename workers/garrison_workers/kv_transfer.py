@@ -32,12 +32,12 @@ from typing import Any, NamedTuple, Protocol
 import torch
 import torch.distributed as dist
 
-from garrison_workers.errors import GarrisonError
+from garrison_workers.errors import UnavailableError
 
 log = logging.getLogger(__name__)
 
 
-class KVTransferError(GarrisonError):
+class KVTransferError(UnavailableError):
     """A transfer arrived short, malformed or corrupted; the request fails and both sides free its blocks."""
 
 

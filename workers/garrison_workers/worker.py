@@ -17,6 +17,7 @@ import torch.distributed as dist
 from garrison_workers.engine.config import EngineConfig
 from garrison_workers.engine.executor import parameter_bytes
 from garrison_workers.engine.model_runner import ModelRunner, SeqChunk
+from garrison_workers.engine.sampler import SampledToken
 from garrison_workers.kv_transfer import (
     KVRoute,
     KVTransferError,
@@ -67,9 +68,13 @@ class Worker:
         gc.freeze()
         return parameter_bytes(self.model)
 
-    def execute(self, chunks: list[SeqChunk]) -> torch.Tensor | None:
-        # Every rank runs the model; rank 0 alone computes and returns the logits.
-        return self.runner.run(chunks, want_logits=self.rank == 0)
+    def execute(self, chunks: list[SeqChunk]) -> list[SampledToken] | None:
+        # Every rank runs the model; rank 0 alone computes the logits and samples: a few bytes per sequence leave
+        # the group, never the logits.
+        if self.rank == 0:
+            return self.runner.step(chunks)
+        self.runner.run(chunks, want_logits=False)
+        return None
 
     def join_kv_channel(self, channel: str, host: str, port: int, first_rank: int, size: int) -> None:
         """Join a KV channel as its rank `first_rank` + this rank; every member joins at the same time."""

@@ -12,7 +12,7 @@ from garrison.cli.store_options import add_kek_options, add_store_option, provid
 from garrison.model_refs import resolve_model
 from garrison_workers.engine.llm_engine import EngineConfig, LLMEngine
 from garrison_workers.engine.sequence import SamplingParams
-from garrison_workers.errors import InvalidRequestError, WorkerLostError
+from garrison_workers.errors import InvalidRequestError
 from garrison_workers.parallel.dims import ParallelDims
 
 
@@ -77,8 +77,8 @@ def _generate(engine: LLMEngine, args: argparse.Namespace, params: SamplingParam
             result["text"] += out.new_text
             result["logprobs"] += out.new_logprobs
             result["finish_reason"] = out.finish_reason
-            if out.error:
-                raise WorkerLostError(out.error)
+            if out.error is not None:
+                raise out.error
             if not args.json:
                 print(out.new_text, end="", flush=True)
     if args.json:

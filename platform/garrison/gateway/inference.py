@@ -26,7 +26,6 @@ from garrison.tenancy.service import TenancyService
 from garrison.v1 import inference_pb2 as pb
 from garrison.v1 import usage_pb2
 from garrison_workers.engine.llm_engine import RequestOutput
-from garrison_workers.errors import WorkerLostError
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +100,7 @@ class InferenceService:
             async with contextlib.aclosing(self.router.stream(route)) as outputs:
                 async for out in outputs:
                     if out.error is not None:
-                        raise WorkerLostError(f"{out.error}; retry the request")
+                        raise out.error
                     yield out
         finally:
             for span in (queued, *engine_spans):

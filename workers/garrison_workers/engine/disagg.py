@@ -26,8 +26,9 @@ import torch
 
 from garrison_workers.engine.llm_engine import LLMEngine, RequestOutput
 from garrison_workers.engine.sequence import SamplingParams, Sequence, SequenceStatus
-from garrison_workers.errors import ContextLengthError, GarrisonError, LayoutError, WorkerLostError
+from garrison_workers.errors import ContextLengthError, GarrisonError, LayoutError, UnavailableError, WorkerLostError
 from garrison_workers.kv_link import HandleLink, ImportPace, KVLink, TorchChannel, Transfer
+from garrison_workers.kv_transfer import KVTransferError
 
 
 @dataclass(slots=True)
@@ -126,17 +127,19 @@ class DisaggregatedEngine:
     def _complete(self, handover: _Handover) -> list[RequestOutput]:
         seq, decoder = handover.seq, handover.decoder
         if decoder.block_manager is not handover.block_manager or decoder.failure is not None:
-            return [] if handover.aborted else [_failed(seq, "the decode group was lost during the KV transfer; retry")]
+            lost = WorkerLostError("the decode group was lost during the KV transfer; retry")
+            return [] if handover.aborted else [_failed(seq, lost)]
         try:
             handover.transfer.finish()
         except WorkerLostError as err:
             decoder.block_manager.free(seq)
             if handover.aborted:
                 return [out for engine in self._lost(decoder) for out in engine.fail_all(err)]
-            return [out for engine in self._lost(decoder) for out in engine.fail_all(err)] + [_failed(seq, str(err))]
+            return [out for engine in self._lost(decoder) for out in engine.fail_all(err)] + [_failed(seq, err)]
         except GarrisonError as err:
             decoder.block_manager.free(seq)
-            return [] if handover.aborted else [_failed(seq, f"KV transfer to the decode group failed: {err}")]
+            failed = KVTransferError(f"KV transfer to the decode group failed: {err}")
+            return [] if handover.aborted else [_failed(seq, failed)]
         if handover.aborted:
             decoder.block_manager.free(seq)
             seq.status, seq.finish_reason = SequenceStatus.FINISHED, "abort"
@@ -161,21 +164,21 @@ class DisaggregatedEngine:
         self.prefill.release(seq)
         live = [d for d in self.decoders if d.failure is None]
         if not live:
-            return [_failed(seq, "no decode group is serving; restart the failed decode groups")]
+            return [_failed(seq, UnavailableError("no decode group of this replica is serving; retry"))]
         decoder = max(live, key=lambda d: d.block_manager.num_free_blocks)
         seq.num_computed_tokens = num_tokens
         try:
             computed = decoder.reserve(seq)
         except GarrisonError as err:
-            return [_failed(seq, f"the decode group cannot take this sequence: {err}")]
+            return [_failed(seq, UnavailableError(f"the decode group cannot take this sequence now: {err}; retry"))]
         try:
             transfer = self._links[decoder].start(source_blocks, seq.block_table, num_tokens)
         except WorkerLostError as err:
             decoder.block_manager.free(seq)
-            return [out for engine in self._lost(decoder) for out in engine.fail_all(err)] + [_failed(seq, str(err))]
+            return [out for engine in self._lost(decoder) for out in engine.fail_all(err)] + [_failed(seq, err)]
         except GarrisonError as err:
             decoder.block_manager.free(seq)
-            return [_failed(seq, f"KV transfer to the decode group failed: {err}")]
+            return [_failed(seq, KVTransferError(f"KV transfer to the decode group failed: {err}"))]
         self._handovers.append(_Handover(seq, decoder, computed, transfer, decoder.block_manager))
         return []
 
@@ -202,7 +205,7 @@ def _link(prefill: LLMEngine, decoder: LLMEngine, pace: ImportPace) -> KVLink:
     return TorchChannel(prefill.executor, decoder.executor, prefill.model_config, pace)
 
 
-def _failed(seq: Sequence, why: str) -> RequestOutput:
+def _failed(seq: Sequence, why: GarrisonError) -> RequestOutput:
     seq.status, seq.finish_reason = SequenceStatus.FINISHED, "error"
     return RequestOutput(seq.request_id, [], "", [], True, "error", seq.num_prompt_tokens, seq.num_output_tokens,
                          seq.num_cached_prompt_tokens, error=why)

@@ -13,6 +13,7 @@ import torch
 
 from garrison_workers.engine.config import EngineConfig
 from garrison_workers.engine.model_runner import ModelRunner, SeqChunk
+from garrison_workers.engine.sampler import SampledToken
 from garrison_workers.errors import LayoutError, WorkerLostError
 from garrison_workers.kv_transfer import InProcessTransport, KVTransport, assemble_heads
 from garrison_workers.model import CausalLM
@@ -38,8 +39,8 @@ class StepFuture(Protocol):
         """True once `result()` would not block."""
         ...
 
-    def result(self) -> torch.Tensor:
-        """Logits `[N, V]` of the step's chunks with `needs_logits`, in order.
+    def result(self) -> list[SampledToken]:
+        """The token sampled for each of the step's chunks with a draw, in order.
 
         Raises WorkerLostError when a rank died; the executor is then unusable until `restart()`.
         """
@@ -115,13 +116,13 @@ class DoneImport:
 
 @dataclass(slots=True)
 class DoneStep:
-    logits: torch.Tensor
+    sampled: list[SampledToken]
 
     def done(self) -> bool:
         return True
 
-    def result(self) -> torch.Tensor:
-        return self.logits
+    def result(self) -> list[SampledToken]:
+        return self.sampled
 
 
 class LocalExecutor:
@@ -134,9 +135,7 @@ class LocalExecutor:
         self.failure: WorkerLostError | None = None  # one process: nothing to lose but the process itself
 
     def submit(self, chunks: list[SeqChunk]) -> StepFuture:
-        logits = self.runner.run(chunks)
-        assert logits is not None
-        return DoneStep(logits)
+        return DoneStep(self.runner.step(chunks))
 
     def export_kv(self, block_table: list[int], num_tokens: int) -> list[Any]:
         payload = self.runner.export_kv(block_table, num_tokens, 0, self.config.kv_transfer_checksum)

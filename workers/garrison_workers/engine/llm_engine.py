@@ -8,6 +8,7 @@ before the call returns.
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -18,14 +19,17 @@ from garrison_workers.engine.block_manager import BlockManager
 from garrison_workers.engine.config import EngineConfig
 from garrison_workers.engine.executor import Executor, LocalExecutor, StepFuture
 from garrison_workers.engine.model_runner import ModelRunner, SeqChunk
-from garrison_workers.engine.sampler import sample
+from garrison_workers.engine.output_text import OutputText
+from garrison_workers.engine.sampler import SampledToken
 from garrison_workers.engine.scheduler import Scheduler
 from garrison_workers.engine.sequence import SamplingParams, Sequence, SequenceStatus
-from garrison_workers.errors import CapacityError, ContextLengthError, InvalidRequestError, WorkerLostError
+from garrison_workers.errors import (CapacityError, ContextLengthError, GarrisonError, InvalidRequestError,
+                                     SequenceError, WorkerLostError)
 from garrison_workers.loader import ModelLocation, build_model, open_model_files
 from garrison_workers.parallel.dims import ParallelDims
 from garrison_workers.tokenizer import IncrementalDetokenizer, Tokenizer
 
+log = logging.getLogger(__name__)
 
 @dataclass(slots=True)
 class RequestOutput:
@@ -40,7 +44,9 @@ class RequestOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     num_cached_prompt_tokens: int
-    error: str | None = None  # why the request failed (finish_reason "error"), e.g. a lost worker rank
+    # Why the request failed (finish_reason "error"): WorkerLostError (its replica lost a rank), KVTransferError (its
+    # handoff failed), SequenceError (a fault of this sequence alone); its class decides the status a client sees.
+    error: GarrisonError | None = None
 
 
 @dataclass(slots=True)
@@ -68,13 +74,6 @@ class _Step:
         return self.future is None or self.future.done()
 
 
-@dataclass(slots=True)
-class _TextState:
-    detokenizer: IncrementalDetokenizer
-    text: str = ""  # everything decoded so far, stop strings included
-    emitted: int = 0  # characters already streamed
-
-
 def num_kv_blocks(model_config: ModelConfig, config: EngineConfig, tp: int = 1) -> int:
     """Blocks that fit the per-rank KV budget (each TP rank holds 1/tp of every block)."""
     block_bytes = ModelRunner.kv_block_bytes(model_config, config.block_size, config.dtype, tp)
@@ -92,7 +91,6 @@ class LLMEngine:
         self.eos_token_ids = frozenset(model_config.eos_token_ids) | frozenset(
             tokenizer.eos_token_ids if tokenizer else ())
         self._seqs: dict[str, Sequence] = {}
-        self._text: dict[str, _TextState] = {}
         self.failure: WorkerLostError | None = None
         self.role = role
         self.handoffs: list[Sequence] = []
@@ -142,9 +140,9 @@ class LLMEngine:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         self._validate_prompt(prompt_token_ids)
         seq = Sequence(request_id, list(prompt_token_ids), len(prompt_token_ids), params, salt)
-        self._seqs[request_id] = seq
         if self.tokenizer is not None:
-            self._text[request_id] = _TextState(IncrementalDetokenizer(self.tokenizer, prompt_token_ids))
+            seq.text = OutputText(IncrementalDetokenizer(self.tokenizer, prompt_token_ids), params.stop)
+        self._seqs[request_id] = seq
         self.scheduler.add(seq)
 
     def abort_request(self, request_id: str) -> bool:
@@ -152,7 +150,6 @@ class LLMEngine:
         seq = self._seqs.pop(request_id, None)
         if seq is None:
             return False
-        self._text.pop(request_id, None)
         self.scheduler.remove(seq)
         seq.status, seq.finish_reason = SequenceStatus.FINISHED, "abort"
         return True
@@ -192,7 +189,8 @@ class LLMEngine:
         if not batch.work or self.failure is not None:
             return None
         chunks = [SeqChunk(seq.token_ids[seq.num_computed_tokens:seq.num_computed_tokens + count],
-                           seq.num_computed_tokens, seq.block_table, seq.num_computed_tokens + count == seq.num_tokens)
+                           seq.num_computed_tokens, seq.block_table,
+                           seq.next_draw() if seq.num_computed_tokens + count == seq.num_tokens else None)
                   for seq, count in batch.work]
         try:
             return _Step(batch.work, chunks, self.executor.submit(chunks))
@@ -206,24 +204,20 @@ class LLMEngine:
             if step.error is not None:
                 raise step.error
             assert step.future is not None
-            logits_NV = step.future.result()
+            drawn = iter(step.future.result())
         except WorkerLostError as err:
             return self.fail_all(err)
+        outputs: list[RequestOutput] = []
         sampled: list[Sequence] = []
-        rows: list[int] = []
-        row = 0
         for (seq, count), chunk in zip(step.work, step.chunks):
-            if not seq.is_finished:  # else aborted while its step ran (disaggregation); its blocks are free
-                seq.num_computed_tokens += count
-                self.block_manager.publish_full_blocks(seq)
-                if chunk.needs_logits:
-                    sampled.append(seq)
-                    rows.append(row)
-            row += chunk.needs_logits
-        if len(rows) != row:
-            logits_NV = logits_NV[rows]
-        tokens, logprobs = sample(logits_NV, sampled) if sampled else ([], [])
-        outputs = [self._append(seq, token, logprob) for seq, token, logprob in zip(sampled, tokens, logprobs)]
+            token = next(drawn) if chunk.draw is not None else None
+            if seq.is_finished:  # aborted while its step ran (disaggregation); its blocks are free
+                continue
+            seq.num_computed_tokens += count
+            self.block_manager.publish_full_blocks(seq)
+            if token is not None:
+                outputs.append(self._append(seq, token))
+                sampled.append(seq)
         if self.role == "prefill":
             self._hold_for_handoff(sampled)
         return outputs
@@ -245,7 +239,6 @@ class LLMEngine:
         """Forget a handed-off (or failed) sequence and free its blocks here."""
         self.block_manager.free(seq)
         self._seqs.pop(seq.request_id, None)
-        self._text.pop(seq.request_id, None)
 
     def adopt(self, seq: Sequence, receive: Callable[[list[int]], None]) -> None:
         """Continue decoding a sequence prefilled elsewhere: `receive(block_table)` fills the blocks allocated
@@ -274,61 +267,54 @@ class LLMEngine:
         """The sequence's KV is in its reserved blocks: decode it from the next step."""
         seq.num_computed_tokens = computed
         self._seqs[seq.request_id] = seq
-        if self.tokenizer is not None:  # continue the text after what the prefill side already streamed
-            self._text[seq.request_id] = _TextState(IncrementalDetokenizer(self.tokenizer, seq.token_ids))
         seq.status = SequenceStatus.RUNNING
         self.scheduler.running.append(seq)
 
     def fail_all(self, err: WorkerLostError) -> list[RequestOutput]:
         """The executor lost a rank: every in-flight request ends with the error and frees its blocks."""
         self.failure = err
-        outputs = []
-        for seq in list(self._seqs.values()):
-            seq.finish_reason = "error"
-            self._finish(seq)
-            outputs.append(RequestOutput(seq.request_id, [], "", [], True, "error", seq.num_prompt_tokens,
-                                         seq.num_output_tokens, seq.num_cached_prompt_tokens, error=str(err)))
-        return outputs
+        return [self._fail(seq, err) for seq in list(self._seqs.values())]
 
-    def _append(self, seq: Sequence, token: int, logprob: float | None) -> RequestOutput:
+    def _fail(self, seq: Sequence, err: GarrisonError) -> RequestOutput:
+        seq.finish_reason = "error"
+        self._finish(seq)
+        return RequestOutput(seq.request_id, [], "", [], True, "error", seq.num_prompt_tokens, seq.num_output_tokens,
+                             seq.num_cached_prompt_tokens, error=err)
+
+    def _append(self, seq: Sequence, sampled: SampledToken) -> RequestOutput:
+        """Add a sampled token to its sequence. A fault here is the sequence's own (its logits, its text): it ends
+        that sequence with an error and never the step, so the others in the batch go on."""
+        if sampled.error is not None:
+            return self._fail(seq, SequenceError(f"request {seq.request_id}: {sampled.error}"))
+        try:
+            return self._append_token(seq, sampled.token_id, sampled.logprob)
+        except Exception as err:
+            log.exception("request %s failed on its token %d", seq.request_id, sampled.token_id)
+            return self._fail(seq, SequenceError(f"request {seq.request_id} failed on its generated token "
+                                                 f"{sampled.token_id} ({type(err).__name__})"))
+
+    def _append_token(self, seq: Sequence, token: int, logprob: float | None) -> RequestOutput:
         seq.token_ids.append(token)
         params = seq.params
         if token in params.stop_token_ids or (token in self.eos_token_ids and not params.ignore_eos):
             seq.finish_reason = "stop"
         elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
             seq.finish_reason = "length"
-        new_text = self._new_text(seq, token)
+        new_text = ""
+        if seq.text is not None:
+            new_text, stopped = seq.text.push(token, last=seq.finish_reason is not None)
+            if stopped:
+                seq.finish_reason = "stop"
         if seq.finish_reason is not None:
             self._finish(seq)
         return RequestOutput(seq.request_id, [token], new_text, [logprob], seq.finish_reason is not None,
                              seq.finish_reason, seq.num_prompt_tokens, seq.num_output_tokens,
                              seq.num_cached_prompt_tokens)
 
-    def _new_text(self, seq: Sequence, token: int) -> str:
-        """Text this token adds, minus any stop string (which ends the request) and any held-back prefix of one."""
-        state = self._text.get(seq.request_id)
-        if state is None:
-            return ""
-        state.text += state.detokenizer.push(token)
-        if seq.finish_reason is not None:  # nothing follows: release a held-back partial character
-            state.text += state.detokenizer.flush()
-        stops = seq.params.stop
-        cut = len(state.text)
-        for stop in stops:
-            found = state.text.find(stop, max(0, state.emitted - len(stop) + 1))
-            if found != -1 and found < cut:
-                cut, seq.finish_reason = found, "stop"
-        if seq.finish_reason is None:
-            cut -= _held_back(state.text, stops)
-        new_text = state.text[state.emitted:max(cut, state.emitted)]
-        state.emitted = max(cut, state.emitted)
-        return new_text
-
     def _finish(self, seq: Sequence) -> None:
         self.scheduler.remove(seq)
         seq.status = SequenceStatus.FINISHED
         del self._seqs[seq.request_id]
-        self._text.pop(seq.request_id, None)
 
     # -- convenience ------------------------------------------------------------------------------
 
@@ -350,14 +336,3 @@ class LLMEngine:
 
 
 _GENERATE_IDS = itertools.count()
-
-
-def _held_back(text: str, stops: tuple[str, ...]) -> int:
-    """Length of the longest tail of `text` that could still grow into a stop string."""
-    longest = 0
-    for stop in stops:
-        for size in range(min(len(stop) - 1, len(text)), longest, -1):
-            if text.endswith(stop[:size]):
-                longest = size
-                break
-    return longest

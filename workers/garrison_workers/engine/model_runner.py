@@ -1,4 +1,4 @@
-"""Turns a scheduled batch into tensors, runs the model over the paged KV cache, returns logits.
+"""Turns a scheduled batch into tensors, runs the model over the paged KV cache, samples the next tokens.
 
 The only part of the engine that builds tensors. Token rows are laid out decode rows first, then each
 prefill chunk contiguously (see `garrison_workers.attention`).
@@ -13,6 +13,7 @@ import torch
 from garrison_workers.attention import AttentionMetadata, PrefillSegment, causal_masks
 from garrison_workers.config import ModelConfig
 from garrison_workers.engine.config import EngineConfig
+from garrison_workers.engine.sampler import SampledToken, TokenDraw, sample
 from garrison_workers.kv_transfer import KVPayload
 from garrison_workers.model import CausalLM
 
@@ -24,11 +25,15 @@ class SeqChunk:
     token_ids: list[int]  # the tokens computed in this step
     start: int  # position of token_ids[0]; positions before it are already in the cache
     block_table: list[int]
-    needs_logits: bool  # the chunk ends at the sequence's last known token: sample from it
+    draw: TokenDraw | None  # set when the chunk ends at the sequence's last known token: sample from it
 
     @property
     def end(self) -> int:
         return self.start + len(self.token_ids)
+
+    @property
+    def needs_logits(self) -> bool:
+        return self.draw is not None
 
 
 class ModelRunner:
@@ -50,6 +55,12 @@ class ModelRunner:
     def kv_block_bytes(config: ModelConfig, block_size: int, dtype: torch.dtype, tp: int = 1) -> int:
         """Bytes one block takes on one rank (each TP rank holds num_kv_heads / tp heads)."""
         return config.kv_bytes_per_token(torch.finfo(dtype).bits // 8) * block_size // tp
+
+    def step(self, chunks: list[SeqChunk]) -> list[SampledToken]:
+        """Compute every chunk's tokens into the cache and sample a token for each chunk with a draw, in order."""
+        logits_NV = self.run(chunks)
+        assert logits_NV is not None
+        return sample(logits_NV, [chunk.draw for chunk in chunks if chunk.draw is not None])
 
     @torch.inference_mode()
     def run(self, chunks: list[SeqChunk], want_logits: bool = True) -> torch.Tensor | None:

@@ -7,9 +7,11 @@ import os
 from dataclasses import dataclass, field
 from enum import Enum
 
-import torch
-
+from garrison_workers.engine.output_text import OutputText
+from garrison_workers.engine.sampler import TokenDraw
 from garrison_workers.errors import InvalidRequestError
+
+MAX_SEED = (1 << 64) - 1
 
 
 @dataclass(slots=True, frozen=True)
@@ -33,8 +35,10 @@ class SamplingParams:
             raise InvalidRequestError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
         if not math.isfinite(self.top_p) or not 0 < self.top_p <= 1:
             raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if self.top_k < 0:
-            raise InvalidRequestError(f"top_k must be >= 0 (0 disables it), got {self.top_k!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise InvalidRequestError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED):
+            raise InvalidRequestError(f"seed must be an integer from 0 to 2**64 - 1, got {self.seed!r}")
         if any(not s for s in self.stop):
             raise InvalidRequestError("stop strings must not be empty")
 
@@ -62,11 +66,18 @@ class Sequence:
     num_hashed_blocks: int = 0  # leading full blocks already published to the prefix cache
     num_cached_prompt_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
     finish_reason: str | None = None
-    generator: torch.Generator = field(default_factory=torch.Generator)
+    # Seeds every draw of this sequence (the request's seed, or a random one): see sampler.TokenDraw.
+    seed: int = field(default=0, init=False)
+    # The generated text, stop strings and what has been streamed; None without a tokenizer (token ids only).
+    text: OutputText | None = None
 
     def __post_init__(self) -> None:
-        seed = self.params.seed if self.params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
-        self.generator.manual_seed(seed)
+        self.seed = self.params.seed if self.params.seed is not None else int.from_bytes(os.urandom(8), "little")
+
+    def next_draw(self) -> TokenDraw:
+        """How to pick this sequence's next token."""
+        p = self.params
+        return TokenDraw(p.temperature, p.top_p, p.top_k, self.seed, self.num_output_tokens, p.logprobs)
 
     @property
     def num_tokens(self) -> int:
