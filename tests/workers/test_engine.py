@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
-from conftest import save_tiny_llama4
+from conftest import save_tiny_llama, save_tiny_llama4
+from garrison_workers.engine.executor import LocalExecutor
 from garrison_workers.engine.llm_engine import EngineConfig, LLMEngine
 from garrison_workers.engine.sequence import SamplingParams
+from garrison_workers.errors import SequenceError
 
 
 def mixed_prompts(count: int, vocab: int, seed: int) -> list[list[int]]:
@@ -37,6 +41,14 @@ def alone(engine: LLMEngine, prompt: list[int], params: SamplingParams) -> list[
     return done.token_ids
 
 
+def fresh_twin(engine: LLMEngine) -> LLMEngine:
+    """The same weights in a new engine with its own empty KV cache and prefix caching off: what it computes
+    cannot come from blocks that the engine under test has published."""
+    config = replace(engine.config, enable_prefix_caching=False)
+    executor = LocalExecutor(engine.executor.model, engine.num_blocks, config)
+    return LLMEngine(executor, engine.model_config, engine.tokenizer, config, engine.num_blocks)
+
+
 @pytest.fixture(scope="module")
 def tiny_engine(tmp_path_factory) -> LLMEngine:
     model_dir = save_tiny_llama4(tmp_path_factory.mktemp("tiny"), seed=3, num_experts_per_tok=2)
@@ -62,8 +74,9 @@ def test_batch_invariance(request, which: str) -> None:
     prompts = mixed_prompts(16, engine.model_config.vocab_size, seed=11)
     params = SamplingParams(max_tokens=12, ignore_eos=True)
     together = run_staggered(engine, prompts, params)
+    twin = fresh_twin(engine)
     for i, prompt in enumerate(prompts):
-        assert together[f"r{i}"] == alone(engine, prompt, params), f"request {i} changed when batched"
+        assert together[f"r{i}"] == alone(twin, prompt, params), f"request {i} changed when batched"
     assert_all_blocks_free(engine)
 
 
@@ -71,8 +84,9 @@ def test_seeded_sampling_is_batch_invariant(tiny_engine: LLMEngine) -> None:
     prompts = mixed_prompts(6, 512, seed=5)
     params = SamplingParams(max_tokens=10, temperature=0.8, top_k=50, top_p=0.9, seed=1234, ignore_eos=True)
     together = run_staggered(tiny_engine, prompts, params)
+    twin = fresh_twin(tiny_engine)
     for i, prompt in enumerate(prompts):
-        assert together[f"r{i}"] == alone(tiny_engine, prompt, params)
+        assert together[f"r{i}"] == alone(twin, prompt, params)
 
 
 def test_cancel_frees_all_blocks_while_others_continue(tiny_engine: LLMEngine) -> None:
@@ -146,3 +160,45 @@ def test_kv_cache_device_is_the_engine_device_or_host_memory() -> None:
     assert EngineConfig().kv_device == "cpu"
     with pytest.raises(ValueError, match="kv_cache_device must be the engine's device"):
         EngineConfig(device="cpu", kv_cache_device="cuda")
+
+
+POISON = 7  # the token whose embedding row is NaN in `poisoned_model`
+
+
+@pytest.fixture(scope="module")
+def poisoned_model(tmp_path_factory) -> Path:
+    """A tiny Llama whose embedding of one token is NaN (untied from the LM head): any sequence that holds the
+    token gets NaN hidden states, as a model's overflow would give it; the others are unaffected."""
+    path = save_tiny_llama(tmp_path_factory.mktemp("poisoned"), seed=5, tie_word_embeddings=False)
+    [file] = path.glob("*.safetensors")
+    tensors = load_file(file)
+    tensors["model.embed_tokens.weight"][POISON] = float("nan")
+    save_file(tensors, file, metadata={"format": "pt"})
+    return path
+
+
+def test_a_sequence_with_nan_logits_fails_alone(poisoned_model: Path) -> None:
+    """The poisoned sequence is admitted first, so its K/V (NaN) sit in the first blocks of the cache; the others
+    decode in the same padded batch and must get exactly the tokens they get without it."""
+    config = EngineConfig(block_size=4, num_kv_blocks=64, max_num_batched_tokens=64)
+    engine = LLMEngine.from_path(poisoned_model, config)
+    params = SamplingParams(max_tokens=10, ignore_eos=True)
+    # Short prompts of different lengths: rows padded in the decode batch, and the poisoned blocks never reused.
+    healthy = [[t for t in prompt if t != POISON][:n] for prompt, n in zip(mixed_prompts(4, 320, seed=1), (3, 5, 8, 13))]
+    expected = [alone(fresh_twin(engine), prompt, params) for prompt in healthy]
+    engine.add_request("poisoned", [POISON, 5, 9], params)  # its K/V in slot 0 on
+    for i, prompt in enumerate(healthy):
+        engine.add_request(f"h{i}", prompt, params)
+    tokens: dict[str, list[int]] = {f"h{i}": [] for i in range(len(healthy))}
+    failures = []
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.request_id == "poisoned":
+                failures.append(out)
+            else:
+                assert out.error is None, out.error
+                tokens[out.request_id] += out.new_token_ids
+    assert [f.finish_reason for f in failures] == ["error"] and isinstance(failures[0].error, SequenceError)
+    assert "NaN" in str(failures[0].error)
+    assert list(tokens.values()) == expected
+    assert_all_blocks_free(engine)

@@ -70,7 +70,7 @@ def _decode_attention(q_THD: torch.Tensor, out_THD: torch.Tensor, k_cache: torch
     assert meta.decode_slots_BL is not None
     num_decode = meta.num_decode
     q_BH1D = q_THD[:num_decode].unsqueeze(2)
-    # Padding slots point at slot 0, which always holds finite values, so masked keys add exact zeros.
+    # Padding points at the runner's pad slot, which no sequence writes (zeros): masked keys add exact zeros.
     slots = meta.decode_chunked_slots_BW if chunked else meta.decode_slots_BL
     assert slots is not None
     k_BKLD = _gather(k_cache, slots, q_THD.device).transpose(1, 2)

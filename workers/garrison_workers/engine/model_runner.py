@@ -44,9 +44,13 @@ class ModelRunner:
         self.kv_device = torch.device(engine_config.kv_device)
         dtype, device = engine_config.dtype, self.kv_device
         pin = device.type == "cpu" and self.device.type == "cuda"  # host memory the GPU copies from directly
-        shape = (num_blocks * self.block_size, model.num_local_kv_heads, self.config.head_dim)
+        # One slot past the blocks pads the decode batch's gathers. No sequence ever writes it, so it stays zero: a
+        # masked key then adds an exact 0, where 0 * (a NaN one sequence's bad numerics left in a block) is NaN and
+        # would spread to every row padded with it.
+        self.pad_slot = num_blocks * self.block_size
+        shape = (self.pad_slot + 1, model.num_local_kv_heads, self.config.head_dim)
 
-        def zeros() -> torch.Tensor:  # zero-filled so that padded gathers read finite values (0 * garbage could be NaN)
+        def zeros() -> torch.Tensor:
             return torch.zeros(shape, dtype=dtype, device=device, pin_memory=pin)
 
         self.kv_caches = [(zeros(), zeros()) for _ in range(self.config.num_layers)]
@@ -139,9 +143,9 @@ class ModelRunner:
 
     def _padded_keys(self, decode: list[SeqChunk], starts: list[int], ends: list[int]
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gather index of keys [start, end) per row, padded (with slot 0) to the longest, and its mask."""
+        """Gather index of keys [start, end) per row, padded (with the pad slot) to the longest, and its mask."""
         sizes = torch.tensor([e - s for s, e in zip(starts, ends)])
-        slots_BL = torch.zeros(len(decode), int(sizes.max()), dtype=torch.long)
+        slots_BL = torch.full((len(decode), int(sizes.max())), self.pad_slot, dtype=torch.long)
         for b, (chunk, start, end) in enumerate(zip(decode, starts, ends)):
             slots_BL[b, :end - start] = self._slots(chunk.block_table, start, end)
         valid_BL = torch.arange(slots_BL.shape[1])[None, :] < sizes[:, None]
