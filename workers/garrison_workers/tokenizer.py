@@ -11,6 +11,7 @@ built here is byte-for-byte the prompt the model was fine-tuned on.
 
 from __future__ import annotations
 
+import functools
 import json
 import pathlib
 from dataclasses import dataclass
@@ -192,20 +193,20 @@ class Tokenizer:
                                       "send ids produced by this model's tokenizer")
         return self._backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
+    @property
+    def chat_template(self) -> ChatTemplate | None:
+        """What rendering a conversation needs, as plain data: a serving gateway renders it in a process of its own
+        (garrison.gateway.render), where a template that never ends can be stopped."""
+        if self._chat_template is None:
+            return None
+        return ChatTemplate(self._chat_template, self._special.template_variables())
+
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         """The prompt text for a conversation, rendered as transformers' apply_chat_template(tokenize=False)."""
         if self._template is None:
             raise InvalidRequestError("this model has no chat template; send a plain text prompt "
                                       "(completions) instead of chat messages")
-        # transformers drops None-valued keys: templates test for a missing key, not for None.
-        plain = [{key: value for key, value in message.items() if value is not None} for message in messages]
-        try:
-            return self._template.render(messages=plain, tools=None, documents=None,
-                                         add_generation_prompt=add_generation_prompt,
-                                         **self._special.template_variables())
-        except jinja2.TemplateError as err:
-            raise InvalidRequestError(f"the model's chat template rejected the messages: {err}; "
-                                      "fix the roles or order of the messages") from None
+        return render_chat(self._template, self._special.template_variables(), messages, add_generation_prompt)
 
     def _token_id(self, token: str | None) -> int | None:
         return None if token is None else self._backend.token_to_id(token)
@@ -218,6 +219,42 @@ class Tokenizer:
             turn_ends = [token for token in turn_ends if token != "<|end|>"]
         candidates = [self._token_id(self._special.eos), *extra_eos_ids, *map(self._token_id, turn_ends)]
         return tuple(dict.fromkeys(token_id for token_id in candidates if token_id is not None))
+
+
+@dataclass(frozen=True, slots=True)
+class ChatTemplate:
+    source: str
+    variables: dict[str, str]  # the named special tokens a template reads (bos_token, eos_token...)
+
+    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
+               max_chars: int | None = None) -> str:
+        return render_chat(compiled_chat_template(self.source), self.variables, messages, add_generation_prompt,
+                           max_chars)
+
+
+def render_chat(template: jinja2.Template, variables: Mapping[str, str], messages: list[dict[str, str]],
+                add_generation_prompt: bool, max_chars: int | None = None) -> str:
+    """Render a conversation; InvalidRequestError when the template refuses it or its text passes `max_chars`."""
+    # transformers drops None-valued keys: templates test for a missing key, not for None.
+    plain = [{key: value for key, value in message.items() if value is not None} for message in messages]
+    pieces, size = [], 0
+    try:
+        for piece in template.generate(messages=plain, tools=None, documents=None,
+                                       add_generation_prompt=add_generation_prompt, **variables):
+            size += len(piece)
+            if max_chars is not None and size > max_chars:
+                raise InvalidRequestError(f"the chat template's text for these messages passes {max_chars} "
+                                          "characters; send fewer or shorter messages")
+            pieces.append(piece)
+    except jinja2.TemplateError as err:
+        raise InvalidRequestError(f"the model's chat template rejected the messages: {err}; "
+                                  "fix the roles or order of the messages") from None
+    return "".join(pieces)
+
+
+@functools.lru_cache(maxsize=16)
+def compiled_chat_template(source: str) -> jinja2.Template:
+    return _compile_chat_template(source)
 
 
 class IncrementalDetokenizer:

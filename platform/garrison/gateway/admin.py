@@ -16,7 +16,7 @@ from google.protobuf.message import Message
 
 from garrison.gateway import convert
 from garrison.gateway.calls import bearer_token, parse
-from garrison.gateway.hot_path import AuthCache, UsageBuffer
+from garrison.gateway.hot_path import AuthMirror, UsageBuffer
 from garrison.tenancy.records import Principal
 from garrison.tenancy.service import TenancyService, require_admin
 from garrison.v1 import admin_pb2 as pb
@@ -42,22 +42,18 @@ R = TypeVar("R", bound=Message)
 
 
 class AdminService:
-    def __init__(self, tenancy: TenancyService, max_request_bytes: int, auth: AuthCache, usage: UsageBuffer) -> None:
+    def __init__(self, tenancy: TenancyService, max_request_bytes: int, auth: AuthMirror, usage: UsageBuffer) -> None:
         self.tenancy, self.max_request_bytes = tenancy, max_request_bytes
         self.auth, self.usage = auth, usage
 
     async def _call(self, data: bytes, context: grpc.aio.ServicerContext, request_type: type[R],
                     action: Callable[[Principal, R], Any]) -> Any:
         request = parse(data, request_type, self.max_request_bytes)
-        token = bearer_token(context)
-
-        def run() -> Any:
-            return action(self.tenancy.authenticate(token), request)
-
+        principal = self.auth.authenticate(bearer_token(context))
         try:
-            return await asyncio.to_thread(run)
+            return await asyncio.to_thread(action, principal, request)
         finally:
-            self.auth.clear()  # a revoked key, a removed grant or a new quota applies to the next request
+            await self.auth.refresh()  # a revoked key, a removed grant or a new quota applies to the next request
 
     async def create_tenant(self, data: bytes, context: grpc.aio.ServicerContext) -> pb.Tenant:
         def act(actor: Principal, r: pb.CreateTenantRequest) -> pb.Tenant:
@@ -110,7 +106,7 @@ class AdminService:
 
     async def get_usage(self, data: bytes, context: grpc.aio.ServicerContext) -> usage_pb2.GetUsageResponse:
         request = parse(data, usage_pb2.GetUsageRequest, self.max_request_bytes)
-        principal = await asyncio.to_thread(self.tenancy.authenticate, bearer_token(context))
+        principal = self.auth.authenticate(bearer_token(context))
         require_admin(principal)  # unlike Inference/GetUsage, which serves a tenant its own usage
         await self.usage.flush()
         return await convert.usage(self.tenancy, principal, request)

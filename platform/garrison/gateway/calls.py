@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 import grpc
@@ -60,11 +60,36 @@ async def abort(context: grpc.aio.ServicerContext, err: BaseException, request_i
     await context.abort(status, message)
 
 
-def unary(handler: Callable[[bytes, grpc.aio.ServicerContext], Awaitable[Any]]
+class CallLimit:
+    """At most `maximum` Inference and Admin calls in flight on this gateway; the next is refused at once with
+    RESOURCE_EXHAUSTED and a retry hint, before it costs anything. Health checks and reflection do not count, so a
+    gateway at its limit still answers its probes."""
+
+    def __init__(self, maximum: int) -> None:
+        self.maximum, self.in_flight = maximum, 0
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        if self.in_flight >= self.maximum:
+            raise QuotaExceededError(f"this gateway is serving {self.in_flight} calls, its max_concurrent_rpcs: retry "
+                                     f"in a moment, or through another gateway", limit="max_concurrent_rpcs",
+                                     retry_after_s=RETRY_BUSY_S)
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+
+
+RETRY_BUSY_S = 1.0
+
+
+def unary(handler: Callable[[bytes, grpc.aio.ServicerContext], Awaitable[Any]], limit: CallLimit
           ) -> Callable[[bytes, grpc.aio.ServicerContext], Awaitable[Any]]:
     async def call(data: bytes, context: grpc.aio.ServicerContext) -> Any:
         try:
-            return await handler(data, context)
+            with limit.held():
+                return await handler(data, context)
         except grpc.aio.AbortError:
             raise
         except Exception as err:
@@ -73,38 +98,49 @@ def unary(handler: Callable[[bytes, grpc.aio.ServicerContext], Awaitable[Any]]
     return call
 
 
-def streaming(handler: Callable[[bytes, grpc.aio.ServicerContext], AsyncIterator[Any]]
+def streaming(handler: Callable[[bytes, grpc.aio.ServicerContext], AsyncIterator[Any]], limit: CallLimit
               ) -> Callable[[bytes, grpc.aio.ServicerContext], Awaitable[None]]:
     """A coroutine that writes the handler's items, not a generator yielding them: when the client
     cancels, the CancelledError lands in this frame and the handler's own cleanup (its quota lease,
     its router slot, its spans) runs at once, in this task. A generator handler would be left
     suspended for the garbage collector to close later, from another task."""
     async def call(data: bytes, context: grpc.aio.ServicerContext) -> None:
-        async with contextlib.aclosing(handler(data, context)) as items:
-            while True:
-                try:
-                    item = await anext(items)
-                except StopAsyncIteration:
-                    return
-                except grpc.aio.AbortError:
-                    raise
-                except Exception as err:
-                    await abort(context, err)
-                # A failed write is grpc's own error (the client left mid-stream): grpc handles it.
-                await context.write(item)
+        try:
+            with limit.held():
+                await _write_all(handler(data, context), context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as err:  # refused by the limit
+            await abort(context, err)
 
     return call
 
 
-def method_handlers(service: Any, methods: dict[str, tuple[str, str, type[Message]]]
+async def _write_all(items: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
+    async with contextlib.aclosing(items):
+        while True:
+            try:
+                item = await anext(items)
+            except StopAsyncIteration:
+                return
+            except grpc.aio.AbortError:
+                raise
+            except Exception as err:
+                await abort(context, err)
+            # A failed write is grpc's own error (the client left mid-stream): grpc handles it.
+            await context.write(item)
+
+
+def method_handlers(service: Any, methods: dict[str, tuple[str, str, type[Message]]], limit: CallLimit
                     ) -> dict[str, grpc.RpcMethodHandler]:
     """gRPC handlers for `methods` (RPC name -> (service attribute, "unary" or "stream", response type))."""
     handlers = {}
     for name, (attribute, kind, response) in methods.items():
         fn = getattr(service, attribute)
         if kind == "stream":
-            handlers[name] = grpc.unary_stream_rpc_method_handler(streaming(fn),
+            handlers[name] = grpc.unary_stream_rpc_method_handler(streaming(fn, limit),
                                                                   response_serializer=response.SerializeToString)
         else:
-            handlers[name] = grpc.unary_unary_rpc_method_handler(unary(fn), response_serializer=response.SerializeToString)
+            handlers[name] = grpc.unary_unary_rpc_method_handler(unary(fn, limit),
+                                                                 response_serializer=response.SerializeToString)
     return handlers

@@ -15,7 +15,8 @@ from opentelemetry.trace import Span
 
 from garrison.gateway import convert
 from garrison.gateway.calls import bearer_token, new_request_id, parse
-from garrison.gateway.hot_path import AuthCache, UsageBuffer
+from garrison.gateway.hot_path import AuthMirror, UsageBuffer
+from garrison.gateway.render import ChatRenderer
 from garrison.gateway.requests import prompt_token_ids, sampling_params
 from garrison.router.router import Deployment, RouteRequest, Router
 from garrison.telemetry import Telemetry
@@ -52,21 +53,21 @@ class _Progress:
 
 class InferenceService:
     def __init__(self, tenancy: TenancyService, quotas: QuotaEnforcer, router: Router, telemetry: Telemetry,
-                 max_request_bytes: int, auth: AuthCache, usage: UsageBuffer) -> None:
+                 max_request_bytes: int, auth: AuthMirror, usage: UsageBuffer, renderer: ChatRenderer) -> None:
         self.tenancy, self.quotas, self.router, self.telemetry = tenancy, quotas, router, telemetry
         self.max_request_bytes = max_request_bytes
-        self.auth, self.usage = auth, usage
+        self.auth, self.usage, self.renderer = auth, usage, renderer
 
     async def generate(self, data: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
         request_id = new_request_id()
         with self.telemetry.tracer.start_as_current_span("gateway.Generate") as span:
             span.set_attribute("garrison.request_id", request_id)
             request = parse(data, pb.GenerateRequest, self.max_request_bytes)
-            auth = await self.auth.authorize(bearer_token(context), request.model)
+            auth = self.auth.authorize(bearer_token(context), request.model, self.router.deployments)
             tenant = auth.principal.tenant or ""
             span.set_attributes({"garrison.tenant": tenant, "garrison.model": request.model})
             deployment = self._deployment(request.model)
-            prompt = prompt_token_ids(request, deployment)
+            prompt = await prompt_token_ids(request, deployment, self.renderer)
             params = sampling_params(request, deployment, auth.quota, len(prompt))
             lease = self._admit(auth, len(prompt), params.max_tokens)
             progress = _Progress(time.perf_counter())
@@ -83,9 +84,14 @@ class InferenceService:
             except asyncio.CancelledError:
                 status = "cancelled"
                 raise
+            except QuotaExceededError as err:  # the tenant's line for this model is full
+                status = "rejected"
+                self._reject(auth, err)
+                raise
             finally:
                 lease.release(progress.output_tokens)
-                self._account(auth, request.model, len(prompt), progress, status)
+                if status != "rejected":
+                    self._account(auth, request.model, len(prompt), progress, status)
 
     async def _traced_stream(self, route: RouteRequest) -> AsyncIterator[RequestOutput]:
         """The router's stream, with the router's and the worker's spans in the request's trace."""
@@ -118,9 +124,13 @@ class InferenceService:
         try:
             return self.quotas.admit(tenant, auth.quota, prompt_tokens, max_new_tokens)
         except QuotaExceededError as err:
-            self.telemetry.rejections.add(1, {"tenant": tenant, "model": auth.model, "limit": err.limit})
-            self.usage.add(tenant, auth.model, rejected_requests=1)
+            self._reject(auth, err)
             raise
+
+    def _reject(self, auth: Authorization, err: QuotaExceededError) -> None:
+        tenant = auth.principal.tenant or ""
+        self.telemetry.rejections.add(1, {"tenant": tenant, "model": auth.model, "limit": err.limit})
+        self.usage.add(tenant, auth.model, rejected_requests=1)
 
     def _response(self, request_id: str, out: RequestOutput, progress: _Progress,
                   num_prompt_tokens: int) -> pb.GenerateResponse:
@@ -155,21 +165,22 @@ class InferenceService:
 
     async def tokenize(self, data: bytes, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
         request = parse(data, pb.TokenizeRequest, self.max_request_bytes)
-        await self.auth.authorize(bearer_token(context), request.model)
-        return pb.TokenizeResponse(token_ids=prompt_token_ids(request, self._deployment(request.model)))
+        self.auth.authorize(bearer_token(context), request.model, self.router.deployments)
+        return pb.TokenizeResponse(token_ids=await prompt_token_ids(request, self._deployment(request.model),
+                                                                    self.renderer))
 
     async def list_models(self, data: bytes, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
         parse(data, pb.ListModelsRequest, self.max_request_bytes)
-        principal = await asyncio.to_thread(self.tenancy.authenticate, bearer_token(context))
+        principal = self.auth.authenticate(bearer_token(context))
         granted = set(self.router.deployments)
-        if not principal.admin:
-            tenant = await asyncio.to_thread(self.tenancy.get_tenant, principal, principal.tenant or "")
-            granted &= set(tenant.models)
+        if not principal.admin:  # an admin key sees every model served here
+            tenant = self.auth.tenant(principal.tenant or "")
+            granted &= set(tenant.models if tenant is not None else ())
         return pb.ListModelsResponse(models=[convert.model_info(self.router.deployments[name])
                                              for name in sorted(granted)])
 
     async def get_usage(self, data: bytes, context: grpc.aio.ServicerContext) -> usage_pb2.GetUsageResponse:
         request = parse(data, usage_pb2.GetUsageRequest, self.max_request_bytes)
-        principal = await asyncio.to_thread(self.tenancy.authenticate, bearer_token(context))
+        principal = self.auth.authenticate(bearer_token(context))
         await self.usage.flush()  # a tenant reads its own requests, however recent
         return await convert.usage(self.tenancy, principal, request)

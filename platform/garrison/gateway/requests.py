@@ -6,21 +6,29 @@ the request takes a quota slot or a queue position.
 
 from __future__ import annotations
 
+import asyncio
 import math
+from collections.abc import Sequence
 
+from garrison.gateway.render import ChatRenderer
 from garrison.router.router import Deployment
 from garrison.tenancy.errors import InvalidArgumentError
 from garrison.tenancy.records import Quota
 from garrison.v1 import inference_pb2 as pb
 from garrison_workers.engine.sequence import SamplingParams
+from garrison_workers.tokenizer import ChatTemplate
 
 CHAT_ROLES = ("system", "user", "assistant")
+MAX_MESSAGES = 4096
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 MAX_TEMPERATURE = 100.0
 
 
-def prompt_token_ids(request: pb.GenerateRequest | pb.TokenizeRequest, deployment: Deployment) -> list[int]:
+async def prompt_token_ids(request: pb.GenerateRequest | pb.TokenizeRequest, deployment: Deployment,
+                           renderer: ChatRenderer) -> list[int]:
+    """The prompt as token ids. Rendering a chat and tokenizing a long text run off the event loop (the renderer's
+    processes, a thread): neither may hold up the gateway's other calls."""
     text_field = "prompt" if isinstance(request, pb.GenerateRequest) else "text"
     text = getattr(request, text_field)
     ids = list(request.token_ids) if isinstance(request, pb.GenerateRequest) else []
@@ -30,30 +38,45 @@ def prompt_token_ids(request: pb.GenerateRequest | pb.TokenizeRequest, deploymen
         what = "none" if not given else " and ".join(given)
         raise InvalidArgumentError(f"set exactly one of {text_field}, messages and token_ids (got {what})")
     if ids:
-        vocab = deployment.model_config.vocab_size
-        bad = next((t for t in ids if t >= vocab), None)
-        if bad is not None:
-            raise InvalidArgumentError(f"token_ids: {bad} is outside model {deployment.name!r}'s vocabulary "
-                                       f"(0..{vocab - 1})")
-        return ids
+        return _checked_ids(ids, deployment)
     tokenizer = deployment.tokenizer
     if tokenizer is None:
         raise InvalidArgumentError(f"model {deployment.name!r} has no tokenizer: send token_ids")
     if text:
-        return tokenizer.encode(text)
-    return tokenizer.encode(_chat_text(request.messages, deployment), add_special_tokens=False)
+        return await asyncio.to_thread(tokenizer.encode, text)
+    chat = await renderer.render(_chat_template(deployment), _chat_messages(request.messages))
+    return await asyncio.to_thread(tokenizer.encode, chat, add_special_tokens=False)
 
 
-def _chat_text(messages: list[pb.ChatMessage], deployment: Deployment) -> str:
+def _checked_ids(ids: list[int], deployment: Deployment) -> list[int]:
+    # Within the tokenizer's vocabulary too: a model's embedding may have rows no token names, and such an id
+    # could never be turned back into text.
+    vocab = deployment.model_config.vocab_size
+    if deployment.tokenizer is not None:
+        vocab = min(vocab, deployment.tokenizer.vocab_size)
+    bad = next((t for t in ids if t >= vocab), None)
+    if bad is not None:
+        raise InvalidArgumentError(f"token_ids: {bad} is outside model {deployment.name!r}'s vocabulary "
+                                   f"(0..{vocab - 1})")
+    return ids
+
+
+def _chat_messages(messages: Sequence[pb.ChatMessage]) -> list[dict[str, str]]:
+    if len(messages) > MAX_MESSAGES:
+        raise InvalidArgumentError(f"messages: at most {MAX_MESSAGES} messages, got {len(messages)}")
     for index, message in enumerate(messages):
         if message.role not in CHAT_ROLES:
             raise InvalidArgumentError(f"messages[{index}].role is {message.role!r}; use one of {', '.join(CHAT_ROLES)}")
+    return [{"role": m.role, "content": m.content} for m in messages]
+
+
+def _chat_template(deployment: Deployment) -> ChatTemplate:
     assert deployment.tokenizer is not None
-    try:
-        return deployment.tokenizer.apply_chat_template([{"role": m.role, "content": m.content} for m in messages],
-                                                        add_generation_prompt=True)
-    except Exception as err:  # the model's own template refused the conversation (e.g. roles out of order)
-        raise InvalidArgumentError(f"model {deployment.name!r}'s chat template refused these messages: {err}") from None
+    template = deployment.tokenizer.chat_template
+    if template is None:
+        raise InvalidArgumentError(f"model {deployment.name!r} has no chat template; send a plain text prompt "
+                                   "instead of chat messages")
+    return template
 
 
 def sampling_params(request: pb.GenerateRequest, deployment: Deployment, quota: Quota,

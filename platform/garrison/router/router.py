@@ -17,10 +17,14 @@ from typing import Any
 
 from garrison.router.fair_queue import FairQueue
 from garrison.router.replica import Replica
+from garrison.tenancy.errors import QuotaExceededError
 from garrison_workers.config import ModelConfig
 from garrison_workers.engine.llm_engine import RequestOutput
 from garrison_workers.engine.sequence import SamplingParams
 from garrison_workers.tokenizer import Tokenizer
+
+
+QUEUE_FULL_RETRY_S = 1.0
 
 
 @dataclass(slots=True)
@@ -72,14 +76,21 @@ class ModelLoad:
 
 
 class Router:
-    def __init__(self, deployments: list[Deployment]) -> None:
+    def __init__(self, deployments: list[Deployment], max_queued_per_tenant: int = 256) -> None:
+        """`max_queued_per_tenant`: requests one tenant may have waiting for a model's slots; more are refused."""
         self.deployments = {d.name: d for d in deployments}
+        self.max_queued_per_tenant = max_queued_per_tenant
         self._state = {d.name: _ModelState(in_flight=[0] * len(d.replicas)) for d in deployments}
 
     async def stream(self, request: RouteRequest) -> AsyncIterator[RequestOutput]:
         """Queue, dispatch and stream one request. Closing the iterator early aborts it and frees its slot."""
         loop = asyncio.get_running_loop()
         deployment, state = self.deployments[request.model], self._state[request.model]
+        queued = state.queue.queued(request.tenant)
+        if queued >= self.max_queued_per_tenant:
+            raise QuotaExceededError(f"tenant {request.tenant!r} has {queued} requests waiting for model "
+                                     f"{request.model!r}, its max_queued_per_tenant: retry when some have started",
+                                     limit="max_queued_per_tenant", retry_after_s=QUEUE_FULL_RETRY_S)
         ticket = _Ticket(request, loop.create_future())
         cost = len(request.prompt_token_ids) + request.params.max_tokens
         state.queue.push(request.tenant, ticket, cost, request.weight)

@@ -19,8 +19,9 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry.sdk.trace.export import SpanExporter
 
 from garrison.gateway import admin, inference
-from garrison.gateway.calls import method_handlers
-from garrison.gateway.hot_path import AuthCache, UsageBuffer
+from garrison.gateway.calls import CallLimit, method_handlers
+from garrison.gateway.hot_path import AuthMirror, UsageBuffer
+from garrison.gateway.render import ChatRenderer
 from garrison.router.router import Router
 from garrison.serving.cluster import needs_ray, ray_ranks, start_deployments
 from garrison_workers.worker_group import ensure_ray
@@ -36,6 +37,8 @@ log = logging.getLogger(__name__)
 ADMIN_KEY_FILE = "admin.key"
 TENANT_KEY_FILE = "tenant.key"
 BOOTSTRAP_TENANT = "default"
+MAX_CONCURRENT_RPCS = 1024  # TODO(config): gateway.max_concurrent_rpcs
+MAX_QUEUED_PER_TENANT = 256  # TODO(config): gateway.max_queued_per_tenant
 
 
 @dataclass(slots=True, frozen=True)
@@ -55,8 +58,9 @@ class GarrisonServer:
         self.router: Router | None = None
         self.quotas = QuotaEnforcer()
         self.inference: inference.InferenceService | None = None
-        self.auth: AuthCache | None = None
+        self.auth: AuthMirror | None = None
         self.usage: UsageBuffer | None = None
+        self.renderer: ChatRenderer | None = None
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         self.port = 0
@@ -71,14 +75,18 @@ class GarrisonServer:
         if needs_ray(config):  # on this thread: Ray installs its signal handlers only from the main thread
             self._started_ray = ensure_ray(config.ray_address, min_cpus=ray_ranks(config))
         deployments = await asyncio.to_thread(start_deployments, config)
-        self.router = Router(deployments)
+        self.router = Router(deployments, max_queued_per_tenant=MAX_QUEUED_PER_TENANT)
         self.telemetry.observe_load(self._load_rows)
         self.bootstrap = await asyncio.to_thread(self._bootstrap_keys)
-        self.auth = AuthCache(self.tenancy)
+        self.auth = AuthMirror(self.tenancy)
+        await self.auth.start()
         self.usage = UsageBuffer(self.tenancy)
         self.usage.start()
+        # A chat's text: the messages (at most a request's bytes) and the template's own markup around each.
+        self.renderer = ChatRenderer(max_chars=4 * config.max_request_bytes)
+        await self.renderer.start()
         self.inference = inference.InferenceService(self.tenancy, self.quotas, self.router, self.telemetry,
-                                                    config.max_request_bytes, self.auth, self.usage)
+                                                    config.max_request_bytes, self.auth, self.usage, self.renderer)
         self._server = self._grpc_server()
         await self._server.start()
         for service in (inference.SERVICE, admin.SERVICE, ""):
@@ -91,10 +99,12 @@ class GarrisonServer:
         server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
                                           ("grpc.max_send_message_length", 64 << 20)])
         assert self.inference is not None and self.tenancy is not None
+        limit = CallLimit(MAX_CONCURRENT_RPCS)
+        admin_service = admin.AdminService(self.tenancy, config.max_request_bytes, self.auth, self.usage)
         server.add_generic_rpc_handlers((
-            grpc.method_handlers_generic_handler(inference.SERVICE, method_handlers(self.inference, inference.METHODS)),
-            grpc.method_handlers_generic_handler(admin.SERVICE, method_handlers(
-                admin.AdminService(self.tenancy, config.max_request_bytes, self.auth, self.usage), admin.METHODS)),
+            grpc.method_handlers_generic_handler(inference.SERVICE,
+                                                 method_handlers(self.inference, inference.METHODS, limit)),
+            grpc.method_handlers_generic_handler(admin.SERVICE, method_handlers(admin_service, admin.METHODS, limit)),
         ))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection((
@@ -151,6 +161,10 @@ class GarrisonServer:
             await self._server.stop(grace)
         if self.usage is not None:
             await self.usage.stop()
+        if self.auth is not None:
+            await self.auth.stop()
+        if self.renderer is not None:
+            await self.renderer.stop()
         if self.router is not None:
             await asyncio.to_thread(self.router.stop)
         if self._started_ray:

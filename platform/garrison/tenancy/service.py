@@ -17,14 +17,15 @@ from dataclasses import fields
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from garrison.tenancy import keys
+from garrison.tenancy import auth, keys
+from garrison.tenancy.auth import AuthSnapshot, KeyRecord
 from garrison.tenancy.errors import (AlreadyExistsError, InvalidArgumentError, NotFoundError,
-                                     PermissionDeniedError, UnauthenticatedError)
+                                     PermissionDeniedError)
 from garrison.tenancy.records import (SYSTEM, ApiKey, AuditEvent, Authorization, CreatedKey, Principal, Quota,
                                       QuotaUpdate, Tenant, UsageRow, check_model_name, check_tenant_name)
 from garrison.tenancy.schema import (USAGE_COUNTERS, ApiKeyRow, AuditEventRow, ModelGrantRow, QuotaRow, TenantRow,
@@ -74,19 +75,29 @@ class TenancyService:
     def authenticate(self, secret: str) -> Principal:
         """Who holds this bearer token; UnauthenticatedError for a malformed, unknown or revoked key."""
         with self._reads() as session:
-            return _principal(_key_for_secret(session, secret))
+            return auth.authenticate(secret, lambda key_id: _key_record(session.get(ApiKeyRow, key_id)))
 
     def authorize(self, secret: str, model: str) -> Authorization:
         """Authenticate a tenant key for an inference request on `model` and load its limits, in one read."""
         with self._reads() as session:
-            key = _key_for_secret(session, secret)
-            if key.tenant is None:
-                raise PermissionDeniedError(f"key {key.id} is an admin key, which runs no inference: "
-                                            f"create a tenant key with `garrison keys create --tenant NAME`")
-            if model not in {grant.model for grant in key.tenant.grants}:
-                raise PermissionDeniedError(f"tenant {key.tenant.name!r} may not use model {model!r}: "
-                                            f"ask an administrator to grant it (garrison.v1.Admin/GrantModel)")
-            return Authorization(_principal(key), model, _quota(key.tenant))
+            principal = auth.authenticate(secret, lambda key_id: _key_record(session.get(ApiKeyRow, key_id)))
+            row = session.scalar(select(TenantRow).where(TenantRow.name == principal.tenant,
+                                                         TenantRow.deleted_at.is_(None))) if principal.tenant else None
+            return auth.authorize(principal, _tenant(row) if row is not None else None, model)
+
+    def auth_version(self) -> int:
+        """The newest audit event's id: it changes whenever a key, tenant, grant or quota does (AuthSnapshot)."""
+        with self._reads() as session:
+            return session.scalar(select(func.max(AuditEventRow.id))) or 0
+
+    def auth_snapshot(self) -> AuthSnapshot:
+        """Every key and live tenant, read in one transaction, for a gateway to authenticate in memory."""
+        with self._reads() as session:
+            version = session.scalar(select(func.max(AuditEventRow.id))) or 0
+            records = {row.id: _key_record(row) for row in session.scalars(select(ApiKeyRow))}
+            tenants = {row.name: _tenant(row) for row in session.scalars(
+                select(TenantRow).where(TenantRow.deleted_at.is_(None)))}
+            return AuthSnapshot(version, records, tenants)
 
     def ensure_bootstrap_admin_key(self, description: str = "bootstrap admin key") -> CreatedKey | None:
         """Mint an admin key when no unrevoked one exists (first start, or after revoking the last)."""
@@ -297,18 +308,10 @@ class TenancyService:
         return CreatedKey(_api_key(row), secret)
 
 
-def _key_for_secret(session: Session, secret: str) -> ApiKeyRow:
-    key_id = keys.key_id_of(secret)
-    if key_id is None:
-        raise UnauthenticatedError("malformed API key: send the whole secret that `garrison keys create` "
-                                   "printed, as 'authorization: Bearer gk_...'")
-    row = session.get(ApiKeyRow, key_id)
-    if row is None or not keys.secret_matches(secret, row.secret_hash):
-        raise UnauthenticatedError(f"unknown API key {key_id}: check the key, or ask an administrator for one")
-    if row.revoked_at is not None:
-        raise UnauthenticatedError(f"API key {key_id} was revoked at {row.revoked_at:%Y-%m-%d %H:%M:%S} UTC: "
-                                   f"ask an administrator for a new one")
-    return row
+def _key_record(row: ApiKeyRow | None) -> KeyRecord | None:
+    if row is None:
+        return None
+    return KeyRecord(row.id, row.secret_hash, _tenant_name(row), row.admin, row.revoked_at)
 
 
 def _require_admin_or_member(actor: Principal, tenant: str) -> None:
@@ -347,10 +350,6 @@ def _hour(moment: datetime) -> datetime:
 
 def _tenant_name(key: ApiKeyRow) -> str | None:
     return key.tenant.name if key.tenant is not None else None
-
-
-def _principal(key: ApiKeyRow) -> Principal:
-    return Principal(key_id=key.id, tenant=_tenant_name(key), admin=key.admin)
 
 
 def _quota(row: TenantRow) -> Quota:
