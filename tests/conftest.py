@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
+import json
 import os
 import uuid
 from collections.abc import Iterator
@@ -68,6 +69,24 @@ def save_tiny_llama(directory: Path, seed: int = 0, **overrides) -> Path:
     raw.update(overrides)
     model = LlamaForCausalLM(LlamaConfig(**raw)).eval()
     model.save_pretrained(directory)
+    return directory
+
+
+def save_word_tokenizer(directory: Path, vocab_size: int, chat_template: str | None = None) -> Path:
+    """A word-level tokenizer (tokenizer.json) over `vocab_size` ids, written beside a tiny model so it can serve
+    text and chat: ids 0-2 are <unk>, <s> and </s>, the rest the words w3, w4, ... split on whitespace."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, vocab_size)}
+    backend = Backend(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    backend.save(str(directory / "tokenizer.json"))
+    config = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    if chat_template is not None:
+        config["chat_template"] = chat_template
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
     return directory
 
 

@@ -9,16 +9,22 @@ from __future__ import annotations
 import math
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf import message_factory
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from sqlalchemy import event
 
-from conftest import postgres_schema_url
+from conftest import postgres_schema_url, save_tiny_llama, save_word_tokenizer
 from garrison.client import GarrisonClient
 from garrison.serving.background import BackgroundServer
 from garrison.serving.config import EngineSettings, ModelDeploymentConfig, ServeConfig, TelemetryConfig
@@ -38,14 +44,22 @@ def database_url():
         yield url
 
 
+# A tiny model whose chat template never ends: 10**10 empty loop turns, all within the sandbox's range limit.
+HOSTILE = "hostile"
+HOSTILE_TEMPLATE = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}{{ messages }}"
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, smollm2_path: Path, database_url: str | None):
     data_dir = tmp_path_factory.mktemp("gateway")
+    hostile = save_word_tokenizer(save_tiny_llama(tmp_path_factory.mktemp("hostile")), 320, HOSTILE_TEMPLATE)
+    small = EngineSettings(kv_cache_bytes=16 << 20, max_num_seqs=4, max_num_batched_tokens=64)
     config = ServeConfig(data_dir=data_dir, listen="127.0.0.1:0", max_request_bytes=MAX_REQUEST_BYTES,
                          database_url=database_url,
                          telemetry=TelemetryConfig(prometheus_listen="127.0.0.1:0"),
                          models=(ModelDeploymentConfig(MODEL, str(smollm2_path), on_ray=False, engine=EngineSettings(
-                             kv_cache_bytes=96 << 20, max_num_seqs=8, max_num_batched_tokens=256)),))
+                             kv_cache_bytes=96 << 20, max_num_seqs=8, max_num_batched_tokens=256)),
+                                 ModelDeploymentConfig(HOSTILE, str(hostile), on_ray=False, engine=small)))
     with BackgroundServer(config, span_exporter=SPANS) as background:
         yield background
 
@@ -151,6 +165,86 @@ def test_the_admin_api_refuses_tenant_keys_and_tenants_see_only_their_own_usage(
     admin_key = (server.server.config.data_dir / "admin.key").read_text().strip()
     code, message = error_of(lambda: generate(channel, admin_key, pb.GenerateRequest(model=MODEL, prompt="Hi")))
     assert code == grpc.StatusCode.PERMISSION_DENIED and "admin key" in message
+
+
+def text_of(pieces: list[pb.GenerateResponse]) -> str:
+    return "".join(p.text for p in pieces)
+
+
+# Each valid, each at an extreme: a temperature that divides logits past float32's range, a top_p below any
+# probability, top_k and seed at their largest.
+EXTREME_SAMPLING = [dict(temperature=1e-38), dict(temperature=1.4e-45, top_p=1.4e-45),
+                    dict(temperature=100.0, top_k=2**31 - 1, seed=2**64 - 1, logprobs=True),
+                    dict(temperature=1e-30, top_p=1e-30, top_k=1, seed=0)]
+
+
+def test_extreme_sampling_values_beside_another_tenants_stream(channel, admin) -> None:
+    """Another tenant's stream, in the same batch as requests at every extreme the API accepts, reads exactly as
+    it does alone; the extreme requests get tokens too."""
+    _, quiet = new_tenant(admin)
+    _, wild = new_tenant(admin)
+    request = pb.GenerateRequest(model=MODEL, messages=PROMPT, max_tokens=24)
+    alone = text_of(generate(channel, quiet, request))
+    with ThreadPoolExecutor(len(EXTREME_SAMPLING) + 1) as pool:
+        beside = pool.submit(generate, channel, quiet, request)
+        extremes = [pool.submit(generate, channel, wild, pb.GenerateRequest(
+            model=MODEL, prompt="Once upon a time", max_tokens=16, **values)) for values in EXTREME_SAMPLING]
+        assert text_of(beside.result()) == alone
+        for extreme in extremes:
+            pieces = extreme.result()
+            assert pieces[-1].finish_reason in (pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH)
+            assert pieces[-1].usage.output_tokens >= 1
+
+
+def test_an_empty_model_lists_the_models_the_tenant_may_use(channel, admin) -> None:
+    _, key = new_tenant(admin)
+    stub = inference_pb2_grpc.InferenceStub(channel)
+    for call in (lambda: generate(channel, key, pb.GenerateRequest(prompt="Hi")),
+                 lambda: stub.Tokenize(pb.TokenizeRequest(text="Hi"), metadata=bearer(key))):
+        code, message = error_of(call)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "set model" in message
+        assert MODEL in message and HOSTILE not in message  # granted only smollm2
+
+
+def test_unknown_keys_are_refused_without_a_database_round_trip(channel, server) -> None:
+    statements: list[str] = []
+
+    def record(_conn, _cursor, statement, *_args) -> None:
+        statements.append(statement)
+
+    engine = server.server.tenancy.engine
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        for _ in range(200):
+            unknown = f"gk_{uuid.uuid4().hex[:8]}_{'C' * 43}"
+            assert status_of(lambda: generate(channel, unknown, pb.GenerateRequest(model=MODEL, prompt="Hi"))) == \
+                grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+    assert not [s for s in statements if "api_keys" in s], statements
+
+
+def test_health_answers_while_a_hostile_chat_template_renders(channel, admin) -> None:
+    """The template renders in a process of its own, off the event loop: health checks and another tenant's
+    chat go on meanwhile, and the request is refused once the render passes its time limit."""
+    _, key = new_tenant(admin, models=(MODEL, HOSTILE))
+    _, other = new_tenant(admin)
+    health = health_pb2_grpc.HealthStub(channel)
+    with ThreadPoolExecutor(2) as pool:
+        hostile = pool.submit(error_of, lambda: generate(channel, key, pb.GenerateRequest(
+            model=HOSTILE, messages=[pb.ChatMessage(role="user", content="w3 w4")], max_tokens=2)))
+        chat = pool.submit(generate, channel, other, pb.GenerateRequest(model=MODEL, messages=PROMPT, max_tokens=8))
+        slowest = 0.0
+        while not hostile.done():
+            began = time.monotonic()
+            assert health.Check(health_pb2.HealthCheckRequest(service="garrison.v1.Inference"), timeout=10).status \
+                == health_pb2.HealthCheckResponse.SERVING
+            slowest = max(slowest, time.monotonic() - began)
+            time.sleep(0.05)
+        code, message = hostile.result()
+        assert "Paris" in text_of(chat.result())
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "took longer than" in message
+    assert slowest < 0.5, slowest
 
 
 def test_two_tenants_never_share_prefix_cache_blocks(channel, admin) -> None:
@@ -329,17 +423,6 @@ def test_fuzzed_bytes_never_get_internal_errors(channel, fuzz_key: str, payload:
         assert err.code() in ALLOWED, (err.code(), err.details())
 
 
-def test_the_server_still_serves_after_everything_above(channel, admin, server) -> None:
-    health = health_pb2_grpc.HealthStub(channel)
-    for service in ("", "garrison.v1.Inference", "garrison.v1.Admin"):
-        assert health.Check(health_pb2.HealthCheckRequest(service=service)).status == \
-            health_pb2.HealthCheckResponse.SERVING
-    _, key = new_tenant(admin)
-    assert "Paris" in "".join(p.text for p in generate(channel, key, pb.GenerateRequest(
-        model=MODEL, messages=PROMPT, max_tokens=12)))
-    wait_until_idle(server)
-
-
 def test_the_asyncio_client_streams_and_administers(server, admin) -> None:
     import asyncio
 
@@ -363,3 +446,129 @@ def test_the_asyncio_client_streams_and_administers(server, admin) -> None:
     text, models, code, tenants = asyncio.run(main())
     assert "Paris" in text and models == [MODEL]
     assert code == grpc.StatusCode.PERMISSION_DENIED and tenants >= 1
+
+
+# -- every RPC, every field ---------------------------------------------------------------------------------------
+
+NEVER = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
+RPCS = [(service, method) for file in (admin_pb2.DESCRIPTOR, pb.DESCRIPTOR)
+        for service in file.services_by_name.values() for method in service.methods]
+FIELD = FieldDescriptor
+
+
+def texts(huge: bool = True) -> st.SearchStrategy[str]:
+    """Empty, short, unusual and (`huge`) huge strings, and names this server knows."""
+    short = st.one_of(st.just(""), st.text(max_size=12), st.sampled_from([MODEL, "default", "t-fuzz", "gk_00000000"]))
+    return st.one_of(short, st.builds(lambda c, n: c * n, st.characters(), st.sampled_from([300, 20_000]))) \
+        if huge else short
+
+
+def numbers(field: FieldDescriptor) -> st.SearchStrategy:
+    if field.type == FIELD.TYPE_BOOL:
+        return st.booleans()
+    if field.type in (FIELD.TYPE_FLOAT, FIELD.TYPE_DOUBLE):
+        return st.floats(width=32 if field.type == FIELD.TYPE_FLOAT else 64)
+    unsigned = field.type in (FIELD.TYPE_UINT32, FIELD.TYPE_UINT64, FIELD.TYPE_FIXED32, FIELD.TYPE_FIXED64)
+    bits = 64 if field.type in (FIELD.TYPE_INT64, FIELD.TYPE_UINT64, FIELD.TYPE_SINT64, FIELD.TYPE_FIXED64,
+                                FIELD.TYPE_SFIXED64) else 32
+    low, high = (0, 2**bits - 1) if unsigned else (-2**(bits - 1), 2**(bits - 1) - 1)
+    return st.one_of(st.sampled_from([low, high, 0, 1, 2]), st.integers(low, high))
+
+
+def field_values(field: FieldDescriptor, depth: int, huge: bool = True) -> st.SearchStrategy:
+    if field.type == FIELD.TYPE_MESSAGE:
+        if field.message_type.full_name == "google.protobuf.Timestamp":
+            return st.builds(Timestamp, seconds=st.sampled_from([0, -2**63, 2**63 - 1, -62_135_596_801,
+                                                                 253_402_300_800, 1_700_000_000]),
+                             nanos=st.sampled_from([0, -1, 10**9, 2**31 - 1]))
+        return messages_of(field.message_type, depth + 1)
+    if field.type == FIELD.TYPE_ENUM:
+        return st.integers(-2**31, 2**31 - 1)  # unknown values too
+    return texts(huge) if field.type == FIELD.TYPE_STRING else numbers(field)
+
+
+def messages_of(descriptor, depth: int = 0) -> st.SearchStrategy:
+    """Messages of `descriptor` with any subset of fields set to extreme values; repeated fields empty, short, or
+    enormous (one value repeated 5 000 times)."""
+    fields = {}
+    for field in descriptor.fields:
+        if depth > 2 and field.type == FIELD.TYPE_MESSAGE:
+            continue
+        value = field_values(field, depth)
+        if field.is_repeated:  # enormous: many short values (a request stays within the server's size limit or not)
+            value = st.one_of(st.lists(value, max_size=3),
+                              st.builds(lambda v, n: [v] * n, field_values(field, depth, huge=False), st.just(5_000)))
+        fields[field.name] = st.one_of(st.none(), value)
+    cls = message_factory.GetMessageClass(descriptor)
+
+    def build(values: dict) -> Message:
+        message = cls()
+        for name, value in values.items():
+            if value is None:
+                continue
+            target = getattr(message, name)
+            if descriptor.fields_by_name[name].is_repeated:
+                target.extend(value)
+            elif descriptor.fields_by_name[name].type == FIELD.TYPE_MESSAGE:
+                target.CopyFrom(value)
+            else:
+                setattr(message, name, value)
+        return message
+
+    return st.fixed_dictionaries(fields).map(build)
+
+
+def call_raw(channel, method, payload: bytes, key: str | None) -> None:
+    path = f"/{method.containing_service.full_name}/{method.name}"
+    metadata = bearer(key) if key else ()
+    if method.server_streaming:
+        for _ in channel.unary_stream(path)(payload, metadata=metadata, timeout=60):
+            pass
+    else:
+        channel.unary_unary(path)(payload, metadata=metadata, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def fuzz_keys(admin, fuzz_key: str, server) -> dict[str, str | None]:
+    admin_key = (server.server.config.data_dir / "admin.key").read_text().strip()
+    return {"admin": admin_key, "tenant": fuzz_key, "none": None, "bad": "gk_00000000_" + "B" * 43}
+
+
+@pytest.mark.parametrize("method", [m for _, m in RPCS], ids=[f"{s.name}.{m.name}" for s, m in RPCS])
+def test_every_rpc_and_field_fuzzed_never_gets_internal_errors(channel, fuzz_keys, method) -> None:
+    """Extreme and malformed values in every field of every RPC, with each kind of key: a precise status, never
+    INTERNAL or UNKNOWN. Admin calls run with the admin key mostly, so that they reach the tenancy store."""
+    @settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(request=messages_of(method.input_type),
+           key=st.sampled_from(["admin"] * 4 + ["tenant"] * 4 + ["none", "bad"]))
+    def check(request: Message, key: str) -> None:
+        try:
+            call_raw(channel, method, request.SerializeToString(), fuzz_keys[key])
+        except grpc.RpcError as err:
+            assert err.code() not in NEVER, (err.code(), err.details())
+
+    check()
+
+
+@pytest.mark.parametrize("method", [m for _, m in RPCS], ids=[f"{s.name}.{m.name}" for s, m in RPCS])
+def test_every_rpc_fuzzed_with_raw_bytes_never_gets_internal_errors(channel, fuzz_keys, method) -> None:
+    @settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(payload=st.binary(max_size=120), key=st.sampled_from(["admin", "tenant"]))
+    def check(payload: bytes, key: str) -> None:
+        try:
+            call_raw(channel, method, payload, fuzz_keys[key])
+        except grpc.RpcError as err:
+            assert err.code() not in NEVER, (err.code(), err.details())
+
+    check()
+
+
+def test_the_server_still_serves_after_everything_above(channel, admin, server) -> None:
+    health = health_pb2_grpc.HealthStub(channel)
+    for service in ("", "garrison.v1.Inference", "garrison.v1.Admin"):
+        assert health.Check(health_pb2.HealthCheckRequest(service=service)).status == \
+            health_pb2.HealthCheckResponse.SERVING
+    _, key = new_tenant(admin)
+    assert "Paris" in "".join(p.text for p in generate(channel, key, pb.GenerateRequest(
+        model=MODEL, messages=PROMPT, max_tokens=12)))
+    wait_until_idle(server)

@@ -9,6 +9,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from garrison.router.router import Deployment
 from garrison.tenancy import records
+from garrison.tenancy.errors import InvalidArgumentError
 from garrison.tenancy.records import Principal, QuotaUpdate
 from garrison.tenancy.service import TenancyService
 from garrison.v1 import admin_pb2, inference_pb2, usage_pb2
@@ -25,11 +26,20 @@ def timestamp(moment: datetime | None) -> Timestamp | None:
     return stamp
 
 
+# What a Timestamp may hold (google/protobuf/timestamp.proto): 0001-01-01T00:00:00Z to 9999-12-31T23:59:59.999999999Z.
+MIN_SECONDS, MAX_SECONDS = -62_135_596_800, 253_402_300_799
+
+
 def moment(message: object, field: str) -> datetime | None:
     """A Timestamp field as an aware UTC datetime, or None when unset."""
     if not message.HasField(field):  # type: ignore[attr-defined]
         return None
-    return getattr(message, field).ToDatetime(tzinfo=timezone.utc)
+    stamp = getattr(message, field)
+    if not (MIN_SECONDS <= stamp.seconds <= MAX_SECONDS and 0 <= stamp.nanos <= 999_999_999):
+        raise InvalidArgumentError(f"{field} must be a time from 0001-01-01 to 9999-12-31 UTC (seconds "
+                                   f"{MIN_SECONDS}..{MAX_SECONDS}, nanos 0..999999999), got seconds={stamp.seconds} "
+                                   f"nanos={stamp.nanos}")
+    return stamp.ToDatetime(tzinfo=timezone.utc)
 
 
 def model_info(deployment: Deployment) -> inference_pb2.ModelInfo:

@@ -16,6 +16,7 @@ import secrets
 KEY_PREFIX = "gk_"
 ID_LENGTH = len(KEY_PREFIX) + 8
 SECRET = re.compile(r"gk_[0-9a-f]{8}_[A-Za-z0-9_-]{43}")
+KEY_ID = re.compile(r"gk_[0-9a-f]{8}")
 
 
 def new_key_id() -> str:
@@ -24,6 +25,10 @@ def new_key_id() -> str:
 
 def new_secret(key_id: str) -> str:
     return f"{key_id}_{secrets.token_urlsafe(32)}"
+
+
+def is_key_id(text: object) -> bool:
+    return isinstance(text, str) and KEY_ID.fullmatch(text) is not None
 
 
 def key_id_of(secret: str) -> str | None:

@@ -36,6 +36,7 @@ QUOTA_FIELDS = tuple(f.name for f in fields(QuotaUpdate))
 DEFAULT_AUDIT_LIMIT = 100
 MAX_AUDIT_LIMIT = 10_000
 MAX_DESCRIPTION = 1024
+MAX_GRANTS = 1024
 
 
 def utc_now() -> datetime:
@@ -111,6 +112,9 @@ class TenancyService:
                       quota: QuotaUpdate | None = None) -> Tenant:
         require_admin(actor)
         check_tenant_name(name)
+        models = list(models)
+        if len(models) > MAX_GRANTS:
+            raise InvalidArgumentError(f"a tenant may be granted at most {MAX_GRANTS} models, got {len(models)}")
         models = sorted({check_model_name(model) for model in models})
         limits = {field: getattr(Quota(name), field) for field in QUOTA_FIELDS} | (quota or QuotaUpdate()).present()
         try:
@@ -179,7 +183,7 @@ class TenancyService:
         next server start mints a new bootstrap key (ensure_bootstrap_admin_key)."""
         require_admin(actor)
         with self._writes.begin() as session:
-            row = session.get(ApiKeyRow, key_id) if isinstance(key_id, str) else None
+            row = session.get(ApiKeyRow, key_id) if keys.is_key_id(key_id) else None
             if row is None:
                 raise NotFoundError(f"no API key {key_id!r}: list keys with `garrison keys list`")
             if row.revoked_at is None:
