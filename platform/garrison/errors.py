@@ -9,7 +9,8 @@ from __future__ import annotations
 import grpc
 
 from garrison.tenancy.errors import (AlreadyExistsError, InvalidArgumentError, NotFoundError, PermissionDeniedError,
-                                     QuotaExceededError, RequestTooLargeError, UnauthenticatedError)
+                                     QuotaExceededError, RequestTooLargeError, StoreUnavailableError,
+                                     UnauthenticatedError)
 from garrison_workers.errors import (CapacityError, ContextLengthError, GarrisonError, InvalidRequestError,
                                      LayoutError, ModelLoadError, WorkerLostError)
 
@@ -27,6 +28,8 @@ GRPC_STATUS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (CapacityError, grpc.StatusCode.INVALID_ARGUMENT),
     (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
     (WorkerLostError, grpc.StatusCode.UNAVAILABLE),
+    # The tenant database is down, locked or out of connections: retry after the hint (a retry-after trailer).
+    (StoreUnavailableError, grpc.StatusCode.UNAVAILABLE),
     # Server-side setup (a model that will not load, a layout that does not fit): the operator must act.
     (ModelLoadError, grpc.StatusCode.FAILED_PRECONDITION),
     (LayoutError, grpc.StatusCode.FAILED_PRECONDITION),

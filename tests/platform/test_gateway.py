@@ -21,7 +21,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from conftest import postgres_schema_url
 from garrison.client import GarrisonClient
 from garrison.serving.background import BackgroundServer
-from garrison.serving.config import EngineSettings, ModelDeploymentConfig, ServeConfig, TelemetryConfig
+from garrison.serving.config import EngineConfig, ModelDeploymentConfig, ServeConfig, TelemetryConfig
 from garrison.v1 import admin_pb2, admin_pb2_grpc, inference_pb2 as pb, inference_pb2_grpc, usage_pb2
 
 MODEL = "smollm2"
@@ -44,7 +44,7 @@ def server(tmp_path_factory, smollm2_path: Path, database_url: str | None):
     config = ServeConfig(data_dir=data_dir, listen="127.0.0.1:0", max_request_bytes=MAX_REQUEST_BYTES,
                          database_url=database_url,
                          telemetry=TelemetryConfig(prometheus_listen="127.0.0.1:0"),
-                         models=(ModelDeploymentConfig(MODEL, str(smollm2_path), on_ray=False, engine=EngineSettings(
+                         models=(ModelDeploymentConfig(MODEL, str(smollm2_path), on_ray=False, engine=EngineConfig(
                              kv_cache_bytes=96 << 20, max_num_seqs=8, max_num_batched_tokens=256)),))
     with BackgroundServer(config, span_exporter=SPANS) as background:
         yield background
