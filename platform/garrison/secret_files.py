@@ -27,6 +27,8 @@ class SecretFileError(GarrisonError):
 def write_secret_file(path: Path, data: bytes, *, replace: bool = False) -> Path:
     """Write `data` to `path` (mode 0600); refuse an existing `path` unless `replace`."""
     path = Path(path)
+    if not path.name or path.is_dir():
+        raise SecretFileError(f"{path} is a directory: give the name of the file to write")
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     temp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)

@@ -82,8 +82,8 @@ def _tokenizer(load: Callable[[], Tokenizer | None], where: str) -> Tokenizer | 
     """The model's tokenizer; a malformed one is the model's fault, said as such (never a traceback)."""
     try:
         return load()
-    except ModelLoadError:
-        raise
+    except ModelLoadError as err:
+        raise ModelLoadError(f"{where}: {err}") from None
     except Exception as err:  # the tokenizers library and the metadata it is built from raise anything
         raise ModelLoadError(f"{where}: the tokenizer cannot be built ({type(err).__name__}: {str(err)[:200]})") \
             from None

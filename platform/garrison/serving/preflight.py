@@ -13,6 +13,7 @@ from pathlib import Path
 
 from garrison.model_refs import model_exists
 from garrison.paths import private_dir_problem
+from garrison.pem import pem_problem
 from garrison.serving.config import ServeConfig, parse_address
 from garrison.serving.settings import Problem
 from garrison.tenancy.keys import read_key_file
@@ -65,13 +66,13 @@ def _file_problems(config: ServeConfig) -> list[Problem]:
     found = []
     if config.data_dir.exists() and (problem := private_dir_problem(config.data_dir)):
         found.append(Problem("config.data_dir", problem))
-    files = [("config.kek_file", config.kek_file)]
-    if config.tls is not None:
-        files += [("config.tls.cert", config.tls.cert), ("config.tls.key", config.tls.key),
-                  ("config.tls.client_ca", config.tls.client_ca)]
-    for place, path in files:
-        if path is not None and not _readable(path):
-            found.append(Problem(place, f"cannot read {path}"))
+    if config.kek_file is not None and not _readable(config.kek_file):
+        found.append(Problem("config.kek_file", f"cannot read {config.kek_file}"))
+    if config.tls is not None:  # gRPC aborts the process on a PEM file it cannot parse
+        pems = [("cert", config.tls.cert, "certificate"), ("key", config.tls.key, "private key"),
+                ("client_ca", config.tls.client_ca, "certificate")]
+        found += [Problem(f"config.tls.{name}", problem) for name, path, kind in pems
+                  if path is not None and (problem := pem_problem(path, kind))]
     if config.admin_key_file is not None:
         try:
             read_key_file(config.admin_key_file)

@@ -59,7 +59,7 @@ class ConfigError(GarrisonError):
 
     def __init__(self, message: str, problems: Sequence[Problem] = ()) -> None:
         super().__init__(message)
-        self.problems = tuple(problems) or (Problem("", message),)
+        self.problems = tuple(problems) or (Problem("config", message),)
 
     @classmethod
     def listing(cls, problems: Sequence[Problem], what: str = "the configuration") -> ConfigError:

@@ -73,7 +73,7 @@ class EncryptedSource:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._tensors[name].shape)
 
-    def file(self, name: str) -> str:
+    def where(self, name: str) -> str:
         return f"the stored model {self.directory}"
 
     def read(self, name: str, index: Any = None) -> torch.Tensor:

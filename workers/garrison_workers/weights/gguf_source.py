@@ -62,7 +62,7 @@ class _Header:
         self.data, self.path, self.at = data, path, 0
 
     def refuse(self, what: str) -> ModelLoadError:
-        return ModelLoadError(f"{self.path} is not a valid GGUF file: {what} (at byte {self.at}); re-download or "
+        return ModelLoadError(f"{self.path} is not a readable GGUF file: {what} (at byte {self.at}); re-download or "
                               f"re-convert it")
 
     def take(self, fmt: str) -> Any:
@@ -235,8 +235,8 @@ class GGUFSource:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(int(n) for n in reversed(self._tensors[name].shape))
 
-    def file(self, name: str) -> str:
-        return str(self.path)
+    def where(self, name: str) -> str:
+        return f"{self.path} (stored as {self._tensors[name].name})"
 
     def read(self, name: str, index: Any = None) -> torch.Tensor:
         from gguf import dequantize

@@ -38,8 +38,9 @@ class SafetensorsSource:
     def shape(self, name: str) -> tuple[int, ...]:
         return self._shapes[name]
 
-    def file(self, name: str) -> str:
-        return str(self._location[name][0])
+    def where(self, name: str) -> str:
+        file, stored = self._location[name]
+        return str(file) if stored == name else f"{file} (stored as {stored})"
 
     def read(self, name: str, index: Any = None) -> torch.Tensor:
         file, stored = self._location[name]

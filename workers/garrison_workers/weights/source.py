@@ -25,8 +25,8 @@ class WeightSource(Protocol):
         """The stored tensor's shape, from the file's header or manifest (nothing is read or allocated)."""
         ...
 
-    def file(self, name: str) -> str:
-        """Where the tensor is stored, for messages."""
+    def where(self, name: str) -> str:
+        """The file that holds the tensor (and its name there, where that differs), for messages."""
         ...
 
     def read(self, name: str, index: Any = None) -> torch.Tensor:
@@ -64,7 +64,7 @@ def _check_shape(source: WeightSource, name: str, loader: Any, expected: tuple[i
     except (IndexError, RuntimeError, ValueError):
         got = None
     if got != expected:
-        raise ModelLoadError(f"tensor {name} in {source.file(name)} has shape {stored}, which does not give the shape "
+        raise ModelLoadError(f"tensor {name} in {source.where(name)} has shape {stored}, which does not give the shape "
                              f"{expected} that the model's config implies (for this rank's shard): the weights and "
                              f"the config do not belong together")
 
