@@ -57,8 +57,8 @@ def make_engine(url: str, *, sqlite_busy_timeout_s: float = SQLITE_BUSY_TIMEOUT_
     try:
         parsed = make_url(url)
     except ArgumentError:
-        raise InvalidArgumentError(f"database URL {redact_url(url)!r} is not a URL: use sqlite:///PATH or "
-                                   f"postgresql+psycopg://USER@HOST/DB") from None
+        raise InvalidArgumentError("the database URL is not a URL (not shown: it may hold a password): use "
+                                   "sqlite:///PATH or postgresql+psycopg://USER@HOST/DB") from None
     shown = parsed.render_as_string(hide_password=True)
     if parsed.get_backend_name() == "sqlite":
         return _sqlite_engine(shown, parsed.database, sqlite_busy_timeout_s, **kwargs)
