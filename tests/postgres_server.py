@@ -64,7 +64,12 @@ class PostgresServer:
 
     def _run(self, *command: str) -> None:
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C", "HOME": str(self.directory)}
-        done = subprocess.run(command, user=self.runner, env=env, cwd=self.directory, capture_output=True, text=True,
+        user = self.runner
+        if user and shutil.which("runuser"):
+            # runuser drops privileges in the new program; subprocess's own user= would fork without vfork, and
+            # a fork of a process with gRPC threads running can crash the child.
+            command, user = ("runuser", "-u", user, "--", *command), None
+        done = subprocess.run(command, user=user, env=env, cwd=self.directory, capture_output=True, text=True,
                               timeout=120)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}):\n{done.stdout}{done.stderr}")
