@@ -51,7 +51,8 @@ def model_exists(ref: str, store: Store | None) -> str | None:
     if (store is not None and store.has(ref)) or ref in BUNDLED:
         return None
     where = f"in the store {store.root} ({', '.join(store.names()) or 'empty'}) and " if store is not None else ""
-    return f"no model named {ref!r} {where}no bundled model of that name ({', '.join(sorted(BUNDLED))}){_path_hint(ref)}"
+    bundled = ", ".join(sorted(BUNDLED))
+    return f"no model named {ref!r} {where}no bundled model of that name ({bundled}){_path_hint(ref)}"
 
 
 def resolve_source(ref: str) -> Path:

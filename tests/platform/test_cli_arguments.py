@@ -20,7 +20,6 @@ from hypothesis import strategies as st
 from garrison.cli import build_parser, main
 from garrison.tenancy.keys import new_key_id, new_secret
 
-ROOT = Path(__file__).resolve().parents[2]
 # Values an option may be given by mistake: out of range, malformed, empty, enormous, not text at all.
 # (No NUL: a command line cannot carry one.)
 BAD_VALUES = ["-1", "0", "-0.5", "nan", "inf", "1e999", "99999999999999999999999", "", " ", "x", "x" * 300,
@@ -133,7 +132,6 @@ def test_unparseable_tls_files_are_refused_not_aborted_on(sandbox: Path) -> None
     for flags in (["--tls-cert", "junk.txt"], ["--tls-cert", "junk.txt", "--tls-key", "junk.txt"],
                   ["--tls-ca", "junk.txt"], ["--tls-ca", "missing/file"]):
         done = subprocess.run([sys.executable, "-m", "garrison", *flags, "tenants", "list"], cwd=sandbox,
-                              env={**os.environ, "PYTHONPATH": os.pathsep.join((str(ROOT / "platform"),
-                                                                                 str(ROOT / "workers")))},
+                              env=os.environ,
                               capture_output=True, text=True, timeout=120)
         assert done.returncode == 1 and done.stderr.startswith("garrison: error: "), (flags, done.stderr[-2000:])

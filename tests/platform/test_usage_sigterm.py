@@ -4,7 +4,6 @@ served (the usage of each final GenerateResponse), also when the database is loc
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import sqlite3
@@ -30,7 +29,6 @@ from postgres_server import MISSING, PostgresServer, available
 
 pytestmark = pytest.mark.slow  # two or three server starts per case
 
-ROOT = Path(__file__).resolve().parents[2]
 STREAMS, LATE = 8, 3  # streams in flight at SIGTERM; requests sent after it (refused, never counted)
 MAX_TOKENS = 240
 
@@ -70,9 +68,8 @@ class Serve:
     def __init__(self, d: Deployment) -> None:
         self.d = d
         self.log = d.root / f"serve-{time.monotonic_ns()}.log"
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join((str(ROOT / "platform"), str(ROOT / "workers")))}
         self.process = subprocess.Popen([sys.executable, "-m", "garrison", "serve", "--config", str(d.config)],
-                                        cwd=d.root, env=env, stdout=subprocess.DEVNULL, stderr=self.log.open("w"))
+                                        cwd=d.root, stdout=subprocess.DEVNULL, stderr=self.log.open("w"))
         self._wait_serving()
 
     def _wait_serving(self, timeout: float = 300) -> None:
@@ -203,7 +200,7 @@ def test_a_sigterm_with_streams_in_flight_loses_and_doubles_no_usage(tmp_path: P
     assert_ledger_after_restart(d, served)
 
 
-def test_usage_the_locked_database_refused_at_shutdown_is_written_at_the_next_start(tmp_path: Path, model: Path) -> None:
+def test_usage_a_locked_database_refused_at_shutdown_is_written_at_the_next_start(tmp_path: Path, model: Path) -> None:
     d = deployment(tmp_path, model)
     holder: list[sqlite3.Connection] = []
 

@@ -67,7 +67,8 @@ class ModelConfig:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
                      "intermediate_size", "max_position_embeddings"):
             if not 1 <= getattr(self, name) <= LIMITS[name]:
-                problems.append(f"{HF_KEYS.get(name, name)} must be from 1 to {LIMITS[name]}, not {getattr(self, name)}")
+                key = HF_KEYS.get(name, name)
+                problems.append(f"{key} must be from 1 to {LIMITS[name]}, not {getattr(self, name)}")
         if self.num_heads % max(self.num_kv_heads, 1):
             problems.append(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
         if len(self.rope_layers) != self.num_layers:
@@ -143,7 +144,8 @@ class _HFFields:
 
     def __init__(self, raw: Any, prefix: str = "") -> None:
         if not isinstance(raw, dict):
-            raise ModelLoadError(f"{prefix.rstrip('.') or 'the file'} must hold a JSON object, not {type(raw).__name__}")
+            where = prefix.rstrip(".") or "the file"
+            raise ModelLoadError(f"{where} must hold a JSON object, not {type(raw).__name__}")
         self.raw, self.prefix = raw, prefix
 
     def _get(self, key: str, default: Any) -> tuple[Any, bool]:
@@ -157,7 +159,8 @@ class _HFFields:
 
     def _refuse(self, key: str, what: str) -> ModelLoadError:
         shown = repr(self.raw.get(key))
-        return ModelLoadError(f"{self.prefix}{key} must be {what}, not {shown if len(shown) < 60 else shown[:57] + '...'}")
+        shown = shown if len(shown) < 60 else shown[:57] + "..."
+        return ModelLoadError(f"{self.prefix}{key} must be {what}, not {shown}")
 
     def integer(self, key: str, default: Any = _REQUIRED, low: int = 1, high: int = INT32_MAX) -> Any:
         value, present = self._get(key, default)
@@ -210,7 +213,8 @@ class _HFFields:
     def token_ids(self, key: str) -> tuple[int, ...]:
         value, present = self._get(key, None)
         ids = (value if isinstance(value, list) else [value]) if present else []
-        if len(ids) > 1024 or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i <= INT32_MAX for i in ids):
+        if len(ids) > 1024 or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i <= INT32_MAX
+                                  for i in ids):
             raise self._refuse(key, "a token id or a list of token ids")
         return tuple(ids)
 

@@ -283,7 +283,8 @@ class TenancyService:
     def prune_usage_batches(self, older_than: timedelta = timedelta(days=BATCH_RETENTION_DAYS)) -> int:
         """Forget batch ids older than the retention (they only guard replays of older spools)."""
         with self._write() as session:
-            result = session.execute(delete(UsageBatchRow).where(UsageBatchRow.recorded_at < self._clock() - older_than))
+            cutoff = self._clock() - older_than
+            result = session.execute(delete(UsageBatchRow).where(UsageBatchRow.recorded_at < cutoff))
             return result.rowcount or 0
 
     def usage(self, actor: Principal, *, tenant: str | None = None, model: str | None = None,

@@ -96,7 +96,8 @@ class EncryptedSource:
 
     def config(self) -> ModelConfig:
         try:
-            return from_hf_config(json.loads(self._blob(CONFIG_BLOB)), source=f"the stored config.json of {self.directory}")
+            return from_hf_config(json.loads(self._blob(CONFIG_BLOB)),
+                                  source=f"the stored config.json of {self.directory}")
         except (ValueError, RecursionError) as err:
             raise ModelLoadError(f"the stored config.json of {self.directory} is not valid JSON ({err})") from None
 

@@ -62,7 +62,8 @@ def _weight_files(directory: Path) -> list[Path]:
         except (ValueError, KeyError, TypeError, RecursionError) as err:
             raise ModelLoadError(f"{index} is not a valid safetensors index: {err}") from None
         shards = weight_map.values() if isinstance(weight_map, dict) else [None]
-        bad = [shard for shard in shards if not isinstance(shard, str) or Path(shard).name != shard or shard in ("", "..")]
+        bad = [shard for shard in shards
+               if not isinstance(shard, str) or Path(shard).name != shard or shard in ("", "..")]
         if bad:  # a shard is a file of this directory: never a path elsewhere
             raise ModelLoadError(f"{index}: weight_map must map tensor names to file names in {directory}, not "
                                  f"{str(bad[0])[:60]!r}")
