@@ -11,6 +11,7 @@ PostgreSQL tests skip with that reason.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
@@ -18,6 +19,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 USER = "garrison"
@@ -73,6 +75,21 @@ class PostgresServer:
                               timeout=120)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}):\n{done.stdout}{done.stderr}")
+
+
+@contextlib.contextmanager
+def throwaway() -> Iterator[PostgresServer]:
+    """A running server, removed afterwards; the test is skipped, saying why, where PostgreSQL is absent."""
+    import pytest
+
+    if not available():
+        pytest.skip(MISSING)
+    server = PostgresServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.remove()
 
 
 def _free_port() -> int:

@@ -17,7 +17,7 @@ from garrison.serving.config import EngineConfig, ModelDeploymentConfig, ServeCo
 from garrison.tenancy import SYSTEM, TenancyService, database_url
 from garrison.tenancy.errors import StoreUnavailableError
 from garrison.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc, usage_pb2
-from postgres_server import MISSING, PostgresServer, available
+from postgres_server import PostgresServer, throwaway
 
 PASSWORD = "s3cret-Pw-41"
 
@@ -51,12 +51,8 @@ def test_an_exhausted_connection_pool_is_unavailable(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def postgres() -> Iterator[PostgresServer]:
-    if not available():
-        pytest.skip(MISSING)
-    server = PostgresServer()
-    server.start()
-    yield server
-    server.remove()
+    with throwaway() as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

@@ -54,12 +54,13 @@ def test_a_batch_is_counted_once_however_often_and_concurrently_it_is_written(ur
 
 
 @pytest.fixture
-def locked(tmp_path: Path) -> Iterator[tuple[TenancyService, sqlite3.Connection]]:
-    """A SQLite tenancy store with a short busy timeout, and another connection that can hold its write lock."""
+def locked(tmp_path: Path) -> Iterator[tuple[TenancyService, sqlite3.Connection, Path]]:
+    """A SQLite tenancy store with a short busy timeout, another connection that can hold its write lock, and
+    where the usage spool goes."""
     url = database_url(tmp_path / "data")
     service = TenancyService.open(url, sqlite_busy_timeout_s=0.2)
     holder = sqlite3.connect(tmp_path / "data" / "garrison.db", isolation_level=None)
-    yield service, holder
+    yield service, holder, tmp_path / "data" / SPOOL_FILE
     holder.close()
     service.close()
 
@@ -68,9 +69,8 @@ def lock(holder: sqlite3.Connection) -> None:
     holder.execute("BEGIN IMMEDIATE")  # the write lock, as another writer mid-transaction holds it
 
 
-def test_a_flush_the_database_refuses_is_spooled_then_written_once(locked, tmp_path: Path) -> None:
-    service, holder = locked
-    spool = tmp_path / "data" / SPOOL_FILE
+def test_a_flush_the_database_refuses_is_spooled_then_written_once(locked) -> None:
+    service, holder, spool = locked
 
     async def scenario() -> None:
         buffer = UsageBuffer(service, spool)
@@ -93,8 +93,7 @@ def test_a_flush_the_database_refuses_is_spooled_then_written_once(locked, tmp_p
 
 
 def test_a_stop_with_the_database_locked_spools_and_the_next_start_writes_it_once(locked, tmp_path: Path) -> None:
-    service, holder = locked
-    spool = tmp_path / "data" / SPOOL_FILE
+    service, holder, spool = locked
 
     async def stop_while_locked() -> float:
         buffer = UsageBuffer(service, spool)

@@ -25,7 +25,7 @@ from garrison.client import GarrisonClient
 from garrison.tenancy.keys import new_key_id, new_secret
 from garrison.tenancy.ledger import SPOOL_FILE
 from garrison.v1 import inference_pb2, inference_pb2_grpc
-from postgres_server import MISSING, PostgresServer, available
+from postgres_server import PostgresServer, throwaway
 
 pytestmark = pytest.mark.slow  # two or three server starts per case
 
@@ -217,12 +217,8 @@ def test_usage_a_locked_database_refused_at_shutdown_is_written_at_the_next_star
 
 @pytest.fixture
 def postgres() -> Iterator[PostgresServer]:
-    if not available():
-        pytest.skip(MISSING)
-    server = PostgresServer()
-    server.start()
-    yield server
-    server.remove()
+    with throwaway() as server:
+        yield server
 
 
 def test_usage_written_while_postgresql_is_down_is_written_at_the_next_start(tmp_path: Path, model: Path,
