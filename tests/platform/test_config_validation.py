@@ -191,6 +191,7 @@ models:
   - {{name: imported, source: fresh, import_from: ./nowhere.gguf}}
 """)
         status, out, _ = check("--config", str(path), "--json")
+        assert check("--config", str(path), "--static")[0] == 0  # the file itself is valid
     report = json.loads(out)
     assert status == 1 and report["ok"] is False
     found = {p["place"]: p["message"] for p in report["problems"]}

@@ -36,6 +36,9 @@ def register(commands: Any) -> None:
     parser.add_argument("--check", action="store_true",
                         help="validate the configuration, its ports, files and models, start nothing; exit 0 when "
                              "it is valid, 1 with every problem")
+    parser.add_argument("--static", action="store_true",
+                        help="with --check: the file alone (types, ranges, names, the rules between settings), not "
+                             "its ports, files or models; for a file rendered elsewhere, e.g. by Helm")
     parser.add_argument("--json", action="store_true", help="with --check: print the result as one JSON object")
     parser.set_defaults(run=run)
 
@@ -52,7 +55,7 @@ def check(args: argparse.Namespace) -> int:
     """`garrison serve --check`: every problem of the file and of its surroundings, or none."""
     try:
         config = serve_config.load(args.config, data_dir=args.data_dir, listen=args.listen, insecure=args.insecure)
-        problems: list[Problem] = preflight.problems(config)
+        problems: list[Problem] = [] if args.static else preflight.problems(config)
     except ConfigError as err:
         config, problems = None, list(err.problems)
     if args.json:
@@ -96,7 +99,7 @@ def _announce(server: Any) -> None:
     config = server.config
     host = config.listen.rpartition(":")[0]
     address = f"{host}:{server.port}"
-    admin_key = config.data_dir / "admin.key"
+    admin_key = config.admin_key_file or config.data_dir / "admin.key"
     tenant_key = config.data_dir / "tenant.key"
     model = config.models[0].name
     tls = "TLS" + (" with client certificates (mTLS)" if config.tls and config.tls.client_ca else "") \

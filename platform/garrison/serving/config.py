@@ -4,8 +4,9 @@ Without a file: the embedded default — a local Ray instance, SQLite under the 
 bundled SmolLM2 model on one replica, gRPC on 127.0.0.1:50051. Every field of the file is optional;
 unknown keys are refused so a typo never silently falls back to a default, and every problem is
 reported with its place (`config.models[1].groups[0].tp: must be an integer >= 1, got '2'`).
-`garrison serve --check --config FILE` validates a file (and that its ports are free and its models
-resolve) without starting anything. Example:
+`garrison serve --check --config FILE` validates a file (and that its ports are free, its files readable and
+its models resolvable; `--static` skips those, for a file rendered elsewhere) without starting anything.
+Example:
 
     listen: 0.0.0.0:50051
     insecure: false                        # plaintext gRPC off loopback needs true (or tls below)
