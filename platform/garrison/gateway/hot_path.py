@@ -65,10 +65,11 @@ class UsageBuffer:
       second, and appends it to the spool (`<data_dir>/usage-spool.jsonl`, 0600) at once.
     - A clean stop (SIGTERM, SIGINT) loses nothing: the last flush gets `SHUTDOWN_FLUSH_S`; whatever the
       database has not confirmed by then is in the spool, replayed (idempotently) at the next start.
-    - A process that dies without stopping (SIGKILL, OOM kill, power loss) loses the counts added since
-      the last flush began (at most `FLUSH_INTERVAL_S` of finished requests); earlier batches are in the
-      database or the spool. Requests in flight at that moment are never counted (usage is added when a
-      request ends). A spool that cannot be written (disk full) is logged at ERROR with the counts.
+    - A process that dies without stopping (SIGKILL, OOM kill, power loss) loses the usage of requests
+      that ended after the last batch the database confirmed or the spool holds: at most the last
+      `FLUSH_INTERVAL_S`, plus the batch being written at that moment if it had not committed. Requests in
+      flight then are never counted (usage is added when a request ends). A spool that cannot be written
+      (disk full, read-only) is logged at ERROR with its counts, which are then kept in memory only.
     """
 
     def __init__(self, tenancy: TenancyService, spool: Path | None = None) -> None:

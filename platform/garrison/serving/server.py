@@ -180,6 +180,7 @@ class GarrisonServer:
         if self._server is not None:
             await self._server.stop(grace)
         if self.usage is not None:
+            await asyncio.sleep(0)  # handlers cancelled at the end of the grace record their usage first
             await self.usage.stop()
         if self.router is not None:
             await asyncio.to_thread(self.router.stop)
