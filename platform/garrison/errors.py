@@ -9,7 +9,8 @@ from __future__ import annotations
 import grpc
 
 from garrison.tenancy.errors import (AlreadyExistsError, InvalidArgumentError, NotFoundError, PermissionDeniedError,
-                                     QuotaExceededError, RequestTooLargeError, UnauthenticatedError)
+                                     QuotaExceededError, RequestTooLargeError, StoreUnavailableError,
+                                     UnauthenticatedError)
 from garrison_workers.errors import (CapacityError, ContextLengthError, GarrisonError, InvalidRequestError,
                                      LayoutError, ModelLoadError, SequenceError, UnavailableError)
 
@@ -28,6 +29,8 @@ GRPC_STATUS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
     # A lost rank, a failed KV handoff, no serving replica: a retry may succeed.
     (UnavailableError, grpc.StatusCode.UNAVAILABLE),
+    # The tenant database is down, locked or out of connections: retry after the hint (a retry-after trailer).
+    (StoreUnavailableError, grpc.StatusCode.UNAVAILABLE),
     # One sequence failed inside the engine (NaN logits): the server's fault, not the client's; the others go on.
     (SequenceError, grpc.StatusCode.INTERNAL),
     # Server-side setup (a model that will not load, a layout that does not fit): the operator must act.

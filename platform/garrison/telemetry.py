@@ -2,7 +2,9 @@
 
 Providers are objects owned by the server (no global provider is set), so two servers in one
 process (the tests) never mix their data. Metrics are scraped by Prometheus from `/metrics` on
-`prometheus_listen`, and/or pushed with traces to an OTLP collector (`otlp_endpoint`).
+`prometheus_listen`, and/or pushed with traces to an OTLP collector (`otlp_endpoint`). The metrics
+endpoint binds 127.0.0.1 unless `prometheus_listen` names a host (`0.0.0.0:9464` for every interface):
+per-tenant figures are nobody else's business by default.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
 from prometheus_client import CollectorRegistry
 
-from garrison.serving.config import ConfigError, TelemetryConfig
+from garrison.serving.config import TelemetryConfig, parse_address
 
 log = logging.getLogger(__name__)
 
@@ -71,12 +73,10 @@ class Telemetry:
         from opentelemetry.exporter.prometheus import PrometheusMetricReader
         from prometheus_client import start_http_server
 
-        host, _, port = listen.rpartition(":")
-        if not port.isdigit():
-            raise ConfigError(f"telemetry.prometheus_listen must be host:port, got {listen!r}")
+        host, port = parse_address(listen)  # checked with the config
         registry = CollectorRegistry()
         reader = PrometheusMetricReader(registry=registry)
-        self._http, _ = start_http_server(int(port), host or "0.0.0.0", registry=registry)
+        self._http, _ = start_http_server(port, host or "127.0.0.1", registry=registry)
         self.prometheus_port = self._http.server_port
         return reader
 

@@ -62,7 +62,7 @@ def broken_models(tiny_dir: Path, tmp_path: Path) -> dict[str, tuple[Path, str]]
         "truncated weight file": (corrupt, "model.safetensors"),
         "garbage weight file": (garbage, "model.safetensors"),
         "missing tensor": (missing_tensor, "model.layers.1.self_attn.k_proj.weight"),
-        "no such path": (tmp_path / "nowhere", "no model at"),
+        "no such path": (tmp_path / "nowhere", "no file or directory"),
         "corrupt gguf": (bad_gguf, "not a readable GGUF file"),
     }
 

@@ -27,7 +27,7 @@ from sqlalchemy import event
 from conftest import postgres_schema_url, save_tiny_llama, save_word_tokenizer
 from garrison.client import GarrisonClient
 from garrison.serving.background import BackgroundServer
-from garrison.serving.config import EngineSettings, ModelDeploymentConfig, ServeConfig, TelemetryConfig
+from garrison.serving.config import EngineConfig, ModelDeploymentConfig, ServeConfig, TelemetryConfig
 from garrison.v1 import admin_pb2, admin_pb2_grpc, inference_pb2 as pb, inference_pb2_grpc, usage_pb2
 
 MODEL = "smollm2"
@@ -53,11 +53,11 @@ HOSTILE_TEMPLATE = "{% for i in range(100000) %}{% for j in range(100000) %}{% e
 def server(tmp_path_factory, smollm2_path: Path, database_url: str | None):
     data_dir = tmp_path_factory.mktemp("gateway")
     hostile = save_word_tokenizer(save_tiny_llama(tmp_path_factory.mktemp("hostile")), 320, HOSTILE_TEMPLATE)
-    small = EngineSettings(kv_cache_bytes=16 << 20, max_num_seqs=4, max_num_batched_tokens=64)
+    small = EngineConfig(kv_cache_bytes=16 << 20, max_num_seqs=4, max_num_batched_tokens=64)
     config = ServeConfig(data_dir=data_dir, listen="127.0.0.1:0", max_request_bytes=MAX_REQUEST_BYTES,
                          database_url=database_url,
                          telemetry=TelemetryConfig(prometheus_listen="127.0.0.1:0"),
-                         models=(ModelDeploymentConfig(MODEL, str(smollm2_path), on_ray=False, engine=EngineSettings(
+                         models=(ModelDeploymentConfig(MODEL, str(smollm2_path), on_ray=False, engine=EngineConfig(
                              kv_cache_bytes=96 << 20, max_num_seqs=8, max_num_batched_tokens=256)),
                                  ModelDeploymentConfig(HOSTILE, str(hostile), on_ray=False, engine=small)))
     with BackgroundServer(config, span_exporter=SPANS) as background:

@@ -46,7 +46,7 @@ import pytest
 from conftest import postgres_schema_url, save_tiny_llama
 from garrison.client import GarrisonClient
 from garrison.serving.background import BackgroundServer
-from garrison.serving.config import EngineSettings, ModelDeploymentConfig, ServeConfig
+from garrison.serving.config import EngineConfig, ModelDeploymentConfig, ServeConfig
 from garrison.v1 import admin_pb2, inference_pb2 as pb, inference_pb2_grpc
 
 MODEL = "tiny"
@@ -236,7 +236,7 @@ def server(tmp_path: Path):
     with postgres_schema_url() as database_url:  # None: SQLite under the data dir
         config = ServeConfig(data_dir=tmp_path / "data", listen="127.0.0.1:0", bootstrap=False,
                              database_url=database_url,
-                             models=(ModelDeploymentConfig(MODEL, str(model), on_ray=False, engine=EngineSettings(
+                             models=(ModelDeploymentConfig(MODEL, str(model), on_ray=False, engine=EngineConfig(
                                  kv_cache_bytes=16 << 20, max_num_seqs=SLOTS)),))
         with BackgroundServer(config) as background:
             yield background

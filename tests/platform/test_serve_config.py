@@ -14,22 +14,22 @@ from conftest import save_tiny_llama4
 from garrison.certs import make_certs
 from garrison.client import ClientError, GarrisonClient, TLSFiles
 from garrison.serving.background import BackgroundServer
-from garrison.serving.cluster import engine_config, ray_ranks
+from garrison.serving.cluster import ray_ranks
 from garrison.serving.config import ConfigError, load
 
 
 def test_unknown_or_malformed_settings_are_refused_with_their_place(tmp_path: Path) -> None:
     cases = {
-        "listne: 0.0.0.0:1\n": "unknown setting(s) listne",
-        "models:\n  - {name: m, source: x, groups: [{role: prefil}]}\n": "role must be both, prefill or decode",
+        "listne: 0.0.0.0:1\n": "config.listne: unknown setting (did you mean listen?)",
+        "models:\n  - {name: m, source: x, groups: [{role: prefil}]}\n": "role: must be one of both, prefill, decode",
         "models:\n  - {name: m, source: x, groups: [{role: decode}]}\n": "one 'prefill'",
-        "models:\n  - {name: m, source: x, engine: {kv_cache: 1}}\n": "config.models[0].engine: unknown setting(s) kv_cache",
+        "models:\n  - {name: m, source: x, engine: {kv_cache: 1}}\n": "config.models[0].engine.kv_cache: unknown",
         "models:\n  - {source: x}\n": "config.models[0]",
         "models: []\n": "non-empty list",
-        "models:\n  - {name: m, source: x, engine: {device: gpu}}\n": "config.models[0].engine: device must be cpu",
-        "models:\n  - {name: m, source: x, engine: {dtype: fp8}}\n": "dtype must be one of float32, bfloat16",
-        "models:\n  - {name: m, source: x, engine: {kv_cache_device: cuda}}\n": "kv_cache_device must be cpu (host",
-        "models:\n  - {name: m, source: x, engine: {kv_transport: nccl}}\n": "kv_transport must be ray or torch",
+        "models:\n  - {name: m, source: x, engine: {device: gpu}}\n": "config.models[0].engine.device: must be cpu",
+        "models:\n  - {name: m, source: x, engine: {dtype: fp8}}\n": "dtype: must be one of float32, bfloat16",
+        "models:\n  - {name: m, source: x, engine: {kv_cache_device: cuda}}\n": "kv_cache_device must be the engine",
+        "models:\n  - {name: m, source: x, engine: {kv_transport: nccl}}\n": "kv_transport: must be one of ray, torch",
         "- 1\n": "mapping",
         "listen: [unclosed\n": "not valid YAML",
     }
@@ -48,10 +48,10 @@ def test_engine_settings_reach_the_engine_config(tmp_path: Path) -> None:
     path = tmp_path / "serve.yaml"
     path.write_text("models:\n  - {name: m, source: x, engine: {device: cuda, dtype: bfloat16, kv_cache_device: cpu,"
                     " kv_transport: torch, kv_cache_bytes: 4096}}\n")
-    config = engine_config(load(path).models[0].engine)
+    config = load(path).models[0].engine
     assert (config.device, config.dtype, config.kv_cache_device, config.kv_device, config.kv_transport,
             config.kv_cache_bytes) == ("cuda", torch.bfloat16, "cpu", "cpu", "torch", 4096)
-    assert engine_config(load(None).models[0].engine).kv_device == "cpu"  # the embedded default: all on the CPU
+    assert load(None).models[0].engine.kv_device == "cpu"  # the embedded default: all on the CPU
 
 
 def test_a_local_ray_instance_has_a_slot_for_every_rank_configured(tmp_path: Path) -> None:

@@ -1,10 +1,19 @@
-"""Open a model (HF directory, .gguf file, or the encrypted store) and build it, weights in place, on one device."""
+"""Open a model (HF directory, .gguf file, or the encrypted store) and build it, weights in place, on one device.
+
+Nothing is allocated for a model until its files are known to fit together: the config's values are
+typed and bounded (garrison_workers.config), a GGUF header's counts are checked against the file, and
+every parameter's shape, as its loader would cut it, is checked against the stored tensor's shape on
+meta tensors (weights.source.check_parameters). Each refusal is a ModelLoadError naming the file and the
+key or tensor.
+"""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -17,7 +26,7 @@ from garrison_workers.tokenizer import Tokenizer
 from garrison_workers.weights.encrypted_source import EncryptedSource
 from garrison_workers.weights.gguf_source import GGUFSource, config_from_gguf, open_reader
 from garrison_workers.weights.safetensors_source import SafetensorsSource
-from garrison_workers.weights.source import WeightSource, fill_parameters
+from garrison_workers.weights.source import WeightSource, check_parameters, fill_parameters
 from garrison_workers.weights.store_format import StoreModel
 
 # Where a model is: a path, or a model of the encrypted store with its unwrapped data key. A
@@ -25,6 +34,7 @@ from garrison_workers.weights.store_format import StoreModel
 # unwrapped the data key with its KEK provider, and nothing writes or logs it (its repr hides the key).
 # With Ray's GCS fault tolerance on, actor arguments persist in the GCS's Redis: give it TLS and auth.
 ModelLocation = str | Path | StoreModel
+MAX_CONFIG_BYTES = 16 << 20  # a config.json is a few kB; a larger one is not a config
 
 
 @dataclass(slots=True)
@@ -39,7 +49,7 @@ class ModelFiles:
 def open_model_files(path: ModelLocation) -> ModelFiles:
     if isinstance(path, StoreModel):
         source = EncryptedSource(path)
-        return ModelFiles(source.config(), source.tokenizer(), source)
+        return ModelFiles(source.config(), _tokenizer(lambda: source.tokenizer(), str(path.directory)), source)
     path = Path(path)
     if not path.exists():
         raise ModelLoadError(f"model path {path} does not exist; pass an HF model directory or a .gguf file")
@@ -48,17 +58,35 @@ def open_model_files(path: ModelLocation) -> ModelFiles:
             raise ModelLoadError(f"{path} is a file but not a .gguf; pass a .gguf file or an HF model directory")
         reader = open_reader(path)
         config = config_from_gguf(reader, path)
-        return ModelFiles(config, Tokenizer.from_gguf(reader), GGUFSource(reader, path, config))
-    config_file = path / "config.json"
-    if not config_file.exists():
-        raise ModelLoadError(f"{path} has no config.json; is it a Hugging Face model directory?")
-    try:
-        raw = json.loads(config_file.read_text())
-    except ValueError as err:
-        raise ModelLoadError(f"{config_file} is not valid JSON: {err}") from None
-    config = from_hf_config(raw)
-    return ModelFiles(config, Tokenizer.from_pretrained_dir(path),
+        return ModelFiles(config, _tokenizer(lambda: Tokenizer.from_gguf(reader), f"{path} (tokenizer.ggml.*)"),
+                          GGUFSource(reader, path, config))
+    config = from_hf_config(_read_json(path / "config.json"), source=str(path / "config.json"))
+    return ModelFiles(config, _tokenizer(lambda: Tokenizer.from_pretrained_dir(path), f"the tokenizer files of {path}"),
                       SafetensorsSource(path, dense_llama=config.architecture == "llama"))
+
+
+def _read_json(file: Path) -> Any:
+    if not file.is_file():
+        raise ModelLoadError(f"{file.parent} has no config.json; is it a Hugging Face model directory?")
+    try:
+        if file.stat().st_size > MAX_CONFIG_BYTES:
+            raise ModelLoadError(f"{file} is over {MAX_CONFIG_BYTES >> 20} MiB: not a model config")
+        return json.loads(file.read_bytes())
+    except OSError as err:
+        raise ModelLoadError(f"cannot read {file}: {err.strerror}") from None
+    except (ValueError, RecursionError) as err:
+        raise ModelLoadError(f"{file} is not valid JSON: {err}") from None
+
+
+def _tokenizer(load: Callable[[], Tokenizer | None], where: str) -> Tokenizer | None:
+    """The model's tokenizer; a malformed one is the model's fault, said as such (never a traceback)."""
+    try:
+        return load()
+    except ModelLoadError as err:
+        raise ModelLoadError(f"{where}: {err}") from None
+    except Exception as err:  # the tokenizers library and the metadata it is built from raise anything
+        raise ModelLoadError(f"{where}: the tokenizer cannot be built ({type(err).__name__}: {str(err)[:200]})") \
+            from None
 
 
 def build_model(config: ModelConfig, source: WeightSource, dtype: torch.dtype = torch.float32,
@@ -67,9 +95,13 @@ def build_model(config: ModelConfig, source: WeightSource, dtype: torch.dtype = 
     par = par or ParallelContext.single()
     par.dims.validate(config)
     moe_cls = MoE if par.dims.world_size == 1 else ParallelMoE
-    # Built on the meta device so that no memory is spent on random init the checkpoint overwrites.
+    # Built on the meta device so that no memory is spent on random init the checkpoint overwrites, and so that
+    # the checkpoint's shapes are checked against the parameters before their memory exists.
     with torch.device("meta"):
         model = CausalLM(config, par, moe_cls)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    check_parameters(model, source)
     model = model.to_empty(device=device).to(dtype)
     if config.tie_word_embeddings:  # to_empty gives the tied pair two separate tensors
         model.lm_head.weight = model.model.embed_tokens.weight

@@ -34,6 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     except GarrisonError as err:
         print(f"garrison: error: {err}", file=sys.stderr)
         return 1
+    except OSError as err:  # a path given that cannot be used (too long, not a directory, no permission...)
+        where = f": {err.filename}" if err.filename else ""
+        print(f"garrison: error: {err.strerror or err}{where}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("garrison: interrupted", file=sys.stderr)
         return 130

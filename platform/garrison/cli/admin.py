@@ -9,12 +9,15 @@ from __future__ import annotations
 import argparse
 import sys
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from garrison.cli.output import print_csv, print_json, print_table
 from garrison.cli.remote import connect, connection_parent
+from garrison.secret_files import write_secret_file
+from garrison.tenancy import keys
 from garrison.v1 import admin_pb2
 
 ADMIN_KEY = "admin.key"
@@ -96,6 +99,13 @@ def _keys(commands: Any, connection: argparse.ArgumentParser) -> Any:
     revoke = sub.add_parser("revoke", help="revoke a key at once", parents=[connection])
     revoke.add_argument("id", help="the key id (gk_...)")
     revoke.set_defaults(run=lambda a: _admin_call(a, "revoke_api_key", id=a.id) and 0)
+    new_secret = sub.add_parser(
+        "new-secret", help="make a new admin key secret offline, for a server's admin_key_file",
+        description="Print a new random API key secret (gk_...) on stdout, once; no server is called. Put it in the "
+                    "file a server's admin_key_file names (e.g. a Kubernetes Secret): at its next start the server "
+                    "creates the admin key with that secret, if no key has it yet.")
+    new_secret.add_argument("--out", type=Path, help="write it to this new file (mode 0600) instead of stdout")
+    new_secret.set_defaults(run=_new_secret)
     return sub
 
 
@@ -181,6 +191,18 @@ def _key_create(args: argparse.Namespace) -> int:
     owner = "admin key" if created.key.admin else f"key for tenant {created.key.tenant!r}"
     print(f"created {owner} {created.key.id}; its secret (on stdout) is shown only now", file=sys.stderr)
     print(created.secret)
+    return 0
+
+
+def _new_secret(args: argparse.Namespace) -> int:
+    secret = keys.new_secret(keys.new_key_id())
+    if args.out is not None:
+        write_secret_file(args.out, (secret + "\n").encode("ascii"))
+        print(f"wrote a new admin key secret (key id {keys.key_id_of(secret)}) to {args.out}, mode 0600",
+              file=sys.stderr)
+    else:
+        print(f"a new admin key secret (key id {keys.key_id_of(secret)}), shown only now:", file=sys.stderr)
+        print(secret)
     return 0
 
 

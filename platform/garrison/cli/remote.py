@@ -8,6 +8,9 @@ from pathlib import Path
 
 from garrison.client import DEFAULT_SERVER, GarrisonClient, TLSFiles
 from garrison.paths import default_data_dir
+from garrison.pem import pem_problem
+from garrison.tenancy.keys import read_key_file
+from garrison_workers.errors import GarrisonError
 
 
 def add_connection_options(parser: argparse.ArgumentParser) -> None:
@@ -42,8 +45,20 @@ def _add(parser: argparse.ArgumentParser, defaults: dict[str, object] | None) ->
 
 
 def connect(args: argparse.Namespace, default_key: str) -> GarrisonClient:
-    key_file = args.key_file or default_data_dir() / default_key
+    """A client for the options given, after checking them: a key file that holds a key, TLS files that are
+    PEM certificates and keys (gRPC would abort the process on anything else)."""
+    key = read_key_file(Path(args.key_file or default_data_dir() / default_key))
     tls = None
-    if args.tls_ca or args.tls_cert:
+    if args.tls_ca or args.tls_cert or args.tls_key:
         tls = TLSFiles(args.tls_ca, args.tls_cert, args.tls_key)
-    return GarrisonClient(args.server, key_file=key_file, tls=tls, timeout=None)
+        _check_tls(tls)
+    return GarrisonClient(args.server, key=key, tls=tls, timeout=None)
+
+
+def _check_tls(tls: TLSFiles) -> None:
+    if (tls.cert is None) != (tls.key is None):
+        raise GarrisonError("a client certificate needs its key: pass both --tls-cert and --tls-key")
+    for path, kind in ((tls.ca, "certificate"), (tls.cert, "certificate"), (tls.key, "private key")):
+        problem = pem_problem(Path(path).expanduser(), kind) if path is not None else None  # type: ignore[arg-type]
+        if problem:
+            raise GarrisonError(problem)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import json
 import logging
 import signal
 import sys
@@ -12,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from garrison.serving import config as serve_config
-from garrison.serving.server import GarrisonServer
+from garrison.serving import preflight
+from garrison.serving.settings import ConfigError, Problem
 
 
 def register(commands: Any) -> None:
@@ -22,22 +24,54 @@ def register(commands: Any) -> None:
                     "SQLite under the data directory, the bundled SmolLM2 model, gRPC on 127.0.0.1:50051, and on "
                     "first start an admin key (admin.key) and a 'default' tenant key (tenant.key) written to the "
                     "data directory with mode 0600. A YAML --config describes models, worker groups (role, tp, "
-                    "ep), the Ray address, the database URL, TLS files and telemetry.")
+                    "ep), the Ray address, the database URL, TLS files and telemetry. --check validates all of "
+                    "it, and that its ports are free and its models resolve, without starting anything.")
     parser.add_argument("--config", type=Path, help="YAML file (see garrison/serving/config.py for every setting)")
     parser.add_argument("--data-dir", type=Path, help="state directory (default: $GARRISON_DATA_DIR or "
                                                       "~/.local/share/garrison)")
     parser.add_argument("--listen", help=f"HOST:PORT to serve gRPC on (default {serve_config.DEFAULT_LISTEN})")
+    parser.add_argument("--insecure", action="store_true", default=None,
+                        help="allow plaintext gRPC on an address other than loopback (as insecure: true)")
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    parser.add_argument("--check", action="store_true",
+                        help="validate the configuration, its ports, files and models, start nothing; exit 0 when "
+                             "it is valid, 1 with every problem")
+    parser.add_argument("--static", action="store_true",
+                        help="with --check: the file alone (types, ranges, names, the rules between settings), not "
+                             "its ports, files or models; for a file rendered elsewhere, e.g. by Helm")
+    parser.add_argument("--json", action="store_true", help="with --check: print the result as one JSON object")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.check:
+        return check(args)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = serve_config.load(args.config, data_dir=args.data_dir, listen=args.listen)
+    config = serve_config.load(args.config, data_dir=args.data_dir, listen=args.listen, insecure=args.insecure)
     return asyncio.run(_serve(config))
 
 
+def check(args: argparse.Namespace) -> int:
+    """`garrison serve --check`: every problem of the file and of its surroundings, or none."""
+    try:
+        config = serve_config.load(args.config, data_dir=args.data_dir, listen=args.listen, insecure=args.insecure)
+        problems: list[Problem] = [] if args.static else preflight.problems(config)
+    except ConfigError as err:
+        config, problems = None, list(err.problems)
+    if args.json:
+        print(json.dumps({"ok": not problems, "problems": [p.to_json() for p in problems]}, indent=2))
+        return 1 if problems else 0
+    if problems:
+        raise ConfigError.listing(problems, str(args.config) if args.config else "the embedded default")
+    assert config is not None
+    print(f"{args.config or 'the embedded default'}: OK ({len(config.models)} model(s): "
+          f"{', '.join(m.name for m in config.models)}; gRPC on {config.listen})")
+    return 0
+
+
 async def _serve(config: serve_config.ServeConfig) -> int:
+    from garrison.serving.server import GarrisonServer  # Ray, gRPC servers and the engine: not needed by --check
+
     server = GarrisonServer(config)
     print(f"garrison: starting {', '.join(m.name for m in config.models)} (data in {config.data_dir}) ...",
           file=sys.stderr, flush=True)
@@ -61,11 +95,11 @@ async def _serve(config: serve_config.ServeConfig) -> int:
     return 0
 
 
-def _announce(server: GarrisonServer) -> None:
+def _announce(server: Any) -> None:
     config = server.config
     host = config.listen.rpartition(":")[0]
     address = f"{host}:{server.port}"
-    admin_key = config.data_dir / "admin.key"
+    admin_key = config.admin_key_file or config.data_dir / "admin.key"
     tenant_key = config.data_dir / "tenant.key"
     model = config.models[0].name
     tls = "TLS" + (" with client certificates (mTLS)" if config.tls and config.tls.client_ca else "") \

@@ -16,7 +16,8 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 
 from garrison.errors import grpc_status_for
-from garrison.tenancy.errors import InvalidArgumentError, QuotaExceededError, UnauthenticatedError
+from garrison.tenancy.errors import (InvalidArgumentError, QuotaExceededError, StoreUnavailableError,
+                                     UnauthenticatedError)
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,8 @@ async def abort(context: grpc.aio.ServicerContext, err: BaseException, request_i
         message = f"internal error; quote request id {request_id} to the operator"
     else:
         message = str(err)
-    if isinstance(err, QuotaExceededError) and err.retry_after_s is not None:
+    # A quota, or the tenant database, frees up later: say when to retry.
+    if isinstance(err, (QuotaExceededError, StoreUnavailableError)) and err.retry_after_s is not None:
         context.set_trailing_metadata((("retry-after", f"{err.retry_after_s:.1f}"),))
     await context.abort(status, message)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from garrison.model_refs import resolve_model, resolve_source
 from garrison.router.replica import Engine, Replica
 from garrison.router.router import Deployment
-from garrison.serving.config import EngineSettings, GroupConfig, ModelDeploymentConfig, ServeConfig
+from garrison.serving.config import GroupConfig, ModelDeploymentConfig, ServeConfig
 from garrison.weight_store.importer import import_model
 from garrison.weight_store.keys import FileKeyProvider, KeyProvider, create_kek_file, provider_from_options
 from garrison.weight_store.store import Store
@@ -26,14 +26,6 @@ from garrison_workers.parallel.dims import ParallelDims
 
 log = logging.getLogger(__name__)
 BOOTSTRAP_KEK_FILE = "kek.key"
-
-
-def engine_config(settings: EngineSettings) -> EngineConfig:
-    return EngineConfig(block_size=settings.block_size, kv_cache_bytes=settings.kv_cache_bytes,
-                        max_num_seqs=settings.max_num_seqs, max_num_batched_tokens=settings.max_num_batched_tokens,
-                        max_model_len=settings.max_model_len, enable_prefix_caching=settings.enable_prefix_caching,
-                        kv_transport=settings.kv_transport, device=settings.device, dtype=settings.torch_dtype,
-                        kv_cache_device=settings.kv_cache_device)
 
 
 def needs_ray(config: ServeConfig) -> bool:
@@ -84,7 +76,7 @@ def start_deployments(config: ServeConfig) -> list[Deployment]:
 
 
 def start_deployment(model: ModelDeploymentConfig, path: ModelLocation) -> Deployment:
-    settings = engine_config(model.engine)
+    settings = model.engine
     replicas: list[Replica] = []
     for index in range(model.replicas):
         log.info("model %s: starting replica %d/%d", model.name, index + 1, model.replicas)

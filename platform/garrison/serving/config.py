@@ -2,116 +2,125 @@
 
 Without a file: the embedded default — a local Ray instance, SQLite under the data directory, the
 bundled SmolLM2 model on one replica, gRPC on 127.0.0.1:50051. Every field of the file is optional;
-unknown keys are refused so a typo never silently falls back to a default. Example:
+unknown keys are refused so a typo never silently falls back to a default, and every problem is
+reported with its place (`config.models[1].groups[0].tp: must be an integer >= 1, got '2'`).
+`garrison serve --check --config FILE` validates a file (and that its ports are free, its files readable and
+its models resolvable; `--static` skips those, for a file rendered elsewhere) without starting anything.
+Example:
 
     listen: 0.0.0.0:50051
-    data_dir: /var/lib/garrison
+    insecure: false                        # plaintext gRPC off loopback needs true (or tls below)
+    data_dir: /var/lib/garrison            # created 0700; refused when group- or world-writable
     database_url: postgresql+psycopg://garrison@db/garrison   # or $GARRISON_DATABASE_URL
     ray_address: auto                      # the Ray head a KubeRay pod sees; omit for a local instance
     tls: {cert: server.crt, key: server.key, client_ca: ca.crt}   # client_ca turns on mTLS
     telemetry: {prometheus_listen: 0.0.0.0:9464, otlp_endpoint: http://otel-collector:4317}
+    admin_key_file: /etc/garrison/admin/admin.key   # e.g. a mounted Secret; see below
+    gateway: {max_concurrent_rpcs: 1024, max_queued_per_tenant: 256, drain_seconds: 30}
     models:
       - name: scout
-        source: /models/llama4-scout       # a directory, a .gguf file, or a bundled name
+        source: /models/llama4-scout       # a path (has a '/', starts with '.' or '~', or ends in .gguf),
+                                           # else a name: of the weight store, or bundled (smollm2)
         engine: {kv_cache_bytes: 68719476736, max_num_seqs: 256, max_num_batched_tokens: 8192, kv_transport: torch,
                  device: cuda, dtype: bfloat16}   # kv_cache_device: cpu keeps the KV cache in host memory
         groups:                            # one replica = these groups; prefill+decode disaggregates
           - {role: prefill, tp: 4, ep: 2}
           - {role: decode, tp: 2, ep: 4}
         replicas: 2
+
+Settings:
+- `listen` (HOST:PORT, default 127.0.0.1:50051). Plaintext gRPC (no `tls`) on an address that is not
+  loopback is refused unless `insecure: true` says the network itself is trusted.
+- `data_dir`, `database_url` (default SQLite in the data dir), `ray_address`, `store_dir`, and the
+  store's key-encryption key: at most one of `kek_file`, `kek_env`, `kek_secret_dir`.
+- `tls`: `cert` and `key` (PEM), `client_ca` (clients must then present a certificate it signed).
+- `telemetry`: `prometheus_listen` (HOST:PORT; a bare `:PORT` binds 127.0.0.1), `otlp_endpoint`,
+  `service_name`.
+- `admin_key_file`: a file holding an admin key's secret (`gk_...`, made offline by `garrison keys
+  new-secret`). At start, when no key with that secret exists, the server creates it (hash stored,
+  creation audited), so a platform team gets its first admin key without exec-ing into a pod. A key
+  revoked since is not brought back: put a new secret in the file.
+- `gateway`: `max_concurrent_rpcs` (RPCs in progress at once, all tenants), `max_queued_per_tenant`
+  (a tenant's requests waiting for a slot; beyond it RESOURCE_EXHAUSTED), `drain_seconds` (how long
+  in-flight streams may finish at shutdown).
+- `max_request_bytes`: larger requests are refused with INVALID_ARGUMENT.
+- `models[]`: `name` (unique), `source`, `import_from` (import this path or bundled name into the
+  store under `source` first), `groups[]` (`role` both | prefill | decode, `tp`, `ep`), `replicas`,
+  `on_ray`, and `engine`: every field of `garrison_workers.engine.config.EngineConfig` (block_size,
+  kv_cache_bytes, num_kv_blocks, max_num_seqs, max_num_batched_tokens, max_model_len,
+  enable_prefix_caching, kv_transfer_checksum, kv_transport, attention_key_block, worker_threads,
+  dtype as a name, device, kv_cache_device), with the engine's own defaults.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Mapping
 
-import torch
 import yaml
 
 from garrison.paths import default_data_dir
+from garrison.serving.settings import Builder, ConfigError, Problem, self_check, setting
+from garrison.tenancy.records import MODEL_NAME
 from garrison.tenancy.store import database_url
-from garrison_workers.errors import GarrisonError
+from garrison_workers.engine.config import EngineConfig
+
+__all__ = ["ConfigError", "DEFAULT_LISTEN", "EngineConfig", "GatewayConfig", "GroupConfig", "ModelDeploymentConfig",
+           "Problem", "ServeConfig", "TLSConfig", "TelemetryConfig", "load", "parse_address"]
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
-
-
-class ConfigError(GarrisonError):
-    """The serve configuration is invalid."""
+DEVICE = re.compile(r"cpu|cuda(:\d+)?")
+Role = Literal["both", "prefill", "decode"]
 
 
 @dataclass(slots=True, frozen=True)
 class GroupConfig:
-    role: str = "both"  # "both", "prefill" or "decode"
+    role: Role = "both"
     tp: int = 1
     ep: int = 1
 
     def __post_init__(self) -> None:
-        if self.role not in ("both", "prefill", "decode"):
-            raise ConfigError(f"group role must be both, prefill or decode, not {self.role!r}")
-        if self.tp < 1 or self.ep < 1:
-            raise ConfigError(f"group tp and ep must be >= 1, got tp={self.tp} ep={self.ep}")
+        self_check(self)
 
 
-@dataclass(slots=True, frozen=True)
-class EngineSettings:
-    kv_cache_bytes: int = 512 << 20
-    max_num_seqs: int = 32
-    max_num_batched_tokens: int = 2048
-    block_size: int = 16
-    max_model_len: int | None = None
-    enable_prefix_caching: bool = True
-    # How a disaggregated replica moves KV from prefill to decode: "ray" (object store; any placement)
-    # or "torch" (torch.distributed point-to-point, NCCL on GPU; every group on Ray).
-    kv_transport: str = "ray"
-    device: str = "cpu"  # "cuda": each rank of a group takes one GPU (Ray schedules them)
-    dtype: str = "float32"  # of the weights and the KV cache: float32, bfloat16 or float16
-    # "cpu" with device cuda: the KV cache in pinned host memory (contexts too long for the GPU; attention
-    # copies over only the keys each step reads). None: the KV cache on `device`.
-    kv_cache_device: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.kv_transport not in ("ray", "torch"):
-            raise ConfigError(f"kv_transport must be ray or torch, not {self.kv_transport!r}")
-        if not re.fullmatch(r"cpu|cuda(:\d+)?", str(self.device)):
-            raise ConfigError(f"device must be cpu, cuda or cuda:N, not {self.device!r}")
-        if self.dtype not in _DTYPES:
-            raise ConfigError(f"dtype must be one of {', '.join(_DTYPES)}, not {self.dtype!r}")
-        if self.kv_cache_device not in (None, "cpu", self.device):
-            raise ConfigError(f"kv_cache_device must be cpu (host memory) or the device ({self.device}), "
-                              f"not {self.kv_cache_device!r}")
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return _DTYPES[self.dtype]
-
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The embedded default's engine: SmolLM2 on a CPU, beside everything else on the machine.
+EMBEDDED_ENGINE = EngineConfig(kv_cache_bytes=512 << 20, max_num_seqs=32)
 
 
 @dataclass(slots=True, frozen=True)
 class ModelDeploymentConfig:
     name: str
-    source: str
+    source: str = setting(ref=True)
     groups: tuple[GroupConfig, ...] = (GroupConfig(),)
     replicas: int = 1
-    engine: EngineSettings = EngineSettings()
+    engine: EngineConfig = EngineConfig()
     # Run even a single-rank group in its own Ray actor, as on a cluster; False keeps it in this process.
     on_ray: bool = True
     # When `source` names no model of the weight store yet, import this (a path or bundled name) into the
     # store under that name first: the server then loads it encrypted, like every stored model.
-    import_from: str | None = None
+    import_from: str | None = setting(None, ref=True)
 
     def __post_init__(self) -> None:
-        roles = sorted(g.role for g in self.groups)
-        if roles != ["both"] and (roles.count("prefill") != 1 or roles.count("decode") < 1 or "both" in roles):
-            raise ConfigError(f"model {self.name}: groups must be one 'both' group, or one 'prefill' and one or "
-                              f"more 'decode' groups; got {roles}")
-        if self.replicas < 1:
-            raise ConfigError(f"model {self.name}: replicas must be >= 1")
+        self_check(self)
+
+    @staticmethod
+    def relations(v: Mapping[str, Any]) -> list[Problem]:
+        problems = []
+        if isinstance(v["name"], str) and not MODEL_NAME.fullmatch(v["name"]):
+            problems.append(Problem("name", f"must be 1-255 printable characters without spaces, got {v['name']!r}"))
+        groups = v["groups"]
+        if isinstance(groups, tuple) and all(isinstance(g, GroupConfig) for g in groups):
+            roles = sorted(g.role for g in groups)
+            if roles != ["both"] and (roles.count("prefill") != 1 or roles.count("decode") < 1 or "both" in roles):
+                problems.append(Problem("groups", f"must be one 'both' group, or one 'prefill' and one or more "
+                                                  f"'decode' groups; got {roles}"))
+        if isinstance(v["engine"], EngineConfig) and not DEVICE.fullmatch(v["engine"].device):
+            problems.append(Problem("engine.device", f"must be cpu, cuda or cuda:N, got {v['engine'].device!r}"))
+        return problems
 
     @property
     def disaggregated(self) -> bool:
@@ -124,23 +133,52 @@ class TLSConfig:
     key: Path
     client_ca: Path | None = None  # set: clients must present a certificate signed by this CA (mTLS)
 
+    def __post_init__(self) -> None:
+        self_check(self)
+
 
 @dataclass(slots=True, frozen=True)
 class TelemetryConfig:
-    prometheus_listen: str | None = None  # "host:port" serving /metrics; None: off
+    prometheus_listen: str | None = None  # "host:port" serving /metrics (":port" binds 127.0.0.1); None: off
     otlp_endpoint: str | None = None  # an OTLP/gRPC collector for traces and metrics; None: off
     service_name: str = "garrison"
+
+    def __post_init__(self) -> None:
+        self_check(self)
+
+    @staticmethod
+    def relations(v: Mapping[str, Any]) -> list[Problem]:
+        listen = v["prometheus_listen"]
+        return _address_problems("prometheus_listen", listen) if isinstance(listen, str) else []
+
+
+@dataclass(slots=True, frozen=True)
+class GatewayConfig:
+    """Load bounds of the gRPC gateway (see the module docstring)."""
+
+    max_concurrent_rpcs: int = 1024
+    max_queued_per_tenant: int = setting(256, min=0)
+    drain_seconds: float = 30.0
+
+    def __post_init__(self) -> None:
+        self_check(self)
+
+
+EMBEDDED_MODELS = (ModelDeploymentConfig("smollm2", "smollm2", import_from="smollm2", engine=EMBEDDED_ENGINE),)
 
 
 @dataclass(slots=True, frozen=True)
 class ServeConfig:
     data_dir: Path = field(default_factory=default_data_dir)
     listen: str = DEFAULT_LISTEN
-    database_url: str | None = None  # None: sqlite under data_dir
+    # Plaintext gRPC on an address other than loopback: only with this set (a network trusted as it is).
+    insecure: bool = False
+    database_url: str | None = setting(None, url=True)  # None: sqlite under data_dir
     ray_address: str | None = None  # None: a local Ray instance
     tls: TLSConfig | None = None
     telemetry: TelemetryConfig = TelemetryConfig()
-    models: tuple[ModelDeploymentConfig, ...] = (ModelDeploymentConfig("smollm2", "smollm2", import_from="smollm2"),)
+    gateway: GatewayConfig = GatewayConfig()
+    models: tuple[ModelDeploymentConfig, ...] = EMBEDDED_MODELS
     max_request_bytes: int = 4 << 20  # larger requests are refused with INVALID_ARGUMENT
     store_dir: Path | None = None  # the encrypted weight store; None: <data_dir>/store
     # The key-encryption key of the store: at most one of these; none: $GARRISON_KEK_FILE,
@@ -148,10 +186,19 @@ class ServeConfig:
     kek_file: Path | None = None
     kek_env: str | None = None
     kek_secret_dir: Path | None = None
+    # An admin key's secret (gk_...) the server makes sure exists at start (see the module docstring).
+    admin_key_file: Path | None = None
     # The embedded default's first-start conveniences: a KEK in <data_dir>/kek.key when no other is
     # configured, and a tenant "default" granted every model with its key in <data_dir>/tenant.key.
     # Off whenever a config file is given (an operator then provides keys and creates tenants).
     bootstrap: bool = True
+
+    def __post_init__(self) -> None:
+        self_check(self)
+
+    @staticmethod
+    def relations(v: Mapping[str, Any]) -> list[Problem]:
+        return _exposure_problems(v) + _model_name_problems(v["models"]) + _kek_problems(v)
 
     @property
     def resolved_store_dir(self) -> Path:
@@ -162,59 +209,104 @@ class ServeConfig:
         return self.database_url or database_url(self.data_dir)
 
 
-def load(path: Path | None, data_dir: Path | None = None, listen: str | None = None) -> ServeConfig:
-    """The embedded default, or a YAML file; flags override both."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except OSError as err:
-            raise ConfigError(f"cannot read the config file {path}: {err.strerror}") from None
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path} is not valid YAML: {err}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path} must hold a mapping of settings at the top level")
-        raw.setdefault("bootstrap", False)
+def _exposure_problems(v: Mapping[str, Any]) -> list[Problem]:
+    listen = v["listen"]
+    if not isinstance(listen, str):
+        return []
+    problems = _address_problems("listen", listen)
+    if problems or v["tls"] is not None or v["insecure"] is not False or is_loopback(parse_address(listen)[0]):
+        return problems
+    return [Problem("listen", f"plaintext gRPC on {listen}, which other machines can reach: configure tls "
+                              f"(garrison certs makes the files), listen on 127.0.0.1, or set insecure: true if the "
+                              f"network itself is trusted")]
+
+
+def _model_name_problems(models: Any) -> list[Problem]:
+    first: dict[str, int] = {}
+    problems = []
+    for i, model in enumerate(models if isinstance(models, tuple) else ()):
+        if not isinstance(model, ModelDeploymentConfig):
+            continue
+        if model.name in first:
+            problems.append(Problem(f"models[{i}].name", f"duplicate model name {model.name!r} (models"
+                                                         f"[{first[model.name]}] has it too): names must differ"))
+        first.setdefault(model.name, i)
+    return problems
+
+
+def _kek_problems(v: Mapping[str, Any]) -> list[Problem]:
+    given = [name for name in ("kek_file", "kek_env", "kek_secret_dir") if v[name] is not None]
+    return [Problem(given[1], f"give at most one of kek_file, kek_env, kek_secret_dir (got {', '.join(given)})")] \
+        if len(given) > 1 else []
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """(host, port) of HOST:PORT ([::1]:PORT for IPv6); ValueError when it is not one."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"must be HOST:PORT with a port from 0 to 65535, got {address!r}")
+    return host.removeprefix("[").removesuffix("]"), int(port)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name other than localhost, or "" (every interface)
+        return False
+
+
+def _address_problems(name: str, address: str) -> list[Problem]:
+    try:
+        parse_address(address)
+    except ValueError as err:
+        return [Problem(name, str(err))]
+    return []
+
+
+def load(path: Path | None, data_dir: Path | None = None, listen: str | None = None,
+         insecure: bool | None = None) -> ServeConfig:
+    """The embedded default, or a YAML file; flags override both. ConfigError lists every problem."""
+    raw = _read(path) if path is not None else {}
     if os.environ.get("GARRISON_DATABASE_URL") and "database_url" not in raw:  # e.g. from a Kubernetes Secret
         raw["database_url"] = os.environ["GARRISON_DATABASE_URL"]
-    if data_dir is not None:
-        raw["data_dir"] = str(data_dir)
-    if listen is not None:
-        raw["listen"] = listen
-    base = path.parent if path is not None else Path.cwd()
-    return _build(ServeConfig, raw, "config", base)
+    if data_dir is not None:  # a flag's path is relative to where the command runs, not to the file
+        raw["data_dir"] = str(Path(data_dir).expanduser().resolve())
+    for name, value in (("listen", listen), ("insecure", insecure)):
+        if value is not None:
+            raw[name] = value
+    builder = Builder(path.resolve().parent if path is not None else Path.cwd())
+    config = builder.build(ServeConfig, raw, "config")
+    if builder.problems or config is None:
+        raise ConfigError.listing(builder.problems, str(path) if path is not None else "the configuration")
+    return config
 
 
-_NESTED = {"tls": TLSConfig, "telemetry": TelemetryConfig, "engine": EngineSettings}
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML whose mappings may not repeat a key (PyYAML would keep the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            if key in seen:
+                raise ConfigError(f"duplicate key {key!r} on line {key_node.start_mark.line + 1}: each setting "
+                                  f"may appear once")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
-def _build(cls: type, raw: Any, where: str, base: Path) -> Any:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where} must be a mapping, got {type(raw).__name__}")
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ConfigError(f"{where}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    values: dict[str, Any] = {}
-    for name, value in raw.items():
-        here = f"{where}.{name}"
-        if name in _NESTED and value is not None:
-            value = _build(_NESTED[name], value, here, base)
-        elif name == "models":
-            if not isinstance(value, list) or not value:
-                raise ConfigError(f"{here} must be a non-empty list of models")
-            value = tuple(_build(ModelDeploymentConfig, m, f"{here}[{i}]", base) for i, m in enumerate(value))
-        elif name == "groups":
-            if not isinstance(value, list) or not value:
-                raise ConfigError(f"{here} must be a non-empty list of groups")
-            value = tuple(_build(GroupConfig, g, f"{here}[{i}]", base) for i, g in enumerate(value))
-        elif name in ("data_dir", "store_dir", "kek_file", "kek_secret_dir", "cert", "key", "client_ca") \
-                and value is not None:
-            value = (base / Path(str(value)).expanduser()).resolve()
-        values[name] = value
+def _read(path: Path) -> dict[str, Any]:
     try:
-        return cls(**values)
-    except TypeError as err:  # a required setting is missing
-        raise ConfigError(f"{where}: {err}") from None
-    except ConfigError as err:  # a value out of range: say where
-        raise ConfigError(f"{where}: {err}") from None
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}  # noqa: S506 (a SafeLoader)
+    except OSError as err:
+        raise ConfigError(f"cannot read the config file {path}: {err.strerror}") from None
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping of settings at the top level")
+    raw.setdefault("bootstrap", False)
+    return raw

@@ -1,15 +1,16 @@
 """The server `garrison serve` runs: tenant store, telemetry, model replicas and the gRPC services.
 
-Start order: the data directory and tenant store (migrated), the bootstrap keys, telemetry, the model
-replicas (the slow part), and last the gRPC port, so a client that connects finds everything ready.
-Stop order is the reverse; in-flight streams get `grace` seconds to finish.
+Start order: the checks of the surroundings (ports, files, models: garrison.serving.preflight), the data
+directory and tenant store (migrated), the usage the last run could not write (its spool), telemetry, the
+model replicas (the slow part), the bootstrap keys, and last the gRPC port, so a client that connects finds
+everything ready. Stop order is the reverse; in-flight streams get `grace` seconds to finish.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,13 +23,19 @@ from garrison.gateway import admin, inference
 from garrison.gateway.calls import CallLimit, method_handlers
 from garrison.gateway.hot_path import AuthMirror, UsageBuffer
 from garrison.gateway.render import ChatRenderer
+from garrison.paths import ensure_private_dir
 from garrison.router.router import Router
+from garrison.secret_files import write_secret_file
+from garrison.serving import preflight
 from garrison.serving.cluster import needs_ray, ray_ranks, start_deployments
 from garrison_workers.worker_group import ensure_ray
 from garrison.serving.config import ConfigError, ServeConfig
 from garrison.telemetry import Telemetry
+from garrison.tenancy.errors import StoreUnavailableError
+from garrison.tenancy.keys import read_key_file
+from garrison.tenancy.ledger import SPOOL_FILE
 from garrison.tenancy.limits import QuotaEnforcer
-from garrison.tenancy.records import SYSTEM
+from garrison.tenancy.records import SYSTEM, QuotaUpdate
 from garrison.tenancy.service import TenancyService
 from garrison.v1 import admin_pb2, inference_pb2
 
@@ -37,8 +44,12 @@ log = logging.getLogger(__name__)
 ADMIN_KEY_FILE = "admin.key"
 TENANT_KEY_FILE = "tenant.key"
 BOOTSTRAP_TENANT = "default"
-MAX_CONCURRENT_RPCS = 1024  # TODO(config): gateway.max_concurrent_rpcs
-MAX_QUEUED_PER_TENANT = 256  # TODO(config): gateway.max_queued_per_tenant
+# The bootstrap tenant's limits: one person trying the embedded default, or a script that runs away. 16 streams
+# at once is half the embedded engine's 32 slots, so a tenant created next still finds room; 200k tokens a
+# minute is more than SmolLM2 on a CPU (or a small model on one GPU) produces, so a person never meets it,
+# while a loop that floods the server is held to it; 4096 new tokens caps one answer at a long page, which
+# no chat turn needs more of. Prompts are bounded by the model's context. `garrison quota set default` changes them.
+BOOTSTRAP_QUOTA = QuotaUpdate(max_concurrent_requests=16, tokens_per_minute=200_000, max_new_tokens=4096)
 
 
 @dataclass(slots=True, frozen=True)
@@ -69,18 +80,25 @@ class GarrisonServer:
 
     async def start(self) -> None:
         config = self.config
-        _private_dir(config.data_dir)
+        found = await asyncio.to_thread(preflight.problems, config)
+        if found:
+            raise ConfigError.listing(found)
+        ensure_private_dir(config.data_dir)
         self.tenancy = await asyncio.to_thread(TenancyService.open, config.resolved_database_url)
+        self.usage = UsageBuffer(self.tenancy, config.data_dir / SPOOL_FILE)
+        if self.usage.replay_spool():
+            with contextlib.suppress(StoreUnavailableError):  # kept, and retried once serving
+                await self.usage.flush()
+        await asyncio.to_thread(self.tenancy.prune_usage_batches)
         self.telemetry = Telemetry(config.telemetry, self._span_exporter)
         if needs_ray(config):  # on this thread: Ray installs its signal handlers only from the main thread
             self._started_ray = ensure_ray(config.ray_address, min_cpus=ray_ranks(config))
         deployments = await asyncio.to_thread(start_deployments, config)
-        self.router = Router(deployments, max_queued_per_tenant=MAX_QUEUED_PER_TENANT)
+        self.router = Router(deployments, max_queued_per_tenant=config.gateway.max_queued_per_tenant)
         self.telemetry.observe_load(self._load_rows)
         self.bootstrap = await asyncio.to_thread(self._bootstrap_keys)
         self.auth = AuthMirror(self.tenancy)
         await self.auth.start()
-        self.usage = UsageBuffer(self.tenancy)
         self.usage.start()
         # A chat's text: the messages (at most a request's bytes) and the template's own markup around each.
         self.renderer = ChatRenderer(max_chars=4 * config.max_request_bytes)
@@ -96,10 +114,11 @@ class GarrisonServer:
         config = self.config
         # gRPC's own size limit would answer RESOURCE_EXHAUSTED; ours (in calls.parse) answers INVALID_ARGUMENT.
         limit = config.max_request_bytes + (1 << 20)
+        # No SO_REUSEPORT: a second server on a busy port must fail, not silently share its traffic.
         server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
-                                          ("grpc.max_send_message_length", 64 << 20)])
+                                          ("grpc.max_send_message_length", 64 << 20), ("grpc.so_reuseport", 0)])
         assert self.inference is not None and self.tenancy is not None
-        limit = CallLimit(MAX_CONCURRENT_RPCS)
+        limit = CallLimit(config.gateway.max_concurrent_rpcs)
         admin_service = admin.AdminService(self.tenancy, config.max_request_bytes, self.auth, self.usage)
         server.add_generic_rpc_handlers((
             grpc.method_handlers_generic_handler(inference.SERVICE,
@@ -124,14 +143,23 @@ class GarrisonServer:
         assert self.tenancy is not None and self.router is not None
         data_dir = self.config.data_dir
         admin_file = tenant_file = None
+        if self.config.admin_key_file is not None:
+            self._provision_admin_key(self.config.admin_key_file)
         created = self.tenancy.ensure_bootstrap_admin_key()
         if created is not None:
             admin_file = _write_secret(data_dir / ADMIN_KEY_FILE, created.secret)
         if self.config.bootstrap and not self.tenancy.list_tenants(SYSTEM):
-            self.tenancy.create_tenant(SYSTEM, BOOTSTRAP_TENANT, list(self.router.deployments))
+            self.tenancy.create_tenant(SYSTEM, BOOTSTRAP_TENANT, list(self.router.deployments), BOOTSTRAP_QUOTA)
             key = self.tenancy.create_key(SYSTEM, tenant=BOOTSTRAP_TENANT, description="embedded default tenant")
             tenant_file = _write_secret(data_dir / TENANT_KEY_FILE, key.secret)
         return Bootstrap(admin_file, tenant_file)
+
+    def _provision_admin_key(self, path: Path) -> None:
+        assert self.tenancy is not None
+        key = self.tenancy.ensure_admin_key(read_key_file(path), description=f"from admin_key_file {path}")
+        if key.revoked_at is not None:
+            log.warning("the admin key %s in %s was revoked; it stays revoked: put a new secret there "
+                        "(garrison keys new-secret)", key.id, path)
 
     def _load_rows(self):  # type: ignore[no-untyped-def]
         router = self.router
@@ -160,6 +188,7 @@ class GarrisonServer:
         if self._server is not None:
             await self._server.stop(grace)
         if self.usage is not None:
+            await asyncio.sleep(0)  # handlers cancelled at the end of the grace record their usage first
             await self.usage.stop()
         if self.auth is not None:
             await self.auth.stop()
@@ -189,14 +218,6 @@ def _server_credentials(config: ServeConfig) -> grpc.ServerCredentials:
     return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
 
 
-def _private_dir(path: Path) -> None:
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-
-
 def _write_secret(path: Path, secret: str) -> Path:
-    """Create a key file readable by its owner only (created with mode 0600, never widened)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(secret + "\n")
-    os.chmod(path, 0o600)
-    return path
+    """A key file readable by its owner only, never written through a symlink (garrison.secret_files)."""
+    return write_secret_file(path, (secret + "\n").encode("ascii"), replace=True)

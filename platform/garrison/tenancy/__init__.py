@@ -7,7 +7,8 @@ records they return map 1:1 onto garrison.v1 messages, and the gateway converts 
 """
 
 from garrison.tenancy.errors import (AlreadyExistsError, InvalidArgumentError, NotFoundError, PermissionDeniedError,
-                                     QuotaExceededError, RequestTooLargeError, UnauthenticatedError)
+                                     QuotaExceededError, RequestTooLargeError, StoreUnavailableError,
+                                     UnauthenticatedError)
 from garrison.tenancy.limits import Lease, QuotaEnforcer
 from garrison.tenancy.records import (SYSTEM, ApiKey, AuditEvent, Authorization, CreatedKey, Principal, Quota,
                                       QuotaUpdate, Tenant, UsageRow)
@@ -17,6 +18,7 @@ from garrison.tenancy.store import database_url, make_engine, migrate
 __all__ = [
     "AlreadyExistsError", "ApiKey", "AuditEvent", "Authorization", "CreatedKey", "InvalidArgumentError", "Lease",
     "NotFoundError", "PermissionDeniedError", "Principal", "Quota", "QuotaEnforcer", "QuotaExceededError",
-    "QuotaUpdate", "RequestTooLargeError", "SYSTEM", "TenancyService", "Tenant", "UnauthenticatedError",
+    "QuotaUpdate", "RequestTooLargeError", "SYSTEM", "StoreUnavailableError", "TenancyService", "Tenant",
+    "UnauthenticatedError",
     "UsageRow", "database_url", "make_engine", "migrate", "require_admin",
 ]

@@ -59,3 +59,12 @@ class QuotaExceededError(GarrisonError):
         self.retry_after_s = retry_after_s
         self.resets_at: datetime | None = (
             None if retry_after_s is None else datetime.now(timezone.utc) + timedelta(seconds=retry_after_s))
+
+
+class StoreUnavailableError(GarrisonError):
+    """The tenant database cannot answer now (down, locked, every connection in use); the same call can
+    succeed later. `retry_after_s` is a hint of when to try again."""
+
+    def __init__(self, message: str, *, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s

@@ -12,11 +12,15 @@ import hashlib
 import hmac
 import re
 import secrets
+from pathlib import Path
+
+from garrison.tenancy.errors import InvalidArgumentError
 
 KEY_PREFIX = "gk_"
 ID_LENGTH = len(KEY_PREFIX) + 8
 SECRET = re.compile(r"gk_[0-9a-f]{8}_[A-Za-z0-9_-]{43}")
 KEY_ID = re.compile(r"gk_[0-9a-f]{8}")
+MAX_KEY_FILE_BYTES = 4096
 
 
 def new_key_id() -> str:
@@ -42,3 +46,21 @@ def hash_secret(secret: str) -> bytes:
 
 def secret_matches(secret: str, stored_hash: bytes) -> bool:
     return hmac.compare_digest(hash_secret(secret), stored_hash)
+
+
+def read_key_file(path: Path) -> str:
+    """The secret in a key file (one line; e.g. a mounted Kubernetes Secret). The file's mode is not checked:
+    a Secret mounted for a non-root user is group-readable. Errors never show the file's content."""
+    try:
+        with open(path, "rb") as file:
+            raw = file.read(MAX_KEY_FILE_BYTES + 1)
+    except OSError as err:
+        raise InvalidArgumentError(f"cannot read the key file {path}: {err.strerror}") from None
+    try:
+        secret = raw.decode("ascii").strip()
+    except UnicodeDecodeError:
+        secret = ""
+    if len(raw) > MAX_KEY_FILE_BYTES or key_id_of(secret) is None:
+        raise InvalidArgumentError(f"{path} does not hold an API key secret (gk_<8 hex>_<43 characters>, one line): "
+                                   f"make one with `garrison keys new-secret`")
+    return secret

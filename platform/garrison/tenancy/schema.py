@@ -6,7 +6,9 @@ Invariants the rest of the package relies on:
 - `api_keys.secret_hash` is SHA-256 of the whole bearer token; the token itself is never stored.
 - `audit_events` is append-only: nothing in the service updates or deletes it, and the migration
   adds triggers that make the database refuse to.
-- `usage` rows are keyed by (tenant name, model, UTC hour) and only ever incremented.
+- `usage` rows are keyed by (tenant name, model, UTC hour) and only ever incremented, a batch at a time:
+  each batch's id goes into `usage_batches` in the same transaction, so a batch is counted once however
+  often it is retried (garrison.tenancy.ledger).
 """
 
 from __future__ import annotations
@@ -115,6 +117,15 @@ class UsageLedgerRow(Base):
     prompt_tokens: Mapped[int] = mapped_column(BigInteger)
     output_tokens: Mapped[int] = mapped_column(BigInteger)
     rejected_requests: Mapped[int] = mapped_column(BigInteger)
+
+
+class UsageBatchRow(Base):
+    """The id of every usage batch written (kept `BATCH_RETENTION` days): what makes a retry idempotent."""
+
+    __tablename__ = "usage_batches"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    recorded_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
 
 
 class AuditEventRow(Base):

@@ -11,13 +11,14 @@ an action is never recorded without happening or done without being recorded.
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import fields
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from sqlalchemy import Engine, func, select, update
+from sqlalchemy import Engine, delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -25,12 +26,13 @@ from sqlalchemy.orm import Session, sessionmaker
 from garrison.tenancy import auth, keys
 from garrison.tenancy.auth import AuthSnapshot, KeyRecord
 from garrison.tenancy.errors import (AlreadyExistsError, InvalidArgumentError, NotFoundError,
-                                     PermissionDeniedError)
+                                     PermissionDeniedError, StoreUnavailableError)
 from garrison.tenancy.records import (SYSTEM, ApiKey, AuditEvent, Authorization, CreatedKey, Principal, Quota,
                                       QuotaUpdate, Tenant, UsageRow, check_model_name, check_tenant_name)
+from garrison.tenancy.ledger import BATCH_RETENTION_DAYS, UsageBatch, UsageCount
 from garrison.tenancy.schema import (USAGE_COUNTERS, ApiKeyRow, AuditEventRow, ModelGrantRow, QuotaRow, TenantRow,
-                                     UsageLedgerRow)
-from garrison.tenancy.store import make_engine, migrate, writer
+                                     UsageBatchRow, UsageLedgerRow)
+from garrison.tenancy.store import make_engine, migrate, redact_url, unavailable_as_error, writer
 
 QUOTA_FIELDS = tuple(f.name for f in fields(QuotaUpdate))
 DEFAULT_AUDIT_LIMIT = 100
@@ -52,6 +54,7 @@ class TenancyService:
     def __init__(self, engine: Engine, *, clock: Callable[[], datetime] = utc_now) -> None:
         self.engine = engine
         self._clock = clock
+        self._url = engine.url.render_as_string(hide_password=False)  # only to scrub the password from messages
         self._reads = sessionmaker(engine, expire_on_commit=False)
         self._writes = sessionmaker(writer(engine), expire_on_commit=False)
 
@@ -59,8 +62,25 @@ class TenancyService:
     def open(cls, url: str, *, clock: Callable[[], datetime] = utc_now, **engine_kwargs: Any) -> TenancyService:
         """Connect to `url` and migrate its schema to the newest revision (run once at startup)."""
         engine = make_engine(url, **engine_kwargs)
-        migrate(engine)
+        try:
+            with unavailable_as_error(url):
+                migrate(engine)
+        except StoreUnavailableError as err:
+            engine.dispose()
+            raise StoreUnavailableError(f"cannot open the tenant database {redact_url(url)}: {err}",
+                                        retry_after_s=err.retry_after_s) from None
         return cls(engine, clock=clock)
+
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[Session]:
+        with unavailable_as_error(self._url), self._reads() as session:
+            yield session
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[Session]:
+        """One write transaction (BEGIN IMMEDIATE on SQLite), committed when the block ends without an error."""
+        with unavailable_as_error(self._url), self._writes.begin() as session:
+            yield session
 
     def close(self) -> None:
         self.engine.dispose()
@@ -75,12 +95,12 @@ class TenancyService:
 
     def authenticate(self, secret: str) -> Principal:
         """Who holds this bearer token; UnauthenticatedError for a malformed, unknown or revoked key."""
-        with self._reads() as session:
+        with self._read() as session:
             return auth.authenticate(secret, lambda key_id: _key_record(session.get(ApiKeyRow, key_id)))
 
     def authorize(self, secret: str, model: str) -> Authorization:
         """Authenticate a tenant key for an inference request on `model` and load its limits, in one read."""
-        with self._reads() as session:
+        with self._read() as session:
             principal = auth.authenticate(secret, lambda key_id: _key_record(session.get(ApiKeyRow, key_id)))
             row = session.scalar(select(TenantRow).where(TenantRow.name == principal.tenant,
                                                          TenantRow.deleted_at.is_(None))) if principal.tenant else None
@@ -88,12 +108,12 @@ class TenancyService:
 
     def auth_version(self) -> int:
         """The newest audit event's id: it changes whenever a key, tenant, grant or quota does (AuthSnapshot)."""
-        with self._reads() as session:
+        with self._read() as session:
             return session.scalar(select(func.max(AuditEventRow.id))) or 0
 
     def auth_snapshot(self) -> AuthSnapshot:
         """Every key and live tenant, read in one transaction, for a gateway to authenticate in memory."""
-        with self._reads() as session:
+        with self._read() as session:
             version = session.scalar(select(func.max(AuditEventRow.id))) or 0
             records = {row.id: _key_record(row) for row in session.scalars(select(ApiKeyRow))}
             tenants = {row.name: _tenant(row) for row in session.scalars(
@@ -102,9 +122,26 @@ class TenancyService:
 
     def ensure_bootstrap_admin_key(self, description: str = "bootstrap admin key") -> CreatedKey | None:
         """Mint an admin key when no unrevoked one exists (first start, or after revoking the last)."""
-        with self._writes.begin() as session:
+        with self._write() as session:
             active = session.scalar(select(ApiKeyRow.id).where(ApiKeyRow.admin, ApiKeyRow.revoked_at.is_(None)))
             return None if active else self._create_key(session, SYSTEM, None, description)
+
+    def ensure_admin_key(self, secret: str, description: str) -> ApiKey:
+        """The admin key whose secret this is, created (hash stored, audited) when no key has its id.
+
+        A key revoked since stays revoked (the answer says so); an id held by a tenant key or by another
+        secret is refused, since the secret would not open it."""
+        key_id = keys.key_id_of(secret)
+        if key_id is None:
+            raise InvalidArgumentError("not an API key secret: make one with `garrison keys new-secret`")
+        with self._write() as session:
+            row = session.get(ApiKeyRow, key_id)
+            if row is None:
+                return self._add_key(session, SYSTEM, key_id, secret, None, description).key
+            if not row.admin or not keys.secret_matches(secret, row.secret_hash):
+                raise AlreadyExistsError(f"API key {key_id} exists with another secret or as a tenant key: make a "
+                                         f"new secret with `garrison keys new-secret`")
+            return _api_key(row)
 
     # -- tenants ----------------------------------------------------------------------------------
 
@@ -118,7 +155,7 @@ class TenancyService:
         models = sorted({check_model_name(model) for model in models})
         limits = {field: getattr(Quota(name), field) for field in QUOTA_FIELDS} | (quota or QuotaUpdate()).present()
         try:
-            with self._writes.begin() as session:
+            with self._write() as session:
                 if session.scalar(select(TenantRow).where(TenantRow.name == name)) is not None:
                     raise _name_taken(name)
                 row = TenantRow(name=name, created_at=self._clock(), quota=QuotaRow(**limits),
@@ -132,19 +169,19 @@ class TenancyService:
 
     def list_tenants(self, actor: Principal) -> list[Tenant]:
         require_admin(actor)
-        with self._reads() as session:
+        with self._read() as session:
             rows = session.scalars(select(TenantRow).where(TenantRow.deleted_at.is_(None)).order_by(TenantRow.name))
             return [_tenant(row) for row in rows]
 
     def get_tenant(self, actor: Principal, name: str) -> Tenant:
         _require_admin_or_member(actor, name)
-        with self._reads() as session:
+        with self._read() as session:
             return _tenant(_live_tenant(session, name))
 
     def delete_tenant(self, actor: Principal, name: str) -> None:
         """Mark the tenant deleted and revoke its keys; its usage stays in the ledger, its name stays taken."""
         require_admin(actor)
-        with self._writes.begin() as session:
+        with self._write() as session:
             row = _live_tenant(session, name)
             now = self._clock()
             row.deleted_at = now
@@ -165,14 +202,14 @@ class TenancyService:
             raise InvalidArgumentError("set tenant for a tenant key, or admin for an admin key")
         if not isinstance(description, str) or len(description) > MAX_DESCRIPTION:
             raise InvalidArgumentError(f"description must be text of at most {MAX_DESCRIPTION} characters")
-        with self._writes.begin() as session:
+        with self._write() as session:
             owner = _live_tenant(session, tenant) if tenant else None
             return self._create_key(session, actor, owner, description)
 
     def list_keys(self, actor: Principal, tenant: str | None = None) -> list[ApiKey]:
         """All keys, or one tenant's (deleted tenants included), revoked ones too, oldest first."""
         require_admin(actor)
-        with self._reads() as session:
+        with self._read() as session:
             query = select(ApiKeyRow).order_by(ApiKeyRow.created_at, ApiKeyRow.id)
             if tenant:
                 query = query.where(ApiKeyRow.tenant_id == _any_tenant(session, tenant).id)
@@ -182,7 +219,7 @@ class TenancyService:
         """Revoke at once; revoking a revoked key changes nothing. If the last admin key goes, the
         next server start mints a new bootstrap key (ensure_bootstrap_admin_key)."""
         require_admin(actor)
-        with self._writes.begin() as session:
+        with self._write() as session:
             row = session.get(ApiKeyRow, key_id) if keys.is_key_id(key_id) else None
             if row is None:
                 raise NotFoundError(f"no API key {key_id!r}: list keys with `garrison keys list`")
@@ -197,7 +234,7 @@ class TenancyService:
         """Allow the tenant to use `model` (granting twice changes nothing)."""
         require_admin(actor)
         check_model_name(model)
-        with self._writes.begin() as session:
+        with self._write() as session:
             row = _live_tenant(session, tenant)
             if model not in {grant.model for grant in row.grants}:
                 row.grants.append(ModelGrantRow(model=model))
@@ -207,7 +244,7 @@ class TenancyService:
 
     def revoke_model(self, actor: Principal, tenant: str, model: str) -> Tenant:
         require_admin(actor)
-        with self._writes.begin() as session:
+        with self._write() as session:
             row = _live_tenant(session, tenant)
             grant = next((grant for grant in row.grants if grant.model == model), None)
             if grant is None:
@@ -221,7 +258,7 @@ class TenancyService:
         """Change the limits present in `quota`, keep the others; the gateway applies them to the next request."""
         require_admin(actor)
         changes = quota.present()
-        with self._writes.begin() as session:
+        with self._write() as session:
             row = _live_tenant(session, tenant)
             if changes:
                 for field, value in changes.items():
@@ -231,7 +268,7 @@ class TenancyService:
 
     def get_quota(self, actor: Principal, tenant: str) -> Quota:
         _require_admin_or_member(actor, tenant)
-        with self._reads() as session:
+        with self._read() as session:
             return _quota(_live_tenant(session, tenant))
 
     # -- usage ledger -----------------------------------------------------------------------------
@@ -239,18 +276,31 @@ class TenancyService:
     def record_usage(self, tenant: str, model: str, *, requests: int = 0, prompt_tokens: int = 0,
                      output_tokens: int = 0, rejected_requests: int = 0, at: datetime | None = None) -> None:
         """Add to the tenant's (model, hour) row, creating it if needed, in one atomic upsert."""
-        counts = dict(requests=requests, prompt_tokens=prompt_tokens, output_tokens=output_tokens,
-                      rejected_requests=rejected_requests)
-        if any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in counts.values()):
-            raise InvalidArgumentError(f"usage counts must be non-negative integers, not {counts}")
-        values = dict(tenant=check_tenant_name(tenant), model=check_model_name(model),
-                      hour=_hour(_aware(at, "at") if at else self._clock()), **counts)
-        with self._writes.begin() as session:
-            dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
-            upsert = dialect.insert(UsageLedgerRow).values(values)
-            session.execute(upsert.on_conflict_do_update(
-                index_elements=["tenant", "model", "hour"],
-                set_={name: getattr(UsageLedgerRow, name) + upsert.excluded[name] for name in USAGE_COUNTERS}))
+        row = UsageCount(tenant, model, _hour(_aware(at, "at") if at else self._clock()), requests, prompt_tokens,
+                         output_tokens, rejected_requests)
+        with self._write() as session:
+            _add_usage(session, row)
+
+    def record_usage_batch(self, batch: UsageBatch) -> bool:
+        """Write every row of `batch` and its id in one transaction; False (nothing written) when its id is
+        already recorded, so retrying or replaying a batch never counts it twice."""
+        try:
+            with self._write() as session:
+                if session.get(UsageBatchRow, batch.id) is not None:
+                    return False
+                session.add(UsageBatchRow(id=batch.id, recorded_at=self._clock()))
+                for row in batch.rows:
+                    _add_usage(session, row)
+                return True
+        except IntegrityError:  # the same batch committed by a concurrent replay between our check and commit
+            return False
+
+    def prune_usage_batches(self, older_than: timedelta = timedelta(days=BATCH_RETENTION_DAYS)) -> int:
+        """Forget batch ids older than the retention (they only guard replays of older spools)."""
+        with self._write() as session:
+            cutoff = self._clock() - older_than
+            result = session.execute(delete(UsageBatchRow).where(UsageBatchRow.recorded_at < cutoff))
+            return result.rowcount or 0
 
     def usage(self, actor: Principal, *, tenant: str | None = None, model: str | None = None,
               since: datetime | None = None, until: datetime | None = None) -> list[UsageRow]:
@@ -269,7 +319,7 @@ class TenancyService:
             query = query.where(UsageLedgerRow.hour >= _aware(since, "since"))
         if until:
             query = query.where(UsageLedgerRow.hour < _aware(until, "until"))
-        with self._reads() as session:
+        with self._read() as session:
             return [UsageRow(row.tenant, row.model, row.hour, *(getattr(row, name) for name in USAGE_COUNTERS))
                     for row in session.scalars(query)]
 
@@ -287,7 +337,7 @@ class TenancyService:
             query = query.where(AuditEventRow.time >= _aware(since, "since")).order_by(AuditEventRow.id).limit(limit)
         else:
             query = query.order_by(AuditEventRow.id.desc()).limit(limit)
-        with self._reads() as session:
+        with self._read() as session:
             rows = sorted(session.scalars(query), key=lambda row: row.id)
             return [AuditEvent(row.id, row.time, row.actor, row.action, row.target, row.detail) for row in rows]
 
@@ -303,7 +353,10 @@ class TenancyService:
         key_id = keys.new_key_id()
         while session.get(ApiKeyRow, key_id) is not None:
             key_id = keys.new_key_id()
-        secret = keys.new_secret(key_id)
+        return self._add_key(session, actor, key_id, keys.new_secret(key_id), owner, description)
+
+    def _add_key(self, session: Session, actor: Principal, key_id: str, secret: str, owner: TenantRow | None,
+                 description: str) -> CreatedKey:
         row = ApiKeyRow(id=key_id, secret_hash=keys.hash_secret(secret), tenant=owner, admin=owner is None,
                         description=description, created_at=self._clock())
         session.add(row)
@@ -316,6 +369,19 @@ def _key_record(row: ApiKeyRow | None) -> KeyRecord | None:
     if row is None:
         return None
     return KeyRecord(row.id, row.secret_hash, _tenant_name(row), row.admin, row.revoked_at)
+
+
+def _add_usage(session: Session, row: UsageCount) -> None:
+    counts = row.counts()
+    if any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in counts.values()):
+        raise InvalidArgumentError(f"usage counts must be non-negative integers, not {counts}")
+    values = dict(tenant=check_tenant_name(row.tenant), model=check_model_name(row.model),
+                  hour=_hour(_aware(row.hour, "hour")), **counts)
+    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+    upsert = dialect.insert(UsageLedgerRow).values(values)
+    session.execute(upsert.on_conflict_do_update(
+        index_elements=["tenant", "model", "hour"],
+        set_={name: getattr(UsageLedgerRow, name) + upsert.excluded[name] for name in USAGE_COUNTERS}))
 
 
 def _require_admin_or_member(actor: Principal, tenant: str) -> None:

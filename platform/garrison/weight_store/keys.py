@@ -19,7 +19,6 @@ import hashlib
 import hmac
 import json
 import os
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Protocol
@@ -29,6 +28,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from garrison import secret_files
 from garrison_workers.errors import KeyUnavailableError, StoreIntegrityError, WrongKeyError
 from garrison_workers.weights.store_format import FORMAT, DataKey, data_key_context
 
@@ -179,34 +179,20 @@ def create_kek_file(path: Path) -> FileKeyProvider:
 
 
 def write_secret_file(path: Path, data: bytes, replace: bool = False) -> None:
-    """Write a file only its owner can read (0600), atomically; refuse to overwrite unless `replace`."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    if path.exists() and not replace:
-        raise KeyUnavailableError(f"{path} already exists; refusing to overwrite a key file")
-    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    """Write a key file only its owner can read (0600), never through a symlink; refuse to overwrite unless
+    `replace` (see garrison.secret_files)."""
     try:
-        os.fchmod(fd, 0o600)  # whatever the umask
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(temp, path)
+        secret_files.write_secret_file(path, data, replace=replace)
+    except secret_files.SecretFileError as err:
+        raise KeyUnavailableError(str(err)) from None
 
 
 def read_secret_file(path: Path, what: str, hint: str) -> bytes:
     """A key file's bytes, refusing one that group or others may read or write (as ssh does)."""
     try:
-        mode = path.stat().st_mode
-    except FileNotFoundError:
-        raise KeyUnavailableError(f"{what} {path} does not exist; {hint}") from None
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise KeyUnavailableError(f"{what} {path} is accessible to group or others (mode {stat.S_IMODE(mode):04o}); "
-                                  f"run `chmod 600 {path}`")
-    try:
-        return path.read_bytes()
-    except OSError as err:
-        raise KeyUnavailableError(f"cannot read {what} {path}: {err.strerror}") from None
+        return secret_files.read_secret_file(path, what, hint)
+    except secret_files.SecretFileError as err:
+        raise KeyUnavailableError(str(err)) from None
 
 
 # -- the manifest signing key -------------------------------------------------------------------------

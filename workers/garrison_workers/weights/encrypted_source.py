@@ -70,6 +70,12 @@ class EncryptedSource:
     def names(self) -> Iterable[str]:
         return self._tensors.keys()
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._tensors[name].shape)
+
+    def where(self, name: str) -> str:
+        return f"the stored model {self.directory}"
+
     def read(self, name: str, index: Any = None) -> torch.Tensor:
         entry = self._tensors[name]
         records, local_index = self._records_for(entry, index)
@@ -90,8 +96,9 @@ class EncryptedSource:
 
     def config(self) -> ModelConfig:
         try:
-            return from_hf_config(json.loads(self._blob(CONFIG_BLOB)))
-        except ValueError as err:
+            return from_hf_config(json.loads(self._blob(CONFIG_BLOB)),
+                                  source=f"the stored config.json of {self.directory}")
+        except (ValueError, RecursionError) as err:
             raise ModelLoadError(f"the stored config.json of {self.directory} is not valid JSON ({err})") from None
 
     def tokenizer(self) -> Tokenizer | None:

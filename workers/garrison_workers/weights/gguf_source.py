@@ -1,15 +1,24 @@
-"""GGUF files (llama.cpp's format): config from metadata, tensors dequantized with the `gguf` package."""
+"""GGUF files (llama.cpp's format): config from metadata, tensors dequantized with the `gguf` package.
+
+A hostile file is refused before the `gguf` reader parses it: `check_header` walks the header with every
+count and length checked against the bytes that remain (the reader loops over a claimed array length
+item by item, so a length of 2**60 inside a large file would run for hours and hold millions of arrays),
+and every tensor's extent against the file. Metadata values are then read with their types checked.
+"""
 
 from __future__ import annotations
 
+import math
+import mmap
 import re
+import struct
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 import torch
 
-from garrison_workers.config import ModelConfig, from_hf_config
+from garrison_workers.config import LIMITS, ModelConfig, from_hf_config
 from garrison_workers.errors import ModelLoadError
 
 _LAYER = re.compile(r"^blk\.(\d+)\.(.+)$")
@@ -31,10 +40,127 @@ _TOP_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.wei
 def open_reader(path: Path) -> Any:
     from gguf import GGUFReader
 
+    check_header(path)
     try:
         return GGUFReader(path)
     except (ValueError, OSError, IndexError, KeyError) as err:
         raise ModelLoadError(f"{path} is not a readable GGUF file ({err}); re-download or re-convert it") from None
+
+
+# -- the header, checked before the gguf reader sees it ------------------------------------------------
+
+_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUFValueType -> size
+_STRING, _ARRAY = 8, 9
+MAX_ITEMS = 1 << 24  # metadata items in one array, and tensors or keys in one file
+MAX_DIMS = 4  # GGML_MAX_DIMS
+
+
+class _Header:
+    """A cursor over a GGUF file's bytes that refuses to read, or to be told to read, past their end."""
+
+    def __init__(self, data: Any, path: Path) -> None:
+        self.data, self.path, self.at = data, path, 0
+
+    def refuse(self, what: str) -> ModelLoadError:
+        return ModelLoadError(f"{self.path} is not a readable GGUF file: {what} (at byte {self.at}); re-download or "
+                              f"re-convert it")
+
+    def take(self, fmt: str) -> Any:
+        size = struct.calcsize(fmt)
+        if self.at + size > len(self.data):
+            raise self.refuse("it ends inside its header")
+        value = struct.unpack_from(fmt, self.data, self.at)[0]
+        self.at += size
+        return value
+
+    def count(self, what: str, min_item_bytes: int, limit: int = MAX_ITEMS) -> int:
+        n = self.take("<Q")
+        if n > limit or n * min_item_bytes > len(self.data) - self.at:
+            raise self.refuse(f"{what} claims {n} items, more than the file can hold")
+        return n
+
+    def string(self, what: str) -> str:
+        n = self.count(f"{what} (a string)", 1, len(self.data))
+        raw = bytes(self.data[self.at:self.at + n])
+        self.at += n
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise self.refuse(f"{what} is not UTF-8") from None
+
+    def skip_value(self, kind: int, key: str, depth: int = 0) -> None:
+        if kind in _SCALAR_BYTES:
+            self.take({1: "<B", 2: "<H", 4: "<I", 8: "<Q"}[_SCALAR_BYTES[kind]])
+        elif kind == _STRING:
+            self.string(f"the value of {key}")
+        elif kind == _ARRAY and depth < 2:
+            item = self.take("<I")
+            n = self.count(f"the array {key}", _SCALAR_BYTES.get(item, 8))
+            if item in _SCALAR_BYTES:  # fixed-size items: jump over them
+                self.at += n * _SCALAR_BYTES[item]
+            else:
+                for _ in range(n):
+                    self.skip_value(item, key, depth + 1)
+        else:
+            raise self.refuse(f"the value of {key} has an unknown type {kind}")
+
+
+def check_header(path: Path) -> None:
+    """Refuse a GGUF file whose header claims more than the file holds (see the module docstring)."""
+    try:
+        with open(path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            _check(_Header(data, path))
+    except (OSError, ValueError) as err:  # mmap of an empty file is a ValueError
+        raise ModelLoadError(f"cannot read the GGUF file {path}: {getattr(err, 'strerror', None) or err}") from None
+
+
+def _check(header: _Header) -> None:
+    if header.take("<4s") != b"GGUF":
+        raise header.refuse("no GGUF magic number")
+    if header.take("<I") not in (2, 3):
+        raise header.refuse("an unsupported GGUF version")
+    num_tensors = header.count("the tensor count", 24)
+    num_keys = header.count("the metadata key count", 13)
+    alignment = 32
+    for _ in range(num_keys):
+        key = header.string("a metadata key")
+        kind = header.take("<I")
+        if key == "general.alignment" and kind == 4:
+            alignment = header.take("<I")
+        else:
+            header.skip_value(kind, key)
+    if alignment < 1 or alignment & (alignment - 1):
+        raise header.refuse(f"general.alignment {alignment} is not a power of two")
+    extents = [_tensor_extent(header) for _ in range(num_tensors)]
+    data_start = -(-header.at // alignment) * alignment
+    for name, offset, size in extents:
+        if data_start + offset + size > len(header.data):
+            raise header.refuse(f"tensor {name} claims {size} bytes at offset {offset}, past the end of the file")
+
+
+def _tensor_extent(header: _Header) -> tuple[str, int, int]:
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    name = header.string("a tensor name")
+    n_dims = header.take("<I")
+    if not 1 <= n_dims <= MAX_DIMS:
+        raise header.refuse(f"tensor {name} has {n_dims} dimensions")
+    dims = [header.take("<Q") for _ in range(n_dims)]
+    kind = header.take("<I")
+    offset = header.take("<Q")
+    try:
+        block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(kind)]
+    except (ValueError, KeyError):
+        raise header.refuse(f"tensor {name} has an unknown type {kind}") from None
+    elements = math.prod(dims)
+    if elements % block or elements > 1 << 48:
+        raise header.refuse(f"tensor {name} has a shape {dims} its type cannot hold")
+    return name, offset, elements // block * block_bytes
+
+
+# -- metadata -------------------------------------------------------------------------------------------
+
+_REQUIRED: Any = object()
 
 
 def field(reader: Any, key: str, default: Any = None) -> Any:
@@ -42,32 +168,56 @@ def field(reader: Any, key: str, default: Any = None) -> Any:
     return default if entry is None else entry.contents()
 
 
+def _typed(reader: Any, path: Path, key: str, kind: type, default: Any = _REQUIRED, high: int = (1 << 31) - 1,
+           low: int = 1) -> Any:
+    """A metadata value of `kind` (an int in low..high, or a finite float); ModelLoadError names the file and key."""
+    value = field(reader, key, default)
+    if value is _REQUIRED:
+        raise ModelLoadError(f"{path}: GGUF metadata lacks {key}")
+    if value is default:
+        return value
+    if kind is int and not isinstance(value, bool) and isinstance(value, int) and low <= value <= high:
+        return value
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    what = f"an integer from {low} to {high}" if kind is int else "a finite number"
+    raise ModelLoadError(f"{path}: GGUF key {key} must be {what}, not {str(value)[:60]!r}")
+
+
 def config_from_gguf(reader: Any, path: Path) -> ModelConfig:
-    return from_hf_config(hf_config_from_gguf(reader, path))
+    return from_hf_config(hf_config_from_gguf(reader, path), source=str(path))
 
 
 def hf_config_from_gguf(reader: Any, path: Path) -> dict[str, Any]:
     """The file's metadata as a transformers config.json dict (what the encrypted store keeps)."""
     arch = field(reader, "general.architecture")
     if arch != "llama":
-        raise ModelLoadError(f"{path}: GGUF architecture {arch!r} is not supported; Garrison reads dense "
+        raise ModelLoadError(f"{path}: GGUF architecture {str(arch)[:60]!r} is not supported; Garrison reads dense "
                              "'llama' GGUF files (use HF safetensors for Llama 4)")
     names = {t.name for t in reader.tensors}
     if "rope_freqs.weight" in names:
         raise ModelLoadError(f"{path}: GGUF rope_freqs (Llama 3.1 RoPE scaling) is not supported; use the HF checkpoint")
-    g = lambda key, default=None: field(reader, f"llama.{key}", default)  # noqa: E731
-    num_heads = int(g("attention.head_count"))
-    hidden = int(g("embedding_length"))
-    eos = field(reader, "tokenizer.ggml.eos_token_id")
+
+    def g(key: str, kind: type, limit: str | None = None, default: Any = _REQUIRED, low: int = 1) -> Any:
+        return _typed(reader, path, key, kind, default, LIMITS[limit] if limit else (1 << 31) - 1, low)
+
+    num_heads = g("llama.attention.head_count", int, "num_heads")
+    hidden = g("llama.embedding_length", int, "hidden_size")
+    tokens = field(reader, "tokenizer.ggml.tokens", [])
     return dict(
-        model_type="llama", vocab_size=int(g("vocab_size", len(field(reader, "tokenizer.ggml.tokens", [])))),
-        hidden_size=hidden, intermediate_size=int(g("feed_forward_length")), num_hidden_layers=int(g("block_count")),
-        num_attention_heads=num_heads, num_key_value_heads=int(g("attention.head_count_kv", num_heads)),
-        head_dim=int(g("rope.dimension_count", hidden // num_heads)),
-        rms_norm_eps=float(g("attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_parameters=dict(rope_type="default", rope_theta=float(g("rope.freq_base", 10000.0))),
-        max_position_embeddings=int(g("context_length", 2048)), tie_word_embeddings="output.weight" not in names,
-        bos_token_id=field(reader, "tokenizer.ggml.bos_token_id"), eos_token_id=None if eos is None else int(eos))
+        model_type="llama", vocab_size=g("llama.vocab_size", int, "vocab_size", len(tokens) if isinstance(tokens, list)
+                                         else 0),
+        hidden_size=hidden, intermediate_size=g("llama.feed_forward_length", int, "intermediate_size"),
+        num_hidden_layers=g("llama.block_count", int, "num_layers"),
+        num_attention_heads=num_heads, num_key_value_heads=g("llama.attention.head_count_kv", int, "num_kv_heads",
+                                                             num_heads),
+        head_dim=g("llama.rope.dimension_count", int, "head_dim", max(hidden // num_heads, 1)),
+        rms_norm_eps=g("llama.attention.layer_norm_rms_epsilon", float, default=1e-5),
+        rope_parameters=dict(rope_type="default", rope_theta=g("llama.rope.freq_base", float, default=10000.0)),
+        max_position_embeddings=g("llama.context_length", int, "max_position_embeddings", 2048),
+        tie_word_embeddings="output.weight" not in names,
+        bos_token_id=g("tokenizer.ggml.bos_token_id", int, default=None, low=0),
+        eos_token_id=g("tokenizer.ggml.eos_token_id", int, default=None, low=0))
 
 
 class GGUFSource:
@@ -81,6 +231,12 @@ class GGUFSource:
 
     def names(self) -> Iterable[str]:
         return self._tensors.keys()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(int(n) for n in reversed(self._tensors[name].shape))
+
+    def where(self, name: str) -> str:
+        return f"{self.path} (stored as {self._tensors[name].name})"
 
     def read(self, name: str, index: Any = None) -> torch.Tensor:
         from gguf import dequantize

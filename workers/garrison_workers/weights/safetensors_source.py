@@ -14,6 +14,7 @@ from garrison_workers.errors import ModelLoadError
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+MAX_INDEX_BYTES = 64 << 20  # an index lists tensor names; a larger one is not an index
 # Llama4ForConditionalGeneration nests the text model; its vision tower is not served.
 _PREFIXES = ("language_model.",)
 _SKIPPED = ("vision_model.", "multi_modal_projector.", "model.vision_model.", "model.multi_modal_projector.")
@@ -23,10 +24,23 @@ _DENSE_MLP = re.compile(r"^(model\.layers\.\d+\.)mlp\.")
 class SafetensorsSource:
     def __init__(self, directory: Path, dense_llama: bool) -> None:
         self.directory = directory
-        self._location = self._index(directory, dense_llama)  # our name -> (file, checkpoint name)
+        self._location: dict[str, tuple[Path, str]] = {}  # our name -> (file, checkpoint name)
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        for file in _weight_files(directory):
+            for stored, shape in _tensor_shapes(file).items():
+                name = _our_name(stored, dense_llama)
+                if name is not None:
+                    self._location[name], self._shapes[name] = (file, stored), shape
 
     def names(self) -> Iterable[str]:
         return self._location.keys()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._shapes[name]
+
+    def where(self, name: str) -> str:
+        file, stored = self._location[name]
+        return str(file) if stored == name else f"{file} (stored as {stored})"
 
     def read(self, name: str, index: Any = None) -> torch.Tensor:
         file, stored = self._location[name]
@@ -39,26 +53,21 @@ class SafetensorsSource:
         except (SafetensorError, OSError, RuntimeError) as err:
             raise ModelLoadError(f"cannot read tensor {stored} from {file}: {err}") from None
 
-    @staticmethod
-    def _index(directory: Path, dense_llama: bool) -> dict[str, tuple[Path, str]]:
-        files = _weight_files(directory)
-        location: dict[str, tuple[Path, str]] = {}
-        for file in files:
-            for stored in _tensor_names(file):
-                name = _our_name(stored, dense_llama)
-                if name is not None:
-                    location[name] = (file, stored)
-        return location
-
 
 def _weight_files(directory: Path) -> list[Path]:
     index = directory / INDEX_FILE
     if index.exists():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError) as err:
+            weight_map = json.loads(_small_text(index))["weight_map"]
+        except (ValueError, KeyError, TypeError, RecursionError) as err:
             raise ModelLoadError(f"{index} is not a valid safetensors index: {err}") from None
-        files = sorted({directory / shard for shard in weight_map.values()})
+        shards = weight_map.values() if isinstance(weight_map, dict) else [None]
+        bad = [shard for shard in shards
+               if not isinstance(shard, str) or Path(shard).name != shard or shard in ("", "..")]
+        if bad:  # a shard is a file of this directory: never a path elsewhere
+            raise ModelLoadError(f"{index}: weight_map must map tensor names to file names in {directory}, not "
+                                 f"{str(bad[0])[:60]!r}")
+        files = sorted({directory / shard for shard in shards})
         absent = [f.name for f in files if not f.exists()]
         if absent:
             raise ModelLoadError(f"{index} names shard(s) {', '.join(absent)} that are missing from {directory}")
@@ -68,10 +77,17 @@ def _weight_files(directory: Path) -> list[Path]:
     raise ModelLoadError(f"{directory} has neither {SINGLE_FILE} nor {INDEX_FILE}")
 
 
-def _tensor_names(file: Path) -> list[str]:
+def _small_text(path: Path, limit: int = MAX_INDEX_BYTES) -> str:
+    if path.stat().st_size > limit:
+        raise ValueError(f"it is over {limit >> 20} MiB")
+    return path.read_text()
+
+
+def _tensor_shapes(file: Path) -> dict[str, tuple[int, ...]]:
+    """Each tensor's shape, from the header (safetensors checks that each shape fits its byte range)."""
     try:
         with safe_open(file, framework="pt") as handle:
-            return list(handle.keys())
+            return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
     except (SafetensorError, OSError) as err:
         raise ModelLoadError(f"{file} is not a readable safetensors file ({err}); re-download or re-export it") from None
 
