@@ -43,9 +43,11 @@ Settings:
 - `gateway`: `max_concurrent_rpcs` (RPCs in progress at once, all tenants), `max_queued_per_tenant`
   (a tenant's requests waiting for a slot; beyond it RESOURCE_EXHAUSTED), `drain_seconds` (how long
   in-flight streams may finish at shutdown).
+- `controller`: `health_listen` (HOST:PORT of the gRPC health service `garrison controller` answers probes on).
 - `max_request_bytes`: larger requests are refused with INVALID_ARGUMENT.
 - `models[]`: `name` (unique), `source`, `import_from` (import this path or bundled name into the
-  store under `source` first), `groups[]` (`role` both | prefill | decode, `tp`, `ep`), `replicas`,
+  store under `source` first), `groups[]` (`role` both | prefill | decode, `tp`, `ep`, `placement` pack |
+  spread, `resource`: a custom Ray resource that reserves nodes for the group), `replicas`,
   `on_ray`, and `engine`: every field of `garrison_workers.engine.config.EngineConfig` (block_size,
   kv_cache_bytes, num_kv_blocks, max_num_seqs, max_num_batched_tokens, max_model_len,
   enable_prefix_caching, kv_transfer_checksum, kv_transport, attention_key_block, worker_threads,
@@ -69,12 +71,13 @@ from garrison.tenancy.records import MODEL_NAME
 from garrison.tenancy.store import database_url
 from garrison_workers.engine.config import EngineConfig
 
-__all__ = ["ConfigError", "DEFAULT_LISTEN", "EngineConfig", "GatewayConfig", "GroupConfig", "ModelDeploymentConfig",
-           "Problem", "ServeConfig", "TLSConfig", "TelemetryConfig", "load", "parse_address"]
+__all__ = ["ConfigError", "ControllerConfig", "DEFAULT_LISTEN", "EngineConfig", "GatewayConfig", "GroupConfig",
+           "ModelDeploymentConfig", "Problem", "ServeConfig", "TLSConfig", "TelemetryConfig", "load", "parse_address"]
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 Role = Literal["both", "prefill", "decode"]
+Placement = Literal["pack", "spread"]
 
 
 @dataclass(slots=True, frozen=True)
@@ -82,6 +85,11 @@ class GroupConfig:
     role: Role = "both"
     tp: int = 1
     ep: int = 1
+    # "pack": the group's ranks on as few nodes as possible (one NVLink domain when they fit); "spread": one per node.
+    placement: Placement = "pack"
+    # A custom Ray resource each rank takes one unit of: the nodes that advertise it (a KubeRay worker group's
+    # pods, say) are the only ones the group runs on. None: any node with a free CPU slot (or GPU).
+    resource: str | None = None
 
     def __post_init__(self) -> None:
         self_check(self)
@@ -164,6 +172,21 @@ class GatewayConfig:
         self_check(self)
 
 
+@dataclass(slots=True, frozen=True)
+class ControllerConfig:
+    """`garrison controller`: the process that starts, watches and restarts the engines of a cluster."""
+
+    health_listen: str = "127.0.0.1:50052"  # gRPC health (its probes), HOST:PORT
+
+    def __post_init__(self) -> None:
+        self_check(self)
+
+    @staticmethod
+    def relations(v: Mapping[str, Any]) -> list[Problem]:
+        listen = v["health_listen"]
+        return _address_problems("health_listen", listen) if isinstance(listen, str) else []
+
+
 EMBEDDED_MODELS = (ModelDeploymentConfig("smollm2", "smollm2", import_from="smollm2", engine=EMBEDDED_ENGINE),)
 
 
@@ -178,6 +201,7 @@ class ServeConfig:
     tls: TLSConfig | None = None
     telemetry: TelemetryConfig = TelemetryConfig()
     gateway: GatewayConfig = GatewayConfig()
+    controller: ControllerConfig = field(default_factory=lambda: ControllerConfig())
     models: tuple[ModelDeploymentConfig, ...] = EMBEDDED_MODELS
     max_request_bytes: int = 4 << 20  # larger requests are refused with INVALID_ARGUMENT
     store_dir: Path | None = None  # the encrypted weight store; None: <data_dir>/store
