@@ -65,7 +65,8 @@ class Telemetry:
     def observe_load(self, callback: LoadCallback) -> None:
         """Gauges read at collection time: each row is (attributes, {gauge name: value})."""
         names = {"queue_depth": "requests waiting for a slot", "in_flight": "requests holding a slot",
-                 "kv_cache_usage": "fraction of KV cache blocks in use"}
+                 "kv_cache_usage": "fraction of KV cache blocks in use",
+                 "replicas": "a model's replicas by state (serving, restarting, unplaceable, stopped)"}
         for name, description in names.items():
             self._meter.create_observable_gauge(f"garrison.{name}", [_gauge(callback, name)], description=description)
 

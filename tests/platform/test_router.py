@@ -15,6 +15,7 @@ class FakeReplica:
     """Takes requests and emits nothing until told: a test decides when each one streams or ends."""
 
     kv_blocks = (0, 0)
+    serving = True
 
     def __init__(self) -> None:
         self.sinks: dict[str, object] = {}
@@ -71,5 +72,30 @@ def test_a_queued_request_cancelled_as_a_slot_frees_is_skipped_not_dispatched() 
         await until(lambda: "later" in replica.sinks)
         replica.finish("later")
         assert [out.finish_reason for out in await later] == ["length"]
+
+    asyncio.run(scenario())
+
+
+def test_a_light_tenant_is_dispatched_at_once_while_two_others_fill_the_slots() -> None:
+    """Eight slots, two kept back (a quarter) for light tenants: two backlogged tenants hold six and queue the
+    rest; a third tenant's requests take the other two at once instead of waiting their turn, and its third
+    waits like any other."""
+
+    async def scenario() -> None:
+        replica = FakeReplica()
+        router = Router([Deployment(MODEL, None, None, [replica], slots_per_replica=8, max_model_len=64)])  # type: ignore[arg-type, list-item]
+        heavy = [asyncio.create_task(consume(router, request(f"{t}{i}", tenant=t))) for i in range(10) for t in "ab"]
+        await until(lambda: router.load(MODEL).queued == 14)
+        assert router.load(MODEL).in_flight == 6
+        light = [asyncio.create_task(consume(router, request(f"light-{i}", tenant="c"))) for i in range(3)]
+        await until(lambda: "light-1" in replica.sinks)
+        await until(lambda: router.load(MODEL).queued == 15)  # the headroom is used: the third waits its turn
+        assert "light-0" in replica.sinks and "light-2" not in replica.sinks
+        replica.finish("light-0")
+        assert [out.finish_reason for out in await light[0]] == ["length"]
+        await until(lambda: "light-2" in replica.sinks)  # the next light one takes the slot it left
+        for task in (*heavy, *light[1:]):
+            task.cancel()
+        await asyncio.gather(*heavy, *light[1:], return_exceptions=True)
 
     asyncio.run(scenario())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import time
 from dataclasses import replace
@@ -17,6 +16,7 @@ from garrison_workers.engine.disagg import DisaggregatedEngine
 from garrison_workers.engine.llm_engine import EngineConfig, LLMEngine
 from garrison_workers.engine.sequence import SamplingParams
 from garrison_workers.errors import ContextLengthError, LayoutError
+from garrison_workers.faults import Fault
 from garrison_workers.kv_link import TorchChannel
 from garrison_workers.kv_transfer import KVPayload, KVTransferError, assemble_heads
 from garrison_workers.parallel.dims import ParallelDims
@@ -305,15 +305,6 @@ def end_stream(engine: DisaggregatedEngine) -> None:
     assert_no_blocks_held(engine)
 
 
-def delay_sends(seconds: float):
-    """A patch for `__ray_call__`: the rank's channel thread waits `seconds` before each send."""
-    def patch(worker) -> None:
-        transport = worker.transport
-        send = type(transport)._send
-        transport._send = lambda *args: (time.sleep(seconds), send(transport, *args))[1]
-    return patch
-
-
 def test_decode_steps_go_on_while_a_channel_transfer_waits_for_its_sender(
         tiny_moe: Path, colocated_tokens: dict[str, list[int]]) -> None:
     """The decode ranks receive on their channel threads: a sender that is late (by 2 s here) holds back its own
@@ -322,7 +313,8 @@ def test_decode_steps_go_on_while_a_channel_transfer_waits_for_its_sender(
     batch = prompts(512)
     try:
         tokens = start_stream(engine, batch[1])
-        ray.get([actor.__ray_call__.remote(delay_sends(2.0)) for actor in engine.prefill.executor.actors])
+        for rank in range(len(engine.prefill.executor.actors)):  # each rank's channel thread waits before it sends
+            engine.prefill.executor.inject_fault(rank, "send", Fault("delay", 2.0))
         engine.add_request("r0", batch[0], PARAMS)
         tokens["r0"], streamed_during_handover, handover_s = [], 0, 0.0
         while len(tokens["r0"]) < PARAMS.max_tokens:
@@ -439,20 +431,9 @@ def test_torch_transport_refuses_engines_outside_ray_groups(tiny_moe: Path) -> N
                             [LLMEngine.from_path(tiny_moe, CONFIG, role="decode")])
 
 
-def exit_on(attribute: str):
-    """A patch for `__ray_call__`: the rank's process exits when `attribute` (a dotted path) is next called."""
-    def patch(worker) -> None:
-        *owners, name = attribute.split(".")
-        owner = worker
-        for step in owners:
-            owner = getattr(owner, step)
-        setattr(owner, name, lambda *args, **kwargs: os._exit(1))
-    return patch
-
-
-@pytest.mark.parametrize("side, attribute", [("decode", "transport.receive"), ("prefill", "runner.export_kv")])
+@pytest.mark.parametrize("side, point", [("decode", "import_kv"), ("prefill", "export_kv")])
 def test_rank_dying_mid_transfer_fails_that_group_only(tiny_moe: Path, colocated_tokens: dict[str, list[int]],
-                                                       side: str, attribute: str) -> None:
+                                                       side: str, point: str) -> None:
     """The surviving side's sends or receives fail at once (the channel's connection closes), not after the
     timeout; the dead group's requests fail, the other group keeps serving, and a restart reopens the channel."""
     engine = over_channel(tiny_moe, ParallelDims(tp=2), ParallelDims(tp=2))
@@ -460,7 +441,7 @@ def test_rank_dying_mid_transfer_fails_that_group_only(tiny_moe: Path, colocated
     if side == "prefill":
         dying, surviving = surviving, dying
     try:
-        ray.get(dying.executor.actors[1].__ray_call__.remote(exit_on(attribute)))
+        dying.executor.inject_fault(1, point, Fault("exit"))
         engine.add_request("r", prompts(512)[0], PARAMS)
         started, errors = time.monotonic(), []
         while engine.has_unfinished_requests():

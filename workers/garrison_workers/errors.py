@@ -36,6 +36,11 @@ class UnavailableError(GarrisonError):
     """The server cannot serve this request now (a lost rank, a failed handoff, no capacity); a retry may succeed."""
 
 
+class UnplaceableError(UnavailableError):
+    """A worker group cannot be placed now: the cluster's slots (CPU slots or GPUs) are taken. It is placed once they
+    free up; a layout the cluster could never hold is a LayoutError instead."""
+
+
 class WorkerLostError(UnavailableError):
     """A rank of a worker group died; its in-flight requests failed and the group must be restarted."""
 

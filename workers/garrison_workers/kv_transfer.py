@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from garrison_workers.errors import UnavailableError
+from garrison_workers.faults import FaultPoints
 
 log = logging.getLogger(__name__)
 
@@ -250,8 +251,9 @@ class TorchDistributedTransport:
     NCCL watchdog) instead of failing one transfer. Staged shards take device memory until imported.
     """
 
-    def __init__(self, device: torch.device, timeout: timedelta) -> None:
+    def __init__(self, device: torch.device, timeout: timedelta, faults: FaultPoints | None = None) -> None:
         self.device, self.timeout = device, timeout
+        self.faults = faults or FaultPoints()
         self._channels: dict[str, list[_Lane]] = {}  # name -> its lanes
         self._staged: dict[StagedKV, Future[list[KVPayload]]] = {}
 
@@ -323,6 +325,7 @@ class TorchDistributedTransport:
         return lane, next(s for s in getattr(route, side) if s.rank == lane.rank)
 
     def _send(self, group: Any, me: HeadShard, payload: KVPayload, route: KVRoute) -> None:
+        self.faults.hit("send")
         messages = (_header(payload).to(self.device), _as_bytes(payload.k_LTKD.to(self.device)),
                     _as_bytes(payload.v_LTKD.to(self.device)))
         works = [group.send([message], peer.rank, route.tag + i)

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import gc
 import socket
+import threading
 import time
 from datetime import timedelta
 from typing import Any
 
+import ray
 import torch
 import torch.distributed as dist
 
@@ -18,6 +20,7 @@ from garrison_workers.engine.config import EngineConfig
 from garrison_workers.engine.executor import parameter_bytes
 from garrison_workers.engine.model_runner import ModelRunner, SeqChunk
 from garrison_workers.engine.sampler import SampledToken
+from garrison_workers.faults import Fault, FaultPoints
 from garrison_workers.kv_transfer import (
     KVRoute,
     KVTransferError,
@@ -42,8 +45,20 @@ class Worker:
         self.rank, self.dims, self.model_path = rank, dims, model_path
         self.num_blocks, self.config = num_blocks, config
         torch.set_num_threads(num_threads)
-        self.transport: KVTransport = (TorchDistributedTransport(torch.device(config.device), COLLECTIVE_TIMEOUT)
-                                       if config.kv_transport == "torch" else RayObjectStoreTransport())
+        self.faults = FaultPoints()
+        self.transport: KVTransport = (
+            TorchDistributedTransport(torch.device(config.device), COLLECTIVE_TIMEOUT, self.faults)
+            if config.kv_transport == "torch" else RayObjectStoreTransport())
+
+    @ray.method(concurrency_group="watch")
+    def watch(self) -> None:
+        """Never answers while the rank lives: its driver keeps one call pending and learns of the rank's death the
+        moment Ray resolves it with an error, whatever the rank is busy with (a ping would queue behind a step)."""
+        threading.Event().wait()
+
+    def inject_fault(self, point: str, fault: Fault | None) -> None:
+        """Arm (or, with None, disarm) a fault at one of `faults.POINTS` of this rank."""
+        self.faults.arm(point, fault)
 
     def rendezvous_address(self) -> tuple[str, int]:
         """An address of this host and a free port for the process group (asked of rank 0)."""
@@ -71,6 +86,7 @@ class Worker:
     def execute(self, chunks: list[SeqChunk]) -> list[SampledToken] | None:
         # Every rank runs the model; rank 0 alone computes the logits and samples: a few bytes per sequence leave
         # the group, never the logits.
+        self.faults.hit("execute")
         if self.rank == 0:
             return self.runner.step(chunks)
         self.runner.run(chunks, want_logits=False)
@@ -96,6 +112,7 @@ class Worker:
 
     def export_kv(self, block_table: list[int], num_tokens: int, route: KVRoute | None = None) -> Any:
         """Send this rank's KV heads (along `route` over a channel); EP ranks > 0 hold copies and send nothing."""
+        self.faults.hit("export_kv")
         if self.par.ep_rank:
             return None
         head_start = self.par.tp_rank * self.model.num_local_kv_heads
@@ -111,6 +128,7 @@ class Worker:
         Staged KV stays until `drop_kv` (another rank's may have been late: the slice then runs again here), or
         until it fails a check."""
         began = time.perf_counter()
+        self.faults.hit("import_kv")
         try:
             payloads = self.transport.receive(handles)
             if payloads is None:

@@ -1,15 +1,22 @@
 """A worker group: one model replica as `tp × ep` Ray actors in one placement group.
 
 The group is the engine's executor for a parallel replica. It ships each step to every rank and
-returns rank 0's logits. If any rank dies the step fails at once with the rank named (Ray resolves a
+returns rank 0's sampled tokens. If any rank dies the step fails at once with the rank named (Ray resolves a
 dead actor's pending call with an error), the surviving ranks are killed (they would otherwise wait
-in a collective), and the group stays failed until `restart()`.
+in a collective), and the group stays failed until `restart()`. Each rank also holds one call that never
+answers (`Worker.watch`, a concurrency group of its own): `lost()` sees a rank's death the moment Ray resolves
+that call, with no traffic and whatever the rank is busy with.
+
+A group that cannot be placed is refused quickly and with the numbers: at once when the cluster has too few
+slots in all (`LayoutError`: the operator must act), within `PLACEMENT_WAIT_S` when they exist but are taken
+(`UnplaceableError`: retry when capacity returns). Nothing waits minutes for a placement that may never come.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 from typing import Any
 
 import ray
@@ -19,7 +26,8 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from garrison_workers.engine.config import EngineConfig
 from garrison_workers.engine.model_runner import SeqChunk
-from garrison_workers.errors import GarrisonError, WorkerLostError
+from garrison_workers.errors import GarrisonError, LayoutError, UnplaceableError, WorkerLostError
+from garrison_workers.faults import Fault
 from garrison_workers.kv_transfer import KVRoute
 from garrison_workers.loader import ModelLocation
 from garrison_workers.parallel.dims import ParallelDims
@@ -28,7 +36,9 @@ from garrison_workers.worker import Worker
 log = logging.getLogger(__name__)
 STARTUP_TIMEOUT_S = 600.0
 STEP_TIMEOUT_S = 600.0
+PLACEMENT_WAIT_S = 20.0  # for slots that exist but are taken, before this attempt is given up (and retried later)
 _POLL_S = 0.2
+_WorkerActor = ray.remote(concurrency_groups={"watch": 1})(Worker)
 
 
 def ensure_ray(address: str | None = None, min_cpus: int = 1) -> bool:
@@ -55,6 +65,8 @@ class WorkerGroup:
         self._pg: Any = None
         self.failure: WorkerLostError | None = None
         self._weight_bytes: list[int] = []
+        self._watches: list[Any] = []  # one pending `watch` call per rank
+        self._lock = threading.Lock()  # the engine's thread and a supervisor may both find a rank lost
         self.generation = 0  # counts starts: a KV channel joined before a restart does not reach the new ranks
 
     # -- lifecycle --------------------------------------------------------------------------------
@@ -63,21 +75,16 @@ class WorkerGroup:
         ensure_ray(min_cpus=self.dims.world_size)
         gpu = self.config.device.startswith("cuda")
         bundle = {"GPU": 1, "CPU": 1} if gpu else {"CPU": 1}
-        self._pg = placement_group([bundle] * self.dims.world_size, strategy="PACK")
-        try:
-            ray.get(self._pg.ready(), timeout=STARTUP_TIMEOUT_S)
-        except GetTimeoutError:
-            self.shutdown()
-            raise GarrisonError(f"worker group {self.name}: the Ray cluster cannot place {self.dims.world_size} "
-                                f"ranks of {bundle} within {STARTUP_TIMEOUT_S:.0f}s; add nodes or lower tp × ep") from None
+        self._pg = self._place(bundle)
         # Ranks of one node share its cores: more intra-op threads than cores only adds contention.
         threads = self.config.worker_threads or min(4, max(1, (os.cpu_count() or 1) // self.dims.world_size))
-        remote = ray.remote(Worker)
         self.actors = [
-            remote.options(num_cpus=1, num_gpus=1 if gpu else 0, max_restarts=0,
-                           scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=r)
-                           ).remote(r, self.dims, self.model_path, self.num_blocks, self.config, threads)
+            _WorkerActor.options(num_cpus=1, num_gpus=1 if gpu else 0, max_restarts=0,
+                                 scheduling_strategy=PlacementGroupSchedulingStrategy(
+                                     self._pg, placement_group_bundle_index=r)
+                                 ).remote(r, self.dims, self.model_path, self.num_blocks, self.config, threads)
             for r in range(self.dims.world_size)]
+        self._watches = [actor.watch.remote() for actor in self.actors]
         self.failure = None
         self.generation += 1
         try:
@@ -88,17 +95,55 @@ class WorkerGroup:
             raise
         return self
 
+    def _place(self, bundle: dict[str, float]) -> Any:
+        """A placement group of one bundle per rank, or a refusal that says why, in seconds rather than minutes."""
+        ranks = self.dims.world_size
+        total = ray.cluster_resources()
+        for resource, amount in bundle.items():
+            needed, have = ranks * amount, total.get(resource, 0.0)
+            if have < needed:
+                raise LayoutError(f"worker group {self.name}: {ranks} ranks need {needed:g} {resource} but the Ray "
+                                  f"cluster has {have:g} in all: add nodes, or lower tp × ep")
+        pg = placement_group([bundle] * ranks, strategy="PACK")
+        try:
+            ray.get(pg.ready(), timeout=PLACEMENT_WAIT_S)
+        except GetTimeoutError:
+            remove_placement_group(pg)
+            free = ray.available_resources()
+            raise UnplaceableError(f"worker group {self.name}: {ranks} ranks need "
+                                   f"{', '.join(f'{ranks * n:g} {r}' for r, n in bundle.items())}; the cluster has "
+                                   f"{', '.join(f'{free.get(r, 0.0):g} of {total.get(r, 0.0):g} {r}' for r in bundle)} "
+                                   f"free, not enough where the ranks fit (waited {PLACEMENT_WAIT_S:g} s)") from None
+        return pg
+
     def restart(self) -> None:
         self.shutdown()
         self.start()
 
     def shutdown(self) -> None:
-        for actor in self.actors:
+        with self._lock:
+            actors, self.actors, self._watches = self.actors, [], []
+            pg, self._pg = self._pg, None
+        for actor in actors:
             ray.kill(actor, no_restart=True)
-        self.actors = []
-        if self._pg is not None:
-            remove_placement_group(self._pg)
-            self._pg = None
+        if pg is not None:
+            remove_placement_group(pg)
+
+    def lost(self) -> WorkerLostError | None:
+        """The group's failure, if a rank has died (seen at once, without a call to the ranks); None while whole."""
+        if self.failure is None and self._watches:
+            ready, _ = ray.wait(list(self._watches), num_returns=1, timeout=0)
+            if ready:
+                self._mark_lost(self._watches.index(ready[0]), "died")
+        return self.failure
+
+    def kill_rank(self, rank: int) -> None:
+        """Fault injection: kill one rank's process, as a crash or a lost GPU would."""
+        ray.kill(self.actors[rank], no_restart=True)
+
+    def inject_fault(self, rank: int, point: str, fault: Fault | None) -> None:
+        """Fault injection: arm (None: disarm) `fault` at `point` (faults.POINTS) of one rank."""
+        ray.get(self.actors[rank].inject_fault.remote(point, fault), timeout=STEP_TIMEOUT_S)
 
     # -- Executor ---------------------------------------------------------------------------------
 
@@ -207,13 +252,19 @@ class WorkerGroup:
             self._fail(rank, f"died ({type(err).__name__})")
 
     def _fail(self, rank: int, what: str) -> None:
-        ep_rank, tp_rank = self.dims.coords(rank)
-        self.failure = WorkerLostError(
-            f"worker group {self.name}: rank {rank} (ep {ep_rank}, tp {tp_rank}) {what}; its in-flight "
-            "requests failed; restart the group to serve again")
+        raise self._mark_lost(rank, what)
+
+    def _mark_lost(self, rank: int, what: str) -> WorkerLostError:
+        with self._lock:
+            if self.failure is not None:
+                return self.failure
+            ep_rank, tp_rank = self.dims.coords(rank)
+            self.failure = WorkerLostError(
+                f"worker group {self.name}: rank {rank} (ep {ep_rank}, tp {tp_rank}) {what}; its in-flight "
+                "requests failed; the group is restarted to serve again")
         log.error("%s", self.failure)
         self.shutdown()
-        raise self.failure
+        return self.failure
 
 
 class PendingStep:

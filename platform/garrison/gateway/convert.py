@@ -7,6 +7,7 @@ from datetime import datetime, timezone
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from garrison.router.replica import ReplicaState
 from garrison.router.router import Deployment
 from garrison.tenancy import records
 from garrison.tenancy.errors import InvalidArgumentError
@@ -42,10 +43,19 @@ def moment(message: object, field: str) -> datetime | None:
     return stamp.ToDatetime(tzinfo=timezone.utc)
 
 
+REPLICA_STATES = {ReplicaState.SERVING: inference_pb2.REPLICA_STATE_SERVING,
+                  ReplicaState.RESTARTING: inference_pb2.REPLICA_STATE_RESTARTING,
+                  ReplicaState.UNPLACEABLE: inference_pb2.REPLICA_STATE_UNPLACEABLE,
+                  ReplicaState.STOPPED: inference_pb2.REPLICA_STATE_STOPPED}
+
+
 def model_info(deployment: Deployment) -> inference_pb2.ModelInfo:
     config = deployment.model_config
+    replicas = [inference_pb2.ReplicaStatus(name=s.name, state=REPLICA_STATES[s.state], detail=s.detail,
+                                            restarts=s.restarts) for s in (r.status for r in deployment.replicas)]
     return inference_pb2.ModelInfo(name=deployment.name, max_context_tokens=deployment.max_model_len,
-                                   architecture=config.architecture, num_experts=config.num_experts)
+                                   architecture=config.architecture, num_experts=config.num_experts,
+                                   replicas=replicas)
 
 
 def quota(q: records.Quota) -> admin_pb2.Quota:

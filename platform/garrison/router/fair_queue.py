@@ -15,6 +15,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -66,15 +67,29 @@ class FairQueue(Generic[T]):
         if len(line) == 1:
             self._next_turn(tenant)
 
-    def pop(self) -> T:
-        """The next item in fair order; IndexError when empty."""
-        while True:
-            head = heapq.heappop(self._heap)
-            if not head.stale:
-                break
+    def tenants(self) -> list[str]:
+        """Tenants with items waiting."""
+        return list(self._lines)
+
+    def pop(self, accept: Callable[[str], bool] | None = None) -> T | None:
+        """The next item in fair order, or with `accept`, the next one whose tenant it accepts (None if none is);
+        IndexError when empty."""
+        if accept is None:
+            while True:
+                head = heapq.heappop(self._heap)
+                if not head.stale:
+                    break
+        else:
+            head = next((h for h in sorted(self._heap) if not h.stale and accept(h.tenant)), None)
+            if head is None:
+                if not self._heap:
+                    raise IndexError("pop from an empty FairQueue")
+                return None
+            head.stale = True  # its entry leaves the heap lazily
         served = self._lines[head.tenant].popleft()
         del self._tenant_of[id(served.item)]
-        self._virtual_time = head.start
+        if accept is None:  # the clock follows what is served in fair order; a pick out of order leaves it be
+            self._virtual_time = head.start
         self._finish[head.tenant] = head.start + served.cost / served.weight
         self._next_turn(head.tenant)
         return served.item

@@ -1,10 +1,16 @@
 """Queues requests fairly across tenants and dispatches them to a model's replicas.
 
-Each model has a fixed number of slots: its replicas times the sequences one replica batches. A
+Each model has a fixed number of slots: its serving replicas times the sequences one replica batches. A
 request takes a slot from dispatch until it finishes or is cancelled, and returns it at once. While
 every slot is taken, requests wait in a weighted fair queue (cost: the tokens they may use), so a
-tenant flooding the model delays mostly itself. A dispatched request goes to the replica with the
-fewest requests in flight. Runs on the gateway's event loop; replicas run on their own threads.
+tenant flooding the model delays mostly itself. Some slots (the headroom, a quarter) are kept for light
+tenants: those holding fewer slots than the headroom and than their fair share (the slots times their weight
+over the active tenants' weights). The other requests fill the rest, and a light tenant's request starts at
+the next step instead of waiting for a slot to free, so its latency under a flood stays near its latency on a
+busy but unsaturated server. A light tenant's request takes one of the other slots while there is one: the
+headroom is used only once they are all taken. A dispatched request goes to the
+serving replica with the fewest requests in flight. Runs on the gateway's event loop; replicas run on their
+own threads.
 """
 
 from __future__ import annotations
@@ -16,15 +22,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from garrison.router.fair_queue import FairQueue
-from garrison.router.replica import Replica
+from garrison.router.replica import Replica, ReplicaStatus
 from garrison.tenancy.errors import QuotaExceededError
 from garrison_workers.config import ModelConfig
 from garrison_workers.engine.llm_engine import RequestOutput
 from garrison_workers.engine.sequence import SamplingParams
+from garrison_workers.errors import UnavailableError
 from garrison_workers.tokenizer import Tokenizer
 
 
 QUEUE_FULL_RETRY_S = 1.0
+HEADROOM_FRACTION = 4  # a quarter of the slots are kept for light tenants
 
 
 @dataclass(slots=True)
@@ -56,13 +64,16 @@ class RouteRequest:
 class _Ticket:
     request: RouteRequest
     dispatched: asyncio.Future[int]  # the replica's index
+    reserved: bool = False  # holds one of the slots kept for light tenants (the headroom)
 
 
 @dataclass(slots=True)
 class _ModelState:
     queue: FairQueue[_Ticket] = field(default_factory=FairQueue)
     in_flight: list[int] = field(default_factory=list)  # per replica
+    reserved: int = 0  # requests in flight on the headroom's slots
     tenants: Counter[str] = field(default_factory=Counter)  # in flight per tenant
+    weights: dict[str, float] = field(default_factory=dict)  # each tenant's priority weight, as last seen
 
 
 @dataclass(slots=True, frozen=True)
@@ -86,12 +97,16 @@ class Router:
         """Queue, dispatch and stream one request. Closing the iterator early aborts it and frees its slot."""
         loop = asyncio.get_running_loop()
         deployment, state = self.deployments[request.model], self._state[request.model]
+        if not any(replica.serving for replica in deployment.replicas):
+            raise UnavailableError(f"model {request.model!r} has no serving replica now: "
+                                   f"{'; '.join(_describe(r.status) for r in deployment.replicas)}; retry later")
         queued = state.queue.queued(request.tenant)
         if queued >= self.max_queued_per_tenant:
             raise QuotaExceededError(f"tenant {request.tenant!r} has {queued} requests waiting for model "
                                      f"{request.model!r}, its max_queued_per_tenant: retry when some have started",
                                      limit="max_queued_per_tenant", retry_after_s=QUEUE_FULL_RETRY_S)
         ticket = _Ticket(request, loop.create_future())
+        state.weights[request.tenant] = request.weight
         cost = len(request.prompt_token_ids) + request.params.max_tokens
         state.queue.push(request.tenant, ticket, cost, request.weight)
         self._dispatch(request.model)
@@ -120,27 +135,49 @@ class Router:
                 if not finished:
                     deployment.replicas[index].abort(request.request_id)
                 state.in_flight[index] -= 1
+                state.reserved -= ticket.reserved
                 state.tenants[request.tenant] -= 1
                 if state.tenants[request.tenant] == 0:
                     del state.tenants[request.tenant]
                 self._dispatch(request.model)
+            if request.tenant not in state.tenants and not state.queue.queued(request.tenant):
+                state.weights.pop(request.tenant, None)  # idle again: it holds no state
 
     def _dispatch(self, model: str) -> None:
-        state, slots = self._state[model], self.deployments[model].slots_per_replica
+        state, deployment = self._state[model], self.deployments[model]
         while len(state.queue):
-            index = min(range(len(state.in_flight)), key=state.in_flight.__getitem__)
-            if state.in_flight[index] >= slots:
+            serving = [i for i, replica in enumerate(deployment.replicas) if replica.serving]
+            if not serving:  # queued requests wait for a replica to come back (or for their deadline)
                 return
-            ticket = state.queue.pop()
+            index = min(serving, key=state.in_flight.__getitem__)
+            if state.in_flight[index] >= deployment.slots_per_replica:
+                return
+            slots = deployment.slots_per_replica * len(serving)
+            headroom = max(1, slots // HEADROOM_FRACTION)
+            reserved = sum(state.in_flight[i] for i in serving) - state.reserved >= slots - headroom
+            if not reserved:
+                ticket = state.queue.pop()
+            else:  # only the headroom is left: for light tenants, below their fair share and the headroom itself
+                ticket = state.queue.pop(lambda tenant: state.tenants[tenant] < min(
+                    headroom, self._fair_share(state, tenant, slots)))
+                if ticket is None:
+                    return
             if ticket.dispatched.done():
                 # Its caller was cancelled: cancelling a task cancels the future it awaits at once, but
                 # the task's own cleanup (withdrawing the ticket) runs only at its next step.
                 continue
             state.in_flight[index] += 1
+            ticket.reserved = reserved
+            state.reserved += reserved
             state.tenants[ticket.request.tenant] += 1
             ticket.dispatched.set_result(index)
             if ticket.request.on_dispatch is not None:
                 ticket.request.on_dispatch()
+
+    @staticmethod
+    def _fair_share(state: _ModelState, tenant: str, slots: int) -> float:
+        active = set(state.tenants) | set(state.queue.tenants())
+        return slots * state.weights[tenant] / sum(state.weights[t] for t in active)
 
     def load(self, model: str) -> ModelLoad:
         deployment, state = self.deployments[model], self._state[model]
@@ -148,7 +185,15 @@ class Router:
         return ModelLoad(len(state.queue), sum(state.in_flight), deployment.slots_per_replica * len(deployment.replicas),
                          sum(u for u, _ in used_total), sum(t for _, t in used_total), dict(state.tenants))
 
+    def replica_changed(self, model: str) -> None:
+        """A replica of `model` serves again: requests that waited for one may go."""
+        self._dispatch(model)
+
     def stop(self) -> None:
         for deployment in self.deployments.values():
             for replica in deployment.replicas:
                 replica.stop()
+
+
+def _describe(status: ReplicaStatus) -> str:
+    return f"{status.name} {status.state.value}" + (f" ({status.detail})" if status.detail else "")

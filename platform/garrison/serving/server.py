@@ -9,6 +9,7 @@ everything ready. Stop order is the reverse; in-flight streams get `grace` secon
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 import contextlib
 import logging
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from garrison.gateway.calls import CallLimit, method_handlers
 from garrison.gateway.hot_path import AuthMirror, UsageBuffer
 from garrison.gateway.render import ChatRenderer
 from garrison.paths import ensure_private_dir
+from garrison.router.replica import ReplicaState
 from garrison.router.router import Router
 from garrison.secret_files import write_secret_file
 from garrison.serving import preflight
@@ -44,6 +46,7 @@ log = logging.getLogger(__name__)
 ADMIN_KEY_FILE = "admin.key"
 TENANT_KEY_FILE = "tenant.key"
 BOOTSTRAP_TENANT = "default"
+REPLICA_WATCH_S = 0.5
 # The bootstrap tenant's limits: one person trying the embedded default, or a script that runs away. 16 streams
 # at once is half the embedded engine's 32 slots, so a tenant created next still finds room; 200k tokens a
 # minute is more than SmolLM2 on a CPU (or a small model on one GPU) produces, so a person never meets it,
@@ -75,6 +78,7 @@ class GarrisonServer:
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         self.port = 0
+        self._watcher: asyncio.Task[None] | None = None
         self.bootstrap = Bootstrap()
         self._started_ray = False
 
@@ -107,8 +111,33 @@ class GarrisonServer:
                                                     config.max_request_bytes, self.auth, self.usage, self.renderer)
         self._server = self._grpc_server()
         await self._server.start()
-        for service in (inference.SERVICE, admin.SERVICE, ""):
+        for service in (admin.SERVICE, ""):
             await self._set_health(service, health_pb2.HealthCheckResponse.SERVING)
+        await self._watch_replicas_once({})
+        self._watcher = asyncio.get_running_loop().create_task(self._watch_replicas())
+
+    async def _watch_replicas(self) -> None:
+        """Health follows the replicas: `garrison.v1.Inference/<model>` serves while one of the model's replicas
+        does, `garrison.v1.Inference` while any model serves; a replica serving again lets queued requests go."""
+        serving: dict[str, bool] = {}
+        while True:
+            await asyncio.sleep(REPLICA_WATCH_S)
+            try:
+                serving = await self._watch_replicas_once(serving)
+            except Exception:  # never let health stop following the replicas
+                log.exception("could not update health from the replicas")
+
+    async def _watch_replicas_once(self, before: dict[str, bool]) -> dict[str, bool]:
+        assert self.router is not None
+        now = {name: any(r.serving for r in d.replicas) for name, d in self.router.deployments.items()}
+        for name, up in now.items():
+            if before.get(name) != up:
+                await self._set_health(f"{inference.SERVICE}/{name}", _health_status(up))
+                if up:
+                    self.router.replica_changed(name)
+        if any(now.values()) != any(before.values()) or not before:
+            await self._set_health(inference.SERVICE, _health_status(any(now.values())))
+        return now
 
     def _grpc_server(self) -> grpc.aio.Server:
         config = self.config
@@ -170,6 +199,8 @@ class GarrisonServer:
             load = router.load(name)
             usage = load.kv_blocks_used / load.kv_blocks_total if load.kv_blocks_total else 0.0
             rows.append(({"model": name}, {"queue_depth": load.queued, "kv_cache_usage": usage}))
+            states = Counter(replica.status.state for replica in router.deployments[name].replicas)
+            rows += [({"model": name, "state": state.value}, {"replicas": states[state]}) for state in ReplicaState]
             rows += [({"model": name, "tenant": t}, {"in_flight": n}) for t, n in load.in_flight_by_tenant.items()]
         return rows
 
@@ -183,7 +214,11 @@ class GarrisonServer:
         await self._server.wait_for_termination()
 
     async def stop(self, grace: float = 5.0) -> None:
-        for service in (inference.SERVICE, admin.SERVICE, ""):
+        if self._watcher is not None:
+            self._watcher.cancel()
+            self._watcher = None
+        for service in (inference.SERVICE, admin.SERVICE, "", *(f"{inference.SERVICE}/{name}" for name in (
+                self.router.deployments if self.router is not None else ()))):
             await self._set_health(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         if self._server is not None:
             await self._server.stop(grace)
@@ -205,6 +240,10 @@ class GarrisonServer:
             self.telemetry.shutdown()
         if self.tenancy is not None:
             self.tenancy.close()
+
+
+def _health_status(serving: bool) -> int:
+    return health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 def _server_credentials(config: ServeConfig) -> grpc.ServerCredentials:

@@ -25,15 +25,17 @@ _sym_db = _symbol_database.Default()
 from garrison.v1 import usage_pb2 as garrison_dot_v1_dot_usage__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bgarrison/v1/inference.proto\x12\x0bgarrison.v1\x1a\x17garrison/v1/usage.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xb9\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12*\n\x08messages\x18\x03 \x03(\x0b\x32\x18.garrison.v1.ChatMessage\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\x12\x17\n\nmax_tokens\x18\x05 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x06 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x07 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x08 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x10\n\x08logprobs\x18\x0b \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"S\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x15\n\routput_tokens\x18\x02 \x01(\x05\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\x05\"\xa6\x01\n\x10GenerateResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x30\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x19.garrison.v1.FinishReason\x12!\n\x05usage\x18\x06 \x01(\x0b\x32\x12.garrison.v1.Usage\"Z\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12*\n\x08messages\x18\x03 \x03(\x0b\x32\x18.garrison.v1.ChatMessage\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\"\x13\n\x11ListModelsRequest\"`\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1a\n\x12max_context_tokens\x18\x02 \x01(\x05\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12\x13\n\x0bnum_experts\x18\x04 \x01(\x05\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.garrison.v1.ModelInfo*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\xb7\x02\n\tInference\x12I\n\x08Generate\x12\x1c.garrison.v1.GenerateRequest\x1a\x1d.garrison.v1.GenerateResponse0\x01\x12G\n\x08Tokenize\x12\x1c.garrison.v1.TokenizeRequest\x1a\x1d.garrison.v1.TokenizeResponse\x12M\n\nListModels\x12\x1e.garrison.v1.ListModelsRequest\x1a\x1f.garrison.v1.ListModelsResponse\x12G\n\x08GetUsage\x12\x1c.garrison.v1.GetUsageRequest\x1a\x1d.garrison.v1.GetUsageResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bgarrison/v1/inference.proto\x12\x0bgarrison.v1\x1a\x17garrison/v1/usage.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xb9\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12*\n\x08messages\x18\x03 \x03(\x0b\x32\x18.garrison.v1.ChatMessage\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\x12\x17\n\nmax_tokens\x18\x05 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x06 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x07 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x08 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x10\n\x08logprobs\x18\x0b \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"S\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x15\n\routput_tokens\x18\x02 \x01(\x05\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\x05\"\xa6\x01\n\x10GenerateResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x30\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x19.garrison.v1.FinishReason\x12!\n\x05usage\x18\x06 \x01(\x0b\x32\x12.garrison.v1.Usage\"Z\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12*\n\x08messages\x18\x03 \x03(\x0b\x32\x18.garrison.v1.ChatMessage\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\"\x13\n\x11ListModelsRequest\"i\n\rReplicaStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12(\n\x05state\x18\x02 \x01(\x0e\x32\x19.garrison.v1.ReplicaState\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\x12\x10\n\x08restarts\x18\x04 \x01(\x05\"\x8e\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1a\n\x12max_context_tokens\x18\x02 \x01(\x05\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12\x13\n\x0bnum_experts\x18\x04 \x01(\x05\x12,\n\x08replicas\x18\x05 \x03(\x0b\x32\x1a.garrison.v1.ReplicaStatus\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.garrison.v1.ModelInfo*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02*\xa0\x01\n\x0cReplicaState\x12\x1d\n\x19REPLICA_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15REPLICA_STATE_SERVING\x10\x01\x12\x1c\n\x18REPLICA_STATE_RESTARTING\x10\x02\x12\x1d\n\x19REPLICA_STATE_UNPLACEABLE\x10\x03\x12\x19\n\x15REPLICA_STATE_STOPPED\x10\x04\x32\xb7\x02\n\tInference\x12I\n\x08Generate\x12\x1c.garrison.v1.GenerateRequest\x1a\x1d.garrison.v1.GenerateResponse0\x01\x12G\n\x08Tokenize\x12\x1c.garrison.v1.TokenizeRequest\x1a\x1d.garrison.v1.TokenizeResponse\x12M\n\nListModels\x12\x1e.garrison.v1.ListModelsRequest\x1a\x1f.garrison.v1.ListModelsResponse\x12G\n\x08GetUsage\x12\x1c.garrison.v1.GetUsageRequest\x1a\x1d.garrison.v1.GetUsageResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'garrison.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=997
-  _globals['_FINISHREASON']._serialized_end=1092
+  _globals['_FINISHREASON']._serialized_start=1151
+  _globals['_FINISHREASON']._serialized_end=1246
+  _globals['_REPLICASTATE']._serialized_start=1249
+  _globals['_REPLICASTATE']._serialized_end=1409
   _globals['_CHATMESSAGE']._serialized_start=69
   _globals['_CHATMESSAGE']._serialized_end=113
   _globals['_GENERATEREQUEST']._serialized_start=116
@@ -48,10 +50,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIZERESPONSE']._serialized_end=814
   _globals['_LISTMODELSREQUEST']._serialized_start=816
   _globals['_LISTMODELSREQUEST']._serialized_end=835
-  _globals['_MODELINFO']._serialized_start=837
-  _globals['_MODELINFO']._serialized_end=933
-  _globals['_LISTMODELSRESPONSE']._serialized_start=935
-  _globals['_LISTMODELSRESPONSE']._serialized_end=995
-  _globals['_INFERENCE']._serialized_start=1095
-  _globals['_INFERENCE']._serialized_end=1406
+  _globals['_REPLICASTATUS']._serialized_start=837
+  _globals['_REPLICASTATUS']._serialized_end=942
+  _globals['_MODELINFO']._serialized_start=945
+  _globals['_MODELINFO']._serialized_end=1087
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1089
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1149
+  _globals['_INFERENCE']._serialized_start=1412
+  _globals['_INFERENCE']._serialized_end=1723
 # @@protoc_insertion_point(module_scope)

@@ -13,9 +13,22 @@ class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FINISH_REASON_UNSPECIFIED: _ClassVar[FinishReason]
     FINISH_REASON_STOP: _ClassVar[FinishReason]
     FINISH_REASON_LENGTH: _ClassVar[FinishReason]
+
+class ReplicaState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    REPLICA_STATE_UNSPECIFIED: _ClassVar[ReplicaState]
+    REPLICA_STATE_SERVING: _ClassVar[ReplicaState]
+    REPLICA_STATE_RESTARTING: _ClassVar[ReplicaState]
+    REPLICA_STATE_UNPLACEABLE: _ClassVar[ReplicaState]
+    REPLICA_STATE_STOPPED: _ClassVar[ReplicaState]
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_STOP: FinishReason
 FINISH_REASON_LENGTH: FinishReason
+REPLICA_STATE_UNSPECIFIED: ReplicaState
+REPLICA_STATE_SERVING: ReplicaState
+REPLICA_STATE_RESTARTING: ReplicaState
+REPLICA_STATE_UNPLACEABLE: ReplicaState
+REPLICA_STATE_STOPPED: ReplicaState
 
 class ChatMessage(_message.Message):
     __slots__ = ("role", "content")
@@ -97,17 +110,31 @@ class ListModelsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class ReplicaStatus(_message.Message):
+    __slots__ = ("name", "state", "detail", "restarts")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    state: ReplicaState
+    detail: str
+    restarts: int
+    def __init__(self, name: _Optional[str] = ..., state: _Optional[_Union[ReplicaState, str]] = ..., detail: _Optional[str] = ..., restarts: _Optional[int] = ...) -> None: ...
+
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "max_context_tokens", "architecture", "num_experts")
+    __slots__ = ("name", "max_context_tokens", "architecture", "num_experts", "replicas")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     NUM_EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
     name: str
     max_context_tokens: int
     architecture: str
     num_experts: int
-    def __init__(self, name: _Optional[str] = ..., max_context_tokens: _Optional[int] = ..., architecture: _Optional[str] = ..., num_experts: _Optional[int] = ...) -> None: ...
+    replicas: _containers.RepeatedCompositeFieldContainer[ReplicaStatus]
+    def __init__(self, name: _Optional[str] = ..., max_context_tokens: _Optional[int] = ..., architecture: _Optional[str] = ..., num_experts: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[ReplicaStatus, _Mapping]]] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)

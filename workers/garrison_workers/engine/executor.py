@@ -75,6 +75,10 @@ class Executor(Protocol):
 
     def restart(self) -> None: ...
 
+    def lost(self) -> WorkerLostError | None:
+        """`failure`, or the failure of a rank found dead since, without waiting for a step; None while whole."""
+        ...
+
     def resident_weight_bytes(self) -> list[int]:
         """Parameter bytes held by each rank."""
         ...
@@ -159,6 +163,9 @@ class LocalExecutor:
 
     def restart(self) -> None:
         self.runner = ModelRunner(self.model, self.num_blocks, self.config)  # a fresh, empty KV cache
+
+    def lost(self) -> WorkerLostError | None:
+        return None
 
     def resident_weight_bytes(self) -> list[int]:
         return [parameter_bytes(self.model)]

@@ -122,10 +122,16 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
 
     def restart(self) -> None:
-        """Bring a failed executor back with an empty KV cache (and so an empty prefix cache)."""
+        """Bring a failed executor back with an empty KV cache (and so an empty prefix cache). Until it returns, the
+        engine stays failed: its steps and new requests do not reach the executor (a supervisor may call this from
+        a thread of its own while the engine's thread goes on with the replica's other engines)."""
         self.executor.restart()
         self._new_scheduler()
         self.failure = None
+
+    def lost(self) -> WorkerLostError | None:
+        """The executor's failure when it has lost a rank (known without a step), else None."""
+        return self.executor.lost()
 
     def shutdown(self) -> None:
         self.executor.shutdown()
@@ -185,8 +191,10 @@ class LLMEngine:
     def begin_step(self) -> "_Step | None":
         """Schedule and start a step on the executor; `finish_step` samples it. Split so that a
         prefill group and a decode group can compute at the same time."""
+        if self.failure is not None:  # failed, perhaps restarting on a supervisor's thread: leave its executor be
+            return None
         batch = self.scheduler.schedule()
-        if not batch.work or self.failure is not None:
+        if not batch.work:
             return None
         chunks = [SeqChunk(seq.token_ids[seq.num_computed_tokens:seq.num_computed_tokens + count],
                            seq.num_computed_tokens, seq.block_table,
