@@ -53,7 +53,7 @@ MAP: Schema = {"type": "object"}  # a Kubernetes object passed through as given 
 STRING_MAP: Schema = {"type": "object", "additionalProperties": {"type": "string"}}
 LIST: Schema = {"type": "array", "items": {"type": "object"}}
 QUANTITY: Schema = {"type": ["string", "integer"], "pattern": "^[0-9]+(\\.[0-9]+)?(m|k|Ki|Mi|Gi|Ti|Pi|M|G|T|P)?$"}
-RESOURCES: Schema = obj({"requests": MAP, "limits": MAP, "claims": LIST})
+RESOURCES: Schema = obj({"requests": MAP, "limits": MAP})  # a container's resources, checked by Kubernetes
 PORT = integer(1, 65535)
 SCHEDULING = {"nodeSelector": STRING_MAP, "tolerations": LIST, "affinity": MAP}
 
