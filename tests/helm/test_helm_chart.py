@@ -182,12 +182,15 @@ def test_group_scheduling_and_nvlink_domain():
 
 
 @values_files
-def test_ray_head_runs_no_garrison_work_and_every_ray_pod_has_shared_memory(path):
+def test_ray_head_runs_no_garrison_work_and_every_ray_pod_has_probes_and_shared_memory(path):
     cluster = rendered(path).one("RayCluster")
     head = cluster["spec"]["headGroupSpec"]
     assert head["rayStartParams"]["num-cpus"] == "0" and head["rayStartParams"]["num-gpus"] == "0"
     assert "nvidia.com/gpu" not in json.dumps(head["template"]["spec"]["containers"][0]["resources"])
     for template in [head["template"]] + [g["template"] for g in cluster["spec"]["workerGroupSpecs"]]:
+        container = template["spec"]["containers"][0]
+        # Probes of its own: KubeRay's defaults ask the Ray dashboard agent, which the image does not have.
+        assert container["readinessProbe"]["tcpSocket"] and container["livenessProbe"]["tcpSocket"]
         volumes = {v["name"]: v for v in template["spec"]["volumes"]}
         mounts = {m["mountPath"]: m["name"] for m in template["spec"]["containers"][0]["volumeMounts"]}
         assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
