@@ -116,7 +116,8 @@ def chart_images(archive: Path, values_files: list[Path]) -> list[str]:
     images = set()
     with helm.Chart.load(archive) as chart:
         for values in [{}] + [helm.values_from_yaml(path.read_text()) for path in values_files]:
-            for text in chart.render(values, name="garrison", namespace="garrison").values():
+            manifests = chart.render(values, name="garrison", namespace="garrison")
+            for text in (text for name, text in manifests.items() if name.endswith(".yaml")):
                 for obj in yaml.safe_load_all(text):
                     images |= set(_images(obj))
     return sorted(images)

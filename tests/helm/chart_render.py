@@ -84,7 +84,8 @@ class Rendered:
 
 
 def parse(files: dict[str, str]) -> Rendered:
-    objects = [doc for text in files.values() for doc in yaml.safe_load_all(text) if doc]
+    objects = [doc for name, text in files.items() if name.endswith((".yaml", ".yml"))
+               for doc in yaml.safe_load_all(text) if doc]
     return Rendered(objects)
 
 

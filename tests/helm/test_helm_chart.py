@@ -20,8 +20,21 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-from chart_render import (CHART, EXAMPLES, KUBE_VERSIONS, NAMESPACE, RELEASE, ROOT, VALUE_FILES, Rendered, chart,
-                          parse, read_values, render_files, rendered, value_id)
+from chart_render import (
+    CHART,
+    EXAMPLES,
+    KUBE_VERSIONS,
+    NAMESPACE,
+    RELEASE,
+    ROOT,
+    VALUE_FILES,
+    chart,
+    parse,
+    read_values,
+    render_files,
+    rendered,
+    value_id,
+)
 
 CRD_KINDS = {"RayCluster", "ServiceMonitor", "PodMonitor", "PrometheusRule"}
 KUBERAY_CRD = ROOT.parent / "shared" / "schemas" / "kuberay-v1.7.0" / "ray.io_rayclusters.yaml"
@@ -122,8 +135,8 @@ def test_every_serve_config_passes_garrison_serve_check(tmp_path):
               "sys.exit(max(main(['serve', '--check', '--static', '--json', '--config', f]) for f in sys.argv[1:]))")
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'platform'}{os.pathsep}{ROOT / 'workers'}"}
     result = subprocess.run([sys.executable, "-c", script, *files], capture_output=True, text=True, env=env,
-                            timeout=120)
-    reports = [json.loads(r) for r in re.findall(r"^\{.*?^\}", result.stdout, re.M | re.S)]
+                            timeout=120, check=False)
+    reports = [json.loads(r) for r in re.findall(r"^\{.*?^\}", result.stdout, re.MULTILINE | re.DOTALL)]
     assert [r["problems"] for r in reports] == [[]] * len(files), result.stdout + result.stderr
     assert result.returncode == 0
 
@@ -134,7 +147,8 @@ def test_the_config_check_catches_a_config_garrison_would_refuse(tmp_path):
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(config))
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'platform'}{os.pathsep}{ROOT / 'workers'}"}
     result = subprocess.run([sys.executable, "-m", "garrison.cli", "serve", "--check", "--static", "--config",
-                             str(tmp_path / "bad.yaml")], capture_output=True, text=True, env=env, timeout=120)
+                             str(tmp_path / "bad.yaml")], capture_output=True, text=True, env=env, timeout=120,
+                            check=False)
     assert result.returncode == 1 and "config.models[0].groups[0].tp" in result.stderr
 
 

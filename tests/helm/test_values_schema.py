@@ -3,7 +3,6 @@ values through Helm's own validator, and accepting exactly the layouts whose gro
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import importlib.util
 import json
@@ -150,16 +149,15 @@ def test_helm_template_enforces_the_schema():
 def test_exactly_the_layouts_that_fit_are_accepted():
     """Against an independent validator (Python's jsonschema), random layouts within the schema's bounds: accepted
     exactly when every group's tp x ep is the pods' GPUs, gpusPerPod x numOfHosts."""
-    validator = jsonschema.Draft202012Validator(SCHEMA)
+    validator = jsonschema.Draft202012Validator({"$defs": SCHEMA["$defs"], **SCHEMA["properties"]["models"]["items"]})
     rng = random.Random(15)
     accepted = 0
-    for _ in range(300):
+    for _ in range(200):
         gpus, hosts = rng.randint(1, 8), rng.randint(1, 16)
         tp = rng.choice([d for d in range(1, gpus * hosts + 1) if (gpus * hosts) % d == 0] + [rng.randint(1, 9)])
         ep = rng.choice([(gpus * hosts) // tp if (gpus * hosts) % tp == 0 else 1, rng.randint(1, 16)])
-        values = copy.deepcopy(DEFAULTS)
-        values["models"] = [model(groups=[{"role": "both", "tp": tp, "ep": ep}], gpusPerPod=gpus, numOfHosts=hosts)]
+        layout = model(groups=[{"role": "both", "tp": tp, "ep": ep}], gpusPerPod=gpus, numOfHosts=hosts)
         fits = tp * ep == gpus * hosts
-        assert validator.is_valid(values) == fits, (tp, ep, gpus, hosts)
+        assert validator.is_valid(layout) == fits, (tp, ep, gpus, hosts)
         accepted += fits
-    assert 50 < accepted < 250
+    assert 40 < accepted < 160
