@@ -24,20 +24,16 @@ LLAMA4_VARIANTS = {
 }
 
 
-def greedy_with_logits(engine: LLMEngine, prompt: list[int], new_tokens: int) -> tuple[list[int], torch.Tensor]:
-    """Run one greedy request, recording the logits each sampling step saw."""
-    steps: list[torch.Tensor] = []
-    run = engine.executor.submit
-
-    def recording(chunks):
-        future = run(chunks)
-        steps.append(future.result().clone())
-        return future
-
-    engine.executor.submit = recording
-    [done] = engine.generate([prompt], SamplingParams(max_tokens=new_tokens, ignore_eos=True))
-    engine.executor.submit = run
-    return done.token_ids, torch.cat([s for s in steps if s.shape[0]])
+def greedy_with_logprobs(engine: LLMEngine, prompt: list[int], new_tokens: int) -> tuple[list[int], torch.Tensor]:
+    """Run one greedy request asking for every token's log-probability at each step (`[steps, V]`): what the
+    ranks' sampler saw, returned through the API's own top_logprobs."""
+    vocab = engine.model_config.vocab_size
+    [done] = engine.generate([prompt], SamplingParams(max_tokens=new_tokens, ignore_eos=True, top_logprobs=vocab))
+    logprobs = torch.full((len(done.top_logprobs), vocab), float("nan"))
+    for step, top in enumerate(done.top_logprobs):
+        ids, values = zip(*top)
+        logprobs[step, list(ids)] = torch.tensor(values)
+    return done.token_ids, logprobs
 
 
 def hf_reference(model_dir: Path, prompt: list[int], new_tokens: int, engine_tokens: list[int]):
@@ -55,11 +51,12 @@ def hf_reference(model_dir: Path, prompt: list[int], new_tokens: int, engine_tok
 
 def check_parity(model_dir: Path, prompt: list[int], engine_config: EngineConfig) -> None:
     engine = LLMEngine.from_path(model_dir, engine_config)
-    tokens, logits = greedy_with_logits(engine, prompt, NEW_TOKENS)
+    tokens, logprobs = greedy_with_logprobs(engine, prompt, NEW_TOKENS)
     hf_logits, hf_tokens = hf_reference(model_dir, prompt, NEW_TOKENS, tokens)
-    assert logits.shape == hf_logits.shape
-    diff = (logits - hf_logits).abs().max().item()
-    assert diff < 1e-4, f"max-abs logit difference {diff}"
+    hf_logprobs = torch.log_softmax(hf_logits, dim=-1)
+    assert logprobs.shape == hf_logprobs.shape
+    diff = (logprobs - hf_logprobs).abs().max().item()
+    assert diff < 1e-4, f"max-abs log-probability difference {diff}"
     assert tokens == hf_tokens
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 

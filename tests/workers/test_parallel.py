@@ -15,7 +15,7 @@ from garrison_workers.engine.llm_engine import EngineConfig, LLMEngine
 from garrison_workers.engine.sequence import SamplingParams
 from garrison_workers.errors import LayoutError
 from garrison_workers.parallel.dims import ParallelDims
-from test_model_parity import NEW_TOKENS, greedy_with_logits, hf_reference
+from test_model_parity import NEW_TOKENS, greedy_with_logprobs, hf_reference
 
 ENGINE = EngineConfig(block_size=4, max_num_batched_tokens=16, num_kv_blocks=128)
 LAYOUTS = [(1, 2), (1, 4), (2, 1), (2, 2)]  # (tp, ep); (1, 1) is the single-process reference
@@ -39,23 +39,23 @@ def prompt() -> list[int]:
 @pytest.fixture(scope="module")
 def reference(tiny_moe: Path, prompt: list[int]):
     engine = LLMEngine.from_path(tiny_moe, ENGINE)
-    tokens, logits = greedy_with_logits(engine, prompt, NEW_TOKENS)
+    tokens, logprobs = greedy_with_logprobs(engine, prompt, NEW_TOKENS)
     hf_logits, hf_tokens = hf_reference(tiny_moe, prompt, NEW_TOKENS, tokens)
     assert tokens == hf_tokens
-    return tokens, logits, hf_logits
+    return tokens, logprobs, torch.log_softmax(hf_logits, dim=-1)
 
 
 @pytest.mark.parametrize("tp, ep", LAYOUTS)
 def test_layout_matches_single_process_and_transformers(tiny_moe, prompt, reference, tp: int, ep: int) -> None:
-    tokens, logits, hf_logits = reference
+    tokens, logprobs, hf_logprobs = reference
     engine = LLMEngine.from_path(tiny_moe, ENGINE, ParallelDims(tp=tp, ep=ep))
     try:
-        got_tokens, got_logits = greedy_with_logits(engine, prompt, NEW_TOKENS)
+        got_tokens, got_logprobs = greedy_with_logprobs(engine, prompt, NEW_TOKENS)
     finally:
         engine.shutdown()
     assert got_tokens == tokens
-    assert (got_logits - logits).abs().max().item() < 1e-4
-    assert (got_logits - hf_logits).abs().max().item() < 1e-4
+    assert (got_logprobs - logprobs).abs().max().item() < 1e-4
+    assert (got_logprobs - hf_logprobs).abs().max().item() < 1e-4
 
 
 def test_resident_bytes_at_ep4(tiny_moe) -> None:

@@ -47,6 +47,7 @@ class RequestOutput:
     # Why the request failed (finish_reason "error"): WorkerLostError (its replica lost a rank), KVTransferError (its
     # handoff failed), SequenceError (a fault of this sequence alone); its class decides the status a client sees.
     error: GarrisonError | None = None
+    new_top_logprobs: list[tuple[tuple[int, float], ...]] = field(default_factory=list)  # per new token, if asked
 
 
 @dataclass(slots=True)
@@ -57,6 +58,7 @@ class Completion:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     logprobs: list[float | None] = field(default_factory=list)
+    top_logprobs: list[tuple[tuple[int, float], ...]] = field(default_factory=list)
     finish_reason: str | None = None
 
 
@@ -295,13 +297,14 @@ class LLMEngine:
         if sampled.error is not None:
             return self._fail(seq, SequenceError(f"request {seq.request_id}: {sampled.error}"))
         try:
-            return self._append_token(seq, sampled.token_id, sampled.logprob)
+            return self._append_token(seq, sampled)
         except Exception as err:
             log.exception("request %s failed on its token %d", seq.request_id, sampled.token_id)
             return self._fail(seq, SequenceError(f"request {seq.request_id} failed on its generated token "
                                                  f"{sampled.token_id} ({type(err).__name__})"))
 
-    def _append_token(self, seq: Sequence, token: int, logprob: float | None) -> RequestOutput:
+    def _append_token(self, seq: Sequence, sampled: SampledToken) -> RequestOutput:
+        token = sampled.token_id
         seq.token_ids.append(token)
         params = seq.params
         if token in params.stop_token_ids or (token in self.eos_token_ids and not params.ignore_eos):
@@ -315,9 +318,9 @@ class LLMEngine:
                 seq.finish_reason = "stop"
         if seq.finish_reason is not None:
             self._finish(seq)
-        return RequestOutput(seq.request_id, [token], new_text, [logprob], seq.finish_reason is not None,
+        return RequestOutput(seq.request_id, [token], new_text, [sampled.logprob], seq.finish_reason is not None,
                              seq.finish_reason, seq.num_prompt_tokens, seq.num_output_tokens,
-                             seq.num_cached_prompt_tokens)
+                             seq.num_cached_prompt_tokens, new_top_logprobs=[sampled.top] if sampled.top else [])
 
     def _finish(self, seq: Sequence) -> None:
         self.scheduler.remove(seq)
@@ -339,6 +342,7 @@ class LLMEngine:
                 done.token_ids += out.new_token_ids
                 done.text += out.new_text
                 done.logprobs += out.new_logprobs
+                done.top_logprobs += out.new_top_logprobs
                 done.finish_reason = out.finish_reason
         return [results[request_id] for request_id in ids]
 

@@ -34,6 +34,7 @@ class TokenDraw:
     seed: int = 0  # the sequence's (its request's, or drawn when it arrived)
     index: int = 0  # tokens the sequence has drawn before this one
     logprobs: bool = False
+    top_logprobs: int = 0  # also the most likely tokens and their log-probabilities, this many
 
 
 @dataclass(slots=True, frozen=True)
@@ -41,6 +42,7 @@ class SampledToken:
     token_id: int
     logprob: float | None = None
     error: str | None = None  # set: this sequence cannot go on (its token_id means nothing)
+    top: tuple[tuple[int, float], ...] = ()  # (token id, log-probability), most likely first
 
 
 def sample(logits_NV: torch.Tensor, draws: list[TokenDraw]) -> list[SampledToken]:
@@ -48,7 +50,7 @@ def sample(logits_NV: torch.Tensor, draws: list[TokenDraw]) -> list[SampledToken
     logits_NV = logits_NV.float()
     bad_N = torch.isnan(logits_NV).any(dim=-1) | ~torch.isfinite(logits_NV).any(dim=-1)
     greedy_N = logits_NV.argmax(dim=-1)
-    logprobs_NV = torch.log_softmax(logits_NV, dim=-1) if any(d.logprobs for d in draws) else None
+    logprobs_NV = torch.log_softmax(logits_NV, dim=-1) if any(d.logprobs or d.top_logprobs for d in draws) else None
     bad, greedy = bad_N.tolist(), greedy_N.tolist()
     results = []
     for row, draw in enumerate(draws):
@@ -57,8 +59,15 @@ def sample(logits_NV: torch.Tensor, draws: list[TokenDraw]) -> list[SampledToken
             continue
         token = greedy[row] if draw.temperature == 0.0 else _draw(logits_NV[row], draw)
         logprob = float(logprobs_NV[row, token]) if logprobs_NV is not None and draw.logprobs else None
-        results.append(SampledToken(token, logprob))
+        results.append(SampledToken(token, logprob, top=_top(logprobs_NV, row, draw.top_logprobs)))
     return results
+
+
+def _top(logprobs_NV: torch.Tensor | None, row: int, k: int) -> tuple[tuple[int, float], ...]:
+    if logprobs_NV is None or k <= 0:
+        return ()
+    values, ids = torch.topk(logprobs_NV[row], min(k, logprobs_NV.shape[1]))
+    return tuple(zip(ids.tolist(), values.tolist()))
 
 
 def _draw(logits_V: torch.Tensor, draw: TokenDraw) -> int:

@@ -27,6 +27,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: bool = False
+    top_logprobs: int = 0  # with each token, the most likely tokens and their log-probabilities
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -39,6 +40,8 @@ class SamplingParams:
             raise InvalidRequestError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED):
             raise InvalidRequestError(f"seed must be an integer from 0 to 2**64 - 1, got {self.seed!r}")
+        if not isinstance(self.top_logprobs, int) or self.top_logprobs < 0:
+            raise InvalidRequestError(f"top_logprobs must be an integer >= 0, got {self.top_logprobs!r}")
         if any(not s for s in self.stop):
             raise InvalidRequestError("stop strings must not be empty")
 
@@ -77,7 +80,8 @@ class Sequence:
     def next_draw(self) -> TokenDraw:
         """How to pick this sequence's next token."""
         p = self.params
-        return TokenDraw(p.temperature, p.top_p, p.top_k, self.seed, self.num_output_tokens, p.logprobs)
+        return TokenDraw(p.temperature, p.top_p, p.top_k, self.seed, self.num_output_tokens, p.logprobs,
+                         p.top_logprobs)
 
     @property
     def num_tokens(self) -> int:
