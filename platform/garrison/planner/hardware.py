@@ -47,6 +47,9 @@ class Efficiency:
     memory: float = 0.8  # of HBM bandwidth, for streaming weights and KV
     attention: float = 0.5  # of peak FLOPS, for attention's QK^T and PV
     attention_pair_s: float = 0.0  # per (query, key, head) pair beyond its FLOPs (softmax on a CPU)
+    # per pair of a global layer over a context longer than the engine's attention key block, which Garrison
+    # attends block by block (online softmax, one key block per iteration) instead of in one fused kernel
+    blockwise_pair_s: float = 0.0
     overlap: str = "max"
     step_overhead_s: float = 0.0  # per engine step: scheduling, metadata, sampling
     layer_overhead_s: float = 0.0  # per layer and step: kernel launches, framework dispatch
@@ -59,7 +62,7 @@ class Efficiency:
         shares = (self.gemm, self.memory, self.attention)
         if not all(0 < s <= 1 for s in shares) or self.overlap not in ("max", "sum"):
             raise InvalidRequestError(f"invalid efficiency {self}: shares must be in (0, 1], overlap max or sum")
-        if min(self.attention_pair_s, self.step_overhead_s, self.layer_overhead_s,
+        if min(self.attention_pair_s, self.blockwise_pair_s, self.step_overhead_s, self.layer_overhead_s,
                self.row_overhead_s, self.expert_overhead_s, self.group_call_s) < 0:
             raise InvalidRequestError(f"invalid efficiency {self}: overheads must be >= 0")
 

@@ -6,8 +6,9 @@ import math
 from pathlib import Path
 
 from garrison.planner.memory import MemoryBreakdown
-from garrison.planner.search import Ask, Candidate, Plan, engine_for
-from garrison.planner.simulate import Simulation
+from garrison.planner.search import Ask, Candidate, Plan
+from garrison.planner.simulate import SimEngine, Simulation
+from garrison.planner.step_time import StepTimeModel
 from garrison.planner.workload import OpenLoop, Request
 from garrison_workers.errors import InvalidRequestError
 
@@ -70,11 +71,11 @@ def memory(plan: Plan, path: Path) -> Path:
     for c in ([plan.best] if plan.best else []) + plan.candidates:
         for group in c.layout.groups:
             shapes.setdefault(group.describe(), c.memory[group.role])
-    labels = list(shapes)
+    labels = [name if shapes[name].fits else f"{name}\n(does not fit)" for name in shapes]
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(labels) + 3), 5.5))
     bottoms = [0.0] * len(labels)
     for part, label in MEMORY_PARTS:
-        heights = [max(0.0, getattr(shapes[name], part)) / GB for name in labels]
+        heights = [max(0.0, getattr(shapes[name], part)) / GB for name in shapes]
         ax.bar(labels, heights, bottom=bottoms, label=label)
         bottoms = [b + h for b, h in zip(bottoms, heights)]
     ax.axhline(plan.ask.hardware.hbm_bytes / GB, color="black", linestyle="--", linewidth=1, label="HBM")
@@ -86,18 +87,23 @@ def memory(plan: Plan, path: Path) -> Path:
 
 
 def ttft_points(ask: Ask, candidate: Candidate, points: int = 12) -> list[tuple[int, float]]:
-    """TTFT of one prompt alone on the layout's prefill (or only) group, from 1k tokens to the longest context."""
+    """TTFT of one prompt alone on the layout's prefill (or only) group, from 1k tokens to the longest context
+    the group holds (chunked prefill under the engine's token budget, as the simulation schedules it)."""
     layout = candidate.layout
     group = layout.prefill if layout.is_disaggregated else layout.decode
-    mem = candidate.memory["prefill" if layout.is_disaggregated else "both"]
-    longest = max(2, min(mem.max_context, ask.max_context) - 1)
-    lengths = sorted({max(1, round(1024 * (longest / 1024) ** (i / (points - 1)))) for i in range(points)})
+    mem = candidate.memory[group.role]
+    limits = ask.prefill_limits if layout.is_disaggregated else ask.decode_limits
+    longest = max(1025, mem.max_context - 1)
+    lengths = sorted({round(1024 * (longest / 1024) ** (i / (points - 1))) for i in range(points)})
+    step_model = StepTimeModel(ask.model, ask.hardware, ask.precision, group, imbalance=ask.imbalance,
+                               key_block=limits.attention_key_block)
     out = []
     for n in lengths:
-        engine = engine_for(ask, group, mem)
+        blocks = -(-(n + 1) // limits.block_size)
+        engine = SimEngine.build(step_model, blocks, limits.block_size, limits.max_num_seqs,
+                                 limits.max_num_batched_tokens)
         result = Simulation(OpenLoop([Request("one", 0.0, n, 1)])).run_colocated(engine)
-        if result.records and not result.records[0].failed:
-            out.append((n, result.records[0].ttft))
+        out.append((n, result.records[0].ttft))
     return out
 
 
@@ -113,8 +119,8 @@ def ttft_curve(ask: Ask, candidate: Candidate, path: Path) -> Path:
         ax.legend()
     ax.set_xlabel("prompt tokens")
     ax.set_ylabel("time to first token, alone (s)")
-    ax.set_title(f"{ask.model_name} on {ask.hardware.name}, {candidate.layout.describe()}: TTFT up to the longest "
-                 "context")
+    ax.set_title(f"{ask.model_name} on {ask.hardware.name}, {candidate.layout.describe()}: TTFT of one prompt, up to "
+                 "the longest context", fontsize=10)
     ax.grid(alpha=0.3, which="both")
     return _save(fig, path)
 

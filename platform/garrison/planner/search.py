@@ -110,12 +110,17 @@ def sim_blocks(ask: Ask, group: Group, mem: MemoryBreakdown, limits: EngineLimit
     workload's typical context (hybrid KV holds more tokens per byte than every-layer blocks would)."""
     typical = max(1, min(ask.max_context, ask.workload.longest_prompt))
     per_token = sequence_kv_bytes(ask.model, ask.precision.kv, group.tp, typical, ask.kv_layout) / typical
-    return max(1, int(mem.kv_cache // (per_token * limits.block_size)))
+    fit = int(mem.kv_cache // (per_token * limits.block_size))
+    # More blocks than every sequence of a full batch at the longest context can use change nothing (and cost
+    # the block manager's setup): cap there.
+    most = limits.max_num_seqs * -(-(ask.max_context + 1) // limits.block_size)
+    return max(1, min(fit, most))
 
 
 def engine_for(ask: Ask, group: Group, mem: MemoryBreakdown) -> SimEngine:
     limits = ask.prefill_limits if group.role == "prefill" else ask.decode_limits
-    model = StepTimeModel(ask.model, ask.hardware, ask.precision, group, on_ray=True, imbalance=ask.imbalance)
+    model = StepTimeModel(ask.model, ask.hardware, ask.precision, group, on_ray=True, imbalance=ask.imbalance,
+                          key_block=limits.attention_key_block)
     return SimEngine.build(model, sim_blocks(ask, group, mem, limits), limits.block_size, limits.max_num_seqs,
                            limits.max_num_batched_tokens)
 

@@ -40,6 +40,7 @@ class StepCost:
     stream_bytes_s: float = 0.0  # weights and KV read / bandwidth
     attention_flops_s: float = 0.0  # attention FLOPs / peak
     attention_pairs: float = 0.0  # (query, key, head) pairs on this rank
+    blockwise_pairs: float = 0.0  # of those, on global layers over contexts longer than one key block
     layers: int = 0
     rows: int = 0
     experts: float = 0.0  # routed experts run on this rank
@@ -66,11 +67,12 @@ def global_pairs(context: int, new: int) -> tuple[int, int]:
 
 class StepTimeModel:
     def __init__(self, model: ModelConfig, hardware: Hardware, precision: Precision, group: Group,
-                 on_ray: bool = True, imbalance: float = 1.0) -> None:
+                 on_ray: bool = True, imbalance: float = 1.0, key_block: int = 1024) -> None:
         if imbalance < 1:
             raise ValueError(f"imbalance is the busiest rank's share over the mean, >= 1; got {imbalance}")
         self.model, self.hw, self.precision, self.group = model, hardware, precision, group
-        self.on_ray, self.imbalance = on_ray, imbalance
+        self.on_ray, self.imbalance, self.key_block = on_ray, imbalance, key_block
+        self.num_global = sum(not model.is_chunked_layer(i) for i in range(model.num_layers))
         self.counts = param_counts(model)
         self.flops = hardware.peak_flops(COMPUTE_DTYPE[precision.weights])
         self.w_bytes, self.kv_bytes = weight_bytes(precision.weights), kv_bytes(precision.kv)
@@ -88,7 +90,7 @@ class StepTimeModel:
         join = max if eff.overlap == "max" else (lambda a, b: a + b)
         compute = sum(join(f / (eff.attention if attention else eff.gemm), b / eff.memory)
                       for f, b, attention in cost.ops)
-        compute += cost.attention_pairs * eff.attention_pair_s
+        compute += cost.attention_pairs * eff.attention_pair_s + cost.blockwise_pairs * eff.blockwise_pair_s
         fixed = cost.layers * eff.layer_overhead_s + cost.rows * eff.row_overhead_s + cost.experts * eff.expert_overhead_s
         share = max(1.0, self.group.gpus / hw.gpus_per_node) if hw.time_shared else 1.0
         call = eff.group_call_s if self.on_ray else 0.0
@@ -100,8 +102,8 @@ class StepTimeModel:
         if not tokens:
             return cost
         self._linear_ops(cost, tokens, sum(r.logits for r in rows))
-        for layer in range(self.model.num_layers):
-            self._attention(cost, rows, layer)
+        self._attention(cost, rows, chunked=False, layers=self.num_global)
+        self._attention(cost, rows, chunked=True, layers=self.model.num_layers - self.num_global)
         cost.comm_s = self._comm(tokens)
         return cost
 
@@ -136,22 +138,26 @@ class StepTimeModel:
             cost.ops.append((flops_s, bytes_s, False))
         self._gemm(cost, logit_rows, m.vocab_size * m.hidden_size, whole)
 
-    def _attention(self, cost: StepCost, rows: list[Row], layer: int) -> None:
-        """One layer's attention over every row."""
+    def _attention(self, cost: StepCost, rows: list[Row], chunked: bool, layers: int) -> None:
+        """Attention of every row on `layers` layers of one kind (global, or chunked-local)."""
+        if not layers:
+            return
         m, tp = self.model, self.group.tp
         q_heads, kv_heads = max(1, m.num_heads // tp), max(1, m.num_kv_heads // tp)
-        pairs = keys = 0
+        pairs = keys = blockwise = 0
         for row in rows:
-            if m.is_chunked_layer(layer):
+            if chunked:
                 p, k = chunked_pairs(row.context, row.new_tokens, m.attention_chunk_size or 1)
             else:
                 p, k = global_pairs(row.context, row.new_tokens)
+                blockwise += p if row.context + row.new_tokens > self.key_block else 0
             pairs, keys = pairs + p, keys + k
-        flops_s = 4 * pairs * m.head_dim * q_heads / self.flops
-        bytes_s = keys * 2 * kv_heads * m.head_dim * self.kv_bytes / self.hw.hbm_bandwidth
+        flops_s = 4 * pairs * m.head_dim * q_heads / self.flops * layers
+        bytes_s = keys * 2 * kv_heads * m.head_dim * self.kv_bytes / self.hw.hbm_bandwidth * layers
         cost.attention_flops_s += flops_s
         cost.stream_bytes_s += bytes_s
-        cost.attention_pairs += pairs * q_heads
+        cost.attention_pairs += pairs * q_heads * layers
+        cost.blockwise_pairs += blockwise * q_heads * layers
         cost.ops.append((flops_s, bytes_s, True))
 
     def _comm(self, tokens: int) -> float:
