@@ -42,22 +42,21 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import disagg
 import torch
-
-import disagg  # noqa: E402  (this folder is on sys.path: the benchmarks run as scripts)
-from _common import finite_or_none, fmt_load, machine_facts, progress, save_random_llama4  # noqa: E402
-from garrison.model_refs import resolve_model  # noqa: E402
-from garrison.planner.calibrate import Point, calibrate, decode_point, prefill_points  # noqa: E402
-from garrison.planner.hardware import Hardware  # noqa: E402
-from garrison.planner.layout import Group  # noqa: E402
-from garrison.planner.memory import Precision  # noqa: E402
-from garrison.planner.simulate import SimEngine, Simulation, percentile  # noqa: E402
-from garrison.planner.step_time import Row, StepTimeModel  # noqa: E402
-from garrison.planner.workload import OpenLoop, Request  # noqa: E402
-from garrison_workers.config import from_hf_config  # noqa: E402
-from garrison_workers.engine.llm_engine import EngineConfig, LLMEngine  # noqa: E402
-from garrison_workers.engine.sequence import SamplingParams  # noqa: E402
-from garrison_workers.parallel.dims import ParallelDims  # noqa: E402
+from _common import finite_or_none, fmt_load, machine_facts, progress, save_random_llama4
+from garrison.model_refs import resolve_model
+from garrison.planner.calibrate import Point, calibrate, decode_point, prefill_points
+from garrison.planner.hardware import Hardware
+from garrison.planner.layout import Group
+from garrison.planner.memory import Precision
+from garrison.planner.simulate import SimEngine, Simulation, percentile
+from garrison.planner.step_time import Row, StepTimeModel
+from garrison.planner.workload import OpenLoop, Request
+from garrison_workers.config import from_hf_config
+from garrison_workers.engine.llm_engine import EngineConfig, LLMEngine
+from garrison_workers.engine.sequence import SamplingParams
+from garrison_workers.parallel.dims import ParallelDims
 
 FP32 = Precision("fp32", "fp32")
 MOE_OVERRIDES: dict[str, Any] = dict(
@@ -113,7 +112,7 @@ class Measured:
         self.section = Section(name, os.getloadavg())
         report.sections.append(self.section)
 
-    def __enter__(self) -> "Measured":
+    def __enter__(self) -> Measured:
         progress(f"== {self.section.name}")
         self.cpu, self.start = disagg.CpuWindow(), time.perf_counter()
         return self
@@ -150,7 +149,8 @@ def window_rate(token_times: list[list[float]]) -> float:
 
 
 def smollm2_section(report: Report, quick: bool, threads: int) -> tuple[list[Point], float, Any]:
-    with Measured(report, f"SmolLM2: decode at 1 and 8 (calibration), at 32 (held out, best of 2); {threads} thread(s)"):
+    name = f"SmolLM2: decode at 1 and 8 (calibration), at 32 (held out, best of 2); {threads} thread(s)"
+    with Measured(report, name):
         torch.set_num_threads(threads)
         path = resolve_model("smollm2")
         engine = LLMEngine.from_path(path, EngineConfig(kv_cache_bytes=256 << 20, enable_prefix_caching=False))

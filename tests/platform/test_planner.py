@@ -10,7 +10,6 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
-
 from garrison.cli import main
 from garrison.planner import helm_values, report
 from garrison.planner.calibrate import dense_llama, nnls, random_engine
@@ -252,7 +251,7 @@ def test_helm_values_of_the_best_layout_match_the_chart_layout(tmp_path: Path, c
 def test_disaggregated_values_name_both_roles() -> None:
     the_ask = ask()
     candidate = evaluate(the_ask, Layout.disaggregated((4, 1), (2, 2), num_decode=2))
-    assert candidate.figures and candidate.layout.gpus == 8
+    assert candidate.figures and candidate.layout.gpus == 4 + 2 * 4
     values = helm_values.values(Plan(the_ask, [candidate], candidate, [candidate]), "scout")
     jsonschema.validate(values, VALUES_SCHEMA)
     model = values["models"][0]
@@ -341,3 +340,13 @@ def test_layouts_are_checked() -> None:
     layout = Layout.disaggregated((2, 1), (4, 2), num_decode=2, replicas=3)
     assert layout.gpus == 3 * (2 + 16)
     assert layout.nodes(8) == 7  # six nodes of one decode group each, the three prefill groups on a seventh
+
+
+def test_a_config_json_is_a_model(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from garrison_workers.config import tiny_llama4
+
+    (tmp_path / "config.json").write_text(json.dumps(tiny_llama4(max_position_embeddings=65536)))
+    assert main(["plan", "memory", "--model", str(tmp_path), "--hardware", "H100-SXM", "--gpus", "1", "--json"]) == 0
+    layouts = json.loads(capsys.readouterr().out)["layouts"]
+    assert [row["layout"] for row in layouts] == ["tp1"]
+    assert layouts[0]["max_context"] == 65536  # a few MB of model: the model's own context is the limit

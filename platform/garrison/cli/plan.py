@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from garrison_workers.errors import InvalidRequestError, LayoutError
 
+from garrison.cli.store_options import add_kek_options, add_store_option, provider_from_args, store_from_args
 from garrison.planner import helm_values, report
 from garrison.planner.hardware import resolve_hardware
 from garrison.planner.layout import Layout
@@ -22,7 +24,6 @@ from garrison.planner.memory import EngineLimits, Precision, breakdown
 from garrison.planner.models import PRESETS, resolve_model
 from garrison.planner.search import Ask, group_shapes, search
 from garrison.planner.workload import SLO, LengthDist, Workload, load_trace
-from garrison_workers.errors import InvalidRequestError, LayoutError
 
 
 def register(commands: Any) -> None:
@@ -76,6 +77,8 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
                                         "model of the store")
     parser.add_argument("--hardware", help="a catalog name (H100-SXM, H200, B200) or a profile from `plan calibrate`")
     parser.add_argument("--catalog", type=Path, help="hardware catalog YAML (default: the one shipped)")
+    add_store_option(parser)
+    add_kek_options(parser, title="key-encryption key, for a model of the store (its config is encrypted)")
     parser.add_argument("--weight-dtype", default="bf16", help="bf16, fp8, int4 or fp32")
     parser.add_argument("--kv-dtype", default="bf16", help="bf16, fp8 or fp32")
     parser.add_argument("--kv-layout", choices=("hybrid", "uniform"), default="hybrid",
@@ -93,7 +96,7 @@ def _require(args: argparse.Namespace, *names: str) -> None:
 
 def _basics(args: argparse.Namespace) -> tuple[str, Any, Any, Precision, EngineLimits]:
     _require(args, "model", "hardware")
-    name, model = resolve_model(args.model)
+    name, model = resolve_model(args.model, store_from_args(args), provider_from_args(args))
     hardware = resolve_hardware(args.hardware, args.catalog)
     precision = Precision(args.weight_dtype, args.kv_dtype)
     if args.max_num_seqs < 1 or args.max_num_batched_tokens < 1:

@@ -24,11 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from garrison.planner.hardware import Efficiency, Hardware, Link, save_profile
-from garrison.planner.layout import Group
-from garrison.planner.memory import Precision
-from garrison.planner.step_time import Row, StepCost, StepTimeModel
 from garrison_workers.config import ModelConfig, from_hf_config, tiny_llama4
 from garrison_workers.engine.config import EngineConfig
 from garrison_workers.engine.executor import LocalExecutor
@@ -36,9 +31,15 @@ from garrison_workers.engine.llm_engine import LLMEngine
 from garrison_workers.engine.sequence import SamplingParams
 from garrison_workers.model import CausalLM
 
+from garrison.planner.hardware import Efficiency, Hardware, Link, save_profile
+from garrison.planner.layout import Group
+from garrison.planner.memory import Precision
+from garrison.planner.step_time import Row, StepCost, StepTimeModel
+
 Progress = Callable[[str], None]
 # The fitted coefficients, in the order of `features`.
-COEFFICIENTS = ("inv_gemm", "inv_memory", "inv_attention", "attention_pair_s", "blockwise_pair_s", "layer_overhead_s",
+COEFFICIENTS = ("inv_gemm", "inv_memory", "inv_attention", "attention_pair_s", "blockwise_pair_s", "spill_pair_s",
+                "layer_overhead_s",
                 "row_overhead_s", "expert_overhead_s", "step_overhead_s")
 
 
@@ -50,6 +51,7 @@ class Point:
     model: ModelConfig
     rows: list[Row]
     seconds: float
+    key_block: int = 1024  # the engine's attention key block when it was measured
     cost: StepCost | None = None
 
 
@@ -63,12 +65,13 @@ def dense_llama(hidden: int, layers: int, intermediate: int, vocab: int = 8192) 
                                head_dim=head_dim, max_position_embeddings=65536, eos_token_id=2))
 
 
-def moe_llama4(hidden: int, experts: int, chunk: int) -> ModelConfig:
+def moe_llama4(hidden: int, experts: int, chunk: int, global_every: int = 2) -> ModelConfig:
+    head_dim = 16 if hidden < 256 else 32
     return from_hf_config(tiny_llama4(
         vocab_size=4096, hidden_size=hidden, intermediate_size=2 * hidden, intermediate_size_mlp=4 * hidden,
-        num_hidden_layers=4, num_attention_heads=hidden // 32, num_key_value_heads=2, head_dim=32,
-        num_local_experts=experts, no_rope_layer_interval=2, attention_chunk_size=chunk, floor_scale=chunk,
-        max_position_embeddings=65536))
+        num_hidden_layers=4, num_attention_heads=hidden // head_dim, num_key_value_heads=2, head_dim=head_dim,
+        num_local_experts=experts, no_rope_layer_interval=global_every, attention_chunk_size=chunk,
+        floor_scale=chunk, max_position_embeddings=65536))
 
 
 def random_engine(config: ModelConfig, engine_config: EngineConfig) -> LLMEngine:
@@ -101,8 +104,8 @@ def decode_point(engine: LLMEngine, config: ModelConfig, batch: int, prompt: int
     machine other processes only ever slow a step down, so the minimum is the machine's own speed."""
     params = SamplingParams(max_tokens=steps + 64, ignore_eos=True)
     for i in range(batch):
-        engine.add_request(f"d{batch}-{prompt}-{i}-{time.monotonic_ns()}", [3 + (i * 7 + j) % 50 for j in range(prompt)],
-                           params)
+        prompt_ids = [3 + (i * 7 + j) % 50 for j in range(prompt)]
+        engine.add_request(f"d{batch}-{prompt}-{i}-{time.monotonic_ns()}", prompt_ids, params)
     while any(seq.num_computed_tokens < seq.num_prompt_tokens for seq in engine.scheduler.running
               ) or engine.scheduler.waiting:
         engine.step()
@@ -111,7 +114,7 @@ def decode_point(engine: LLMEngine, config: ModelConfig, batch: int, prompt: int
         engine.abort_request(seq.request_id)
     context = prompt + 1 + steps // 2
     return Point(f"{_name(config)} decode batch {batch} context {prompt}", config, [Row(1, context)] * batch,
-                 min(times))
+                 min(times), engine.config.attention_key_block)
 
 
 def prefill_points(engine: LLMEngine, config: ModelConfig, prompt: int, chunk: int, repeats: int = 2) -> list[Point]:
@@ -128,7 +131,7 @@ def prefill_points(engine: LLMEngine, config: ModelConfig, prompt: int, chunk: i
             best[context] = min(best.get(context, math.inf), time.perf_counter() - start)
             context += min(chunk, prompt - context)
     return [Point(f"{_name(config)} prefill {min(chunk, prompt - c)} at {c}", config, [Row(min(chunk, prompt - c), c)],
-                  seconds) for c, seconds in sorted(best.items())]
+                  seconds, engine.config.attention_key_block) for c, seconds in sorted(best.items())]
 
 
 def _name(config: ModelConfig) -> str:
@@ -143,24 +146,28 @@ def engine_points(threads: int, quick: bool, progress: Progress, extra: list[Poi
     torch.set_num_threads(threads)
     steps = 4 if quick else 8
     longest = 3072 if quick else 6144
-    plans: list[tuple[ModelConfig, tuple[int, ...], int]] = [  # (model, decode batches, prompt to prefill)
-        (dense_llama(64, 2, 128, vocab=512), (1, 8, 32), 0),
-        (dense_llama(64, 8, 128, vocab=512), (1, 8, 32), 0),
-        (moe_llama4(64, 16, 512), (1, 8, 32), 0),
-        (dense_llama(256, 4, 1024), (1, 8), longest),
-        (moe_llama4(256, 8, 512), (1, 8), longest),
-        (dense_llama(1024, 4, 4096), (1, 8), 1024),
+    # (model, decode batches, prompt to prefill, prefill chunk, attention key block); the last two models are
+    # attention probes: long prompts with small and with large score tiles (query rows × key block)
+    plans: list[tuple[ModelConfig, tuple[int, ...], int, int, int]] = [
+        (dense_llama(64, 2, 128, vocab=512), (1, 8, 32), 0, 512, 1024),
+        (dense_llama(64, 8, 128, vocab=512), (1, 8, 32), 0, 512, 1024),
+        (moe_llama4(64, 16, 512), (1, 8, 32), 0, 512, 1024),
+        (dense_llama(256, 4, 1024), (1, 8), longest, 512, 1024),
+        (moe_llama4(256, 8, 512), (1, 8), longest, 512, 1024),
+        (dense_llama(1024, 4, 4096), (1, 8), 1024, 512, 1024),
+        (dense_llama(128, 2, 128, vocab=512), (), 2 * longest, 512, 1024),
+        (moe_llama4(128, 4, 8192, global_every=4), (), longest + 2048, 2048, 4096),
     ]
     points: list[Point] = []
-    for config, batches, prompt in plans:
-        engine_config = EngineConfig(num_kv_blocks=1200, max_num_batched_tokens=512, enable_prefix_caching=False,
-                                     attention_key_block=1024)
+    for config, batches, prompt, chunk, key_block in plans:
+        engine_config = EngineConfig(num_kv_blocks=-(-(max(prompt, 200) + 64) // 16) + 64, enable_prefix_caching=False,
+                                     max_num_batched_tokens=chunk, attention_key_block=key_block)
         engine = random_engine(config, engine_config)
         progress(f"  calibrating on {_name(config)}")
         engine.generate([[3, 4, 5, 6] * 32], SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
         points += [decode_point(engine, config, batch, 128, steps) for batch in batches]
         if prompt:
-            points += prefill_points(engine, config, prompt, 512)
+            points += prefill_points(engine, config, prompt, chunk)
     return points + list(extra or [])
 
 
@@ -170,7 +177,7 @@ def engine_points(threads: int, quick: bool, progress: Progress, extra: list[Poi
 def features(cost: StepCost) -> list[float]:
     attention_flops_s = sum(f for f, _, attention in cost.ops if attention)
     return [cost.gemm_flops_s, cost.stream_bytes_s, attention_flops_s, cost.attention_pairs, cost.blockwise_pairs,
-            float(cost.layers),
+            cost.spill_pairs, float(cost.layers),
             float(cost.rows), cost.experts, 1.0]
 
 
@@ -195,20 +202,20 @@ def fit(points: list[Point], base: Hardware) -> tuple[Efficiency, list[dict[str,
     """Efficiencies and overheads that best explain the measured steps (relative error weighted)."""
     for point in points:
         point.cost = StepTimeModel(point.model, base, Precision("fp32", "fp32"), Group("both", 1, 1),
-                                   on_ray=False).cost(point.rows)
+                                   on_ray=False, key_block=point.key_block).cost(point.rows)
     matrix = [features(p.cost) for p in points if p.cost is not None]
     coefficients = nnls(matrix, [p.seconds for p in points], [1 / p.seconds for p in points])
     c = dict(zip(COEFFICIENTS, coefficients))
     eff = Efficiency(gemm=_share(c["inv_gemm"]), memory=_share(c["inv_memory"]),
                      attention=_share(c["inv_attention"]), attention_pair_s=c["attention_pair_s"],
-                     blockwise_pair_s=c["blockwise_pair_s"], overlap="sum",
+                     blockwise_pair_s=c["blockwise_pair_s"], spill_pair_s=c["spill_pair_s"], overlap="sum",
                      step_overhead_s=c["step_overhead_s"], layer_overhead_s=c["layer_overhead_s"],
                      row_overhead_s=c["row_overhead_s"], expert_overhead_s=c["expert_overhead_s"], calibrated=True)
     fitted = replace(base, efficiency=eff)
     report = []
     for point in points:
         predicted = StepTimeModel(point.model, fitted, Precision("fp32", "fp32"), Group("both", 1, 1),
-                                  on_ray=False).seconds(point.rows)
+                                  on_ray=False, key_block=point.key_block).seconds(point.rows)
         report.append({"point": point.label, "measured_s": point.seconds, "fitted_s": predicted})
     return eff, report
 
@@ -300,8 +307,9 @@ def gloo_link(progress: Progress) -> tuple[Link, dict[str, Any]]:
     per_rank = max(0.0, (small4 - small2) / 2)
     latency = max(0.0, small2 - per_rank)
     bandwidth = large_bytes / 2 / max(large_s - small2, 1e-6)  # half of each rank's rows cross to the other
-    return Link(bandwidth, latency, per_rank), {f"all_to_all_ws{w}": {k: {"seconds": v[0], "bytes_per_rank": v[1]}
-                                                                     for k, v in t.items()} for w, t in measured.items()}
+    report = {f"all_to_all_ws{world}": {size: {"seconds": s, "bytes_per_rank": n} for size, (s, n) in t.items()}
+              for world, t in measured.items()}
+    return Link(bandwidth, latency, per_rank), report
 
 
 def ray_costs(progress: Progress) -> tuple[float, Link, dict[str, Any]] | None:
@@ -367,7 +375,7 @@ def calibrate(out: Path, threads: int = 1, quick: bool = False, progress: Progre
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     base = Hardware(name=f"local-{threads}t", hbm_bytes=float(ram) / max(1, cores // threads), hbm_bandwidth=bandwidth,
                     flops={"fp32": peak}, nvlink=link, scaleout=link, gpus_per_node=max(1, cores // threads),
-                    memory_utilization=0.8, time_shared=True,
+                    memory_utilization=0.8, time_shared=True, cache_bytes=last_level_cache(),
                     description=f"this machine ({_cpu_name()}, {cores} cores): one rank = {threads} torch thread(s)")
     points = engine_points(threads, quick, progress, extra_points)
     efficiency, fit_report = fit(points, base)
@@ -388,6 +396,16 @@ def calibrate(out: Path, threads: int = 1, quick: bool = False, progress: Progre
                     "load_average": list(os.getloadavg())}
     save_profile(hardware, out, measurements)
     return hardware
+
+
+def last_level_cache() -> float:
+    """Bytes of the largest CPU cache (sysfs), 0 when unknown."""
+    sizes = []
+    for entry in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = entry.read_text().strip()
+        scale = {"K": 1 << 10, "M": 1 << 20}.get(text[-1:], 1)
+        sizes.append(float(text.rstrip("KM") or 0) * scale)
+    return max(sizes, default=0.0)
 
 
 def _cpu_name() -> str:

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
 from garrison_workers.errors import InvalidRequestError
 
 CATALOG_FILE = Path(__file__).with_name("catalog.yaml")
@@ -50,6 +49,8 @@ class Efficiency:
     # per pair of a global layer over a context longer than the engine's attention key block, which Garrison
     # attends block by block (online softmax, one key block per iteration) instead of in one fused kernel
     blockwise_pair_s: float = 0.0
+    # per blockwise pair whose score tile (query rows × key block, fp32) does not fit `Hardware.cache_bytes`
+    spill_pair_s: float = 0.0
     overlap: str = "max"
     step_overhead_s: float = 0.0  # per engine step: scheduling, metadata, sampling
     layer_overhead_s: float = 0.0  # per layer and step: kernel launches, framework dispatch
@@ -62,7 +63,7 @@ class Efficiency:
         shares = (self.gemm, self.memory, self.attention)
         if not all(0 < s <= 1 for s in shares) or self.overlap not in ("max", "sum"):
             raise InvalidRequestError(f"invalid efficiency {self}: shares must be in (0, 1], overlap max or sum")
-        if min(self.attention_pair_s, self.blockwise_pair_s, self.step_overhead_s, self.layer_overhead_s,
+        if min(self.attention_pair_s, self.blockwise_pair_s, self.spill_pair_s, self.step_overhead_s, self.layer_overhead_s,
                self.row_overhead_s, self.expert_overhead_s, self.group_call_s) < 0:
             raise InvalidRequestError(f"invalid efficiency {self}: overheads must be >= 0")
 
@@ -84,6 +85,7 @@ class Hardware:
     time_shared: bool = False
     # Prefill -> decode KV handoff; None: over `nvlink` within a node, `scaleout` across nodes.
     kv_link: Link | None = None
+    cache_bytes: float = 0.0  # last-level cache a blockwise attention tile must fit in to stay cheap (0: no limit)
     sources: dict[str, str] = field(default_factory=dict)  # figure -> where it comes from
     description: str = ""
 

@@ -60,12 +60,12 @@ class Layout:
             raise LayoutError("a replica's decode groups must be alike (same tp and ep)")
 
     @classmethod
-    def colocated(cls, tp: int, ep: int = 1, replicas: int = 1) -> "Layout":
+    def colocated(cls, tp: int, ep: int = 1, replicas: int = 1) -> Layout:
         return cls((Group("both", tp, ep),), replicas)
 
     @classmethod
     def disaggregated(cls, prefill: tuple[int, int], decode: tuple[int, int], num_decode: int = 1,
-                      replicas: int = 1) -> "Layout":
+                      replicas: int = 1) -> Layout:
         return cls((Group("prefill", *prefill), *[Group("decode", *decode)] * num_decode), replicas)
 
     @property

@@ -17,10 +17,11 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Literal
 
+from garrison_workers.config import ModelConfig
+
 from garrison.planner.dtypes import kv_bytes, weight_bytes
 from garrison.planner.hardware import Hardware
 from garrison.planner.models import param_counts
-from garrison_workers.config import ModelConfig
 
 KVLayout = Literal["hybrid", "uniform"]
 

@@ -11,6 +11,9 @@ from pathlib import Path
 from garrison_workers.config import ModelConfig, from_hf_config, llama3_70b, llama4_maverick, llama4_scout
 from garrison_workers.errors import ModelLoadError
 
+from garrison.weight_store.keys import KeyProvider
+from garrison.weight_store.store import Store
+
 PRESETS: dict[str, Callable[[], ModelConfig]] = {
     "llama4-scout": llama4_scout,
     "llama4-maverick": llama4_maverick,
@@ -19,7 +22,8 @@ PRESETS: dict[str, Callable[[], ModelConfig]] = {
 ALIASES = {"scout": "llama4-scout", "maverick": "llama4-maverick", "llama-3.1-70b": "llama3-70b"}
 
 
-def resolve_model(ref: str, store_dir: Path | None = None, key_provider: object = None) -> tuple[str, ModelConfig]:
+def resolve_model(ref: str, store: Store | None = None, key_provider: KeyProvider | None = None
+                  ) -> tuple[str, ModelConfig]:
     """(name, config) of a preset, a config.json (or a directory holding one), or a model of the store.
 
     Nothing is fetched: a hub id that is none of these is refused with the presets listed.
@@ -32,7 +36,7 @@ def resolve_model(ref: str, store_dir: Path | None = None, key_provider: object 
         path = path / "config.json"
     if path.is_file() and path.suffix == ".json":
         return path.parent.name or path.stem, _from_json(path)
-    return ref, _from_model_ref(ref, store_dir, key_provider)
+    return ref, _from_model_ref(ref, store, key_provider)
 
 
 def _from_json(path: Path) -> ModelConfig:
@@ -45,14 +49,13 @@ def _from_json(path: Path) -> ModelConfig:
     return from_hf_config(raw)
 
 
-def _from_model_ref(ref: str, store_dir: Path | None, key_provider: object) -> ModelConfig:
-    from garrison.model_refs import resolve_model as resolve_ref
-    from garrison.weight_store.store import Store, default_store_dir
+def _from_model_ref(ref: str, store: Store | None, key_provider: KeyProvider | None) -> ModelConfig:
     from garrison_workers.loader import open_model_files
 
-    store = Store(store_dir or default_store_dir())
+    from garrison.model_refs import resolve_model as resolve_ref
+
     try:
-        location = resolve_ref(ref, store, key_provider)  # type: ignore[arg-type]
+        location = resolve_ref(ref, store, key_provider)
     except ModelLoadError as err:
         raise ModelLoadError(f"unknown model {ref!r}: not a preset ({', '.join(PRESETS)}), not a config.json and "
                              f"{err}") from None

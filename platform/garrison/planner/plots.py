@@ -5,12 +5,13 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from garrison_workers.errors import InvalidRequestError
+
 from garrison.planner.memory import MemoryBreakdown
 from garrison.planner.search import Ask, Candidate, Plan
 from garrison.planner.simulate import SimEngine, Simulation
 from garrison.planner.step_time import StepTimeModel
 from garrison.planner.workload import OpenLoop, Request
-from garrison_workers.errors import InvalidRequestError
 
 GB = 1e9
 MEMORY_PARTS = (("embeddings", "embeddings + LM head"), ("attention", "attention"), ("dense", "dense MLP + shared"),

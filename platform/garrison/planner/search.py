@@ -11,14 +11,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from garrison_workers.config import ModelConfig
+from garrison_workers.errors import LayoutError
+
 from garrison.planner.hardware import Hardware, Link
 from garrison.planner.layout import Group, Layout
 from garrison.planner.memory import EngineLimits, KVLayout, MemoryBreakdown, Precision, breakdown, sequence_kv_bytes
 from garrison.planner.simulate import SimEngine, SimResult, Simulation, percentile
 from garrison.planner.step_time import StepTimeModel
 from garrison.planner.workload import SLO, Workload
-from garrison_workers.config import ModelConfig
-from garrison_workers.errors import LayoutError
 
 MAX_SCALE_OUT = 16  # how many times the budget the "GPUs that would meet it" search may go
 
@@ -217,7 +218,8 @@ def layouts(ask: Ask, budget: int) -> list[Layout]:
     shapes = group_shapes(ask.model, hw, budget)
     out = [Layout.colocated(tp, ep, r) for tp, ep in shapes for r in _replica_counts(budget // (tp * ep))]
     if ask.disaggregated:
-        fitting = [s for s in shapes if memory_failure(ask, Layout.colocated(*s))[1] is None][:4]
+        fitting = sorted((s for s in shapes if memory_failure(ask, Layout.colocated(*s))[1] is None),
+                         key=lambda s: (s[0] * s[1], -s[0]))[:4]  # the smallest groups, TP first
         for p_shape in fitting:
             for d_shape in fitting:
                 for n in (1, 2):
@@ -228,7 +230,7 @@ def layouts(ask: Ask, budget: int) -> list[Layout]:
 
 def _replica_counts(most: int) -> list[int]:
     """1, 2, 4, ... up to `most`, and `most` itself."""
-    counts = sorted({2 ** i for i in range(0, max(1, most).bit_length()) if 2 ** i <= most} | {most})
+    counts = sorted({2 ** i for i in range(max(1, most).bit_length()) if 2 ** i <= most} | {most})
     return [c for c in counts if c >= 1]
 
 

@@ -21,11 +21,12 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from garrison.planner.step_time import Row, StepTimeModel
-from garrison.planner.workload import Arrivals, Request
 from garrison_workers.engine.block_manager import BlockManager
 from garrison_workers.engine.scheduler import ScheduledBatch, Scheduler
 from garrison_workers.engine.sequence import SamplingParams, Sequence, SequenceStatus
+
+from garrison.planner.step_time import Row, StepTimeModel
+from garrison.planner.workload import Arrivals, Request
 
 Handoff = Callable[[int], tuple[float, float]]
 IMPORT_SHARE = 0.25  # of a decode step spent importing one handover's slice (kv_link.ImportPace's default share)
@@ -103,7 +104,7 @@ class SimEngine:
 
     @classmethod
     def build(cls, step_model: StepTimeModel, num_blocks: int, block_size: int, max_num_seqs: int,
-              max_num_batched_tokens: int) -> "SimEngine":
+              max_num_batched_tokens: int) -> SimEngine:
         blocks = BlockManager(num_blocks, block_size, enable_prefix_caching=False)
         return cls(step_model, Scheduler(blocks, max_num_seqs, max_num_batched_tokens))
 

@@ -15,12 +15,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from garrison_workers.config import ModelConfig
+
 from garrison.planner.dtypes import COMPUTE_DTYPE, kv_bytes, weight_bytes
 from garrison.planner.hardware import Hardware, Link
 from garrison.planner.layout import Group
 from garrison.planner.memory import Precision
 from garrison.planner.models import param_counts
-from garrison_workers.config import ModelConfig
 
 
 @dataclass(slots=True, frozen=True)
@@ -41,6 +42,7 @@ class StepCost:
     attention_flops_s: float = 0.0  # attention FLOPs / peak
     attention_pairs: float = 0.0  # (query, key, head) pairs on this rank
     blockwise_pairs: float = 0.0  # of those, on global layers over contexts longer than one key block
+    spill_pairs: float = 0.0  # of those, in score tiles larger than the hardware's cache
     layers: int = 0
     rows: int = 0
     experts: float = 0.0  # routed experts run on this rank
@@ -90,8 +92,10 @@ class StepTimeModel:
         join = max if eff.overlap == "max" else (lambda a, b: a + b)
         compute = sum(join(f / (eff.attention if attention else eff.gemm), b / eff.memory)
                       for f, b, attention in cost.ops)
-        compute += cost.attention_pairs * eff.attention_pair_s + cost.blockwise_pairs * eff.blockwise_pair_s
-        fixed = cost.layers * eff.layer_overhead_s + cost.rows * eff.row_overhead_s + cost.experts * eff.expert_overhead_s
+        compute += (cost.attention_pairs * eff.attention_pair_s + cost.blockwise_pairs * eff.blockwise_pair_s
+                    + cost.spill_pairs * eff.spill_pair_s)
+        fixed = (cost.layers * eff.layer_overhead_s + cost.rows * eff.row_overhead_s
+                 + cost.experts * eff.expert_overhead_s)
         share = max(1.0, self.group.gpus / hw.gpus_per_node) if hw.time_shared else 1.0
         call = eff.group_call_s if self.on_ray else 0.0
         return (compute + fixed) * share + cost.comm_s + eff.step_overhead_s + call
@@ -144,13 +148,16 @@ class StepTimeModel:
             return
         m, tp = self.model, self.group.tp
         q_heads, kv_heads = max(1, m.num_heads // tp), max(1, m.num_kv_heads // tp)
-        pairs = keys = blockwise = 0
+        pairs = keys = blockwise = spill = 0
         for row in rows:
             if chunked:
                 p, k = chunked_pairs(row.context, row.new_tokens, m.attention_chunk_size or 1)
             else:
                 p, k = global_pairs(row.context, row.new_tokens)
-                blockwise += p if row.context + row.new_tokens > self.key_block else 0
+                if row.context + row.new_tokens > self.key_block:
+                    blockwise += p
+                    tile = q_heads // kv_heads * row.new_tokens * self.key_block * 4
+                    spill += p if self.hw.cache_bytes and tile > self.hw.cache_bytes else 0
             pairs, keys = pairs + p, keys + k
         flops_s = 4 * pairs * m.head_dim * q_heads / self.flops * layers
         bytes_s = keys * 2 * kv_heads * m.head_dim * self.kv_bytes / self.hw.hbm_bandwidth * layers
@@ -158,6 +165,7 @@ class StepTimeModel:
         cost.stream_bytes_s += bytes_s
         cost.attention_pairs += pairs * q_heads * layers
         cost.blockwise_pairs += blockwise * q_heads * layers
+        cost.spill_pairs += spill * q_heads * layers
         cost.ops.append((flops_s, bytes_s, True))
 
     def _comm(self, tokens: int) -> float:

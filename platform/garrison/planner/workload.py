@@ -29,12 +29,13 @@ class LengthDist:
                                       "fixed:N, uniform:LOW:HIGH (1 <= LOW <= HIGH) or lognormal:MEDIAN:SIGMA")
 
     @classmethod
-    def parse(cls, text: str) -> "LengthDist":
+    def parse(cls, text: str) -> LengthDist:
         parts = text.split(":")
         try:
             numbers = [float(p) for p in parts[1:]] if not parts[0].replace(".", "").isdigit() else [float(parts[0])]
         except ValueError:
-            raise InvalidRequestError(f"invalid length distribution {text!r}: numbers expected after the kind") from None
+            raise InvalidRequestError(f"invalid length distribution {text!r}: numbers expected after the kind"
+                                      ) from None
         kind = "fixed" if parts[0].replace(".", "").isdigit() else parts[0]
         if not numbers or len(numbers) > 2:
             raise InvalidRequestError(f"invalid length distribution {text!r}; use N, uniform:LOW:HIGH or "
@@ -109,7 +110,7 @@ class OpenLoop:
 class ClosedLoop:
     """`concurrency` users, each sending its next request when the last one finishes."""
 
-    def __init__(self, workload: "Workload", concurrency: int) -> None:
+    def __init__(self, workload: Workload, concurrency: int) -> None:
         self.workload, self.concurrency = workload, concurrency
         self.rng, self.issued = random.Random(workload.seed), 0
 
