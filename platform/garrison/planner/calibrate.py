@@ -38,9 +38,8 @@ from garrison.planner.step_time import Row, StepCost, StepTimeModel
 
 Progress = Callable[[str], None]
 # The fitted coefficients, in the order of `features`.
-COEFFICIENTS = ("inv_gemm", "inv_memory", "inv_attention", "attention_pair_s", "blockwise_pair_s", "spill_pair_s",
-                "layer_overhead_s",
-                "row_overhead_s", "expert_overhead_s", "step_overhead_s")
+COEFFICIENTS = ("inv_gemm", "inv_gemm_small", "inv_memory", "inv_attention", "attention_pair_s", "blockwise_pair_s",
+                "spill_pair_s", "layer_overhead_s", "row_overhead_s", "expert_overhead_s", "step_overhead_s")
 
 
 @dataclass(slots=True)
@@ -175,10 +174,9 @@ def engine_points(threads: int, quick: bool, progress: Progress, extra: list[Poi
 
 
 def features(cost: StepCost) -> list[float]:
-    attention_flops_s = sum(f for f, _, attention in cost.ops if attention)
-    return [cost.gemm_flops_s, cost.stream_bytes_s, attention_flops_s, cost.attention_pairs, cost.blockwise_pairs,
-            cost.spill_pairs, float(cost.layers),
-            float(cost.rows), cost.experts, 1.0]
+    attention_flops_s = sum(f for f, _, kind in cost.ops if kind == "attention")
+    return [cost.gemm_flops_s, cost.small_gemm_flops_s, cost.stream_bytes_s, attention_flops_s, cost.attention_pairs,
+            cost.blockwise_pairs, cost.spill_pairs, float(cost.layers), float(cost.rows), cost.experts, 1.0]
 
 
 def nnls(rows: list[list[float]], targets: list[float], weights: list[float]) -> list[float]:
@@ -206,7 +204,7 @@ def fit(points: list[Point], base: Hardware) -> tuple[Efficiency, list[dict[str,
     matrix = [features(p.cost) for p in points if p.cost is not None]
     coefficients = nnls(matrix, [p.seconds for p in points], [1 / p.seconds for p in points])
     c = dict(zip(COEFFICIENTS, coefficients))
-    eff = Efficiency(gemm=_share(c["inv_gemm"]), memory=_share(c["inv_memory"]),
+    eff = Efficiency(gemm=_share(c["inv_gemm"]), gemm_small=_share(c["inv_gemm_small"]), memory=_share(c["inv_memory"]),
                      attention=_share(c["inv_attention"]), attention_pair_s=c["attention_pair_s"],
                      blockwise_pair_s=c["blockwise_pair_s"], spill_pair_s=c["spill_pair_s"], overlap="sum",
                      step_overhead_s=c["step_overhead_s"], layer_overhead_s=c["layer_overhead_s"],

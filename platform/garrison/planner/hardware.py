@@ -43,6 +43,7 @@ class Efficiency:
     roofline) or "sum" (they do not, as on a CPU running small operations)."""
 
     gemm: float = 0.7  # of peak FLOPS, for GEMMs of many tokens
+    gemm_small: float = 0.5  # of peak FLOPS, for GEMMs of fewer than SMALL_GEMM_TOKENS tokens (decode batches)
     memory: float = 0.8  # of HBM bandwidth, for streaming weights and KV
     attention: float = 0.5  # of peak FLOPS, for attention's QK^T and PV
     attention_pair_s: float = 0.0  # per (query, key, head) pair beyond its FLOPs (softmax on a CPU)
@@ -60,11 +61,11 @@ class Efficiency:
     calibrated: bool = False
 
     def __post_init__(self) -> None:
-        shares = (self.gemm, self.memory, self.attention)
+        shares = (self.gemm, self.gemm_small, self.memory, self.attention)
         if not all(0 < s <= 1 for s in shares) or self.overlap not in ("max", "sum"):
             raise InvalidRequestError(f"invalid efficiency {self}: shares must be in (0, 1], overlap max or sum")
-        if min(self.attention_pair_s, self.blockwise_pair_s, self.spill_pair_s, self.step_overhead_s, self.layer_overhead_s,
-               self.row_overhead_s, self.expert_overhead_s, self.group_call_s) < 0:
+        if min(self.attention_pair_s, self.blockwise_pair_s, self.spill_pair_s, self.step_overhead_s,
+               self.layer_overhead_s, self.row_overhead_s, self.expert_overhead_s, self.group_call_s) < 0:
             raise InvalidRequestError(f"invalid efficiency {self}: overheads must be >= 0")
 
 

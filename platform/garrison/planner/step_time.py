@@ -37,7 +37,8 @@ class Row:
 class StepCost:
     """What a step costs on one rank, as the features calibration fits (seconds at efficiency 1, counts)."""
 
-    gemm_flops_s: float = 0.0  # GEMM FLOPs / peak
+    gemm_flops_s: float = 0.0  # GEMM FLOPs / peak (GEMMs of at least SMALL_GEMM_TOKENS tokens)
+    small_gemm_flops_s: float = 0.0  # the same for GEMMs of fewer tokens
     stream_bytes_s: float = 0.0  # weights and KV read / bandwidth
     attention_flops_s: float = 0.0  # attention FLOPs / peak
     attention_pairs: float = 0.0  # (query, key, head) pairs on this rank
@@ -47,8 +48,8 @@ class StepCost:
     rows: int = 0
     experts: float = 0.0  # routed experts run on this rank
     comm_s: float = 0.0  # collectives (not scaled by any efficiency fitted here)
-    # (flops_s, bytes_s, is_attention) of each GEMM group and each layer's attention
-    ops: list[tuple[float, float, bool]] = field(default_factory=list)
+    # (flops_s, bytes_s, kind) of each GEMM group and each layer kind's attention
+    ops: list[tuple[float, float, str]] = field(default_factory=list)
 
 
 def chunked_pairs(context: int, new: int, window: int) -> tuple[int, int]:
@@ -65,6 +66,9 @@ def chunked_pairs(context: int, new: int, window: int) -> tuple[int, int]:
 
 def global_pairs(context: int, new: int) -> tuple[int, int]:
     return new * context + new * (new + 1) // 2, context + new
+
+
+SMALL_GEMM_TOKENS = 64  # GEMMs of fewer rows (decode batches, one expert's tokens) run at `Efficiency.gemm_small`
 
 
 class StepTimeModel:
@@ -90,8 +94,8 @@ class StepTimeModel:
     def combine(self, cost: StepCost) -> float:
         eff, hw = self.hw.efficiency, self.hw
         join = max if eff.overlap == "max" else (lambda a, b: a + b)
-        compute = sum(join(f / (eff.attention if attention else eff.gemm), b / eff.memory)
-                      for f, b, attention in cost.ops)
+        share = {"gemm": eff.gemm, "small": eff.gemm_small, "attention": eff.attention}
+        compute = sum(join(f / share[kind], b / eff.memory) for f, b, kind in cost.ops)
         compute += (cost.attention_pairs * eff.attention_pair_s + cost.blockwise_pairs * eff.blockwise_pair_s
                     + cost.spill_pairs * eff.spill_pair_s)
         fixed = (cost.layers * eff.layer_overhead_s + cost.rows * eff.row_overhead_s
@@ -114,13 +118,19 @@ class StepTimeModel:
     # -- parts ------------------------------------------------------------------------------------
 
     def _gemm(self, cost: StepCost, tokens: float, params: float, w_bytes: float) -> None:
-        if tokens <= 0 or params <= 0:
-            return
-        flops_s = 2 * tokens * params / self.flops
-        bytes_s = params * w_bytes / self.hw.hbm_bandwidth
-        cost.gemm_flops_s += flops_s
+        """GEMMs of `params` weights over `tokens` tokens."""
+        if tokens > 0 and params > 0:
+            self._op(cost, 2 * tokens * params / self.flops, params * w_bytes / self.hw.hbm_bandwidth, tokens)
+
+    def _op(self, cost: StepCost, flops_s: float, bytes_s: float, rows: float) -> None:
+        """A GEMM (or a group of them) with `rows` tokens per call."""
+        small = rows < SMALL_GEMM_TOKENS
+        if small:
+            cost.small_gemm_flops_s += flops_s
+        else:
+            cost.gemm_flops_s += flops_s
         cost.stream_bytes_s += bytes_s
-        cost.ops.append((flops_s, bytes_s, False))
+        cost.ops.append((flops_s, bytes_s, "small" if small else "gemm"))
 
     def _linear_ops(self, cost: StepCost, tokens: int, logit_rows: int) -> None:
         m, c, tp, ep = self.model, self.counts, self.group.tp, self.group.ep
@@ -135,11 +145,10 @@ class StepTimeModel:
             local_experts = math.ceil(c.num_experts / ep)
             touched = local_experts * (1 - (1 - 1 / c.num_experts) ** (tokens * c.top_k))
             cost.experts += touched * c.num_moe_layers
-            flops_s = 2 * pairs * c.routed_expert / tp * c.num_moe_layers / self.flops
-            bytes_s = touched * c.routed_expert / tp * c.num_moe_layers * self.w_bytes / self.hw.hbm_bandwidth
-            cost.gemm_flops_s += flops_s
-            cost.stream_bytes_s += bytes_s
-            cost.ops.append((flops_s, bytes_s, False))
+            # FLOPs of the busiest rank's pairs, `pairs / touched` rows per expert; weights of the touched experts
+            expert = c.routed_expert / tp * c.num_moe_layers
+            self._op(cost, 2 * pairs * expert / self.flops, touched * expert * self.w_bytes / self.hw.hbm_bandwidth,
+                     pairs / max(touched, 1e-9))
         self._gemm(cost, logit_rows, m.vocab_size * m.hidden_size, whole)
 
     def _attention(self, cost: StepCost, rows: list[Row], chunked: bool, layers: int) -> None:
@@ -166,7 +175,7 @@ class StepTimeModel:
         cost.attention_pairs += pairs * q_heads * layers
         cost.blockwise_pairs += blockwise * q_heads * layers
         cost.spill_pairs += spill * q_heads * layers
-        cost.ops.append((flops_s, bytes_s, True))
+        cost.ops.append((flops_s, bytes_s, "attention"))
 
     def _comm(self, tokens: int) -> float:
         m, c, tp, ep = self.model, self.counts, self.group.tp, self.group.ep
