@@ -306,7 +306,8 @@ def predict_disagg(model: Any, two: Hardware, one: Hardware, workload: disagg.Wo
         nbytes = tokens * token_bytes
         return link.latency(2) + nbytes / link.bandwidth, nbytes / (one.hbm_bandwidth * one.efficiency.memory)
 
-    dis = Simulation(DisaggArrivals(workload)).run_disaggregated(prefill, [decode], handoff)
+    dis = Simulation(DisaggArrivals(workload)).run_disaggregated(prefill, [decode], handoff,
+                                                                 poll_s=one.efficiency.poll_s)
     return {"colocated": disagg_figures(col.records, workload), "disaggregated": disagg_figures(dis.records, workload)}
 
 

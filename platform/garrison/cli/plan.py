@@ -56,6 +56,8 @@ def register(commands: Any) -> None:
     out.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
     out.add_argument("--plots", type=Path, help="write pareto.png, memory.png and ttft.png into this directory")
     out.add_argument("--helm-values", type=Path, help="write the best layout as a values file for the Helm chart")
+    out.add_argument("--source", help="with --helm-values: the model the workers load (a store name or a path; "
+                                      "default: --model)")
     parser.set_defaults(run=run)
     sub = parser.add_subparsers(dest="plan_command", metavar="SUBCOMMAND")
     memory = sub.add_parser("memory", help="memory per GPU and longest context of each layout of --gpus GPUs",
@@ -134,7 +136,8 @@ def run(args: argparse.Namespace) -> int:
         if plan.best is None:
             raise InvalidRequestError("no layout within the budget meets the ask, so there are no Helm values to "
                                       "write; see the plan without --helm-values for what would")
-        args.helm_values.write_text(yaml.safe_dump(helm_values.values(plan, args.model), sort_keys=False))
+        values = helm_values.values(plan, args.source or args.model)
+        args.helm_values.write_text(yaml.safe_dump(values, sort_keys=False))
     if args.plots is not None:
         from garrison.planner import plots
 

@@ -310,8 +310,9 @@ def gloo_link(progress: Progress) -> tuple[Link, dict[str, Any]]:
     return Link(bandwidth, latency, per_rank), report
 
 
-def ray_costs(progress: Progress) -> tuple[float, Link, dict[str, Any]] | None:
-    """(Ray actor call round trip, the object-store link a KV handoff takes, measurements), None without Ray."""
+def ray_costs(progress: Progress) -> tuple[float, float, Link, dict[str, Any]] | None:
+    """(Ray actor call round trip, a check of a call in flight, the object-store link a KV handoff takes,
+    measurements), None without Ray."""
     try:
         import ray
     except ImportError:
@@ -327,7 +328,7 @@ def ray_costs(progress: Progress) -> tuple[float, Link, dict[str, Any]] | None:
             ray.shutdown()
 
 
-def _ray_measure(ray: Any) -> tuple[float, Link, dict[str, Any]]:
+def _ray_measure(ray: Any) -> tuple[float, float, Link, dict[str, Any]]:
     @ray.remote(num_cpus=1)
     class Echo:
         def step(self, chunks: list[Any]) -> torch.Tensor:
@@ -335,6 +336,9 @@ def _ray_measure(ray: Any) -> tuple[float, Link, dict[str, Any]]:
 
         def export(self, nbytes: int) -> list[Any]:
             return [ray.put(torch.ones(nbytes // 4))]
+
+        def wait(self, seconds: float) -> None:
+            time.sleep(seconds)
 
     actor = Echo.remote()
     chunks = [([1] * 8, 128, list(range(16)), True)] * 8
@@ -353,11 +357,19 @@ def _ray_measure(ray: Any) -> tuple[float, Link, dict[str, Any]]:
             ray.get(ray.get(actor.export.remote(nbytes))[0])
             best = min(best, time.perf_counter() - start)
         moves[nbytes] = best
+    pending = actor.wait.remote(2.0)
+    polls = []
+    for _ in range(50):
+        start = time.perf_counter()
+        ray.wait([pending], timeout=0)
+        polls.append(time.perf_counter() - start)
+    ray.get(pending)
     small, large = moves[1 << 20], moves[32 << 20]
     bandwidth = (31 << 20) / max(large - small, 1e-6)
     latency = max(0.0, small - (1 << 20) / bandwidth)
-    return (statistics.median(calls), Link(bandwidth, latency),
-            {"actor_call_s": statistics.median(calls), "object_store_s": {str(k): v for k, v in moves.items()}})
+    return (statistics.median(calls), statistics.median(polls), Link(bandwidth, latency),
+            {"actor_call_s": statistics.median(calls), "poll_s": statistics.median(polls),
+             "object_store_s": {str(k): v for k, v in moves.items()}})
 
 
 # -- the profile ------------------------------------------------------------------------------------
@@ -381,8 +393,8 @@ def calibrate(out: Path, threads: int = 1, quick: bool = False, progress: Progre
     kv_link = None
     costs = ray_costs(progress) if with_ray else None
     if costs is not None:
-        call_s, kv_link, ray_measured = costs
-        efficiency = replace(efficiency, group_call_s=call_s)
+        call_s, poll_s, kv_link, ray_measured = costs
+        efficiency = replace(efficiency, group_call_s=call_s, poll_s=poll_s)
     hardware = replace(base, efficiency=efficiency, kv_link=kv_link, sources={
         "hbm_bandwidth": "measured: sum over a 256 MB fp32 tensor, best of 5",
         "flops": "measured: fp32 matmuls, best of three shapes",

@@ -58,6 +58,9 @@ class Efficiency:
     row_overhead_s: float = 0.0  # per sequence in a step: its block table, masks, slots
     expert_overhead_s: float = 0.0  # per routed expert a rank runs in a step (grouping, dispatch)
     group_call_s: float = 0.0  # per step of a worker group on Ray (remote call and result)
+    # per check, without waiting, whether a Ray call is done: a disaggregated replica checks its prefill step (and
+    # each KV export still running) once per decode step
+    poll_s: float = 0.0
     calibrated: bool = False
 
     def __post_init__(self) -> None:
@@ -65,7 +68,8 @@ class Efficiency:
         if not all(0 < s <= 1 for s in shares) or self.overlap not in ("max", "sum"):
             raise InvalidRequestError(f"invalid efficiency {self}: shares must be in (0, 1], overlap max or sum")
         if min(self.attention_pair_s, self.blockwise_pair_s, self.spill_pair_s, self.step_overhead_s,
-               self.layer_overhead_s, self.row_overhead_s, self.expert_overhead_s, self.group_call_s) < 0:
+               self.layer_overhead_s, self.row_overhead_s, self.expert_overhead_s, self.group_call_s,
+               self.poll_s) < 0:
             raise InvalidRequestError(f"invalid efficiency {self}: overheads must be >= 0")
 
 

@@ -146,6 +146,7 @@ class Simulation:
         self._order = itertools.count()
         self.records: dict[str, Record] = {}
         self.now, self.steps, self.preemptions = 0.0, 0, 0
+        self._poll_s = 0.0
         self._push(arrivals.initial())
 
     # -- requests ---------------------------------------------------------------------------------
@@ -217,15 +218,19 @@ class Simulation:
     # -- disaggregated ----------------------------------------------------------------------------
 
     def run_disaggregated(self, prefill: SimEngine, decoders: list[SimEngine], handoff: Handoff,
-                          decoders_parallel: bool = True) -> SimResult:
+                          decoders_parallel: bool = True, poll_s: float = 0.0) -> SimResult:
         """`handoff(tokens)`: (seconds for a prompt's KV to cross the link, seconds to import it into the decode
-        group's blocks). `decoders_parallel`: decode groups step at the same time (each on its own ranks)."""
+        group's blocks). `decoders_parallel`: decode groups step at the same time (each on its own ranks).
+        `poll_s`: what checking a call in flight costs the loop (the prefill step, each export not yet done)."""
+        self._poll_s = poll_s
         inflight: tuple[ScheduledBatch, float] | None = None
         handovers: list[_Handover] = []
         last_decode_s = 0.0
         while not self.arrivals.done() and not self._over():
             self._admit(prefill)
             self._advance_handovers(handovers, last_decode_s)
+            if inflight is not None:
+                self.now += poll_s
             if inflight is None:
                 batch, seconds = prefill.plan()
                 self.preemptions += len(batch.preempted)
@@ -256,6 +261,7 @@ class Simulation:
         spent = 0.0
         for handover in list(handovers):
             if handover.ready_s > self.now:
+                spent += self._poll_s
                 continue
             piece = min(handover.import_left_s, IMPORT_SHARE * last_decode_s or handover.import_left_s)
             handover.import_left_s -= piece
