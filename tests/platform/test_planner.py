@@ -194,6 +194,7 @@ def test_an_impossible_budget_says_memory_fails_first_and_how_many_gpus_would_do
     plan = search(ask("maverick", "H100-SXM", budget=4))
     assert plan.best is None and plan.impossible is not None
     assert plan.impossible["fails_first"] == "memory"
+    assert str(plan.impossible["reason"]).startswith("memory: both group tp4 needs")  # the largest in the budget
     assert plan.impossible["gpus_needed"] == 16  # 801 GB of bf16 weights: more than 8 x 72 GB usable
     assert "NO LAYOUT" in report.table(plan)
 
@@ -238,12 +239,13 @@ def test_helm_values_of_the_best_layout_match_the_chart_layout(tmp_path: Path, c
     out = tmp_path / "values.yaml"
     code = main(["plan", "--model", "scout", "--hardware", "H200", "--rate", "2", "--prompt-tokens", "512",
                  "--output-tokens", "16", "--num-requests", "12", "--ttft-slo", "5", "--gpus", "4",
-                 "--no-disaggregation", "--helm-values", str(out), "--json"])
+                 "--no-disaggregation", "--helm-values", str(out), "--source", "scout-fp8", "--json"])
     assert code == 0
     values = yaml.safe_load(out.read_text())
     jsonschema.validate(values, VALUES_SCHEMA)
     printed = json.loads(capsys.readouterr().out)
     model = values["models"][0]
+    assert (model["name"], model["source"]) == ("llama4-scout", "scout-fp8")
     assert [g["tp"] * g["ep"] for g in model["groups"]] == [printed["best"]["gpus"] // model["replicas"]]
     assert model["engine"]["kv_cache_bytes"] == int(printed["best"]["memory_per_gpu"]["both"]["kv_cache"])
 

@@ -26,10 +26,10 @@ def header(plan: Plan) -> list[str]:
     calibrated = "calibrated on this hardware" if hw.efficiency.calibrated else (
         "uncalibrated catalog defaults (run `garrison plan calibrate` on the node and pass its profile)")
     return [
-        f"model      {ask.model_name}: weights {ask.precision.weights}, KV {ask.precision.kv} "
-        f"({ask.kv_layout} KV layout)",
-        f"hardware   {hw.name}: {hw.hbm_bytes / GB:.0f} GB, {hw.gpus_per_node} GPUs per node; "
-        f"efficiencies {calibrated}",
+        (f"model      {ask.model_name}: weights {ask.precision.weights}, KV {ask.precision.kv} "
+         f"({ask.kv_layout} KV layout)"),
+        (f"hardware   {hw.name}: {hw.hbm_bytes / GB:.0f} GB, {hw.gpus_per_node} GPUs per node; "
+         f"efficiencies {calibrated}"),
         f"workload   {ask.workload.describe()}; longest context {ask.max_context:,} tokens",
         f"SLO        {ask.slo.describe()}; budget {ask.gpu_budget} GPUs",
     ]

@@ -262,9 +262,10 @@ def impossible(ask: Ask, candidates: list[Candidate]) -> dict[str, object]:
     would meet them (the best shape replicated further), or why more GPUs cannot help."""
     simulated = [c for c in candidates if c.figures]
     if not simulated:
-        least = min_gpus_for_memory(ask)
-        return {"fails_first": "memory", "reason": candidates[0].failure if candidates else "no layout fits",
-                "best_in_budget": None, "gpus_needed": least}
+        closest = min(candidates, key=lambda c: max(m.weights + m.activations for m in c.memory.values()),
+                      default=None)  # the least short of memory
+        return {"fails_first": "memory", "reason": closest.failure if closest else "no layout fits the budget",
+                "best_in_budget": None, "gpus_needed": min_gpus_for_memory(ask)}
     closest = min(simulated, key=lambda c: max(ratio_over_slo(ask, c.figures).values(), default=0.0))
     ratios = ratio_over_slo(ask, closest.figures)
     first = max(ratios, key=lambda k: ratios[k]) if ratios else "capacity"
