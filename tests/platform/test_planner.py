@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import jsonschema
@@ -12,9 +13,9 @@ import pytest
 import yaml
 from garrison.cli import main
 from garrison.planner import helm_values, report
-from garrison.planner.calibrate import dense_llama, nnls, random_engine
+from garrison.planner.calibrate import decode_point, dense_llama, fit, nnls, prefill_points, random_engine
 from garrison.planner.dtypes import WEIGHT_BYTES
-from garrison.planner.hardware import CATALOG_FILE, load_catalog, resolve_hardware
+from garrison.planner.hardware import CATALOG_FILE, Hardware, Link, load_catalog, resolve_hardware, save_profile
 from garrison.planner.layout import Layout
 from garrison.planner.memory import EngineLimits, Precision, activation_bytes, breakdown
 from garrison.planner.models import resolve_model
@@ -352,3 +353,35 @@ def test_a_config_json_is_a_model(tmp_path: Path, capsys: pytest.CaptureFixture)
     layouts = json.loads(capsys.readouterr().out)["layouts"]
     assert [row["layout"] for row in layouts] == ["tp1"]
     assert layouts[0]["max_context"] == 65536  # a few MB of model: the model's own context is the limit
+
+
+def test_a_fitted_profile_plans_like_a_catalog_entry(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Calibration's fit on real engine steps (a tiny model here; `garrison plan calibrate` measures more) gives a
+    profile that explains those steps and that --hardware takes like a catalog name."""
+    config = dense_llama(64, 2, 128, vocab=512)
+    engine = random_engine(config, EngineConfig(num_kv_blocks=200, max_num_batched_tokens=256,
+                                                enable_prefix_caching=False))
+    points = [decode_point(engine, config, batch, 32, 3) for batch in (1, 4, 16)]
+    points += prefill_points(engine, config, 768, 256, repeats=1)
+    link = Link(1e9, 1e-4)
+    base = Hardware("here", 8e9, 20e9, {"fp32": 50e9}, link, link, 2, time_shared=True)
+    efficiency, fitted = fit(points, base)
+    assert efficiency.calibrated and efficiency.overlap == "sum"
+    errors = sorted(abs(p["fitted_s"] / p["measured_s"] - 1) for p in fitted)
+    assert errors[len(errors) // 2] < 0.5  # the median step explained within 50%, even on a busy machine
+    profile = tmp_path / "here.yaml"
+    hardware = replace(base, efficiency=efficiency)
+    save_profile(hardware, profile, {"fit": fitted})
+    assert resolve_hardware(str(profile)) == hardware
+    assert main(["plan", "--model", str(_tiny_config(tmp_path)), "--hardware", str(profile), "--concurrency", "4",
+                 "--prompt-tokens", "64", "--output-tokens", "8", "--num-requests", "8", "--tpot-slo", "10",
+                 "--gpus", "2", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["calibrated"] and plan["best"] is not None
+
+
+def _tiny_config(directory: Path) -> Path:
+    from garrison_workers.config import tiny_llama4
+
+    (directory / "config.json").write_text(json.dumps(tiny_llama4()))
+    return directory
