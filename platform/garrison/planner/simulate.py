@@ -206,8 +206,9 @@ class Simulation:
                 continue
             batch, seconds = engine.plan()
             self.preemptions += len(batch.preempted)
-            if not batch.work:
-                self._refuse_unfittable(engine)
+            if not batch.work:  # everything running was preempted (retry), or the next prompt can never fit
+                if not batch.preempted:
+                    self._refuse_unfittable(engine)
                 continue
             self.now += seconds
             self.steps += 1
@@ -236,7 +237,7 @@ class Simulation:
                 self.preemptions += len(batch.preempted)
                 if batch.work:
                     inflight = (batch, self.now + seconds)
-                elif prefill.scheduler.waiting and not prefill.scheduler.running:
+                elif prefill.scheduler.waiting and not prefill.scheduler.running and not batch.preempted:
                     self._refuse_unfittable(prefill)
                     continue
             decode_s, outputs = self._decode_steps(decoders, decoders_parallel)
