@@ -38,7 +38,7 @@ import random
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -387,8 +387,7 @@ def main() -> int:
     report = run_benchmark(args.quick, max(1, args.threads))
     if args.json:
         print(json.dumps(finite_or_none({"quick": report.quick, "figures": [f.to_dict() for f in report.figures],
-                                         "sections": [vars(s) if not hasattr(s, "__slots__") else
-                                                      {k: getattr(s, k) for k in s.__slots__} for s in report.sections],
+                                         "sections": [asdict(s) for s in report.sections],
                                          "profiles": report.profiles}), indent=2, default=str))
     else:
         print(render(report))
