@@ -64,6 +64,7 @@ import torch
 
 from _common import (  # noqa: E402  (this folder is on sys.path: the benchmarks run as scripts)
     Machine, engine_config_dict, finite_or_none, fmt, fmt_load, machine_busy_s, machine_facts, progress, save_random_llama4)
+from garrison.planner.simulate import percentile  # noqa: E402  (one definition, shared with the planner)
 from garrison_workers.config import from_hf_config  # noqa: E402
 from garrison_workers.engine.disagg import DisaggregatedEngine  # noqa: E402
 from garrison_workers.engine.llm_engine import EngineConfig, LLMEngine, RequestOutput  # noqa: E402
@@ -264,17 +265,6 @@ class Phase:
                 "stream_ttft_s": self.stream_ttft_s, "long_ttft_s": {str(k): v for k, v in self.long_ttft_s.items()},
                 "window_s": self.window_s, "wall_s": self.wall_s, "steps": self.steps,
                 "others_cores": self.others_cores}
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Linear interpolation between the closest ranks (numpy's default); NaN for no values."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    position = (len(ordered) - 1) * q / 100
-    low = math.floor(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
 def gaps(times: list[float], start: float, stop: float) -> list[float]:

@@ -477,3 +477,19 @@ def test_dashboard_is_the_ops_file_and_queries_exported_metrics(exported_metric_
             used |= query_metric_names(expression.replace("$model", ".*"))
     assert used - PENDING_METRICS <= exported_metric_names
     assert {"garrison_replicas", "garrison_rejections_total", "garrison_queue_depth"} <= used
+
+
+def test_the_planners_helm_values_render(tmp_path: Path) -> None:
+    """`garrison plan --helm-values` writes values this chart takes: Helm validates them against values.schema.json
+    and renders the planned layout's worker groups."""
+    from garrison.cli import main
+
+    out = tmp_path / "values.yaml"
+    assert main(["plan", "--model", "scout", "--hardware", "H200", "--rate", "2", "--prompt-tokens", "512",
+                 "--output-tokens", "16", "--num-requests", "12", "--ttft-slo", "5", "--gpus", "8",
+                 "--no-disaggregation", "--helm-values", str(out), "--source", "scout"]) == 0
+    planned = read_values(out)["models"][0]
+    ray = parse(render_files(read_values(out))).one("RayCluster")
+    groups = [g for g in ray["spec"]["workerGroupSpecs"] if g["groupName"].startswith(planned["name"])]
+    assert [g["replicas"] for g in groups] == [planned["replicas"]] * len(planned["groups"])
+    assert all(g["numOfHosts"] == planned["numOfHosts"] for g in groups)

@@ -304,6 +304,16 @@ def llama4_maverick() -> ModelConfig:
         bos_token_id=200000, eos_token_id=[200001, 200007, 200008]))
 
 
+def llama3_70b() -> ModelConfig:
+    """Llama 3.1 70B (dense): GQA with 8 KV heads, llama3 RoPE scaling to a 128k context."""
+    return from_hf_config(dict(
+        model_type="llama", vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+        num_attention_heads=64, num_key_value_heads=8, max_position_embeddings=131072, rms_norm_eps=1e-5,
+        rope_scaling=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
+                          high_freq_factor=4.0, original_max_position_embeddings=8192),
+        rope_theta=500000.0, tie_word_embeddings=False, bos_token_id=128000, eos_token_id=[128001, 128008, 128009]))
+
+
 def tiny_llama4(**overrides: Any) -> dict[str, Any]:
     """A few-MB Llama 4 text config (as a transformers config dict) for tests and benchmarks.
 

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from garrison import __version__
-from garrison.cli import admin, certs, chat, generate, kek, models, serve
+from garrison.cli import admin, certs, chat, generate, kek, models, plan, serve
 from garrison.cli.remote import add_connection_options
 from garrison_workers.errors import GarrisonError
 
@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     kek.register(keys_commands)
     models.register(commands)
     certs.register(commands)
+    plan.register(commands)
     return parser
 
 

@@ -1,0 +1,428 @@
+"""`garrison plan calibrate`: measure this machine with the real engine and write a hardware profile.
+
+What it measures, with `threads` torch threads per rank (one rank is one "GPU" of the profile):
+1. peak GEMM FLOPS (fp32 matmuls) and memory read bandwidth (a reduction over a large tensor);
+2. engine steps of random models built in memory (a dense Llama, a Llama 4 MoE with chunked and global layers,
+   and optionally a real model such as SmolLM2): decode batches, prefill chunks at growing contexts. The
+   efficiencies and overheads of the time model are fitted to these steps (non-negative least squares);
+3. gloo collectives (all-reduce, all-to-all, all-gather) between 2 and 4 processes: latency and bandwidth;
+4. a Ray actor call's round trip (a worker group's step) and a tensor through Ray's object store (the KV
+   handoff), when Ray is installed.
+
+The profile is written as YAML with every measurement beside the fitted values.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from garrison_workers.config import ModelConfig, from_hf_config, tiny_llama4
+from garrison_workers.engine.config import EngineConfig
+from garrison_workers.engine.executor import LocalExecutor
+from garrison_workers.engine.llm_engine import LLMEngine
+from garrison_workers.engine.sequence import SamplingParams
+from garrison_workers.model import CausalLM
+
+from garrison.planner.hardware import Efficiency, Hardware, Link, save_profile
+from garrison.planner.layout import Group
+from garrison.planner.memory import Precision
+from garrison.planner.step_time import Row, StepCost, StepTimeModel
+
+Progress = Callable[[str], None]
+# The fitted coefficients, in the order of `features`.
+COEFFICIENTS = ("inv_gemm", "inv_gemm_small", "inv_memory", "inv_attention", "attention_pair_s", "blockwise_pair_s",
+                "spill_pair_s", "layer_overhead_s", "row_overhead_s", "expert_overhead_s", "step_overhead_s")
+
+
+@dataclass(slots=True)
+class Point:
+    """One measured engine step: what it computed, and how long it took (median of repeats)."""
+
+    label: str
+    model: ModelConfig
+    rows: list[Row]
+    seconds: float
+    key_block: int = 1024  # the engine's attention key block when it was measured
+    cost: StepCost | None = None
+
+
+# -- models built in memory -------------------------------------------------------------------------
+
+
+def dense_llama(hidden: int, layers: int, intermediate: int, vocab: int = 8192) -> ModelConfig:
+    head_dim = 32 if hidden < 256 else 64
+    return from_hf_config(dict(model_type="llama", vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+                               num_hidden_layers=layers, num_attention_heads=hidden // head_dim, num_key_value_heads=2,
+                               head_dim=head_dim, max_position_embeddings=65536, eos_token_id=2))
+
+
+def moe_llama4(hidden: int, experts: int, chunk: int, global_every: int = 2) -> ModelConfig:
+    head_dim = 16 if hidden < 256 else 32
+    return from_hf_config(tiny_llama4(
+        vocab_size=4096, hidden_size=hidden, intermediate_size=2 * hidden, intermediate_size_mlp=4 * hidden,
+        num_hidden_layers=4, num_attention_heads=hidden // head_dim, num_key_value_heads=2, head_dim=head_dim,
+        num_local_experts=experts, no_rope_layer_interval=global_every, attention_chunk_size=chunk,
+        floor_scale=chunk, max_position_embeddings=65536))
+
+
+def random_engine(config: ModelConfig, engine_config: EngineConfig) -> LLMEngine:
+    """An engine over random weights (no checkpoint): the real model, runner and scheduler."""
+    with torch.device("meta"):
+        model = CausalLM(config)
+    model = model.to_empty(device="cpu").to(engine_config.dtype)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    num_blocks = engine_config.num_kv_blocks or 1
+    return LLMEngine(LocalExecutor(model.eval(), num_blocks, engine_config), config, None, engine_config, num_blocks)
+
+
+# -- measuring engine steps ---------------------------------------------------------------------------
+
+
+def _timed_steps(engine: LLMEngine, steps: int) -> list[float]:
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def decode_point(engine: LLMEngine, config: ModelConfig, batch: int, prompt: int, steps: int) -> Point:
+    """`batch` sequences past their prompts, each step one token each. The fastest of `steps` steps: on a shared
+    machine other processes only ever slow a step down, so the minimum is the machine's own speed."""
+    params = SamplingParams(max_tokens=steps + 64, ignore_eos=True)
+    for i in range(batch):
+        prompt_ids = [3 + (i * 7 + j) % 50 for j in range(prompt)]
+        engine.add_request(f"d{batch}-{prompt}-{i}-{time.monotonic_ns()}", prompt_ids, params)
+    while any(seq.num_computed_tokens < seq.num_prompt_tokens for seq in engine.scheduler.running
+              ) or engine.scheduler.waiting:
+        engine.step()
+    times = _timed_steps(engine, steps)
+    for seq in list(engine.scheduler.running):
+        engine.abort_request(seq.request_id)
+    context = prompt + 1 + steps // 2
+    return Point(f"{_name(config)} decode batch {batch} context {prompt}", config, [Row(1, context)] * batch,
+                 min(times), engine.config.attention_key_block)
+
+
+def prefill_points(engine: LLMEngine, config: ModelConfig, prompt: int, chunk: int, repeats: int = 2) -> list[Point]:
+    """One prompt prefilled `chunk` tokens per step (the engine's token budget): a point per step at its context,
+    the fastest of `repeats` runs of the same prompt."""
+    best: dict[int, float] = {}
+    for run in range(repeats):
+        engine.add_request(f"p{prompt}-{chunk}-{run}-{time.monotonic_ns()}", [3 + j % 50 for j in range(prompt)],
+                           SamplingParams(max_tokens=1))
+        context = 0
+        while engine.has_unfinished_requests():
+            start = time.perf_counter()
+            engine.step()
+            best[context] = min(best.get(context, math.inf), time.perf_counter() - start)
+            context += min(chunk, prompt - context)
+    return [Point(f"{_name(config)} prefill {min(chunk, prompt - c)} at {c}", config, [Row(min(chunk, prompt - c), c)],
+                  seconds, engine.config.attention_key_block) for c, seconds in sorted(best.items())]
+
+
+def _name(config: ModelConfig) -> str:
+    kind = f"moe{config.num_experts}" if config.moe_layers else "dense"
+    return f"{kind} h{config.hidden_size} L{config.num_layers}"
+
+
+
+def engine_points(threads: int, quick: bool, progress: Progress, extra: list[Point] | None = None) -> list[Point]:
+    """Steps of built-in models: tiny ones (framework overheads per step, layer, sequence and expert), wider ones
+    (GEMM and memory efficiency), and prompts prefilled to a few thousand tokens (attention)."""
+    torch.set_num_threads(threads)
+    steps = 4 if quick else 8
+    longest = 3072 if quick else 6144
+    # (model, decode batches, prompt to prefill, prefill chunk, attention key block); the last two models are
+    # attention probes: long prompts with small and with large score tiles (query rows × key block)
+    plans: list[tuple[ModelConfig, tuple[int, ...], int, int, int]] = [
+        (dense_llama(64, 2, 128, vocab=512), (1, 8, 32), 0, 512, 1024),
+        (dense_llama(64, 8, 128, vocab=512), (1, 8, 32), 0, 512, 1024),
+        (moe_llama4(64, 16, 512), (1, 8, 32), 0, 512, 1024),
+        (dense_llama(256, 4, 1024), (1, 8), longest, 512, 1024),
+        (moe_llama4(256, 8, 512), (1, 8), longest, 512, 1024),
+        (dense_llama(1024, 4, 4096), (1, 8), 1024, 512, 1024),
+        (dense_llama(128, 2, 128, vocab=512), (), 2 * longest, 512, 1024),
+        (moe_llama4(128, 4, 8192, global_every=4), (), longest + 2048, 2048, 4096),
+    ]
+    points: list[Point] = []
+    for config, batches, prompt, chunk, key_block in plans:
+        engine_config = EngineConfig(num_kv_blocks=-(-(max(prompt, 200) + 64) // 16) + 64, enable_prefix_caching=False,
+                                     max_num_batched_tokens=chunk, attention_key_block=key_block)
+        engine = random_engine(config, engine_config)
+        progress(f"  calibrating on {_name(config)}")
+        engine.generate([[3, 4, 5, 6] * 32], SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
+        points += [decode_point(engine, config, batch, 128, steps) for batch in batches]
+        if prompt:
+            points += prefill_points(engine, config, prompt, chunk)
+    return points + list(extra or [])
+
+
+# -- fitting ----------------------------------------------------------------------------------------
+
+
+def features(cost: StepCost) -> list[float]:
+    attention_flops_s = sum(f for f, _, kind in cost.ops if kind == "attention")
+    return [cost.gemm_flops_s, cost.small_gemm_flops_s, cost.stream_bytes_s, attention_flops_s, cost.attention_pairs,
+            cost.blockwise_pairs, cost.spill_pairs, float(cost.layers), float(cost.rows), cost.experts, 1.0]
+
+
+def nnls(rows: list[list[float]], targets: list[float], weights: list[float]) -> list[float]:
+    """Weighted least squares with every coefficient >= 0 (active set: drop negatives and refit)."""
+    a = torch.tensor(rows, dtype=torch.float64) * torch.tensor(weights, dtype=torch.float64)[:, None]
+    b = torch.tensor(targets, dtype=torch.float64) * torch.tensor(weights, dtype=torch.float64)
+    scale = a.abs().max(dim=0).values.clamp_min(1e-30)
+    a = a / scale
+    active = list(range(a.shape[1]))
+    solution = torch.zeros(a.shape[1], dtype=torch.float64)
+    while active:
+        x = torch.linalg.lstsq(a[:, active], b[:, None]).solution.flatten()
+        if (x >= 0).all():
+            solution[active] = x
+            break
+        active = [index for index, value in zip(active, x.tolist()) if value > 0]
+    return (solution / scale).tolist()
+
+
+def fit(points: list[Point], base: Hardware) -> tuple[Efficiency, list[dict[str, Any]]]:
+    """Efficiencies and overheads that best explain the measured steps (relative error weighted)."""
+    for point in points:
+        point.cost = StepTimeModel(point.model, base, Precision("fp32", "fp32"), Group("both", 1, 1),
+                                   on_ray=False, key_block=point.key_block).cost(point.rows)
+    matrix = [features(p.cost) for p in points if p.cost is not None]
+    coefficients = nnls(matrix, [p.seconds for p in points], [1 / p.seconds for p in points])
+    c = dict(zip(COEFFICIENTS, coefficients))
+    eff = Efficiency(gemm=_share(c["inv_gemm"]), gemm_small=_share(c["inv_gemm_small"]), memory=_share(c["inv_memory"]),
+                     attention=_share(c["inv_attention"]), attention_pair_s=c["attention_pair_s"],
+                     blockwise_pair_s=c["blockwise_pair_s"], spill_pair_s=c["spill_pair_s"], overlap="sum",
+                     step_overhead_s=c["step_overhead_s"], layer_overhead_s=c["layer_overhead_s"],
+                     row_overhead_s=c["row_overhead_s"], expert_overhead_s=c["expert_overhead_s"], calibrated=True)
+    fitted = replace(base, efficiency=eff)
+    report = []
+    for point in points:
+        predicted = StepTimeModel(point.model, fitted, Precision("fp32", "fp32"), Group("both", 1, 1),
+                                  on_ray=False, key_block=point.key_block).seconds(point.rows)
+        report.append({"point": point.label, "measured_s": point.seconds, "fitted_s": predicted})
+    return eff, report
+
+
+def _share(inverse: float) -> float:
+    """An efficiency from its fitted inverse; a term the fit dropped (0) becomes 1 (its cost is in other terms)."""
+    return 1.0 if inverse <= 1.0 else 1.0 / inverse
+
+
+# -- machine primitives -----------------------------------------------------------------------------
+
+
+def gemm_peak_flops(threads: int, quick: bool) -> float:
+    torch.set_num_threads(threads)
+    best = 0.0
+    for m, k, n in ((256, 1024, 1024), (512, 2048, 2048), (1024, 1024, 4096)):
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        a @ b
+        repeats = 3 if quick else 8
+        start = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        best = max(best, 2 * m * k * n * repeats / (time.perf_counter() - start))
+    return best
+
+
+def read_bandwidth(threads: int) -> float:
+    torch.set_num_threads(threads)
+    data = torch.ones(64 << 20)  # 256 MB: past any cache
+    data.sum()
+    best = math.inf
+    for _ in range(5):
+        start = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - start)
+    return data.numel() * 4 / best
+
+
+def _collective_worker(rank: int, world: int, port: int, results: Any) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    timings = {}
+    for name, nbytes in (("small", 1024), ("large", 4 << 20)):
+        x = torch.ones(max(world, nbytes // 4))
+        x = x[: x.numel() // world * world]
+        out = torch.empty_like(x)
+        for _ in range(3):
+            dist.all_to_all_single(out, x)
+        dist.barrier()
+        repeats = 20 if name == "small" else 5
+        start = time.perf_counter()
+        for _ in range(repeats):
+            dist.all_to_all_single(out, x)
+        timings[name] = ((time.perf_counter() - start) / repeats, x.numel() * 4)
+    if rank == 0:
+        results.put(timings)
+    dist.destroy_process_group()
+
+
+def collectives(world: int) -> dict[str, tuple[float, int]]:
+    """Seconds of one gloo all_to_all_single with 1 KB and 4 MB per rank, between `world` processes."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_collective_worker, args=(r, world, port, results)) for r in range(world)]
+    for p in procs:
+        p.start()
+    timings = results.get(timeout=300)
+    for p in procs:
+        p.join(timeout=60)
+    return timings
+
+
+def gloo_link(progress: Progress) -> tuple[Link, dict[str, Any]]:
+    measured = {}
+    for world in (2, 4):
+        progress(f"  gloo all-to-all between {world} processes")
+        measured[world] = collectives(world)
+    small2, small4 = measured[2]["small"][0], measured[4]["small"][0]
+    large_s, large_bytes = measured[2]["large"]
+    per_rank = max(0.0, (small4 - small2) / 2)
+    latency = max(0.0, small2 - per_rank)
+    bandwidth = large_bytes / 2 / max(large_s - small2, 1e-6)  # half of each rank's rows cross to the other
+    report = {f"all_to_all_ws{world}": {size: {"seconds": s, "bytes_per_rank": n} for size, (s, n) in t.items()}
+              for world, t in measured.items()}
+    return Link(bandwidth, latency, per_rank), report
+
+
+def ray_costs(progress: Progress) -> tuple[float, float, Link, dict[str, Any]] | None:
+    """(Ray actor call round trip, a check of a call in flight, the object-store link a KV handoff takes,
+    measurements), None without Ray."""
+    try:
+        import ray
+    except ImportError:
+        return None
+    progress("  Ray: an actor call's round trip and tensors through the object store")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        return _ray_measure(ray)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _ray_measure(ray: Any) -> tuple[float, float, Link, dict[str, Any]]:
+    @ray.remote(num_cpus=1)
+    class Echo:
+        def step(self, chunks: list[Any]) -> torch.Tensor:
+            return torch.zeros(len(chunks), 512)
+
+        def export(self, nbytes: int) -> list[Any]:
+            return [ray.put(torch.ones(nbytes // 4))]
+
+        def wait(self, seconds: float) -> None:
+            time.sleep(seconds)
+
+    actor = Echo.remote()
+    chunks = [([1] * 8, 128, list(range(16)), True)] * 8
+    ray.get(actor.step.remote(chunks))
+    calls = []
+    for _ in range(30):
+        start = time.perf_counter()
+        ray.get(actor.step.remote(chunks))
+        calls.append(time.perf_counter() - start)
+    moves = {}
+    for nbytes in (1 << 20, 32 << 20):
+        ray.get(ray.get(actor.export.remote(nbytes))[0])
+        best = math.inf
+        for _ in range(3):
+            start = time.perf_counter()
+            ray.get(ray.get(actor.export.remote(nbytes))[0])
+            best = min(best, time.perf_counter() - start)
+        moves[nbytes] = best
+    pending = actor.wait.remote(2.0)
+    polls = []
+    for _ in range(50):
+        start = time.perf_counter()
+        ray.wait([pending], timeout=0)
+        polls.append(time.perf_counter() - start)
+    ray.get(pending)
+    small, large = moves[1 << 20], moves[32 << 20]
+    bandwidth = (31 << 20) / max(large - small, 1e-6)
+    latency = max(0.0, small - (1 << 20) / bandwidth)
+    return (statistics.median(calls), statistics.median(polls), Link(bandwidth, latency),
+            {"actor_call_s": statistics.median(calls), "poll_s": statistics.median(polls),
+             "object_store_s": {str(k): v for k, v in moves.items()}})
+
+
+# -- the profile ------------------------------------------------------------------------------------
+
+
+def calibrate(out: Path, threads: int = 1, quick: bool = False, progress: Progress = print,
+              extra_points: list[Point] | None = None, with_ray: bool = True) -> Hardware:
+    progress(f"calibrating this machine with {threads} torch thread(s) per rank")
+    peak, bandwidth = gemm_peak_flops(threads, quick), read_bandwidth(threads)
+    progress(f"  GEMM peak {peak / 1e9:.1f} GFLOP/s, read bandwidth {bandwidth / 1e9:.1f} GB/s")
+    link, link_measured = gloo_link(progress)
+    cores = os.cpu_count() or 1
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    base = Hardware(name=f"local-{threads}t", hbm_bytes=float(ram) / max(1, cores // threads), hbm_bandwidth=bandwidth,
+                    flops={"fp32": peak}, nvlink=link, scaleout=link, gpus_per_node=max(1, cores // threads),
+                    memory_utilization=0.8, time_shared=True, cache_bytes=last_level_cache(),
+                    description=f"this machine ({_cpu_name()}, {cores} cores): one rank = {threads} torch thread(s)")
+    points = engine_points(threads, quick, progress, extra_points)
+    efficiency, fit_report = fit(points, base)
+    ray_measured: dict[str, Any] = {}
+    kv_link = None
+    costs = ray_costs(progress) if with_ray else None
+    if costs is not None:
+        call_s, poll_s, kv_link, ray_measured = costs
+        efficiency = replace(efficiency, group_call_s=call_s, poll_s=poll_s)
+    hardware = replace(base, efficiency=efficiency, kv_link=kv_link, sources={
+        "hbm_bandwidth": "measured: sum over a 256 MB fp32 tensor, best of 5",
+        "flops": "measured: fp32 matmuls, best of three shapes",
+        "nvlink": "measured: gloo all_to_all_single between 2 and 4 processes on this machine",
+        "efficiency": f"fitted to {len(points)} engine steps of random models (see measurements.fit)",
+        "kv_link": "measured: tensors through Ray's object store between an actor and the driver"})
+    measurements = {"threads": threads, "gemm_peak_flops": peak, "read_bandwidth": bandwidth,
+                    "collectives": link_measured, "ray": ray_measured, "fit": fit_report,
+                    "load_average": list(os.getloadavg())}
+    save_profile(hardware, out, measurements)
+    return hardware
+
+
+def last_level_cache() -> float:
+    """Bytes of the largest CPU cache (sysfs), 0 when unknown."""
+    sizes = []
+    for entry in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = entry.read_text().strip()
+        scale = {"K": 1 << 10, "M": 1 << 20}.get(text[-1:], 1)
+        sizes.append(float(text.rstrip("KM") or 0) * scale)
+    return max(sizes, default=0.0)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"

@@ -1,0 +1,176 @@
+"""Hardware the planner knows: the catalog (`catalog.yaml`, each figure with its source) and measured profiles.
+
+A profile written by `garrison plan calibrate` has the same fields as a catalog entry; its efficiencies and
+overheads were fitted to this machine's own engine runs. A catalog GPU's efficiencies are defaults until a
+profile measured on that GPU replaces them: every plan says which kind it used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+from garrison_workers.errors import InvalidRequestError
+
+CATALOG_FILE = Path(__file__).with_name("catalog.yaml")
+
+
+@dataclass(slots=True, frozen=True)
+class Link:
+    """A fabric between ranks: bandwidth per GPU and direction, and a fixed cost per collective call
+    (`latency_s` + `latency_per_rank_s` per rank beyond the first)."""
+
+    bandwidth: float  # bytes/s
+    latency_s: float
+    latency_per_rank_s: float = 0.0
+    efficiency: float = 1.0  # of `bandwidth` a collective's payload reaches
+
+    def __post_init__(self) -> None:
+        if self.bandwidth <= 0 or self.latency_s < 0 or self.latency_per_rank_s < 0 or not 0 < self.efficiency <= 1:
+            raise InvalidRequestError(f"invalid link {self}: need bandwidth > 0, latencies >= 0, 0 < efficiency <= 1")
+
+    def latency(self, ranks: int) -> float:
+        return self.latency_s + self.latency_per_rank_s * max(0, ranks - 1)
+
+
+@dataclass(slots=True, frozen=True)
+class Efficiency:
+    """How close the engine's steps come to the peaks, and what they cost besides FLOPs and bytes.
+
+    `overlap` says how compute and memory traffic of one operation combine: "max" (they overlap, a GPU's
+    roofline) or "sum" (they do not, as on a CPU running small operations)."""
+
+    gemm: float = 0.7  # of peak FLOPS, for GEMMs of many tokens
+    gemm_small: float = 0.5  # of peak FLOPS, for GEMMs of fewer than SMALL_GEMM_TOKENS tokens (decode batches)
+    memory: float = 0.8  # of HBM bandwidth, for streaming weights and KV
+    attention: float = 0.5  # of peak FLOPS, for attention's QK^T and PV
+    attention_pair_s: float = 0.0  # per (query, key, head) pair beyond its FLOPs (softmax on a CPU)
+    # per pair of a global layer over a context longer than the engine's attention key block, which Garrison
+    # attends block by block (online softmax, one key block per iteration) instead of in one fused kernel
+    blockwise_pair_s: float = 0.0
+    # per blockwise pair whose score tile (query rows × key block, fp32) does not fit `Hardware.cache_bytes`
+    spill_pair_s: float = 0.0
+    overlap: str = "max"
+    step_overhead_s: float = 0.0  # per engine step: scheduling, metadata, sampling
+    layer_overhead_s: float = 0.0  # per layer and step: kernel launches, framework dispatch
+    row_overhead_s: float = 0.0  # per sequence in a step: its block table, masks, slots
+    expert_overhead_s: float = 0.0  # per routed expert a rank runs in a step (grouping, dispatch)
+    group_call_s: float = 0.0  # per step of a worker group on Ray (remote call and result)
+    # per check, without waiting, whether a Ray call is done: a disaggregated replica checks its prefill step (and
+    # each KV export still running) once per decode step
+    poll_s: float = 0.0
+    calibrated: bool = False
+
+    def __post_init__(self) -> None:
+        shares = (self.gemm, self.gemm_small, self.memory, self.attention)
+        if not all(0 < s <= 1 for s in shares) or self.overlap not in ("max", "sum"):
+            raise InvalidRequestError(f"invalid efficiency {self}: shares must be in (0, 1], overlap max or sum")
+        if min(self.attention_pair_s, self.blockwise_pair_s, self.spill_pair_s, self.step_overhead_s,
+               self.layer_overhead_s, self.row_overhead_s, self.expert_overhead_s, self.group_call_s,
+               self.poll_s) < 0:
+            raise InvalidRequestError(f"invalid efficiency {self}: overheads must be >= 0")
+
+
+@dataclass(slots=True, frozen=True)
+class Hardware:
+    name: str
+    hbm_bytes: float  # per GPU
+    hbm_bandwidth: float  # bytes/s per GPU
+    flops: dict[str, float]  # dense peak FLOPS per GPU by compute dtype (bf16, fp8, fp32)
+    nvlink: Link  # between GPUs of one node
+    scaleout: Link  # between nodes, per GPU
+    gpus_per_node: int
+    memory_utilization: float = 0.9  # share of HBM the engine may use (the rest: CUDA context, allocator slack)
+    runtime_overhead_bytes: float = 0.0  # per GPU besides weights, KV and activations (NCCL buffers, graphs)
+    efficiency: Efficiency = field(default_factory=Efficiency)
+    # A CPU profile: a group with more ranks than the node has devices shares them (its compute takes
+    # ranks / devices as long) instead of spanning nodes.
+    time_shared: bool = False
+    # Prefill -> decode KV handoff; None: over `nvlink` within a node, `scaleout` across nodes.
+    kv_link: Link | None = None
+    cache_bytes: float = 0.0  # last-level cache a blockwise attention tile must fit in to stay cheap (0: no limit)
+    sources: dict[str, str] = field(default_factory=dict)  # figure -> where it comes from
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if self.hbm_bytes <= 0 or self.hbm_bandwidth <= 0 or self.gpus_per_node < 1 or not self.flops:
+            raise InvalidRequestError(f"hardware {self.name!r}: hbm_bytes, hbm_bandwidth, flops and gpus_per_node "
+                                      "must be positive")
+        if not 0 < self.memory_utilization <= 1:
+            raise InvalidRequestError(f"hardware {self.name!r}: memory_utilization must be in (0, 1]")
+
+    def peak_flops(self, dtype: str) -> float:
+        """Dense peak at `dtype`, else at the widest type the hardware lists (a CPU computes fp8 through fp32)."""
+        for candidate in (dtype, "bf16", "fp32"):
+            if candidate in self.flops:
+                return self.flops[candidate]
+        return max(self.flops.values())
+
+    @property
+    def usable_bytes(self) -> float:
+        return self.hbm_bytes * self.memory_utilization - self.runtime_overhead_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def from_dict(name: str, raw: dict[str, Any]) -> Hardware:
+    """A catalog entry or a profile; unknown fields are refused so a typo cannot silently fall back to a default."""
+    known = {f.name for f in fields(Hardware)}
+    unknown = set(raw) - known
+    if unknown:
+        raise InvalidRequestError(f"hardware {name!r} has unknown fields {sorted(unknown)}; known: {sorted(known)}")
+    try:
+        values = dict(raw, name=raw.get("name", name))
+        values["nvlink"] = Link(**raw["nvlink"])
+        values["scaleout"] = Link(**raw["scaleout"])
+        values["efficiency"] = Efficiency(**raw.get("efficiency", {}))
+        values["kv_link"] = Link(**raw["kv_link"]) if raw.get("kv_link") else None
+        values["flops"] = {k: float(v) for k, v in raw["flops"].items()}
+        return Hardware(**values)
+    except (KeyError, TypeError) as err:
+        raise InvalidRequestError(f"hardware {name!r} is incomplete or malformed: {err}") from None
+
+
+def load_catalog(path: Path | None = None) -> dict[str, Hardware]:
+    raw = _read_yaml(path or CATALOG_FILE)
+    entries = raw.get("hardware") if isinstance(raw, dict) else None
+    if not isinstance(entries, dict) or not entries:
+        raise InvalidRequestError(f"{path or CATALOG_FILE} holds no `hardware:` mapping of entries")
+    return {name: from_dict(name, entry) for name, entry in entries.items()}
+
+
+def load_profile(path: Path) -> Hardware:
+    raw = _read_yaml(path)
+    if not isinstance(raw, dict) or "hardware" not in raw or not isinstance(raw["hardware"], dict):
+        raise InvalidRequestError(f"{path} is not a hardware profile (written by `garrison plan calibrate`)")
+    return from_dict(raw["hardware"].get("name", path.stem), raw["hardware"])
+
+
+def save_profile(hardware: Hardware, path: Path, measurements: dict[str, Any]) -> None:
+    body = {"hardware": hardware.to_dict(), "measurements": measurements}
+    path.write_text(yaml.safe_dump(body, sort_keys=False))
+
+
+def resolve_hardware(ref: str, catalog_path: Path | None = None) -> Hardware:
+    """A catalog name (case-insensitive), or the path of a profile file."""
+    path = Path(ref).expanduser()
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return load_profile(path)
+    catalog = load_catalog(catalog_path)
+    by_lower = {name.lower(): hw for name, hw in catalog.items()}
+    if ref.lower() in by_lower:
+        return by_lower[ref.lower()]
+    raise InvalidRequestError(f"unknown hardware {ref!r}: choose one of {', '.join(catalog)} from the catalog "
+                              f"{catalog_path or CATALOG_FILE}, or pass a profile written by `garrison plan calibrate`")
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        return yaml.safe_load(Path(path).read_text())
+    except OSError as err:
+        raise InvalidRequestError(f"cannot read {path}: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        raise InvalidRequestError(f"{path} is not valid YAML: {err}") from None

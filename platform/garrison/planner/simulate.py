@@ -1,0 +1,317 @@
+"""A discrete-event simulation of one replica that drives Garrison's own Scheduler and BlockManager.
+
+Each engine of the replica is the engine's real `Scheduler` over a real `BlockManager` (prefix caching off: a
+planned workload has no shared prefixes); only the step's duration comes from the time model, on a simulated
+clock. So TTFT and TPOT percentiles come from the policy the engine runs: continuous batching, chunked prefill
+under the token budget, the chunk cap that leaves room for waiting prompts, preemption when blocks run out.
+
+Colocated: one engine; each step is scheduled, lasts what the time model says, and its tokens appear at its end.
+
+Disaggregated (as `DisaggregatedEngine.step`): a prefill step stays in flight on the prefill group while each
+call runs one decode step on every decode group; a prefilled sequence leaves the prefill engine (its blocks
+freed), gets blocks on the decode group with the most free blocks, and its KV crosses the link, then is imported
+a slice per decode step (each slice about a quarter of a decode step, as the engine paces it) before it decodes.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from garrison_workers.engine.block_manager import BlockManager
+from garrison_workers.engine.scheduler import ScheduledBatch, Scheduler
+from garrison_workers.engine.sequence import SamplingParams, Sequence, SequenceStatus
+
+from garrison.planner.step_time import Row, StepTimeModel
+from garrison.planner.workload import Arrivals, Request
+
+Handoff = Callable[[int], tuple[float, float]]
+IMPORT_SHARE = 0.25  # of a decode step spent importing one handover's slice (kv_link.ImportPace's default share)
+
+
+@dataclass(slots=True)
+class Record:
+    request: Request
+    token_times: list[float] = field(default_factory=list)
+    failed: str | None = None
+
+    @property
+    def ttft(self) -> float:
+        return self.token_times[0] - self.request.arrival_s if self.token_times else math.inf
+
+    @property
+    def tpot(self) -> float | None:
+        """Mean gap between this request's tokens (None with fewer than two)."""
+        if len(self.token_times) < 2:
+            return None
+        return (self.token_times[-1] - self.token_times[0]) / (len(self.token_times) - 1)
+
+    @property
+    def finished(self) -> bool:
+        return len(self.token_times) >= self.request.output_tokens
+
+
+@dataclass(slots=True)
+class SimResult:
+    records: list[Record]
+    end_s: float
+    steps: int
+    preemptions: int = 0
+    truncated: bool = False  # stopped at the step or time limit with requests unserved (overloaded)
+
+    def ttfts(self) -> list[float]:
+        return [r.ttft for r in self.records if r.failed is None]
+
+    def tpots(self) -> list[float]:
+        return [t for r in self.records if r.failed is None and (t := r.tpot) is not None]
+
+    def gaps(self) -> list[float]:
+        return [b - a for r in self.records for a, b in itertools.pairwise(r.token_times)]
+
+    @property
+    def output_tokens(self) -> int:
+        return sum(len(r.token_times) for r in self.records)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.output_tokens / self.end_s if self.end_s > 0 else 0.0
+
+    @property
+    def failures(self) -> list[Record]:
+        return [r for r in self.records if r.failed is not None or not r.finished]
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default); NaN for no values."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q / 100
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+@dataclass(slots=True)
+class SimEngine:
+    """One engine of the replica: the real scheduler and block manager, and the time model of its group."""
+
+    step_model: StepTimeModel
+    scheduler: Scheduler
+
+    @classmethod
+    def build(cls, step_model: StepTimeModel, num_blocks: int, block_size: int, max_num_seqs: int,
+              max_num_batched_tokens: int) -> SimEngine:
+        blocks = BlockManager(num_blocks, block_size, enable_prefix_caching=False)
+        return cls(step_model, Scheduler(blocks, max_num_seqs, max_num_batched_tokens))
+
+    @property
+    def block_manager(self) -> BlockManager:
+        return self.scheduler.block_manager
+
+    def plan(self) -> tuple[ScheduledBatch, float]:
+        batch = self.scheduler.schedule()
+        rows = [Row(n, seq.num_computed_tokens, seq.num_computed_tokens + n == seq.num_tokens) for seq, n in batch.work]
+        return batch, self.step_model.seconds(rows) if rows else 0.0
+
+    @staticmethod
+    def apply(batch: ScheduledBatch) -> list[Sequence]:
+        """Advance every scheduled sequence; those whose last known token was computed are sampled."""
+        sampled = []
+        for seq, count in batch.work:
+            if seq.is_finished:
+                continue
+            seq.num_computed_tokens += count
+            if seq.num_computed_tokens == seq.num_tokens:
+                sampled.append(seq)
+        return sampled
+
+
+@dataclass(slots=True)
+class _Handover:
+    seq: Sequence
+    decoder: SimEngine
+    computed: int
+    ready_s: float  # the KV has crossed the link
+    import_left_s: float
+
+
+class Simulation:
+    def __init__(self, arrivals: Arrivals, max_steps: int = 200_000, max_time_s: float = 36_000.0) -> None:
+        self.arrivals, self.max_steps, self.max_time_s = arrivals, max_steps, max_time_s
+        self._pending: list[tuple[float, int, Request]] = []
+        self._order = itertools.count()
+        self.records: dict[str, Record] = {}
+        self.now, self.steps, self.preemptions = 0.0, 0, 0
+        self._poll_s = 0.0
+        self._push(arrivals.initial())
+
+    # -- requests ---------------------------------------------------------------------------------
+
+    def _push(self, requests: list[Request]) -> None:
+        for request in requests:
+            heapq.heappush(self._pending, (request.arrival_s, next(self._order), request))
+
+    def _admit(self, engine: SimEngine) -> None:
+        while self._pending and self._pending[0][0] <= self.now:
+            _, _, request = heapq.heappop(self._pending)
+            self.records[request.request_id] = Record(request)
+            params = SamplingParams(max_tokens=request.output_tokens, ignore_eos=True)
+            engine.scheduler.add(Sequence(request.request_id, [0] * request.prompt_tokens, request.prompt_tokens,
+                                          params))
+
+    def _next_arrival(self) -> float:
+        return self._pending[0][0] if self._pending else math.inf
+
+    def _token(self, engine: SimEngine, seq: Sequence) -> bool:
+        """Record a sampled token at the current time; True if the request is done (its blocks are freed)."""
+        seq.token_ids.append(0)
+        record = self.records[seq.request_id]
+        record.token_times.append(self.now)
+        if len(record.token_times) == 1:
+            self._push(self.arrivals.on_first_token(record.request, self.now))
+        if len(record.token_times) < record.request.output_tokens:
+            return False
+        engine.scheduler.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+        self._push(self.arrivals.on_finish(record.request, self.now))
+        return True
+
+    def _refuse_unfittable(self, engine: SimEngine) -> None:
+        """A waiting prompt that cannot get blocks while nothing runs never will (the engine refuses it up front)."""
+        seq = engine.scheduler.waiting[0]
+        engine.scheduler.remove(seq)
+        self.records[seq.request_id].failed = (f"needs {engine.block_manager.blocks_needed(seq.num_tokens + 1)} KV "
+                                               f"blocks, the engine has {engine.block_manager.num_blocks}")
+
+    def _over(self) -> bool:
+        return self.steps >= self.max_steps or self.now >= self.max_time_s
+
+    def _result(self) -> SimResult:
+        truncated = self._over() and (bool(self._pending) or any(not r.finished for r in self.records.values()))
+        return SimResult(list(self.records.values()), self.now, self.steps, self.preemptions, truncated)
+
+    # -- colocated --------------------------------------------------------------------------------
+
+    def run_colocated(self, engine: SimEngine) -> SimResult:
+        while not self.arrivals.done() and not self._over():
+            self._admit(engine)
+            if not engine.scheduler.has_unfinished():
+                if not self._pending:
+                    break
+                self.now = self._next_arrival()
+                continue
+            batch, seconds = engine.plan()
+            self.preemptions += len(batch.preempted)
+            if not batch.work:  # everything running was preempted (retry), or the next prompt can never fit
+                if not batch.preempted:
+                    self._refuse_unfittable(engine)
+                continue
+            self.now += seconds
+            self.steps += 1
+            for seq in engine.apply(batch):
+                self._token(engine, seq)
+        return self._result()
+
+    # -- disaggregated ----------------------------------------------------------------------------
+
+    def run_disaggregated(self, prefill: SimEngine, decoders: list[SimEngine], handoff: Handoff,
+                          decoders_parallel: bool = True, poll_s: float = 0.0) -> SimResult:
+        """`handoff(tokens)`: (seconds for a prompt's KV to cross the link, seconds to import it into the decode
+        group's blocks). `decoders_parallel`: decode groups step at the same time (each on its own ranks).
+        `poll_s`: what checking a call in flight costs the loop (the prefill step, each export not yet done)."""
+        self._poll_s = poll_s
+        inflight: tuple[ScheduledBatch, float] | None = None
+        handovers: list[_Handover] = []
+        last_decode_s = 0.0
+        while not self.arrivals.done() and not self._over():
+            self._admit(prefill)
+            self._advance_handovers(handovers, last_decode_s)
+            if inflight is not None:
+                self.now += poll_s
+            if inflight is None:
+                batch, seconds = prefill.plan()
+                self.preemptions += len(batch.preempted)
+                if batch.work:
+                    inflight = (batch, self.now + seconds)
+                elif prefill.scheduler.waiting and not prefill.scheduler.running and not batch.preempted:
+                    self._refuse_unfittable(prefill)
+                    continue
+            decode_s, outputs = self._decode_steps(decoders, decoders_parallel)
+            idle = decode_s == 0.0
+            last_decode_s = decode_s or last_decode_s
+            if inflight is not None and (inflight[1] <= self.now or (idle and not handovers)):
+                self.now = max(self.now, inflight[1])
+                outputs += self._finish_prefill(prefill, decoders, inflight[0], handovers, handoff)
+                inflight = None
+            if idle and handovers and not outputs:
+                oldest = handovers.pop(0)
+                self.now = max(self.now, oldest.ready_s) + oldest.import_left_s
+                self._complete(oldest)
+            elif idle and inflight is None and not handovers and not outputs and not prefill.scheduler.waiting:
+                if not self._pending:
+                    break
+                self.now = max(self.now, self._next_arrival())
+        return self._result()
+
+    def _advance_handovers(self, handovers: list[_Handover], last_decode_s: float) -> None:
+        """One paced slice of every handover whose KV has arrived; complete those fully imported."""
+        spent = 0.0
+        for handover in list(handovers):
+            if handover.ready_s > self.now:
+                spent += self._poll_s
+                continue
+            piece = min(handover.import_left_s, IMPORT_SHARE * last_decode_s or handover.import_left_s)
+            handover.import_left_s -= piece
+            spent += piece
+            if handover.import_left_s <= 1e-12:
+                handovers.remove(handover)
+                self._complete(handover)
+        self.now += spent
+
+    def _complete(self, handover: _Handover) -> None:
+        seq, scheduler = handover.seq, handover.decoder.scheduler
+        seq.num_computed_tokens = handover.computed
+        seq.status = SequenceStatus.RUNNING
+        scheduler.running.append(seq)  # as LLMEngine.admit: it decodes from the next step
+
+    def _decode_steps(self, decoders: list[SimEngine], parallel: bool) -> tuple[float, int]:
+        planned = [d.plan() for d in decoders]
+        times = [seconds for batch, seconds in planned if batch.work]
+        for batch, _ in planned:
+            self.preemptions += len(batch.preempted)
+        outputs = 0
+        if not times:
+            return 0.0, outputs
+        elapsed = max(times) if parallel else sum(times)
+        self.now += elapsed
+        self.steps += 1
+        for decoder, (batch, _) in zip(decoders, planned):
+            for seq in decoder.apply(batch):
+                self._token(decoder, seq)
+                outputs += 1
+        return elapsed, outputs
+
+    def _finish_prefill(self, prefill: SimEngine, decoders: list[SimEngine], batch: ScheduledBatch,
+                        handovers: list[_Handover], handoff: Handoff) -> int:
+        self.steps += 1
+        outputs = 0
+        for seq in prefill.apply(batch):
+            outputs += 1
+            if self._token(prefill, seq):
+                continue
+            prefill.scheduler.running.remove(seq)  # as LLMEngine's prefill role: held for its handoff
+            computed = seq.num_computed_tokens
+            prefill.block_manager.free(seq)
+            decoder = max(decoders, key=lambda d: d.block_manager.num_free_blocks)
+            seq.block_table, seq.num_hashed_blocks, seq.num_computed_tokens = [], 0, 0
+            if not decoder.block_manager.ensure_slots(seq, computed + 1):
+                self.records[seq.request_id].failed = "no decode group has KV blocks for it"
+                seq.status = SequenceStatus.FINISHED
+                continue
+            link_s, import_s = handoff(computed)
+            handovers.append(_Handover(seq, decoder, computed, self.now + link_s, import_s))
+        return outputs

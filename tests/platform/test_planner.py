@@ -1,0 +1,365 @@
+"""The capacity planner: memory arithmetic checked by hand, the simulation against the engine's own schedule,
+the search's answers to feasible and impossible asks, and what users see from `garrison plan`."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import replace
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+from garrison.cli import main
+from garrison.planner import helm_values, report
+from garrison.planner.calibrate import decode_point, dense_llama, fit, nnls, prefill_points, random_engine
+from garrison.planner.dtypes import WEIGHT_BYTES
+from garrison.planner.hardware import CATALOG_FILE, Hardware, Link, load_catalog, resolve_hardware, save_profile
+from garrison.planner.layout import Layout
+from garrison.planner.memory import EngineLimits, Precision, activation_bytes, breakdown
+from garrison.planner.models import resolve_model
+from garrison.planner.search import Ask, Plan, evaluate, search
+from garrison.planner.simulate import SimEngine, Simulation
+from garrison.planner.step_time import chunked_pairs, global_pairs
+from garrison.planner.workload import SLO, LengthDist, OpenLoop, Request, Workload, load_trace
+from garrison_workers.engine.config import EngineConfig
+from garrison_workers.engine.sequence import SamplingParams
+from garrison_workers.errors import GarrisonError, InvalidRequestError
+
+GB = 1e9
+
+# -- memory arithmetic, by hand -----------------------------------------------------------------------
+
+# Llama 4 Scout / Maverick share their attention and expert shapes: hidden 5120, 40 query heads and 8 KV heads of
+# 128, expert width 8192 (three matrices of 5120 x 8192), a 202,048-token vocabulary with untied LM head.
+VOCAB_PARAMS = 2 * 202_048 * 5120  # embedding + LM head
+ATTENTION_LAYER = 5120 * 128 * (40 + 40 + 8 + 8)  # q, o, k, v
+EXPERT = 3 * 5120 * 8192
+
+
+def test_scout_on_8_h200_at_tp8_by_hand() -> None:
+    _, scout = resolve_model("llama4-scout")
+    h200 = resolve_hardware("H200")
+    mem = breakdown(scout, h200, Precision("bf16", "bf16"), tp=8, ep=1)
+    assert mem.embeddings == VOCAB_PARAMS * 2  # whole on every rank
+    assert mem.attention == 48 * ATTENTION_LAYER * 2 / 8
+    # 48 MoE layers: shared expert split by TP, router (16 experts) and 97 norms whole
+    assert mem.dense == 48 * EXPERT * 2 / 8 + (48 * 5120 * 16 + 97 * 5120) * 2
+    assert mem.experts == 16 * 48 * EXPERT * 2 / 8  # all 16 experts (ep=1), an eighth of each one's width
+    usable = 141e9 * 0.9 - 2e9  # memory_utilization and runtime overhead of the catalog entry
+    kv_budget = usable - mem.weights - mem.activations
+    assert mem.kv_cache == pytest.approx(kv_budget)
+    # one KV head per rank: K and V of 128 bf16 values = 512 bytes per layer per token; 12 global (NoPE) layers
+    # grow with the context, 36 chunked layers hold one 8192-token chunk
+    per = 2 * 1 * 128 * 2
+    assert mem.kv_context == int((kv_budget / per - 36 * 8192) // 12)
+    assert mem.max_context == min(mem.kv_context, 10_485_760)
+    uniform = breakdown(scout, h200, Precision("bf16", "bf16"), tp=8, ep=1, kv_layout="uniform")
+    assert uniform.kv_context == int(kv_budget // (per * 48))
+    assert 3_500_000 < uniform.kv_context < 4_500_000  # vLLM published 3.6M for this node (2025-04)
+
+
+def test_maverick_fp8_on_8_h100_experts_split_by_ep() -> None:
+    _, maverick = resolve_model("maverick")
+    h100 = resolve_hardware("h100-sxm")
+    mem = breakdown(maverick, h100, Precision("fp8", "bf16"), tp=2, ep=4)
+    assert mem.experts == 24 * (128 // 4) * EXPERT * 1 / 2  # 24 MoE layers, 32 experts per EP rank, fp8
+    # 24 dense layers of width 16384 and 24 shared experts, fp8 and split by TP; router (128) and norms in bf16
+    assert mem.dense == (24 * 3 * 5120 * 16384 + 24 * EXPERT) * 1 / 2 + (24 * 5120 * 128 + 97 * 5120) * 2
+    assert mem.attention == 48 * ATTENTION_LAYER * 1 / 2
+    assert mem.embeddings == VOCAB_PARAMS * 2
+    per_layer_token = 2 * (8 // 2) * 128 * 2
+    kv_budget = 80e9 * 0.9 - 2e9 - mem.weights - mem.activations
+    assert mem.kv_context == int((kv_budget / per_layer_token - 36 * 8192) // 12)
+
+
+def test_dense_llama_int4_and_a_layout_that_does_not_fit() -> None:
+    _, llama = resolve_model("llama3-70b")
+    h100 = resolve_hardware("H100-SXM")
+    params = 80 * (8192 * 128 * (64 + 64 + 8 + 8) + 3 * 8192 * 28672)
+    int4 = breakdown(llama, h100, Precision("int4", "fp8"), tp=1, ep=1)
+    assert WEIGHT_BYTES["int4"] == 0.5 + 2 / 128
+    assert int4.attention + int4.dense == pytest.approx(params * (0.5 + 2 / 128) + 161 * 8192 * 2)
+    per_token = 2 * 8 * 128 * 1 * 80  # fp8 KV, every layer global
+    assert int4.kv_context == int(int4.kv_cache // per_token)
+    assert not breakdown(llama, h100, Precision("bf16", "bf16"), tp=1, ep=1).fits  # 141 GB of weights
+
+
+def test_activations_grow_with_the_token_budget() -> None:
+    _, scout = resolve_model("scout")
+    small = activation_bytes(scout, Precision(), 8, EngineLimits(max_num_batched_tokens=2048))
+    large = activation_bytes(scout, Precision(), 8, EngineLimits(max_num_batched_tokens=16384))
+    assert 0 < small < large < 8 * GB
+
+
+def test_every_catalog_figure_names_its_source() -> None:
+    raw = yaml.safe_load(CATALOG_FILE.read_text())["hardware"]
+    assert set(raw) == {"H100-SXM", "H200", "B200"}
+    for name, entry in raw.items():
+        figures = {"hbm_bytes", "hbm_bandwidth", "flops", "nvlink", "scaleout", "gpus_per_node", "efficiency"}
+        assert figures <= set(entry["sources"]), name
+    assert load_catalog()["B200"].hbm_bytes == 180e9
+
+
+# -- the time model's attention counts -------------------------------------------------------------------
+
+
+def brute_pairs(context: int, new: int, window: int | None) -> int:
+    total = 0
+    for position in range(context, context + new):
+        start = position // window * window if window else 0
+        total += position - start + 1
+    return total
+
+
+@pytest.mark.parametrize("context,new,window", [(0, 1, 16), (5, 40, 16), (16, 16, 16), (1000, 3000, 1024),
+                                                (8191, 2, 8192), (0, 700, 256)])
+def test_attention_pairs_against_brute_force(context: int, new: int, window: int) -> None:
+    assert chunked_pairs(context, new, window)[0] == brute_pairs(context, new, window)
+    assert global_pairs(context, new)[0] == brute_pairs(context, new, None)
+
+
+# -- the simulation follows the engine's own schedule --------------------------------------------------
+
+
+class OneSecondSteps:
+    """A clock for the simulation in which every step lasts one second: token times are step numbers."""
+
+    def seconds(self, rows: list[object]) -> float:
+        return 1.0
+
+
+def test_simulation_reproduces_the_engines_schedule_step_for_step() -> None:
+    """Same requests through the real engine (counting its steps) and through the simulation: every token comes
+    out at the same step, through chunked prefill, a full batch and preemption (few blocks)."""
+    config = EngineConfig(block_size=16, num_kv_blocks=14, max_num_seqs=3, max_num_batched_tokens=32,
+                          enable_prefix_caching=False)
+    model = dense_llama(64, 2, 128, vocab=512)
+    engine = random_engine(model, config)
+    rng = random.Random(3)
+    requests = [Request(f"r{i}", 0.0, rng.randrange(2, 90), rng.randrange(1, 20)) for i in range(7)]
+    for r in requests:
+        engine.add_request(r.request_id, [rng.randrange(3, 500) for _ in range(r.prompt_tokens)],
+                           SamplingParams(max_tokens=r.output_tokens, ignore_eos=True))
+    real: dict[str, list[float]] = {r.request_id: [] for r in requests}
+    step = 0
+    while engine.has_unfinished_requests():
+        step += 1
+        for out in engine.step():
+            real[out.request_id] += [float(step)] * len(out.new_token_ids)
+    sim_engine = SimEngine.build(OneSecondSteps(), 14, 16, 3, 32)  # type: ignore[arg-type]
+    result = Simulation(OpenLoop(requests)).run_colocated(sim_engine)
+    assert result.preemptions > 0
+    assert {r.request.request_id: r.token_times for r in result.records} == real
+    assert sim_engine.block_manager.num_free_blocks == 14
+
+
+def test_disaggregated_simulation_hands_every_request_over() -> None:
+    model = OneSecondSteps()
+    prefill = SimEngine.build(model, 64, 16, 8, 64)  # type: ignore[arg-type]
+    decoders = [SimEngine.build(model, 32, 16, 8, 64) for _ in range(2)]  # type: ignore[arg-type]
+    requests = [Request(f"r{i}", i * 0.5, 40 + i, 5) for i in range(10)]
+    result = Simulation(OpenLoop(requests)).run_disaggregated(prefill, decoders, lambda n: (0.25, 0.5))
+    assert all(r.finished and r.failed is None for r in result.records)
+    assert all(r.token_times[1] - r.token_times[0] >= 1.0 for r in result.records)  # the handoff lies between
+    assert prefill.block_manager.num_free_blocks == 64
+    assert all(d.block_manager.num_free_blocks == 32 for d in decoders)
+
+
+# -- the search --------------------------------------------------------------------------------------
+
+
+def ask(model: str = "scout", hardware: str = "H200", budget: int = 8, ttft: float | None = 5.0,
+        tpot: float | None = 0.2, context: int = 4096, weights: str = "bf16") -> Ask:
+    name, config = resolve_model(model)
+    workload = Workload(LengthDist.parse("uniform:256:1024"), LengthDist.parse("32"), rate=2.0, num_requests=24)
+    return Ask(config, name, resolve_hardware(hardware), Precision(weights, "bf16"), workload, SLO(ttft, tpot), budget,
+               context, disaggregated=False)
+
+
+def test_a_feasible_ask_gets_the_best_layout_a_front_and_reasons() -> None:
+    plan = search(ask())
+    assert plan.best is not None and plan.best.layout.gpus <= 8
+    best_goodput = plan.best.figures["goodput_per_gpu"]
+    assert all(c.figures["goodput_per_gpu"] <= best_goodput for c in plan.candidates if c.meets)
+    assert plan.pareto and all(c.figures for c in plan.pareto)
+    failed = [c for c in plan.candidates if not c.meets]
+    assert failed and all(c.failure for c in failed)
+    assert any(c.failure.startswith("memory:") for c in failed)  # tp1 cannot hold Scout's 216 GB
+    text = report.table(plan)
+    assert "BEST" in text and "longest context" in text
+
+
+def test_an_impossible_budget_says_memory_fails_first_and_how_many_gpus_would_do() -> None:
+    plan = search(ask("maverick", "H100-SXM", budget=4))
+    assert plan.best is None and plan.impossible is not None
+    assert plan.impossible["fails_first"] == "memory"
+    assert str(plan.impossible["reason"]).startswith("memory: both group tp4 needs")  # the largest in the budget
+    assert plan.impossible["gpus_needed"] == 16  # 801 GB of bf16 weights: more than 8 x 72 GB usable
+    assert "NO LAYOUT" in report.table(plan)
+
+
+def test_an_unreachable_tpot_says_which_slo_fails_and_that_more_gpus_do_not_help() -> None:
+    plan = search(ask(tpot=1e-5, budget=4))
+    assert plan.best is None
+    assert plan.impossible["fails_first"] == "tpot"
+    assert plan.impossible["gpus_needed"] is None
+    assert "more replicas do not help" in report.table(plan)
+
+
+# -- helm values -------------------------------------------------------------------------------------
+
+# The chart's own schema (Helm checks values against it too: tests/helm renders the planner's values).
+VALUES_SCHEMA = json.loads((Path(__file__).resolve().parents[2] / "helm/garrison/values.schema.json").read_text())
+
+
+def test_helm_values_of_the_best_layout_match_the_chart_layout(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "values.yaml"
+    code = main(["plan", "--model", "scout", "--hardware", "H200", "--rate", "2", "--prompt-tokens", "512",
+                 "--output-tokens", "16", "--num-requests", "12", "--ttft-slo", "5", "--gpus", "4",
+                 "--no-disaggregation", "--helm-values", str(out), "--source", "scout-fp8", "--json"])
+    assert code == 0
+    values = yaml.safe_load(out.read_text())
+    jsonschema.validate(values, VALUES_SCHEMA)
+    printed = json.loads(capsys.readouterr().out)
+    model = values["models"][0]
+    assert (model["name"], model["source"]) == ("llama4-scout", "scout-fp8")
+    assert [g["tp"] * g["ep"] for g in model["groups"]] == [printed["best"]["gpus"] // model["replicas"]]
+    assert model["engine"]["kv_cache_bytes"] == int(printed["best"]["memory_per_gpu"]["both"]["kv_cache"])
+
+
+def test_disaggregated_values_name_both_roles() -> None:
+    the_ask = ask()
+    candidate = evaluate(the_ask, Layout.disaggregated((4, 1), (2, 2), num_decode=2))
+    assert candidate.figures and candidate.layout.gpus == 4 + 2 * 4
+    values = helm_values.values(Plan(the_ask, [candidate], candidate, [candidate]), "scout")
+    jsonschema.validate(values, VALUES_SCHEMA)
+    model = values["models"][0]
+    assert [(g["role"], g["tp"], g["ep"]) for g in model["groups"]] == [("prefill", 4, 1), ("decode", 2, 2),
+                                                                         ("decode", 2, 2)]
+    assert model["gpusPerPod"] == 4 and model["numOfHosts"] == 1
+
+
+# -- what users see ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["plan", "memory", "--model", "llama-9000", "--hardware", "H200"], "unknown model 'llama-9000'"),
+    (["plan", "memory", "--model", "scout", "--hardware", "TPUv9"], "unknown hardware 'TPUv9': choose one of"),
+    (["plan", "memory", "--model", "scout", "--hardware", "H200", "--gpus", "3"], "no tp × ep layout of exactly 3"),
+    (["plan", "--model", "scout", "--hardware", "H200", "--ttft-slo", "1"], "exactly one of --rate"),
+    (["plan", "--model", "scout", "--hardware", "H200", "--rate", "1"], "give at least one SLO"),
+    (["plan", "--model", "scout", "--hardware", "H200", "--rate", "1", "--ttft-slo", "1", "--weight-dtype", "fp6"],
+     "unknown weight dtype 'fp6'"),
+    (["plan", "--model", "scout", "--hardware", "H200", "--rate", "1", "--ttft-slo", "1", "--prompt-tokens",
+      "uniform:9:3"], "invalid length distribution"),
+])
+def test_bad_input_gets_a_clear_message(argv: list[str], message: str, capsys: pytest.CaptureFixture) -> None:
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    assert captured.err.startswith("garrison: error: ") and message in captured.err
+    assert "Traceback" not in captured.err
+
+
+def test_an_empty_trace_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    trace = tmp_path / "empty.jsonl"
+    trace.write_text("\n")
+    assert main(["plan", "--model", "scout", "--hardware", "H200", "--trace", str(trace), "--ttft-slo", "1"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("garrison: error: the trace") and "is empty" in err
+    with pytest.raises(InvalidRequestError, match="is empty"):
+        load_trace(trace)
+    trace.write_text('{"arrival_s": 0, "prompt_tokens": 10}\n')
+    with pytest.raises(InvalidRequestError, match=r"empty.jsonl:1: not a trace record"):
+        load_trace(trace)
+
+
+def test_a_trace_is_read_in_arrival_order(tmp_path: Path) -> None:
+    trace = tmp_path / "t.jsonl"
+    trace.write_text('{"arrival_s": 5.0, "prompt_tokens": 10, "output_tokens": 2, "tenant": "b"}\n'
+                     '{"timestamp": 3.5, "prompt_tokens": 20, "output_tokens": 4, "tenant": "a"}\n')
+    requests = load_trace(trace)
+    assert [(r.arrival_s, r.prompt_tokens, r.tenant) for r in requests] == [(0.0, 20, "a"), (1.5, 10, "b")]
+
+
+def test_memory_table_shows_the_longest_context(capsys: pytest.CaptureFixture) -> None:
+    assert main(["plan", "memory", "--model", "maverick", "--hardware", "H100-SXM", "--weight-dtype", "fp8"]) == 0
+    out = capsys.readouterr().out
+    assert "tp8" in out and "LONGEST CONTEXT" in out
+
+
+def test_plots_are_written(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    from garrison.planner import plots
+
+    plan = search(ask(budget=4))
+    paths = plots.write_all(plan, tmp_path)
+    assert sorted(p.name for p in paths) == ["memory.png", "pareto.png", "ttft.png"]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 10_000 for p in paths)
+
+
+# -- calibration's fit ----------------------------------------------------------------------------------
+
+
+def test_nnls_recovers_non_negative_coefficients() -> None:
+    rng = random.Random(0)
+    truth = [2.0, 0.0, 0.5]
+    rows = [[rng.uniform(0, 1), rng.uniform(0, 1), 1.0] for _ in range(30)]
+    targets = [sum(a * b for a, b in zip(row, truth)) for row in rows]
+    got = nnls(rows, targets, [1.0] * len(rows))
+    assert got == pytest.approx(truth, abs=1e-9)
+    assert all(c >= 0 for c in nnls(rows, [-t for t in targets], [1.0] * len(rows)))
+
+
+def test_layouts_are_checked() -> None:
+    _, scout = resolve_model("scout")
+    with pytest.raises(GarrisonError, match="tp=3 does not divide"):
+        Layout.colocated(3).validate(scout, 8)
+    with pytest.raises(GarrisonError, match="must fill whole nodes"):
+        Layout.colocated(4, 3).validate(scout, 8)
+    layout = Layout.disaggregated((2, 1), (4, 2), num_decode=2, replicas=3)
+    assert layout.gpus == 3 * (2 + 16)
+    assert layout.nodes(8) == 7  # six nodes of one decode group each, the three prefill groups on a seventh
+
+
+def test_a_config_json_is_a_model(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from garrison_workers.config import tiny_llama4
+
+    (tmp_path / "config.json").write_text(json.dumps(tiny_llama4(max_position_embeddings=65536)))
+    assert main(["plan", "memory", "--model", str(tmp_path), "--hardware", "H100-SXM", "--gpus", "1", "--json"]) == 0
+    layouts = json.loads(capsys.readouterr().out)["layouts"]
+    assert [row["layout"] for row in layouts] == ["tp1"]
+    assert layouts[0]["max_context"] == 65536  # a few MB of model: the model's own context is the limit
+
+
+def test_a_fitted_profile_plans_like_a_catalog_entry(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Calibration's fit on real engine steps (a tiny model here; `garrison plan calibrate` measures more) gives a
+    profile that explains those steps and that --hardware takes like a catalog name."""
+    config = dense_llama(64, 2, 128, vocab=512)
+    engine = random_engine(config, EngineConfig(num_kv_blocks=200, max_num_batched_tokens=256,
+                                                enable_prefix_caching=False))
+    points = [decode_point(engine, config, batch, 32, 3) for batch in (1, 4, 16)]
+    points += prefill_points(engine, config, 768, 256, repeats=1)
+    link = Link(1e9, 1e-4)
+    base = Hardware("here", 8e9, 20e9, {"fp32": 50e9}, link, link, 2, time_shared=True)
+    efficiency, fitted = fit(points, base)
+    assert efficiency.calibrated and efficiency.overlap == "sum"
+    errors = sorted(abs(p["fitted_s"] / p["measured_s"] - 1) for p in fitted)
+    assert errors[len(errors) // 2] < 0.5  # the median step explained within 50%, even on a busy machine
+    profile = tmp_path / "here.yaml"
+    hardware = replace(base, efficiency=efficiency)
+    save_profile(hardware, profile, {"fit": fitted})
+    assert resolve_hardware(str(profile)) == hardware
+    assert main(["plan", "--model", str(_tiny_config(tmp_path)), "--hardware", str(profile), "--concurrency", "4",
+                 "--prompt-tokens", "64", "--output-tokens", "8", "--num-requests", "8", "--tpot-slo", "10",
+                 "--gpus", "2", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["calibrated"] and plan["best"] is not None
+
+
+def _tiny_config(directory: Path) -> Path:
+    from garrison_workers.config import tiny_llama4
+
+    (directory / "config.json").write_text(json.dumps(tiny_llama4()))
+    return directory
