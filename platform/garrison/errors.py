@@ -12,7 +12,8 @@ from garrison.tenancy.errors import (AlreadyExistsError, InvalidArgumentError, N
                                      QuotaExceededError, RequestTooLargeError, StoreUnavailableError,
                                      UnauthenticatedError)
 from garrison_workers.errors import (CapacityError, ContextLengthError, GarrisonError, InvalidRequestError,
-                                     LayoutError, ModelLoadError, SequenceError, UnavailableError)
+                                     LayoutError, ModelLoadError, QueueFullError, SequenceError,
+                                     UnavailableError)
 
 GRPC_STATUS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (UnauthenticatedError, grpc.StatusCode.UNAUTHENTICATED),
@@ -20,6 +21,7 @@ GRPC_STATUS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (NotFoundError, grpc.StatusCode.NOT_FOUND),
     (AlreadyExistsError, grpc.StatusCode.ALREADY_EXISTS),
     (QuotaExceededError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (QueueFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     # Per-request limits and malformed fields: the same request can never succeed.
     (RequestTooLargeError, grpc.StatusCode.INVALID_ARGUMENT),
     (InvalidArgumentError, grpc.StatusCode.INVALID_ARGUMENT),

@@ -83,7 +83,7 @@ def server_counters(server: BackgroundServer) -> tuple[int, int, int, int]:
     garrison = server.server
     assert garrison.router is not None
     load = garrison.router.load(MODEL)
-    used_blocks = sum(replica.kv_blocks[0] for replica in garrison.router.deployments[MODEL].replicas)
+    used_blocks = load.kv_blocks_used
     return load.in_flight, load.queued, garrison.quotas.total_in_flight(), used_blocks
 
 

@@ -14,7 +14,7 @@ from conftest import save_tiny_llama4
 from garrison.certs import make_certs
 from garrison.client import ClientError, GarrisonClient, TLSFiles
 from garrison.serving.background import BackgroundServer
-from garrison.serving.cluster import ray_ranks
+from garrison.serving.controller import ray_ranks
 from garrison.serving.config import ConfigError, load
 
 

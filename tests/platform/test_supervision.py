@@ -80,7 +80,8 @@ def test_a_restart_that_cannot_be_placed_says_why_and_recovers_when_capacity_ret
         # before the group's restart asks for them (placement groups wait in order).
         squatter = placement_group([{"CPU": 1}] * int(ray.cluster_resources()["CPU"]))
         try:
-            server.server.router.deployments["tiny"].replicas[0].engine.executor.kill_rank(1)  # no traffic after
+            core = server.server.controller.core("core/tiny/0")
+            ray.get(core.kill_rank.remote(0, 1))  # no traffic after this
             unplaceable = wait_for(lambda: [r for r in replicas(server, "tiny")
                                             if r.state == pb.REPLICA_STATE_UNPLACEABLE], timeout=60)
             assert unplaceable, replicas(server, "tiny")
@@ -113,11 +114,11 @@ def test_a_prefill_rank_dying_in_a_handoff_leaves_the_decode_group_streaming(tin
         stream_prompt, doomed_prompt = [3, 4, 5, 6, 7], [9, 10, 11, 12, 13, 14]
         expected_stream = generate(server, "disagg", stream_prompt, max_tokens=60)
         expected_doomed = generate(server, "disagg", doomed_prompt)
-        prefill = server.server.router.deployments["disagg"].replicas[0].engine.prefill.executor
+        core = server.server.controller.core("core/disagg/0")
         with ThreadPoolExecutor(1) as pool:
             stream = pool.submit(generate, server, "disagg", stream_prompt, 60)
             time.sleep(0.5)  # the stream is decoding on the decode group
-            prefill.inject_fault(0, "export_kv", Fault("exit"))
+            ray.get(core.inject_fault.remote(0, 0, "export_kv", Fault("exit")))  # group 0: the prefill group
             with pytest.raises(grpc.RpcError) as failed:
                 generate(server, "disagg", doomed_prompt)
             assert failed.value.code() == grpc.StatusCode.UNAVAILABLE and "rank 0" in failed.value.details()

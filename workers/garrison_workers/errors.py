@@ -36,6 +36,18 @@ class UnavailableError(GarrisonError):
     """The server cannot serve this request now (a lost rank, a failed handoff, no capacity); a retry may succeed."""
 
 
+class QueueFullError(GarrisonError):
+    """A tenant already has as many requests waiting for a replica as it may (max_queued_per_tenant): retry once
+    some have started. RESOURCE_EXHAUSTED, with `retry_after_s`."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    def __reduce__(self) -> tuple:  # crosses process boundaries (an engine core answers a gateway through Ray)
+        return type(self), (str(self), self.retry_after_s)
+
+
 class UnplaceableError(UnavailableError):
     """A worker group cannot be placed now: the cluster's slots (CPU slots or GPUs) are taken. It is placed once they
     free up; a layout the cluster could never hold is a LayoutError instead."""

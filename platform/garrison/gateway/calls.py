@@ -16,8 +16,7 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 
 from garrison.errors import grpc_status_for
-from garrison.tenancy.errors import (InvalidArgumentError, QuotaExceededError, StoreUnavailableError,
-                                     UnauthenticatedError)
+from garrison.tenancy.errors import (InvalidArgumentError, QuotaExceededError, UnauthenticatedError)
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +56,9 @@ async def abort(context: grpc.aio.ServicerContext, err: BaseException, request_i
     else:
         message = str(err)
     # A quota, or the tenant database, frees up later: say when to retry.
-    if isinstance(err, (QuotaExceededError, StoreUnavailableError)) and err.retry_after_s is not None:
-        context.set_trailing_metadata((("retry-after", f"{err.retry_after_s:.1f}"),))
+    retry_after_s = getattr(err, "retry_after_s", None)  # quotas, queues, a database or a gateway that is busy
+    if isinstance(retry_after_s, (int, float)):
+        context.set_trailing_metadata((("retry-after", f"{retry_after_s:.1f}"),))
     await context.abort(status, message)
 
 

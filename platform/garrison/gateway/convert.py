@@ -7,13 +7,13 @@ from datetime import datetime, timezone
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from garrison.router.replica import ReplicaState
 from garrison.router.router import Deployment
 from garrison.tenancy import records
 from garrison.tenancy.errors import InvalidArgumentError
 from garrison.tenancy.records import Principal, QuotaUpdate
 from garrison.tenancy.service import TenancyService
 from garrison.v1 import admin_pb2, inference_pb2, usage_pb2
+from garrison_workers.engine_core import ReplicaState
 
 QUOTA_FIELDS = ("max_concurrent_requests", "tokens_per_minute", "max_prompt_tokens", "max_new_tokens",
                 "priority_weight")

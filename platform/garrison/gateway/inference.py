@@ -27,6 +27,7 @@ from garrison.tenancy.service import TenancyService
 from garrison.v1 import inference_pb2 as pb
 from garrison.v1 import usage_pb2
 from garrison_workers.engine.llm_engine import RequestOutput
+from garrison_workers.errors import QueueFullError
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ class InferenceService:
             except asyncio.CancelledError:
                 status = "cancelled"
                 raise
-            except QuotaExceededError as err:  # the tenant's line for this model is full
+            except (QuotaExceededError, QueueFullError) as err:  # the tenant's line at the replica is full
                 status = "rejected"
                 self._reject(auth, err)
                 raise
@@ -97,12 +98,16 @@ class InferenceService:
         """The router's stream, with the router's and the worker's spans in the request's trace."""
         tracer = self.telemetry.tracer
         parent = otel_context.get_current()
-        queued = tracer.start_span("router.queue", context=parent)
+        queued = tracer.start_span("router.queue", context=parent)  # until the replica's admission lets it in
         engine_spans: list[Span] = []
-        route.on_dispatch = queued.end
-        route.on_start = lambda: engine_spans.append(tracer.start_span("worker.engine", context=parent))
+
+        def started() -> None:
+            queued.end()
+            engine_spans.append(tracer.start_span("worker.engine", context=parent))
+
+        route.on_start = started
         try:
-            # Closed here, not left to the garbage collector: closing it is what frees the router slot.
+            # Closed here, not left to the garbage collector: closing it aborts the request at its replica.
             async with contextlib.aclosing(self.router.stream(route)) as outputs:
                 async for out in outputs:
                     if out.error is not None:
@@ -127,9 +132,10 @@ class InferenceService:
             self._reject(auth, err)
             raise
 
-    def _reject(self, auth: Authorization, err: QuotaExceededError) -> None:
+    def _reject(self, auth: Authorization, err: QuotaExceededError | QueueFullError) -> None:
         tenant = auth.principal.tenant or ""
-        self.telemetry.rejections.add(1, {"tenant": tenant, "model": auth.model, "limit": err.limit})
+        limit = err.limit if isinstance(err, QuotaExceededError) else "max_queued_per_tenant"
+        self.telemetry.rejections.add(1, {"tenant": tenant, "model": auth.model, "limit": limit})
         self.usage.add(tenant, auth.model, rejected_requests=1)
 
     def _response(self, request_id: str, out: RequestOutput, progress: _Progress,

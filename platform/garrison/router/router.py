@@ -1,38 +1,33 @@
-"""Queues requests fairly across tenants and dispatches them to a model's replicas.
+"""Picks a replica for each request and streams its outputs; the replicas' engine cores do the queueing.
 
-Each model has a fixed number of slots: its serving replicas times the sequences one replica batches. A
-request takes a slot from dispatch until it finishes or is cancelled, and returns it at once. While
-every slot is taken, requests wait in a weighted fair queue (cost: the tokens they may use), so a
-tenant flooding the model delays mostly itself. Some slots (the headroom, a quarter) are kept for light
-tenants: those holding fewer slots than the headroom and than their fair share (the slots times their weight
-over the active tenants' weights). The other requests fill the rest, and a light tenant's request starts at
-the next step instead of waiting for a slot to free, so its latency under a flood stays near its latency on a
-busy but unsaturated server. A light tenant's request takes one of the other slots while there is one: the
-headroom is used only once they are all taken. A dispatched request goes to the
-serving replica with the fewest requests in flight. Runs on the gateway's event loop; replicas run on their
-own threads.
+A replica's slots, and the fair queue in front of them, live in its engine core (garrison_workers.engine.
+admission), so fairness across tenants and each tenant's queue bound hold whichever gateways the requests come
+through. The router picks, among a model's serving replicas, the one with the least load in its last snapshot
+(requests waiting, then running, then KV blocks in use), but keeps a tenant's requests that start with the same
+prompt block on the replica that served the first of them while that replica is not much busier (prefix-cache
+affinity within a tenant: another tenant's salt never shares blocks anyway). Runs on the gateway's event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections import Counter
+import hashlib
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from garrison.router.fair_queue import FairQueue
-from garrison.router.replica import Replica, ReplicaStatus
-from garrison.tenancy.errors import QuotaExceededError
+from garrison.router.replica import ReplicaClient
 from garrison_workers.config import ModelConfig
 from garrison_workers.engine.llm_engine import RequestOutput
 from garrison_workers.engine.sequence import SamplingParams
+from garrison_workers.engine_core import CoreRequest, ReplicaStatus
 from garrison_workers.errors import UnavailableError
 from garrison_workers.tokenizer import Tokenizer
 
-
-QUEUE_FULL_RETRY_S = 1.0
-HEADROOM_FRACTION = 4  # a quarter of the slots are kept for light tenants
+AFFINITY_TOKENS = 16  # the prompt's first block of a default-sized cache
+AFFINITY_ENTRIES = 65536
+AFFINITY_SLACK = 2  # requests the affine replica may have waiting beyond the least busy one's
 
 
 @dataclass(slots=True)
@@ -42,9 +37,9 @@ class Deployment:
     name: str
     model_config: ModelConfig
     tokenizer: Tokenizer | None
-    replicas: list[Replica]
-    slots_per_replica: int
+    replicas: list[ReplicaClient]
     max_model_len: int  # prompt plus output tokens that fit (the model's context and the KV cache)
+    expected_replicas: int = 0  # how many the configuration asks for; fewer are up while the controller starts some
 
 
 @dataclass(slots=True)
@@ -56,24 +51,7 @@ class RouteRequest:
     prompt_token_ids: list[int]
     params: SamplingParams
     salt: bytes  # prefix-cache salt: requests share cached blocks only with the same salt
-    on_dispatch: Callable[[], Any] | None = None  # called when the request leaves the queue
-    on_start: Callable[[], Any] | None = None  # called on the engine thread when the engine takes it
-
-
-@dataclass(slots=True)
-class _Ticket:
-    request: RouteRequest
-    dispatched: asyncio.Future[int]  # the replica's index
-    reserved: bool = False  # holds one of the slots kept for light tenants (the headroom)
-
-
-@dataclass(slots=True)
-class _ModelState:
-    queue: FairQueue[_Ticket] = field(default_factory=FairQueue)
-    in_flight: list[int] = field(default_factory=list)  # per replica
-    reserved: int = 0  # requests in flight on the headroom's slots
-    tenants: Counter[str] = field(default_factory=Counter)  # in flight per tenant
-    weights: dict[str, float] = field(default_factory=dict)  # each tenant's priority weight, as last seen
+    on_start: Callable[[], Any] | None = None  # called when the request enters its replica's engine
 
 
 @dataclass(slots=True, frozen=True)
@@ -86,113 +64,65 @@ class ModelLoad:
     in_flight_by_tenant: dict[str, int]
 
 
+@dataclass(slots=True)
 class Router:
-    def __init__(self, deployments: list[Deployment], max_queued_per_tenant: int = 256) -> None:
-        """`max_queued_per_tenant`: requests one tenant may have waiting for a model's slots; more are refused."""
-        self.deployments = {d.name: d for d in deployments}
-        self.max_queued_per_tenant = max_queued_per_tenant
-        self._state = {d.name: _ModelState(in_flight=[0] * len(d.replicas)) for d in deployments}
+    deployments: dict[str, Deployment] = field(default_factory=dict)
+    _affinity: OrderedDict[bytes, str] = field(default_factory=OrderedDict)  # prefix -> replica name
 
     async def stream(self, request: RouteRequest) -> AsyncIterator[RequestOutput]:
-        """Queue, dispatch and stream one request. Closing the iterator early aborts it and frees its slot."""
-        loop = asyncio.get_running_loop()
-        deployment, state = self.deployments[request.model], self._state[request.model]
-        if not any(replica.serving for replica in deployment.replicas):
-            raise UnavailableError(f"model {request.model!r} has no serving replica now: "
-                                   f"{'; '.join(_describe(r.status) for r in deployment.replicas)}; retry later")
-        queued = state.queue.queued(request.tenant)
-        if queued >= self.max_queued_per_tenant:
-            raise QuotaExceededError(f"tenant {request.tenant!r} has {queued} requests waiting for model "
-                                     f"{request.model!r}, its max_queued_per_tenant: retry when some have started",
-                                     limit="max_queued_per_tenant", retry_after_s=QUEUE_FULL_RETRY_S)
-        ticket = _Ticket(request, loop.create_future())
-        state.weights[request.tenant] = request.weight
-        cost = len(request.prompt_token_ids) + request.params.max_tokens
-        state.queue.push(request.tenant, ticket, cost, request.weight)
-        self._dispatch(request.model)
-        index: int | None = None
+        """Send one request to a replica and stream it. Closing the iterator early aborts it and frees its slot."""
+        deployment = self.deployments[request.model]
+        replica = self._pick(deployment, request)
+        outputs: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        replica.add(CoreRequest(request.request_id, request.tenant, request.weight, request.prompt_token_ids,
+                                request.params, request.salt), outputs.put_nowait)
         finished = False
         try:
-            index = await ticket.dispatched
-            outputs: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
-            deployment.replicas[index].add(request.request_id, request.prompt_token_ids, request.params,
-                                           request.salt, lambda item: loop.call_soon_threadsafe(outputs.put_nowait, item),
-                                           request.on_start)
             while not finished:
                 item = await outputs.get()
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
                 finished = item.finished
+                if item.started:
+                    if request.on_start is not None:
+                        request.on_start()
+                    continue
                 yield item
         finally:
-            if index is None and ticket.dispatched.done() and not ticket.dispatched.cancelled():
-                index = ticket.dispatched.result()  # dispatched just as the caller went away
-            if index is None:
-                state.queue.remove(ticket)
-                ticket.dispatched.cancel()
-            else:
-                if not finished:
-                    deployment.replicas[index].abort(request.request_id)
-                state.in_flight[index] -= 1
-                state.reserved -= ticket.reserved
-                state.tenants[request.tenant] -= 1
-                if state.tenants[request.tenant] == 0:
-                    del state.tenants[request.tenant]
-                self._dispatch(request.model)
-            if request.tenant not in state.tenants and not state.queue.queued(request.tenant):
-                state.weights.pop(request.tenant, None)  # idle again: it holds no state
+            if not finished:
+                replica.abort(request.request_id)
 
-    def _dispatch(self, model: str) -> None:
-        state, deployment = self._state[model], self.deployments[model]
-        while len(state.queue):
-            serving = [i for i, replica in enumerate(deployment.replicas) if replica.serving]
-            if not serving:  # queued requests wait for a replica to come back (or for their deadline)
-                return
-            index = min(serving, key=state.in_flight.__getitem__)
-            if state.in_flight[index] >= deployment.slots_per_replica:
-                return
-            slots = deployment.slots_per_replica * len(serving)
-            headroom = max(1, slots // HEADROOM_FRACTION)
-            reserved = sum(state.in_flight[i] for i in serving) - state.reserved >= slots - headroom
-            if not reserved:
-                ticket = state.queue.pop()
-            else:  # only the headroom is left: for light tenants, below their fair share and the headroom itself
-                ticket = state.queue.pop(lambda tenant: state.tenants[tenant] < min(
-                    headroom, self._fair_share(state, tenant, slots)))
-                if ticket is None:
-                    return
-            if ticket.dispatched.done():
-                # Its caller was cancelled: cancelling a task cancels the future it awaits at once, but
-                # the task's own cleanup (withdrawing the ticket) runs only at its next step.
-                continue
-            state.in_flight[index] += 1
-            ticket.reserved = reserved
-            state.reserved += reserved
-            state.tenants[ticket.request.tenant] += 1
-            ticket.dispatched.set_result(index)
-            if ticket.request.on_dispatch is not None:
-                ticket.request.on_dispatch()
-
-    @staticmethod
-    def _fair_share(state: _ModelState, tenant: str, slots: int) -> float:
-        active = set(state.tenants) | set(state.queue.tenants())
-        return slots * state.weights[tenant] / sum(state.weights[t] for t in active)
+    def _pick(self, deployment: Deployment, request: RouteRequest) -> ReplicaClient:
+        serving = [r for r in deployment.replicas if r.serving]
+        if not serving:
+            states = "; ".join(_describe(r.status) for r in deployment.replicas) or "none started yet"
+            raise UnavailableError(f"model {deployment.name!r} has no serving replica now: {states}; retry later")
+        best = min(serving, key=_busyness)
+        key = hashlib.sha256(request.salt + b"".join(
+            t.to_bytes(4, "little") for t in request.prompt_token_ids[:AFFINITY_TOKENS])).digest()
+        affine = next((r for r in serving if r.name == self._affinity.get(key)), None)
+        chosen = affine if affine is not None and affine.load.queued <= best.load.queued + AFFINITY_SLACK else best
+        self._affinity[key] = chosen.name
+        self._affinity.move_to_end(key)
+        if len(self._affinity) > AFFINITY_ENTRIES:
+            self._affinity.popitem(last=False)
+        return chosen
 
     def load(self, model: str) -> ModelLoad:
-        deployment, state = self.deployments[model], self._state[model]
-        used_total = [replica.kv_blocks for replica in deployment.replicas]
-        return ModelLoad(len(state.queue), sum(state.in_flight), deployment.slots_per_replica * len(deployment.replicas),
-                         sum(u for u, _ in used_total), sum(t for _, t in used_total), dict(state.tenants))
+        """The model's load, as its replicas' last snapshots tell it."""
+        loads = [r.load for r in self.deployments[model].replicas if r.lost is None]
+        by_tenant: dict[str, int] = {}
+        for load in loads:
+            for tenant, count in load.in_flight_by_tenant.items():
+                by_tenant[tenant] = by_tenant.get(tenant, 0) + count
+        return ModelLoad(sum(x.queued for x in loads), sum(x.running for x in loads), sum(x.slots for x in loads),
+                         sum(x.kv_blocks_used for x in loads), sum(x.kv_blocks_total for x in loads), by_tenant)
 
-    def replica_changed(self, model: str) -> None:
-        """A replica of `model` serves again: requests that waited for one may go."""
-        self._dispatch(model)
 
-    def stop(self) -> None:
-        for deployment in self.deployments.values():
-            for replica in deployment.replicas:
-                replica.stop()
+def _busyness(replica: ReplicaClient) -> tuple[int, float, int]:
+    load = replica.load
+    return load.queued, load.running / max(1, load.slots), load.kv_blocks_used
 
 
 def _describe(status: ReplicaStatus) -> str:

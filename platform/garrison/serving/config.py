@@ -31,7 +31,9 @@ Example:
 Settings:
 - `listen` (HOST:PORT, default 127.0.0.1:50051). Plaintext gRPC (no `tls`) on an address that is not
   loopback is refused unless `insecure: true` says the network itself is trusted.
-- `data_dir`, `database_url` (default SQLite in the data dir), `ray_address`, `store_dir`, and the
+- `data_dir`, `database_url` (default SQLite in the data dir), `ray_address` (a cluster: `ray://HOST:10001`,
+  or `auto` on a Ray node; none: a local instance), `ray_namespace` (a cluster's engine cores are found there by
+  name; default `garrison`), `store_dir`, and the
   store's key-encryption key: at most one of `kek_file`, `kek_env`, `kek_secret_dir`.
 - `tls`: `cert` and `key` (PEM), `client_ca` (clients must then present a certificate it signed).
 - `telemetry`: `prometheus_listen` (HOST:PORT; a bare `:PORT` binds 127.0.0.1), `otlp_endpoint`,
@@ -198,6 +200,9 @@ class ServeConfig:
     insecure: bool = False
     database_url: str | None = setting(None, url=True)  # None: sqlite under data_dir
     ray_address: str | None = None  # None: a local Ray instance
+    # The Ray namespace of a cluster's engine cores (core/<model>/<index>): gateways and the controller of one
+    # deployment share it. A local instance's cores get a namespace of their own.
+    ray_namespace: str = "garrison"
     tls: TLSConfig | None = None
     telemetry: TelemetryConfig = TelemetryConfig()
     gateway: GatewayConfig = GatewayConfig()

@@ -9,6 +9,10 @@ everything ready. Stop order is the reverse; in-flight streams get `grace` secon
 from __future__ import annotations
 
 import asyncio
+import functools
+import os
+import socket
+import uuid
 from collections import Counter
 import contextlib
 import logging
@@ -25,11 +29,11 @@ from garrison.gateway.calls import CallLimit, method_handlers
 from garrison.gateway.hot_path import AuthMirror, UsageBuffer
 from garrison.gateway.render import ChatRenderer
 from garrison.paths import ensure_private_dir
-from garrison.router.replica import ReplicaState
+from garrison.router.discovery import Discovery
 from garrison.router.router import Router
 from garrison.secret_files import write_secret_file
 from garrison.serving import preflight
-from garrison.serving.cluster import needs_ray, ray_ranks, start_deployments
+from garrison.serving.controller import Controller, find_cores, needs_ray, ray_namespace, ray_ranks
 from garrison_workers.worker_group import ensure_ray
 from garrison.serving.config import ConfigError, ServeConfig
 from garrison.telemetry import Telemetry
@@ -40,6 +44,7 @@ from garrison.tenancy.limits import QuotaEnforcer
 from garrison.tenancy.records import SYSTEM, QuotaUpdate
 from garrison.tenancy.service import TenancyService
 from garrison.v1 import admin_pb2, inference_pb2
+from garrison_workers.engine_core import ReplicaState
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +69,15 @@ class Bootstrap:
 
 
 class GarrisonServer:
-    def __init__(self, config: ServeConfig, span_exporter: SpanExporter | None = None) -> None:
+    def __init__(self, config: ServeConfig, span_exporter: SpanExporter | None = None,
+                 run_controller: bool = True) -> None:
+        """`run_controller`: start the engines here (`garrison serve`); False: a gateway that streams from the
+        engine cores a controller runs on the Ray cluster (`garrison gateway`)."""
         self.config = config
+        self.run_controller = run_controller
+        self.controller: Controller | None = None
+        self.discovery: Discovery | None = None
+        self.client = f"gateway-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._span_exporter = span_exporter
         self.tenancy: TenancyService | None = None
         self.telemetry: Telemetry | None = None
@@ -95,10 +107,19 @@ class GarrisonServer:
                 await self.usage.flush()
         await asyncio.to_thread(self.tenancy.prune_usage_batches)
         self.telemetry = Telemetry(config.telemetry, self._span_exporter)
-        if needs_ray(config):  # on this thread: Ray installs its signal handlers only from the main thread
+        if needs_ray(config) or not self.run_controller:
+            # On this thread: Ray installs its signal handlers only from the main thread.
             self._started_ray = ensure_ray(config.ray_address, min_cpus=ray_ranks(config))
-        deployments = await asyncio.to_thread(start_deployments, config)
-        self.router = Router(deployments, max_queued_per_tenant=config.gateway.max_queued_per_tenant)
+        namespace = ray_namespace(config)
+        if self.run_controller:
+            self.controller = Controller(config, namespace, detached=config.ray_address is not None)
+            await asyncio.to_thread(self.controller.start)
+            find = self.controller.links
+        else:
+            find = functools.partial(find_cores, namespace)
+        self.router = Router()
+        self.discovery = Discovery(self.router, find, self.client, {m.name: m.replicas for m in config.models})
+        await self.discovery.start()
         self.telemetry.observe_load(self._load_rows)
         self.bootstrap = await asyncio.to_thread(self._bootstrap_keys)
         self.auth = AuthMirror(self.tenancy)
@@ -133,8 +154,6 @@ class GarrisonServer:
         for name, up in now.items():
             if before.get(name) != up:
                 await self._set_health(f"{inference.SERVICE}/{name}", _health_status(up))
-                if up:
-                    self.router.replica_changed(name)
         if any(now.values()) != any(before.values()) or not before:
             await self._set_health(inference.SERVICE, _health_status(any(now.values())))
         return now
@@ -178,7 +197,8 @@ class GarrisonServer:
         if created is not None:
             admin_file = _write_secret(data_dir / ADMIN_KEY_FILE, created.secret)
         if self.config.bootstrap and not self.tenancy.list_tenants(SYSTEM):
-            self.tenancy.create_tenant(SYSTEM, BOOTSTRAP_TENANT, list(self.router.deployments), BOOTSTRAP_QUOTA)
+            models = [model.name for model in self.config.models]
+            self.tenancy.create_tenant(SYSTEM, BOOTSTRAP_TENANT, models, BOOTSTRAP_QUOTA)
             key = self.tenancy.create_key(SYSTEM, tenant=BOOTSTRAP_TENANT, description="embedded default tenant")
             tenant_file = _write_secret(data_dir / TENANT_KEY_FILE, key.secret)
         return Bootstrap(admin_file, tenant_file)
@@ -200,6 +220,8 @@ class GarrisonServer:
             usage = load.kv_blocks_used / load.kv_blocks_total if load.kv_blocks_total else 0.0
             rows.append(({"model": name}, {"queue_depth": load.queued, "kv_cache_usage": usage}))
             states = Counter(replica.status.state for replica in router.deployments[name].replicas)
+            states[ReplicaState.RESTARTING] += max(0, router.deployments[name].expected_replicas
+                                                   - len(router.deployments[name].replicas))
             rows += [({"model": name, "state": state.value}, {"replicas": states[state]}) for state in ReplicaState]
             rows += [({"model": name, "tenant": t}, {"in_flight": n}) for t, n in load.in_flight_by_tenant.items()]
         return rows
@@ -229,8 +251,10 @@ class GarrisonServer:
             await self.auth.stop()
         if self.renderer is not None:
             await self.renderer.stop()
-        if self.router is not None:
-            await asyncio.to_thread(self.router.stop)
+        if self.discovery is not None:
+            await self.discovery.stop()
+        if self.controller is not None:
+            await asyncio.to_thread(self.controller.stop, True)
         if self._started_ray:
             import ray
 

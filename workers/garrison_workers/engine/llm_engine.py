@@ -48,6 +48,7 @@ class RequestOutput:
     # handoff failed), SequenceError (a fault of this sequence alone); its class decides the status a client sees.
     error: GarrisonError | None = None
     new_top_logprobs: list[tuple[tuple[int, float], ...]] = field(default_factory=list)  # per new token, if asked
+    started: bool = False  # the request has just entered the engine (an engine core's admission let it in)
 
 
 @dataclass(slots=True)

@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from garrison.router.fair_queue import FairQueue
+from garrison_workers.engine.fair_queue import FairQueue
 
 
 def test_backlogged_tenants_are_served_in_proportion_to_their_weights() -> None:

@@ -1,0 +1,220 @@
+"""The controller: starts every configured replica's engine core and keeps it running.
+
+An engine core (garrison_workers.engine_core) per replica. In the cluster form the cores are named Ray actors,
+`core/<model>/<index>` in the deployment's Ray namespace: gateways find them by name and stream from them, and the
+cores outlive the controller and every gateway (detached). A controller that starts again adopts the cores it finds
+under those names. With `garrison serve` on one machine the controller runs in the server's process and the cores
+either in Ray actors of the local instance, or (a model with `on_ray: false`) in this process.
+
+Supervision of a core: the controller keeps one `watch` call pending on each core actor; Ray answers it with an
+error the moment the actor dies (its process, or its node), and the controller starts the core again with a
+backoff. Inside a core, its worker groups are supervised by the core itself.
+
+The controller resolves each model's weights: it holds the key-encryption key, opens the store entry (importing
+it first when `import_from` says so) and hands the unwrapped data key to the core in memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from garrison.model_refs import resolve_model, resolve_source
+from garrison.router.replica import CoreLink, LocalCore, RayCore
+from garrison.serving.config import ModelDeploymentConfig, ServeConfig
+from garrison.weight_store.importer import import_model
+from garrison.weight_store.keys import FileKeyProvider, KeyProvider, create_kek_file, provider_from_options
+from garrison.weight_store.store import Store
+from garrison_workers.engine_core import CoreSpec, EngineCore, GroupSpec
+from garrison_workers.loader import ModelLocation
+
+log = logging.getLogger(__name__)
+
+BOOTSTRAP_KEK_FILE = "kek.key"
+CORE_PREFIX = "core/"
+CORE_CONCURRENCY = 64  # calls a core actor serves at once: every gateway's poll waits in one
+FIRST_BACKOFF_S, MAX_BACKOFF_S = 1.0, 30.0
+WATCH_S = 0.5
+
+
+def core_name(model: str, index: int) -> str:
+    return f"{CORE_PREFIX}{model}/{index}"
+
+
+def ray_namespace(config: ServeConfig) -> str:
+    """A cluster's cores live under the configured namespace; one machine's under a namespace of its own, so that
+    servers sharing a Ray instance (tests) never adopt each other's cores."""
+    return config.ray_namespace if config.ray_address is not None else f"garrison-{uuid.uuid4().hex[:8]}"
+
+
+def needs_ray(config: ServeConfig) -> bool:
+    return config.ray_address is not None or any(
+        m.on_ray or any(g.tp * g.ep > 1 for g in m.groups) for m in config.models)
+
+
+def ray_ranks(config: ServeConfig) -> int:
+    """Worker ranks (Ray actors, one CPU slot each) the models ask for: a local Ray instance advertises at least
+    this many slots, so that every group can be placed on one machine (its ranks then share its cores)."""
+    return sum(m.replicas * sum(g.tp * g.ep for g in m.groups) for m in config.models)
+
+
+def key_provider(config: ServeConfig) -> KeyProvider | None:
+    """The configured KEK provider; with `bootstrap` and none configured, <data_dir>/kek.key (made once)."""
+    provider = provider_from_options(_text(config.kek_file), config.kek_env, _text(config.kek_secret_dir))
+    if provider is None and config.bootstrap:
+        path = config.data_dir / BOOTSTRAP_KEK_FILE
+        provider = FileKeyProvider(path) if path.exists() else create_kek_file(path)
+    return provider
+
+
+def _text(path: Path | None) -> str | None:
+    return None if path is None else str(path)
+
+
+def model_location(model: ModelDeploymentConfig, store: Store, provider: KeyProvider | None) -> ModelLocation:
+    """Where `model` loads from: its store entry (imported now if it should be and is not yet), or a path."""
+    if model.import_from is not None and not store.has(model.source):
+        log.info("model %s: importing %s into the encrypted store %s", model.name, model.import_from, store.root)
+        import_model(resolve_source(model.import_from), store, model.source, provider, progress=False)
+    return resolve_model(model.source, store, provider)
+
+
+def core_spec(model: ModelDeploymentConfig, index: int, location: ModelLocation, config: ServeConfig) -> CoreSpec:
+    return CoreSpec(core_name(model.name, index), model.name, location,
+                    tuple(GroupSpec(g.role, g.tp, g.ep) for g in model.groups), model.engine, on_ray=model.on_ray,
+                    max_queued_per_tenant=config.gateway.max_queued_per_tenant)
+
+
+@dataclass(slots=True)
+class _Core:
+    spec: CoreSpec
+    link: CoreLink
+    handle: Any  # the Ray actor, or the EngineCore in this process
+    watch: Any = None  # the pending `watch` call of a Ray core
+    backoff_s: float = FIRST_BACKOFF_S
+    next_attempt: float = 0.0
+
+
+class Controller:
+    def __init__(self, config: ServeConfig, namespace: str, detached: bool) -> None:
+        """`detached`: the cores outlive this process (the cluster form); else they stop with it."""
+        self.config, self.namespace, self.detached = config, namespace, detached
+        self._cores: dict[str, _Core] = {}
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._supervise, name="controller", daemon=True)
+
+    def start(self) -> None:
+        """Start (or adopt) every replica's core and wait until each has built its engine."""
+        store, provider = Store(self.config.resolved_store_dir), key_provider(self.config)
+        try:
+            for model in self.config.models:
+                location = model_location(model, store, provider)
+                for index in range(model.replicas):
+                    log.info("model %s: starting replica %d/%d", model.name, index + 1, model.replicas)
+                    self._launch(core_spec(model, index, location, self.config), wait=True)
+        except BaseException:
+            self.stop(stop_cores=True)
+            raise
+        self._thread.start()
+
+    def core(self, name: str) -> Any:
+        """A core's handle: its Ray actor, or the EngineCore in this process (for fault injection and tests)."""
+        with self._lock:
+            return self._cores[name].handle
+
+    def links(self) -> dict[str, CoreLink]:
+        """Every core this controller runs, by name (what an in-process gateway streams from)."""
+        with self._lock:
+            return {name: core.link for name, core in self._cores.items()}
+
+    def stop(self, stop_cores: bool) -> None:
+        """Stop supervising; with `stop_cores`, stop the cores too (else they go on serving the gateways)."""
+        self._stopping.set()
+        if self._thread.is_alive():
+            self._thread.join(30)
+        if stop_cores:
+            for core in list(self._cores.values()):
+                _stop(core)
+            self._cores.clear()
+
+    def _launch(self, spec: CoreSpec, wait: bool) -> None:
+        if not self._ray(spec):
+            core = EngineCore(spec)
+            self._register(_Core(spec, LocalCore(core), core))
+            return
+        import ray
+
+        actor = ray.remote(EngineCore).options(
+            name=spec.name, namespace=self.namespace, lifetime="detached" if self.detached else None,
+            max_concurrency=CORE_CONCURRENCY, num_cpus=0, max_restarts=0, get_if_exists=True).remote(spec)
+        record = _Core(spec, RayCore(actor), actor, actor.watch.remote())
+        if wait:
+            ray.get(actor.describe.remote())  # raises what building the engine raised
+        self._register(record)
+
+    def _ray(self, spec: CoreSpec) -> bool:
+        return spec.on_ray or any(g.tp * g.ep > 1 for g in spec.groups) or self.config.ray_address is not None
+
+    def _register(self, core: _Core) -> None:
+        with self._lock:
+            self._cores[core.spec.name] = core
+
+    # -- supervision ------------------------------------------------------------------------------
+
+    def _supervise(self) -> None:
+        while not self._stopping.wait(WATCH_S):
+            for core in list(self._cores.values()):
+                try:
+                    self._check(core)
+                except Exception:  # never let supervision stop
+                    log.exception("core %s: supervision failed; trying again", core.spec.name)
+
+    def _check(self, core: _Core) -> None:
+        if core.watch is None:
+            return
+        import ray
+
+        ready, _ = ray.wait([core.watch], timeout=0)
+        if not ready or self._stopping.is_set() or time.monotonic() < core.next_attempt:
+            return
+        log.error("core %s was lost; starting it again", core.spec.name)
+        try:
+            self._launch(core.spec, wait=True)
+        except Exception as err:
+            core.next_attempt = time.monotonic() + core.backoff_s
+            log.error("core %s could not be started (%s: %s); next attempt in %g s", core.spec.name,
+                      type(err).__name__, err, core.backoff_s)
+            core.backoff_s = min(2 * core.backoff_s, MAX_BACKOFF_S)
+
+
+def _stop(core: _Core) -> None:
+    if isinstance(core.handle, EngineCore):
+        core.handle.shutdown()
+        return
+    import ray
+
+    try:
+        ray.get(core.handle.shutdown.remote(), timeout=60)
+    except Exception:  # already gone, or stuck: it is killed either way
+        pass
+    ray.kill(core.handle, no_restart=True)
+
+
+def find_cores(namespace: str) -> dict[str, CoreLink]:
+    """The cores of a cluster, by name, as the Ray cluster knows them now (what a gateway streams from)."""
+    import ray
+
+    links: dict[str, CoreLink] = {}
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        if entry["namespace"] == namespace and entry["name"].startswith(CORE_PREFIX):
+            try:
+                links[entry["name"]] = RayCore(ray.get_actor(entry["name"], namespace=namespace))
+            except ValueError:  # gone between the listing and the lookup
+                continue
+    return links
