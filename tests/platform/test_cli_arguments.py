@@ -84,8 +84,13 @@ def run(argv: list[str]) -> tuple[int, str]:
 
 
 def safe(argv: list[str]) -> list[str]:
-    """Never start a server: `serve` only checks."""
-    return argv + ["--check"] if argv[:1] == ["serve"] else argv
+    """Never start a server (`serve` only checks), a gateway or controller (no cluster: refused), nor a calibration
+    (minutes: the last --threads given, which wins, is never valid)."""
+    if argv[:1] == ["serve"]:
+        return argv + ["--check"]
+    if argv[:2] == ["plan", "calibrate"]:
+        return argv + ["--threads", "0"]
+    return argv
 
 
 def assert_refused_cleanly(argv: list[str]) -> None:

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from garrison import __version__
-from garrison.cli import admin, certs, chat, generate, kek, models, plan, serve
+from garrison.cli import admin, certs, chat, controller, generate, kek, models, plan, serve
 from garrison.cli.remote import add_connection_options
 from garrison_workers.errors import GarrisonError
 
@@ -17,7 +17,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"garrison {__version__}")
     add_connection_options(parser)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    serve.register(commands)
+    serve.register(commands)  # and `garrison gateway`
+    controller.register(commands)
     generate.register(commands)
     chat.register(commands)
     keys_commands = admin.register(commands)  # `garrison keys`: API keys here, the store's KEK below

@@ -178,6 +178,11 @@ def run_memory(args: argparse.Namespace) -> int:
 def run_calibrate(args: argparse.Namespace) -> int:
     from garrison.planner.calibrate import calibrate
 
+    # Refused before the minutes a calibration takes, not after.
+    if args.threads < 1:
+        raise InvalidRequestError(f"--threads must be >= 1, got {args.threads}")
+    if args.out.is_dir() or not args.out.parent.is_dir():
+        raise InvalidRequestError(f"--out {args.out}: give a file to write, in a folder that exists")
     hardware = calibrate(args.out, threads=args.threads, quick=args.quick, progress=print)
     eff = hardware.efficiency
     print(f"wrote {args.out}: {hardware.name}; GEMM {hardware.flops['fp32'] / 1e9:.1f} GFLOP/s peak, memory "

@@ -1,4 +1,5 @@
-"""`garrison serve`: run the gRPC server (gateway, router, model replicas) until interrupted."""
+"""`garrison serve`: the whole of Garrison on one machine (controller, engine cores, gateway) until interrupted; and
+`garrison gateway`: one stateless gateway of a cluster."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from garrison.serving.settings import ConfigError, Problem
 
 
 def register(commands: Any) -> None:
+    _register_gateway(commands)
     parser = commands.add_parser(
         "serve", help="run the Garrison server",
         description="Run Garrison's gRPC server. With no arguments, the embedded default: a local Ray instance, "
@@ -43,12 +45,38 @@ def register(commands: Any) -> None:
     parser.set_defaults(run=run)
 
 
+def _register_gateway(commands: Any) -> None:
+    parser = commands.add_parser(
+        "gateway", help="run a stateless gRPC gateway of a Garrison cluster",
+        description="Run a gateway of a cluster: the gRPC services (Inference, Admin, health, reflection) in front "
+                    "of the engine cores that `garrison controller` runs on the Ray cluster at ray_address. A "
+                    "gateway loads no model (it finds the cores by name and asks each for its model's tokenizer), "
+                    "keeps no state of its own (tenants and usage are in the database at database_url, tenant "
+                    "limits in the cluster), and serves within seconds of starting: run as many as you like "
+                    "behind one address. SIGTERM drains it: new streams are refused with UNAVAILABLE and a retry "
+                    "hint while those running get gateway.drain_seconds to finish.")
+    parser.add_argument("--config", type=Path, required=True, help="YAML file (the same as the controller's)")
+    parser.add_argument("--listen", help="HOST:PORT to serve gRPC on (overrides listen)")
+    parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    parser.set_defaults(run=run_gateway)
+
+
 def run(args: argparse.Namespace) -> int:
     if args.check:
         return check(args)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = serve_config.load(args.config, data_dir=args.data_dir, listen=args.listen, insecure=args.insecure)
-    return asyncio.run(_serve(config))
+    return asyncio.run(_serve(config, run_controller=True))
+
+
+def run_gateway(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = serve_config.load(args.config, listen=args.listen)
+    if config.ray_address is None:
+        raise ConfigError.listing([Problem("ray_address", "a gateway streams from a cluster's engine cores: set "
+                                                          "ray_address (garrison serve runs everything on one "
+                                                          "machine)")], str(args.config))
+    return asyncio.run(_serve(config, run_controller=False))
 
 
 def check(args: argparse.Namespace) -> int:
@@ -69,10 +97,10 @@ def check(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _serve(config: serve_config.ServeConfig) -> int:
+async def _serve(config: serve_config.ServeConfig, run_controller: bool) -> int:
     from garrison.serving.server import GarrisonServer  # Ray, gRPC servers and the engine: not needed by --check
 
-    server = GarrisonServer(config)
+    server = GarrisonServer(config, run_controller=run_controller)
     print(f"garrison: starting {', '.join(m.name for m in config.models)} (data in {config.data_dir}) ...",
           file=sys.stderr, flush=True)
     try:
@@ -90,8 +118,10 @@ async def _serve(config: serve_config.ServeConfig) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stopping.set)
     await stopping.wait()
-    print("garrison: stopping (in-flight streams get 5 s)", file=sys.stderr, flush=True)
-    await server.stop(5.0)
+    drain = config.gateway.drain_seconds
+    print(f"garrison: draining (no new streams; those in flight get {drain:g} s)", file=sys.stderr, flush=True)
+    await server.drain(drain)
+    await server.stop(1.0)
     return 0
 
 

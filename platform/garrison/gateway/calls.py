@@ -16,7 +16,8 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 
 from garrison.errors import grpc_status_for
-from garrison.tenancy.errors import (InvalidArgumentError, QuotaExceededError, UnauthenticatedError)
+from garrison.tenancy.errors import InvalidArgumentError, QuotaExceededError, UnauthenticatedError
+from garrison_workers.errors import UnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,13 @@ class CallLimit:
 
 
 RETRY_BUSY_S = 1.0
+
+
+class DrainingError(UnavailableError):
+    """This gateway is shutting down: it takes no new streams while those running finish. Another gateway behind
+    the same address (or this one, restarted) takes the retry."""
+
+    retry_after_s = RETRY_BUSY_S
 
 
 def unary(handler: Callable[[bytes, grpc.aio.ServicerContext], Awaitable[Any]], limit: CallLimit

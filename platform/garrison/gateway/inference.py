@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
 import grpc
@@ -14,14 +14,14 @@ from opentelemetry import context as otel_context
 from opentelemetry.trace import Span
 
 from garrison.gateway import convert
-from garrison.gateway.calls import bearer_token, new_request_id, parse
+from garrison.gateway.calls import DrainingError, bearer_token, new_request_id, parse
 from garrison.gateway.hot_path import AuthMirror, UsageBuffer
 from garrison.gateway.render import ChatRenderer
 from garrison.gateway.requests import prompt_token_ids, sampling_params
 from garrison.router.router import Deployment, RouteRequest, Router
 from garrison.telemetry import Telemetry
 from garrison.tenancy.errors import NotFoundError, QuotaExceededError
-from garrison.tenancy.limits import Lease, QuotaEnforcer
+from garrison.tenancy.shared_limits import AdmitLease, Quotas
 from garrison.tenancy.records import Authorization
 from garrison.tenancy.service import TenancyService
 from garrison.v1 import inference_pb2 as pb
@@ -53,15 +53,28 @@ class _Progress:
 
 
 class InferenceService:
-    def __init__(self, tenancy: TenancyService, quotas: QuotaEnforcer, router: Router, telemetry: Telemetry,
+    def __init__(self, tenancy: TenancyService, quotas: Quotas, router: Router, telemetry: Telemetry,
                  max_request_bytes: int, auth: AuthMirror, usage: UsageBuffer, renderer: ChatRenderer) -> None:
         self.tenancy, self.quotas, self.router, self.telemetry = tenancy, quotas, router, telemetry
         self.max_request_bytes = max_request_bytes
         self.auth, self.usage, self.renderer = auth, usage, renderer
+        self.draining = False
+        self.streams = 0  # Generate calls in progress
+
+    @contextlib.contextmanager
+    def _stream(self) -> Iterator[None]:
+        if self.draining:
+            raise DrainingError("this gateway is shutting down and takes no new streams: retry (another gateway, "
+                                "or this one restarted, takes it)")
+        self.streams += 1
+        try:
+            yield
+        finally:
+            self.streams -= 1
 
     async def generate(self, data: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
         request_id = new_request_id()
-        with self.telemetry.tracer.start_as_current_span("gateway.Generate") as span:
+        with self._stream(), self.telemetry.tracer.start_as_current_span("gateway.Generate") as span:
             span.set_attribute("garrison.request_id", request_id)
             request = parse(data, pb.GenerateRequest, self.max_request_bytes)
             auth = self.auth.authorize(bearer_token(context), request.model, self.router.deployments)
@@ -70,7 +83,7 @@ class InferenceService:
             deployment = self._deployment(request.model)
             prompt = await prompt_token_ids(request, deployment, self.renderer)
             params = sampling_params(request, deployment, auth.quota, len(prompt))
-            lease = self._admit(auth, len(prompt), params.max_tokens)
+            lease = await self._admit(auth, len(prompt), params.max_tokens)
             progress = _Progress(time.perf_counter())
             # The salt keeps each tenant's prefix-cache blocks its own: the same prompt from two
             # tenants hashes to different blocks, so no tenant can learn another's prompts by timing.
@@ -124,10 +137,10 @@ class InferenceService:
             raise NotFoundError(f"model {model!r} is not served here; ListModels shows the models you may use")
         return deployment
 
-    def _admit(self, auth: Authorization, prompt_tokens: int, max_new_tokens: int) -> Lease:
+    async def _admit(self, auth: Authorization, prompt_tokens: int, max_new_tokens: int) -> AdmitLease:
         tenant = auth.principal.tenant or ""
         try:
-            return self.quotas.admit(tenant, auth.quota, prompt_tokens, max_new_tokens)
+            return await self.quotas.admit(tenant, auth.quota, prompt_tokens, max_new_tokens)
         except QuotaExceededError as err:
             self._reject(auth, err)
             raise

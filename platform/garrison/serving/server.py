@@ -40,7 +40,7 @@ from garrison.telemetry import Telemetry
 from garrison.tenancy.errors import StoreUnavailableError
 from garrison.tenancy.keys import read_key_file
 from garrison.tenancy.ledger import SPOOL_FILE
-from garrison.tenancy.limits import QuotaEnforcer
+from garrison.tenancy.shared_limits import LocalQuotas, Quotas, SharedQuotas
 from garrison.tenancy.records import SYSTEM, QuotaUpdate
 from garrison.tenancy.service import TenancyService
 from garrison.v1 import admin_pb2, inference_pb2
@@ -82,7 +82,7 @@ class GarrisonServer:
         self.tenancy: TenancyService | None = None
         self.telemetry: Telemetry | None = None
         self.router: Router | None = None
-        self.quotas = QuotaEnforcer()
+        self.quotas: Quotas = LocalQuotas()
         self.inference: inference.InferenceService | None = None
         self.auth: AuthMirror | None = None
         self.usage: UsageBuffer | None = None
@@ -117,6 +117,8 @@ class GarrisonServer:
             find = self.controller.links
         else:
             find = functools.partial(find_cores, namespace)
+        if config.ray_address is not None:  # a cluster: its gateways admit through one set of limits
+            self.quotas = SharedQuotas(namespace, self.client).start()
         self.router = Router()
         self.discovery = Discovery(self.router, find, self.client, {m.name: m.replicas for m in config.models})
         await self.discovery.start()
@@ -235,6 +237,21 @@ class GarrisonServer:
         assert self._server is not None
         await self._server.wait_for_termination()
 
+    async def drain(self, seconds: float) -> None:
+        """Take no new streams (UNAVAILABLE with a retry hint; health says NOT_SERVING, so load balancers move on)
+        and give those running up to `seconds` to finish."""
+        if self.inference is None:
+            return
+        self.inference.draining = True
+        if self._watcher is not None:  # health now says draining, whatever the replicas do
+            self._watcher.cancel()
+            self._watcher = None
+        await self._set_health("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self._set_health(inference.SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
+        deadline = asyncio.get_running_loop().time() + seconds
+        while self.inference.streams and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+
     async def stop(self, grace: float = 5.0) -> None:
         if self._watcher is not None:
             self._watcher.cancel()
@@ -249,6 +266,7 @@ class GarrisonServer:
             await self.usage.stop()
         if self.auth is not None:
             await self.auth.stop()
+        await self.quotas.stop()
         if self.renderer is not None:
             await self.renderer.stop()
         if self.discovery is not None:

@@ -44,6 +44,9 @@ class RequestTooLargeError(InvalidArgumentError):
         self.limit = limit
         self.maximum = maximum
 
+    def __reduce__(self) -> tuple:  # raised by the cluster's limits actor, across processes
+        return _rebuild, (type(self), str(self), {"limit": self.limit, "maximum": self.maximum})
+
 
 class QuotaExceededError(GarrisonError):
     """The tenant is over a rate or concurrency limit now; the same request can succeed later.
@@ -60,6 +63,9 @@ class QuotaExceededError(GarrisonError):
         self.resets_at: datetime | None = (
             None if retry_after_s is None else datetime.now(timezone.utc) + timedelta(seconds=retry_after_s))
 
+    def __reduce__(self) -> tuple:  # raised by the cluster's limits actor, across processes
+        return _rebuild, (type(self), str(self), {"limit": self.limit, "retry_after_s": self.retry_after_s})
+
 
 class StoreUnavailableError(GarrisonError):
     """The tenant database cannot answer now (down, locked, every connection in use); the same call can
@@ -68,3 +74,7 @@ class StoreUnavailableError(GarrisonError):
     def __init__(self, message: str, *, retry_after_s: float) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+def _rebuild(cls: type, message: str, fields: dict) -> GarrisonError:
+    return cls(message, **fields)
