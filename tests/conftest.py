@@ -123,6 +123,38 @@ def local_ray():
     """A real local Ray instance with four CPU slots, so a 4-rank group fits on a 2-core machine."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield
     ray.shutdown()
+
+
+# -- parity with transformers (the numerical oracle), shared by the model, parallel and multi-node tests ----------
+
+NEW_TOKENS = 32
+
+
+def greedy_with_logprobs(engine, prompt: list[int], new_tokens: int) -> tuple[list[int], torch.Tensor]:
+    """Run one greedy request asking for every token's log-probability at each step (`[steps, V]`): what the
+    ranks' sampler saw, returned through the API's own top_logprobs."""
+    from garrison_workers.engine.sequence import SamplingParams
+
+    vocab = engine.model_config.vocab_size
+    [done] = engine.generate([prompt], SamplingParams(max_tokens=new_tokens, ignore_eos=True, top_logprobs=vocab))
+    logprobs = torch.full((len(done.top_logprobs), vocab), float("nan"))
+    for step, top in enumerate(done.top_logprobs):
+        ids, values = zip(*top)
+        logprobs[step, list(ids)] = torch.tensor(values)
+    return done.token_ids, logprobs
+
+
+def hf_reference(model_dir: Path, prompt: list[int], new_tokens: int, engine_tokens: list[int]):
+    """transformers' logits at each generated position (teacher-forced on our tokens) and its own greedy tokens."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    full = torch.tensor([prompt + engine_tokens[:-1]])
+    with torch.no_grad():
+        logits = model(full).logits[0, len(prompt) - 1:]
+        generated = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=new_tokens,
+                                   min_new_tokens=new_tokens, eos_token_id=None, pad_token_id=0)
+    return logits, generated[0, len(prompt):].tolist()

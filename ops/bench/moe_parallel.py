@@ -367,7 +367,7 @@ def run_benchmark(quick: bool) -> Report:
     config = workload.engine_config()
     report = Report(machine_facts(), ray.__version__, workload, quick, engine_config_dict(config))
     # Enough CPU slots for one rank each at ep = 4, on any core count; the ranks then share the cores.
-    ray.init(num_cpus=RAY_CPUS, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=RAY_CPUS, include_dashboard=False, log_to_driver=False)
     try:
         with tempfile.TemporaryDirectory(prefix="garrison-moe-bench-") as root:
             paths, report.model = build_models(Path(root), workload)

@@ -174,7 +174,7 @@ def moe_section(report: Report, model_dir: Path, quick: bool) -> tuple[Point, di
         engine.generate([[3, 4, 5] * 20], SamplingParams(max_tokens=4, ignore_eos=True))
         calibration = decode_point(engine, model, 8, 128, steps)
         engine.shutdown()
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
         measured = {}
         try:
             for ep in (2, 4):

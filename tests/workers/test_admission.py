@@ -70,3 +70,10 @@ def test_a_tenants_queue_is_bounded() -> None:
         admission.push(waiting("r2"))
     assert refused.value.retry_after_s > 0
     admission.push(waiting("other", tenant="u"))  # another tenant's line is its own
+
+
+def test_a_lone_tenant_gets_every_slot() -> None:
+    admission = Admission(slots=8, max_queued_per_tenant=64)
+    for i in range(12):
+        admission.push(waiting(f"r{i}"))
+    assert len(admit_all(admission)) == 8

@@ -7,11 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import save_tiny_llama, save_tiny_llama4
+from conftest import NEW_TOKENS, greedy_with_logprobs, hf_reference, save_tiny_llama, save_tiny_llama4
 from garrison_workers.engine.llm_engine import EngineConfig, LLMEngine
-from garrison_workers.engine.sequence import SamplingParams
 
-NEW_TOKENS = 32
 
 LLAMA4_VARIANTS = {
     "interleave1-top1-qknorm": dict(interleave_moe_layer_step=1, num_experts_per_tok=1, use_qk_norm=True),
@@ -22,31 +20,6 @@ LLAMA4_VARIANTS = {
                                                      low_freq_factor=1.0, high_freq_factor=4.0,
                                                      original_max_position_embeddings=64)),
 }
-
-
-def greedy_with_logprobs(engine: LLMEngine, prompt: list[int], new_tokens: int) -> tuple[list[int], torch.Tensor]:
-    """Run one greedy request asking for every token's log-probability at each step (`[steps, V]`): what the
-    ranks' sampler saw, returned through the API's own top_logprobs."""
-    vocab = engine.model_config.vocab_size
-    [done] = engine.generate([prompt], SamplingParams(max_tokens=new_tokens, ignore_eos=True, top_logprobs=vocab))
-    logprobs = torch.full((len(done.top_logprobs), vocab), float("nan"))
-    for step, top in enumerate(done.top_logprobs):
-        ids, values = zip(*top)
-        logprobs[step, list(ids)] = torch.tensor(values)
-    return done.token_ids, logprobs
-
-
-def hf_reference(model_dir: Path, prompt: list[int], new_tokens: int, engine_tokens: list[int]):
-    """transformers' logits at each generated position (teacher-forced on our tokens) and its own greedy tokens."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()
-    full = torch.tensor([prompt + engine_tokens[:-1]])
-    with torch.no_grad():
-        logits = model(full).logits[0, len(prompt) - 1:]
-        generated = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=new_tokens,
-                                   min_new_tokens=new_tokens, eos_token_id=None, pad_token_id=0)
-    return logits, generated[0, len(prompt):].tolist()
 
 
 def check_parity(model_dir: Path, prompt: list[int], engine_config: EngineConfig) -> None:

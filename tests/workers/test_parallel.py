@@ -10,12 +10,11 @@ import pytest
 import ray
 import torch
 
-from conftest import save_tiny_llama4
+from conftest import NEW_TOKENS, greedy_with_logprobs, hf_reference, save_tiny_llama4
 from garrison_workers.engine.llm_engine import EngineConfig, LLMEngine
 from garrison_workers.engine.sequence import SamplingParams
 from garrison_workers.errors import LayoutError
 from garrison_workers.parallel.dims import ParallelDims
-from test_model_parity import NEW_TOKENS, greedy_with_logprobs, hf_reference
 
 ENGINE = EngineConfig(block_size=4, max_num_batched_tokens=16, num_kv_blocks=128)
 LAYOUTS = [(1, 2), (1, 4), (2, 1), (2, 2)]  # (tp, ep); (1, 1) is the single-process reference

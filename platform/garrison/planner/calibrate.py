@@ -320,7 +320,7 @@ def ray_costs(progress: Progress) -> tuple[float, float, Link, dict[str, Any]] |
     progress("  Ray: an actor call's round trip and tensors through the object store")
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         return _ray_measure(ray)
     finally:

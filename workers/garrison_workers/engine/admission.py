@@ -8,7 +8,9 @@ slots than the headroom and than their fair share (the slots times their weight 
 weights). The other requests fill the rest, and a light tenant's request starts at the next step instead of
 waiting for a slot to free, so its latency under a flood stays near its latency on a busy but unsaturated server.
 A light tenant's request takes one of the other slots while there is one: the headroom is used only once they are
-all taken. A tenant may have at most `max_queued_per_tenant` requests waiting: more are refused (QueueFullError).
+all taken. While a single tenant is active, nothing is kept back: it gets every slot (a tenant that arrives
+then waits for the first to free). A tenant may have at most `max_queued_per_tenant` requests waiting: more are
+refused (QueueFullError).
 
 Plain Python, no locks: the engine core's engine thread owns it.
 """
@@ -67,7 +69,9 @@ class Admission:
         """The request to admit now, if a slot is free for it (it then holds the slot until `done`)."""
         if not self._queued or len(self._admitted) >= self.slots:
             return None
-        reserved = len(self._admitted) - self._reserved >= self.slots - self.headroom
+        # Kept only while another tenant is active: a lone tenant has no one to keep it from, and gets every slot.
+        headroom = self.headroom if len(set(self.in_flight) | set(self._queue.tenants())) > 1 else 0
+        reserved = len(self._admitted) - self._reserved >= self.slots - headroom
         waiting = self._queue.pop(self._light if reserved else None)
         if waiting is None:
             return None
