@@ -11,8 +11,8 @@ each send their next request as soon as the previous one finished (a closed loop
 systems, one after the other:
 
 - engine: `LLMEngine.step()` in a loop on this thread, N requests kept in it; no threads, no asyncio;
-- router: `Router.stream` from N asyncio tasks, the engine on its replica thread: exactly what the
-  gateway calls for each request;
+- router: `Router.stream` from N asyncio tasks, the engine in its engine core (in this process, polled from
+  the loop): exactly what the gateway calls for each request;
 - gateway: `garrison serve` (a `BackgroundServer` in this process: gRPC, the API key checked against
   the SQLite tenant store, quotas, the usage ledger, tracing), called over grpc.aio by a client in a
   process of its own, so that the client's Python does not take the server's interpreter lock.
@@ -192,17 +192,25 @@ def run_router(path: Path, workload: Workload) -> list[Result]:
 
 
 async def router_phase(path: Path, workload: Workload) -> list[Result]:
+    from garrison.router.discovery import Discovery
+    from garrison.router.replica import LocalCore
     from garrison.router.router import Router
-    from garrison.serving.cluster import start_deployment
+    from garrison.serving.config import ServeConfig
+    from garrison.serving.controller import core_spec
+    from garrison_workers.engine_core import EngineCore
 
-    router = Router([start_deployment(deployment_config(path), path)])
+    core = EngineCore(core_spec(deployment_config(path), 0, path, ServeConfig()))
+    router = Router()
+    discovery = Discovery(router, lambda: {core.name: LocalCore(core)}, "bench", {MODEL: 1})
+    await discovery.start()
     try:
-        return [await router_cell(router, n, new_tokens, workload) for n, new_tokens in cells(workload)]
-    finally:  # the replica thread delivers outputs to this loop: stop it before the loop closes
-        await asyncio.to_thread(router.stop)
+        return [await router_cell(router, core, n, new_tokens, workload) for n, new_tokens in cells(workload)]
+    finally:  # the poller delivers outputs to this loop: stop it before the loop closes
+        await discovery.stop()
+        await asyncio.to_thread(core.shutdown)
 
 
-async def router_cell(router: Any, n: int, new_tokens: int, workload: Workload) -> Result:
+async def router_cell(router: Any, core: Any, n: int, new_tokens: int, workload: Workload) -> Result:
     from garrison.router.router import RouteRequest
     from garrison_workers.engine.sequence import SamplingParams
 
@@ -223,12 +231,20 @@ async def router_cell(router: Any, n: int, new_tokens: int, workload: Workload) 
     await asyncio.sleep(workload.window_s)
     result = Result("router", n, new_tokens, meter.close(in_flight))
     await stop(tasks)
-    # The replica thread takes the aborts between steps: the next cell starts on an empty engine.
-    engine = router.deployments[MODEL].replicas[0].engine
-    while engine.num_active_requests:
+    # The core takes the aborts between steps: the next cell starts on an empty engine.
+    while core.engine.num_active_requests:
         await asyncio.sleep(0.01)
     report_cell(result)
     return result
+
+
+def unlimited_tenant_key(address: str, admin_key: Path) -> str:
+    """A tenant without limits (the embedded default's own tenant has some): what is measured is the gateway."""
+    from garrison.client import GarrisonClient
+
+    with GarrisonClient(address, key_file=admin_key) as client:
+        client.admin.create_tenant(name="bench", models=[MODEL])
+        return client.admin.create_api_key(tenant="bench").secret
 
 
 def run_gateway(path: Path, workload: Workload) -> list[Result]:
@@ -240,7 +256,7 @@ def run_gateway(path: Path, workload: Workload) -> list[Result]:
     with tempfile.TemporaryDirectory() as data_dir:
         config = ServeConfig(data_dir=Path(data_dir), listen="127.0.0.1:0", models=(deployment_config(path),))
         with BackgroundServer(config) as server:
-            key = (Path(data_dir) / "tenant.key").read_text().strip()  # the embedded default tenant: no limits
+            key = unlimited_tenant_key(server.address, Path(data_dir) / "admin.key")
             ours, theirs = spawn.Pipe()
             client = Client(spawn.Process(target=client_process, args=(server.address, key, theirs), daemon=True), ours)
             client.process.start()

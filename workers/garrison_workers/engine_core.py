@@ -40,10 +40,12 @@ from garrison_workers.engine.config import EngineConfig
 from garrison_workers.engine.disagg import DisaggregatedEngine
 from garrison_workers.engine.llm_engine import LLMEngine, RequestOutput
 from garrison_workers.engine.sequence import SamplingParams
-from garrison_workers.errors import GarrisonError, UnplaceableError, WorkerLostError
+from garrison_workers.errors import (GarrisonError, LayoutError, UnavailableError, UnplaceableError,
+                                     WorkerLostError)
 from garrison_workers.faults import Fault
 from garrison_workers.loader import ModelLocation
 from garrison_workers.parallel.dims import ParallelDims
+from garrison_workers.placement import GroupPlacement
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,7 @@ class GroupSpec:
     role: Role = "both"
     tp: int = 1
     ep: int = 1
+    placement: GroupPlacement = GroupPlacement()
 
 
 @dataclass(slots=True, frozen=True)
@@ -101,6 +104,7 @@ class ReplicaState(Enum):
     SERVING = "serving"
     RESTARTING = "restarting"  # a worker group was lost; it is being (or will be) started again
     UNPLACEABLE = "unplaceable"  # a restart found the cluster's slots taken; tried again until they free up
+    DRAINING = "draining"  # being stopped on purpose: takes no new requests, lets those running finish
     STOPPED = "stopped"
 
 
@@ -164,7 +168,7 @@ def build_engine(spec: CoreSpec) -> Engine:
     def group(g: GroupSpec) -> LLMEngine:
         dims = ParallelDims(tp=g.tp, ep=g.ep)
         return LLMEngine.from_path(spec.location, spec.engine, dims, role=g.role,
-                                   on_ray=spec.on_ray or dims.world_size > 1)
+                                   on_ray=spec.on_ray or dims.world_size > 1, placement=g.placement)
 
     if all(g.role == "both" for g in spec.groups):
         return group(spec.groups[0])
@@ -192,6 +196,7 @@ class EngineCore:
         self._status = ReplicaStatus(self.name, ReplicaState.SERVING)
         self._load = CoreLoad(slots=spec.engine.max_num_seqs)
         self._backoff_s, self._next_attempt = FIRST_BACKOFF_S, 0.0
+        self._draining = False
         self._thread = threading.Thread(target=self._run, name=f"engine-{self.name}", daemon=True)
         self._supervisor = threading.Thread(target=self._supervise, name=f"supervise-{self.name}", daemon=True)
         self._snapshot()
@@ -239,6 +244,20 @@ class EngineCore:
     @property
     def load(self) -> CoreLoad:
         return self._load
+
+    def drain(self, seconds: float) -> int:
+        """Stop on purpose (scale-down, upgrade) the way a gateway does: take no new requests (gateways route
+        elsewhere; one that arrives anyway is refused with UNAVAILABLE) and give those here up to `seconds` to
+        finish; then stop. Returns how many had to be failed at the deadline."""
+        self._draining = True
+        self._status = ReplicaStatus(self.name, ReplicaState.DRAINING, "stopping: new requests go to other "
+                                     "replicas", self._status.restarts)
+        deadline = time.monotonic() + seconds
+        while self._requests and time.monotonic() < deadline:
+            time.sleep(0.05)
+        left = len(self._requests)
+        self.shutdown()
+        return left
 
     def watch(self) -> None:
         """Answers only when the core stops: a caller keeps one call pending to learn of its death or its end."""
@@ -309,6 +328,10 @@ class EngineCore:
 
     def _queue(self, command: _Add) -> None:
         request = command.request
+        if self._draining:
+            self._emit(command.client, _failure(request, UnavailableError(f"replica {self.name} is stopping; "
+                                                                          "retry (another replica takes it)")))
+            return
         if request.request_id in self._requests:
             self._emit(command.client, _failure(request, GarrisonError(f"request id {request.request_id!r} is in "
                                                                        "use on this replica")))
@@ -402,6 +425,8 @@ class EngineCore:
                     failed.append(engine)
             else:
                 failed.append(engine)
+        if self._draining:
+            return
         if not failed:
             self._settle(ReplicaState.SERVING, "")
         elif time.monotonic() >= self._next_attempt:
@@ -414,7 +439,7 @@ class EngineCore:
             self._settle(ReplicaState.RESTARTING, f"restarting a worker group after: {engine.failure}")
             try:
                 engine.restart()
-            except UnplaceableError as err:
+            except (UnplaceableError, LayoutError) as err:  # slots taken, or nodes gone: it waits for capacity
                 self._retry_later(ReplicaState.UNPLACEABLE, str(err))
                 return
             except Exception as err:  # a model that no longer loads, a layout the cluster lost: keep trying

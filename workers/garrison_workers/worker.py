@@ -6,9 +6,11 @@ Runs inside a Ray actor (see `worker_group`), but is a plain class so it can be 
 from __future__ import annotations
 
 import gc
+import pickle
 import socket
 import threading
 import time
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -39,6 +41,18 @@ from garrison_workers.weights.source import load_parameter
 COLLECTIVE_TIMEOUT = timedelta(seconds=60)
 
 
+@dataclass(slots=True)
+class StepBytes:
+    """Bytes a rank's steps returned to the engine core (pickled, as Ray ships them), and for how many sequences."""
+
+    steps: int = 0
+    sequences: int = 0
+    bytes: int = 0
+
+    def record(self, sequences: int, size: int) -> None:
+        self.steps, self.sequences, self.bytes = self.steps + 1, self.sequences + sequences, self.bytes + size
+
+
 class Worker:
     def __init__(self, rank: int, dims: ParallelDims, model_path: ModelLocation, num_blocks: int, config: EngineConfig,
                  num_threads: int) -> None:
@@ -46,6 +60,7 @@ class Worker:
         self.num_blocks, self.config = num_blocks, config
         torch.set_num_threads(num_threads)
         self.faults = FaultPoints()
+        self.returned = StepBytes()
         self.transport: KVTransport = (
             TorchDistributedTransport(torch.device(config.device), COLLECTIVE_TIMEOUT, self.faults)
             if config.kv_transport == "torch" else RayObjectStoreTransport())
@@ -59,6 +74,10 @@ class Worker:
     def inject_fault(self, point: str, fault: Fault | None) -> None:
         """Arm (or, with None, disarm) a fault at one of `faults.POINTS` of this rank."""
         self.faults.arm(point, fault)
+
+    def node(self) -> str:
+        """The node this rank runs on, as an error names it: "<ip> (<Ray node id>)"."""
+        return f"{ray.util.get_node_ip_address()} ({ray.get_runtime_context().get_node_id()[:12]})"
 
     def rendezvous_address(self) -> tuple[str, int]:
         """An address of this host and a free port for the process group (asked of rank 0)."""
@@ -88,9 +107,15 @@ class Worker:
         # the group, never the logits.
         self.faults.hit("execute")
         if self.rank == 0:
-            return self.runner.step(chunks)
+            sampled = self.runner.step(chunks)
+            self.returned.record(len(sampled), len(pickle.dumps(sampled)))
+            return sampled
         self.runner.run(chunks, want_logits=False)
         return None
+
+    def returned_bytes(self) -> StepBytes:
+        """What this rank's steps have returned so far (rank 0: the sampled tokens; others: nothing)."""
+        return self.returned
 
     def join_kv_channel(self, channel: str, host: str, port: int, first_rank: int, size: int) -> None:
         """Join a KV channel as its rank `first_rank` + this rank; every member joins at the same time."""

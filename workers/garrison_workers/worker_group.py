@@ -31,7 +31,8 @@ from garrison_workers.faults import Fault
 from garrison_workers.kv_transfer import KVRoute
 from garrison_workers.loader import ModelLocation
 from garrison_workers.parallel.dims import ParallelDims
-from garrison_workers.worker import Worker
+from garrison_workers.placement import RAY_STRATEGY, GroupPlacement, alive_nodes, capacity, ranks_per_node
+from garrison_workers.worker import StepBytes, Worker
 
 log = logging.getLogger(__name__)
 STARTUP_TIMEOUT_S = 600.0
@@ -50,22 +51,25 @@ def ensure_ray(address: str | None = None, min_cpus: int = 1) -> bool:
     """
     if ray.is_initialized():
         return False
+    # "local" and not None: with no address Ray joins whatever cluster `ray start` last left on this machine
+    # (its /tmp/ray/ray_current_cluster file), which is not what the embedded default asked for.
     num_cpus = None if address else max(os.cpu_count() or 1, min_cpus)
-    ray.init(address=address, num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+    ray.init(address=address or "local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
              configure_logging=False)
     return True
 
 
 class WorkerGroup:
     def __init__(self, model_path: ModelLocation, dims: ParallelDims, num_blocks: int, config: EngineConfig,
-                 name: str = "group-0") -> None:
-        self.model_path, self.dims, self.name = model_path, dims, name
+                 name: str = "group-0", placement: GroupPlacement = GroupPlacement()) -> None:
+        self.model_path, self.dims, self.name, self.placement = model_path, dims, name, placement
         self.num_blocks, self.config = num_blocks, config
         self.actors: list[Any] = []
         self._pg: Any = None
         self.failure: WorkerLostError | None = None
         self._weight_bytes: list[int] = []
         self._watches: list[Any] = []  # one pending `watch` call per rank
+        self.nodes: list[str] = []  # per rank: the node it runs on ("<ip> (<node id>)")
         self._lock = threading.Lock()  # the engine's thread and a supervisor may both find a rank lost
         self.generation = 0  # counts starts: a KV channel joined before a restart does not reach the new ranks
 
@@ -74,12 +78,12 @@ class WorkerGroup:
     def start(self) -> "WorkerGroup":
         ensure_ray(min_cpus=self.dims.world_size)
         gpu = self.config.device.startswith("cuda")
-        bundle = {"GPU": 1, "CPU": 1} if gpu else {"CPU": 1}
+        bundle = self.placement.bundle(gpu)
         self._pg = self._place(bundle)
         # Ranks of one node share its cores: more intra-op threads than cores only adds contention.
         threads = self.config.worker_threads or min(4, max(1, (os.cpu_count() or 1) // self.dims.world_size))
         self.actors = [
-            _WorkerActor.options(num_cpus=1, num_gpus=1 if gpu else 0, max_restarts=0,
+            _WorkerActor.options(num_cpus=1, num_gpus=1 if gpu else 0, max_restarts=0, resources=self._extra(),
                                  scheduling_strategy=PlacementGroupSchedulingStrategy(
                                      self._pg, placement_group_bundle_index=r)
                                  ).remote(r, self.dims, self.model_path, self.num_blocks, self.config, threads)
@@ -88,6 +92,7 @@ class WorkerGroup:
         self.failure = None
         self.generation += 1
         try:
+            self.nodes = self._call_all("node", timeout=STARTUP_TIMEOUT_S)
             host, port = ray.get(self.actors[0].rendezvous_address.remote(), timeout=STARTUP_TIMEOUT_S)
             self._weight_bytes = self._call_all("setup", host, port, timeout=STARTUP_TIMEOUT_S)
         except BaseException:
@@ -95,16 +100,20 @@ class WorkerGroup:
             raise
         return self
 
+    def _extra(self) -> dict[str, float]:
+        return {self.placement.resource: 1.0} if self.placement.resource is not None else {}
+
     def _place(self, bundle: dict[str, float]) -> Any:
         """A placement group of one bundle per rank, or a refusal that says why, in seconds rather than minutes."""
-        ranks = self.dims.world_size
+        ranks, strategy = self.dims.world_size, self.placement.strategy
+        nodes = alive_nodes()
+        if capacity(nodes, bundle, strategy) < ranks:
+            raise LayoutError(f"worker group {self.name}: {ranks} ranks of {bundle} ({strategy}) do not fit the Ray "
+                              f"cluster's nodes even when idle (each holds "
+                              f"{', '.join(map(str, ranks_per_node(nodes, bundle))) or 'nothing: no nodes'}): add "
+                              f"nodes, or lower tp × ep")
         total = ray.cluster_resources()
-        for resource, amount in bundle.items():
-            needed, have = ranks * amount, total.get(resource, 0.0)
-            if have < needed:
-                raise LayoutError(f"worker group {self.name}: {ranks} ranks need {needed:g} {resource} but the Ray "
-                                  f"cluster has {have:g} in all: add nodes, or lower tp × ep")
-        pg = placement_group([bundle] * ranks, strategy="PACK")
+        pg = placement_group([bundle] * ranks, strategy=RAY_STRATEGY[strategy])
         try:
             ray.get(pg.ready(), timeout=PLACEMENT_WAIT_S)
         except GetTimeoutError:
@@ -210,6 +219,10 @@ class WorkerGroup:
                 total[layer] = [a + b for a, b in zip(total.get(layer, [0] * len(counts)), counts)]
         return total
 
+    def returned_bytes(self) -> StepBytes:
+        """What the group's steps returned to the engine core so far (rank 0's sampled tokens)."""
+        return self._call_all("returned_bytes", timeout=STEP_TIMEOUT_S)[0]
+
     def a2a_bytes_sent(self) -> int:
         """All-to-all bytes that crossed between ranks so far, summed over ranks and MoE layers."""
         return sum(self._call_all("a2a_bytes_sent", timeout=STEP_TIMEOUT_S))
@@ -259,8 +272,9 @@ class WorkerGroup:
             if self.failure is not None:
                 return self.failure
             ep_rank, tp_rank = self.dims.coords(rank)
+            where = f" on node {self.nodes[rank]}" if rank < len(self.nodes) else ""
             self.failure = WorkerLostError(
-                f"worker group {self.name}: rank {rank} (ep {ep_rank}, tp {tp_rank}) {what}; its in-flight "
+                f"worker group {self.name}: rank {rank} (ep {ep_rank}, tp {tp_rank}){where} {what}; its in-flight "
                 "requests failed; the group is restarted to serve again")
         log.error("%s", self.failure)
         self.shutdown()

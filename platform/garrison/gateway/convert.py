@@ -46,6 +46,7 @@ def moment(message: object, field: str) -> datetime | None:
 REPLICA_STATES = {ReplicaState.SERVING: inference_pb2.REPLICA_STATE_SERVING,
                   ReplicaState.RESTARTING: inference_pb2.REPLICA_STATE_RESTARTING,
                   ReplicaState.UNPLACEABLE: inference_pb2.REPLICA_STATE_UNPLACEABLE,
+                  ReplicaState.DRAINING: inference_pb2.REPLICA_STATE_DRAINING,
                   ReplicaState.STOPPED: inference_pb2.REPLICA_STATE_STOPPED}
 
 

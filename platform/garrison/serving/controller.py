@@ -11,7 +11,9 @@ error the moment the actor dies (its process, or its node), and the controller s
 backoff. Inside a core, its worker groups are supervised by the core itself.
 
 The controller resolves each model's weights: it holds the key-encryption key, opens the store entry (importing
-it first when `import_from` says so) and hands the unwrapped data key to the core in memory.
+it first when `import_from` says so) and hands the unwrapped data key to the core in memory. Cores run on the head
+node, which takes no slot of the ranks: a worker node lost with its ranks leaves the core to fail just those
+requests, naming the rank and node, and to restart the group.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from garrison.weight_store.keys import FileKeyProvider, KeyProvider, create_kek_
 from garrison.weight_store.store import Store
 from garrison_workers.engine_core import CoreSpec, EngineCore, GroupSpec
 from garrison_workers.loader import ModelLocation
+from garrison_workers.placement import GroupPlacement
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +89,8 @@ def model_location(model: ModelDeploymentConfig, store: Store, provider: KeyProv
 
 def core_spec(model: ModelDeploymentConfig, index: int, location: ModelLocation, config: ServeConfig) -> CoreSpec:
     return CoreSpec(core_name(model.name, index), model.name, location,
-                    tuple(GroupSpec(g.role, g.tp, g.ep) for g in model.groups), model.engine, on_ray=model.on_ray,
+                    tuple(GroupSpec(g.role, g.tp, g.ep, GroupPlacement(g.placement, g.resource)) for g in model.groups),
+                    model.engine, on_ray=model.on_ray,
                     max_queued_per_tenant=config.gateway.max_queued_per_tenant)
 
 
@@ -118,10 +122,27 @@ class Controller:
                 for index in range(model.replicas):
                     log.info("model %s: starting replica %d/%d", model.name, index + 1, model.replicas)
                     self._launch(core_spec(model, index, location, self.config), wait=True)
+            self._retire_others()
         except BaseException:
             self.stop(stop_cores=True)
             raise
         self._thread.start()
+
+    def _retire_others(self) -> None:
+        """Cores of this namespace that the configuration no longer has (a model removed, fewer replicas): drained
+        the way a gateway is, then stopped."""
+        if self.config.ray_address is None:
+            return
+        import ray
+
+        for name in set(find_cores(self.namespace)) - set(self._cores):
+            log.info("core %s is not in the configuration: draining it (%g s at most)", name,
+                     self.config.gateway.drain_seconds)
+            actor = ray.get_actor(name, namespace=self.namespace)
+            try:
+                ray.get(actor.drain.remote(self.config.gateway.drain_seconds))
+            finally:
+                ray.kill(actor, no_restart=True)
 
     def core(self, name: str) -> Any:
         """A core's handle: its Ray actor, or the EngineCore in this process (for fault injection and tests)."""
@@ -152,10 +173,14 @@ class Controller:
 
         actor = ray.remote(EngineCore).options(
             name=spec.name, namespace=self.namespace, lifetime="detached" if self.detached else None,
-            max_concurrency=CORE_CONCURRENCY, num_cpus=0, max_restarts=0, get_if_exists=True).remote(spec)
+            max_concurrency=CORE_CONCURRENCY, num_cpus=0, max_restarts=0, get_if_exists=True,
+            scheduling_strategy=_on_head()).remote(spec)
         record = _Core(spec, RayCore(actor), actor, actor.watch.remote())
         if wait:
-            ray.get(actor.describe.remote())  # raises what building the engine raised
+            try:
+                ray.get(actor.describe.remote())
+            except ray.exceptions.RayError as err:  # the core could not build its engine: say why, as it said
+                raise _cause(err) from None
         self._register(record)
 
     def _ray(self, spec: CoreSpec) -> bool:
@@ -191,6 +216,27 @@ class Controller:
             log.error("core %s could not be started (%s: %s); next attempt in %g s", core.spec.name,
                       type(err).__name__, err, core.backoff_s)
             core.backoff_s = min(2 * core.backoff_s, MAX_BACKOFF_S)
+
+
+def _cause(err: BaseException) -> BaseException:
+    """The error an actor's constructor raised, out of Ray's wrapping (ActorDiedError(RayTaskError(cause)))."""
+    for inner in (err, *(err.args[:1] if err.args else ())):
+        cause = getattr(inner, "cause", None)
+        if isinstance(cause, BaseException):
+            return cause
+    return err
+
+
+def _on_head() -> Any:
+    """Cores run on the head node. They take no slot there, and a worker node lost with its ranks then fails only
+    the requests on those ranks, with the rank and node named by a core that lives on, which restarts the group once
+    capacity returns. (Ray's soft affinity placed cores on worker nodes: the affinity is hard.)"""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    head = next((node["NodeID"] for node in ray.nodes()
+                 if node.get("Alive") and "node:__internal_head__" in node.get("Resources", {})), None)
+    return NodeAffinitySchedulingStrategy(head, soft=False) if head is not None else "DEFAULT"
 
 
 def _stop(core: _Core) -> None:

@@ -21,6 +21,7 @@ class ReplicaState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     REPLICA_STATE_RESTARTING: _ClassVar[ReplicaState]
     REPLICA_STATE_UNPLACEABLE: _ClassVar[ReplicaState]
     REPLICA_STATE_STOPPED: _ClassVar[ReplicaState]
+    REPLICA_STATE_DRAINING: _ClassVar[ReplicaState]
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_STOP: FinishReason
 FINISH_REASON_LENGTH: FinishReason
@@ -29,6 +30,7 @@ REPLICA_STATE_SERVING: ReplicaState
 REPLICA_STATE_RESTARTING: ReplicaState
 REPLICA_STATE_UNPLACEABLE: ReplicaState
 REPLICA_STATE_STOPPED: ReplicaState
+REPLICA_STATE_DRAINING: ReplicaState
 
 class ChatMessage(_message.Message):
     __slots__ = ("role", "content")

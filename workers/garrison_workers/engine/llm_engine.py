@@ -27,6 +27,7 @@ from garrison_workers.errors import (CapacityError, ContextLengthError, Garrison
                                      SequenceError, WorkerLostError)
 from garrison_workers.loader import ModelLocation, build_model, open_model_files
 from garrison_workers.parallel.dims import ParallelDims
+from garrison_workers.placement import GroupPlacement
 from garrison_workers.tokenizer import IncrementalDetokenizer, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -100,11 +101,13 @@ class LLMEngine:
 
     @classmethod
     def from_path(cls, path: ModelLocation, config: EngineConfig = EngineConfig(),
-                  dims: ParallelDims = ParallelDims(), role: Role = "both", on_ray: bool | None = None) -> "LLMEngine":
+                  dims: ParallelDims = ParallelDims(), role: Role = "both", on_ray: bool | None = None,
+                  placement: GroupPlacement = GroupPlacement()) -> "LLMEngine":
         """An engine over one replica: in this process, or as a `tp × ep` worker group on Ray.
 
         `on_ray` None puts parallel replicas on Ray and a single rank here; True puts even a single rank
         in its own Ray actor, so its steps run beside this process's (a prefill group beside a decode engine).
+        `placement`: where a group on Ray may go (packed or spread over nodes, which nodes).
         """
         files = open_model_files(path)
         dims.validate(files.config)
@@ -116,7 +119,7 @@ class LLMEngine:
         else:
             from garrison_workers.worker_group import WorkerGroup  # Ray is needed only for parallel replicas
 
-            executor = WorkerGroup(path, dims, num_blocks, config).start()
+            executor = WorkerGroup(path, dims, num_blocks, config, placement=placement).start()
         return cls(executor, files.config, files.tokenizer, config, num_blocks, role)
 
     def _new_scheduler(self) -> None:
