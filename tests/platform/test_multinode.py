@@ -24,6 +24,7 @@ from ray.cluster_utils import Cluster
 from conftest import NEW_TOKENS, greedy_with_logprobs, hf_reference, save_tiny_llama, save_tiny_llama4
 from garrison.serving.background import BackgroundServer
 from garrison.serving.config import EngineConfig, GroupConfig, ModelDeploymentConfig, ServeConfig
+from garrison.serving.controller import Controller, find_cores
 from garrison.v1 import inference_pb2 as pb
 from garrison.v1 import inference_pb2_grpc
 from garrison_workers.engine.disagg import DisaggregatedEngine
@@ -104,13 +105,14 @@ def serve(tmp_path: Path, *models: ModelDeploymentConfig, cluster_address: str) 
                                         gateway=replace(ServeConfig().gateway, drain_seconds=1.0)))
 
 
-def stream(address: str, key: str, model: str, max_tokens: int) -> tuple[list[int], str | None, float]:
+def stream(address: str, key: str, model: str, max_tokens: int,
+           prompt: tuple[int, ...] = (5, 6, 7, 8)) -> tuple[list[int], str | None, float]:
     """(tokens, the error's code and message if it failed, when it ended)."""
     tokens: list[int] = []
     try:
         with grpc.insecure_channel(address) as channel:
             for piece in inference_pb2_grpc.InferenceStub(channel).Generate(
-                    pb.GenerateRequest(model=model, token_ids=[5, 6, 7, 8], max_tokens=max_tokens),
+                    pb.GenerateRequest(model=model, token_ids=prompt, max_tokens=max_tokens),
                     metadata=(("authorization", f"Bearer {key}"),), timeout=120):
                 tokens += piece.token_ids
         return tokens, None, time.monotonic()
@@ -197,3 +199,30 @@ def test_a_layout_the_cluster_cannot_hold_is_refused_up_front(cluster, tiny_moe:
                                           r"idle \(each holds [0-9, ]+\)"):
         serve(tmp_path, model, cluster_address=ray_cluster.address).start()
     assert time.monotonic() - began < 60
+
+
+def test_a_replica_dropped_from_the_config_finishes_its_streams_before_it_stops(cluster, tmp_path: Path) -> None:
+    """A rollout that lowers `replicas`: the old controller goes, the new one adopts the cores it keeps and drains
+    the other, whose streams all finish with their whole answer; then only the kept core is left."""
+    ray_cluster, _ = cluster
+    tiny = save_tiny_llama(tmp_path / "tiny", eos_token_id=None)
+    model = replace(on_node("m", "a", tiny), replicas=2)
+    with serve(tmp_path, model, cluster_address=ray_cluster.address) as server:
+        key = (tmp_path / "data" / "tenant.key").read_text().strip()
+        old = server.server.controller
+        old.stop(stop_cores=False)
+        config = replace(server.server.config, models=(replace(model, replicas=1),),
+                         gateway=replace(server.server.config.gateway, drain_seconds=60.0))
+        with ThreadPoolExecutor(4) as pool:
+            # Prompts with nothing in common: no prefix affinity, so the router spreads them by load.
+            runs = [pool.submit(stream, server.address, key, "m", 300, (5 + i, 6, 7, 8)) for i in range(4)]
+            wait_until(lambda: ray.get(old.core("core/m/1").poll.remote("test", 0)).load.running > 0, timeout=30, poll=0.05)
+            new = Controller(config, old.namespace, detached=True)
+            new.start()  # adopts core/m/0; drains core/m/1 and stops it
+            results = [run.result() for run in runs]
+        try:
+            assert [(len(tokens), error) for tokens, error, _ in results] == [(300, None)] * 4
+            wait_until(lambda: sorted(find_cores(old.namespace)) == ["core/m/0"], timeout=10)
+            assert stream(server.address, key, "m", 4)[1] is None
+        finally:
+            new.stop(stop_cores=True)

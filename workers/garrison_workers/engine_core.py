@@ -253,11 +253,17 @@ class EngineCore:
         self._status = ReplicaStatus(self.name, ReplicaState.DRAINING, "stopping: new requests go to other "
                                      "replicas", self._status.restarts)
         deadline = time.monotonic() + seconds
-        while self._requests and time.monotonic() < deadline:
+        while (self._requests or self._undelivered()) and time.monotonic() < deadline:
             time.sleep(0.05)
         left = len(self._requests)
         self.shutdown()
         return left
+
+    def _undelivered(self) -> bool:
+        """Outputs a live client has not polled yet: a request's last piece is only delivered once collected."""
+        now = time.monotonic()
+        with self._outputs:
+            return any(box.outputs and now - box.seen < CLIENT_TTL_S for box in self._clients.values())
 
     def watch(self) -> None:
         """Answers only when the core stops: a caller keeps one call pending to learn of its death or its end."""
