@@ -191,9 +191,10 @@ def test_group_scheduling_and_nvlink_domain():
 
 
 @values_files
-def test_ray_head_runs_no_garrison_work_and_every_ray_pod_has_probes_and_shared_memory(path):
+def test_ray_head_runs_no_ranks_and_every_ray_pod_has_probes_and_shared_memory(path):
     cluster = rendered(path).one("RayCluster")
     head = cluster["spec"]["headGroupSpec"]
+    # The engine cores run there (num_cpus=0 actors), the ranks never: no CPU or GPU slot to take.
     assert head["rayStartParams"]["num-cpus"] == "0" and head["rayStartParams"]["num-gpus"] == "0"
     assert "nvidia.com/gpu" not in json.dumps(head["template"]["spec"]["containers"][0]["resources"])
     for template in [head["template"]] + [g["template"] for g in cluster["spec"]["workerGroupSpecs"]]:
@@ -203,6 +204,32 @@ def test_ray_head_runs_no_garrison_work_and_every_ray_pod_has_probes_and_shared_
         volumes = {v["name"]: v for v in template["spec"]["volumes"]}
         mounts = {m["mountPath"]: m["name"] for m in template["spec"]["containers"][0]["volumeMounts"]}
         assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
+
+
+@values_files
+def test_ray_head_mounts_the_store_read_only_for_the_engine_cores_and_no_kek(path):
+    """The engine cores run on the head (garrison/serving/controller.py) and build their engines there from the
+    store: the head mounts it read-only, with the claim the workers use; the data key comes from the controller in
+    memory, so no KEK is mounted."""
+    values, out = merged(path), rendered(path)
+    config = yaml.safe_load(out.serve_config())
+    spec = out.one("RayCluster")["spec"]["headGroupSpec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    mounts = {m["mountPath"]: m for m in spec["containers"][0]["volumeMounts"]}
+    assert values["store"]["enabled"]  # every example and the defaults use the store
+    mount = mounts[config["store_dir"]]
+    assert mount["readOnly"] is True
+    claim = volumes[mount["name"]]["persistentVolumeClaim"]
+    assert claim["readOnly"] is True
+    worker = out.one("RayCluster")["spec"]["workerGroupSpecs"][0]["template"]["spec"]
+    assert claim == {v["name"]: v for v in worker["volumes"]}[mount["name"]]["persistentVolumeClaim"]
+    assert "kek" not in volumes and not [m for m in mounts if m.startswith("/etc/garrison/kek")]
+    assert not [v for v in volumes.values() if "secret" in v]
+
+
+def test_without_the_store_the_head_mounts_none():
+    spec = parse(render_files({"store": {"enabled": False}})).one("RayCluster")["spec"]["headGroupSpec"]["template"]
+    assert "store" not in {v["name"] for v in spec["spec"]["volumes"]}
 
 
 @values_files
