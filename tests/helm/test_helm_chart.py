@@ -280,11 +280,13 @@ def test_gateway_service_probes_budget_and_drain(path):
     container = spec["containers"][0]
     listen_port = int(config["listen"].rsplit(":", 1)[1])
     assert {"name": "grpc", "containerPort": listen_port} in container["ports"]
-    if "tls" in config:  # the kubelet's gRPC probe cannot speak TLS
-        assert container["readinessProbe"]["tcpSocket"]["port"] == "grpc"
-    else:
-        assert container["readinessProbe"]["grpc"] == {"port": listen_port, "service": "garrison.v1.Inference"}
-        assert container["livenessProbe"]["grpc"] == {"port": listen_port}
+    # The kubelet's gRPC probe cannot speak TLS: TLS or not, it asks the plaintext health-only port.
+    health_port = int(config["gateway"]["health_listen"].rsplit(":", 1)[1])
+    assert config["gateway"]["health_listen"] == f"0.0.0.0:{values['gateway']['healthPort']}"
+    assert health_port != listen_port and {"name": "health", "containerPort": health_port} in container["ports"]
+    assert container["readinessProbe"]["grpc"] == {"port": health_port, "service": "garrison.v1.Inference"}
+    assert container["livenessProbe"]["grpc"] == container["startupProbe"]["grpc"] == {"port": health_port}
+    assert not [p for p in ("readinessProbe", "livenessProbe", "startupProbe") if "tcpSocket" in container[p]]
     assert out.one("PodDisruptionBudget")["spec"]["selector"] == gateway["spec"]["selector"]
     controller = out.one("Deployment", "-controller")["spec"]["template"]["spec"]["containers"][0]
     health_port = int(config["controller"]["health_listen"].rsplit(":", 1)[1])
@@ -425,6 +427,7 @@ def test_airgapped_egress_goes_only_where_garrison_needs(path):
 
 
 def test_clients_reach_only_the_gateway_port():
+    """Not the health port: the kubelet probes it from the pod's own node, which NetworkPolicies always allow."""
     out = rendered(EXAMPLES[[p.stem for p in EXAMPLES].index("scout-h200")])
     [rule] = out.one("NetworkPolicy", "-gateway")["spec"]["ingress"]
     assert rule["ports"] == [{"protocol": "TCP", "port": 50051}]
