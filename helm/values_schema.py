@@ -126,7 +126,7 @@ def monitoring() -> Schema:
 
 def gateway() -> Schema:
     return obj({
-        "replicas": integer(1), "port": PORT, "insecure": BOOL,
+        "replicas": integer(1), "port": PORT, "healthPort": PORT, "insecure": BOOL,
         "tls": obj({"enabled": BOOL, "existingSecret": string(), "clientCA": BOOL}),
         "maxConcurrentRpcs": integer(1), "maxQueuedPerTenant": integer(0), "drainSeconds": integer(0, 3600),
         "service": obj({"type": {"enum": ["ClusterIP", "NodePort", "LoadBalancer"]}, "port": PORT,

@@ -1,5 +1,9 @@
 """Traces and metrics: one OpenTelemetry trace per request, metrics per tenant and model.
 
+Gateways (and `garrison serve`) export the requests' figures and their view of the replicas; `garrison controller`
+exports its own view of the replicas (`garrison.replicas` by model and state) and the engine cores it restarted
+(`garrison.replica_restarts`).
+
 Providers are objects owned by the server (no global provider is set), so two servers in one
 process (the tests) never mix their data. Metrics are scraped by Prometheus from `/metrics` on
 `prometheus_listen`, and/or pushed with traces to an OTLP collector (`otlp_endpoint`). The metrics
@@ -69,6 +73,13 @@ class Telemetry:
                  "replicas": "a model's replicas by state (serving, restarting, unplaceable, stopped)"}
         for name, description in names.items():
             self._meter.create_observable_gauge(f"garrison.{name}", [_gauge(callback, name)], description=description)
+
+    def observe_restarts(self, callback: LoadCallback) -> None:
+        """The controller's counter of engine cores it started again after losing them, read at collection time:
+        each row is (attributes, {"replica_restarts": count since the controller started})."""
+        self._meter.create_observable_counter(
+            "garrison.replica_restarts", [_gauge(callback, "replica_restarts")],
+            description="engine cores the controller started again after they were lost")
 
     def _start_prometheus(self, listen: str) -> MetricReader:
         from opentelemetry.exporter.prometheus import PrometheusMetricReader

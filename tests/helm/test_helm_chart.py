@@ -191,9 +191,10 @@ def test_group_scheduling_and_nvlink_domain():
 
 
 @values_files
-def test_ray_head_runs_no_garrison_work_and_every_ray_pod_has_probes_and_shared_memory(path):
+def test_ray_head_runs_no_ranks_and_every_ray_pod_has_probes_and_shared_memory(path):
     cluster = rendered(path).one("RayCluster")
     head = cluster["spec"]["headGroupSpec"]
+    # The engine cores run there (num_cpus=0 actors), the ranks never: no CPU or GPU slot to take.
     assert head["rayStartParams"]["num-cpus"] == "0" and head["rayStartParams"]["num-gpus"] == "0"
     assert "nvidia.com/gpu" not in json.dumps(head["template"]["spec"]["containers"][0]["resources"])
     for template in [head["template"]] + [g["template"] for g in cluster["spec"]["workerGroupSpecs"]]:
@@ -203,6 +204,32 @@ def test_ray_head_runs_no_garrison_work_and_every_ray_pod_has_probes_and_shared_
         volumes = {v["name"]: v for v in template["spec"]["volumes"]}
         mounts = {m["mountPath"]: m["name"] for m in template["spec"]["containers"][0]["volumeMounts"]}
         assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
+
+
+@values_files
+def test_ray_head_mounts_the_store_read_only_for_the_engine_cores_and_no_kek(path):
+    """The engine cores run on the head (garrison/serving/controller.py) and build their engines there from the
+    store: the head mounts it read-only, with the claim the workers use; the data key comes from the controller in
+    memory, so no KEK is mounted."""
+    values, out = merged(path), rendered(path)
+    config = yaml.safe_load(out.serve_config())
+    spec = out.one("RayCluster")["spec"]["headGroupSpec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    mounts = {m["mountPath"]: m for m in spec["containers"][0]["volumeMounts"]}
+    assert values["store"]["enabled"]  # every example and the defaults use the store
+    mount = mounts[config["store_dir"]]
+    assert mount["readOnly"] is True
+    claim = volumes[mount["name"]]["persistentVolumeClaim"]
+    assert claim["readOnly"] is True
+    worker = out.one("RayCluster")["spec"]["workerGroupSpecs"][0]["template"]["spec"]
+    assert claim == {v["name"]: v for v in worker["volumes"]}[mount["name"]]["persistentVolumeClaim"]
+    assert "kek" not in volumes and not [m for m in mounts if m.startswith("/etc/garrison/kek")]
+    assert not [v for v in volumes.values() if "secret" in v]
+
+
+def test_without_the_store_the_head_mounts_none():
+    spec = parse(render_files({"store": {"enabled": False}})).one("RayCluster")["spec"]["headGroupSpec"]["template"]
+    assert "store" not in {v["name"] for v in spec["spec"]["volumes"]}
 
 
 @values_files
@@ -253,11 +280,13 @@ def test_gateway_service_probes_budget_and_drain(path):
     container = spec["containers"][0]
     listen_port = int(config["listen"].rsplit(":", 1)[1])
     assert {"name": "grpc", "containerPort": listen_port} in container["ports"]
-    if "tls" in config:  # the kubelet's gRPC probe cannot speak TLS
-        assert container["readinessProbe"]["tcpSocket"]["port"] == "grpc"
-    else:
-        assert container["readinessProbe"]["grpc"] == {"port": listen_port, "service": "garrison.v1.Inference"}
-        assert container["livenessProbe"]["grpc"] == {"port": listen_port}
+    # The kubelet's gRPC probe cannot speak TLS: TLS or not, it asks the plaintext health-only port.
+    health_port = int(config["gateway"]["health_listen"].rsplit(":", 1)[1])
+    assert config["gateway"]["health_listen"] == f"0.0.0.0:{values['gateway']['healthPort']}"
+    assert health_port != listen_port and {"name": "health", "containerPort": health_port} in container["ports"]
+    assert container["readinessProbe"]["grpc"] == {"port": health_port, "service": "garrison.v1.Inference"}
+    assert container["livenessProbe"]["grpc"] == container["startupProbe"]["grpc"] == {"port": health_port}
+    assert not [p for p in ("readinessProbe", "livenessProbe", "startupProbe") if "tcpSocket" in container[p]]
     assert out.one("PodDisruptionBudget")["spec"]["selector"] == gateway["spec"]["selector"]
     controller = out.one("Deployment", "-controller")["spec"]["template"]["spec"]["containers"][0]
     health_port = int(config["controller"]["health_listen"].rsplit(":", 1)[1])
@@ -398,6 +427,7 @@ def test_airgapped_egress_goes_only_where_garrison_needs(path):
 
 
 def test_clients_reach_only_the_gateway_port():
+    """Not the health port: the kubelet probes it from the pod's own node, which NetworkPolicies always allow."""
     out = rendered(EXAMPLES[[p.stem for p in EXAMPLES].index("scout-h200")])
     [rule] = out.one("NetworkPolicy", "-gateway")["spec"]["ingress"]
     assert rule["ports"] == [{"protocol": "TCP", "port": 50051}]
@@ -420,10 +450,18 @@ def test_monitoring_objects_only_where_the_cluster_serves_their_api():
     assert with_apis.one("PodMonitor") and with_apis.one("PrometheusRule")
 
 
+def scrape(telemetry) -> set[str]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{telemetry.prometheus_port}/metrics", timeout=10) as page:
+        text = page.read().decode()
+    return {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}
+
+
 @pytest.fixture(scope="module")
 def exported_metric_names() -> set[str]:
-    """What Garrison's telemetry really exports on /metrics, observed by scraping it."""
-    from garrison.serving.config import TelemetryConfig
+    """What Garrison's telemetry really exports on /metrics, observed by scraping it: a gateway's, and a
+    controller's (its replica rows and restarts, from a real Controller that has started nothing yet)."""
+    from garrison.serving.config import ServeConfig, TelemetryConfig
+    from garrison.serving.controller import Controller
     from garrison.telemetry import Telemetry
 
     telemetry = Telemetry(TelemetryConfig(prometheus_listen="127.0.0.1:0"))
@@ -435,15 +473,19 @@ def exported_metric_names() -> set[str]:
         telemetry.requests.add(1, attributes | {"status": "OK"})
         telemetry.tokens.add(3, attributes | {"kind": "output"})
         telemetry.rejections.add(1, attributes | {"limit": "tokens_per_minute"})
-        with urllib.request.urlopen(f"http://127.0.0.1:{telemetry.prometheus_port}/metrics", timeout=10) as page:
-            text = page.read().decode()
+        names = scrape(telemetry)
     finally:
         telemetry.shutdown()
-    return {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}
-
-
-# The replica state gauge the controller (issue 13) is to export: named here until it exists.
-PENDING_METRICS = {"garrison_replicas"}
+    telemetry = Telemetry(TelemetryConfig(prometheus_listen="127.0.0.1:0"))
+    try:  # as `garrison controller` wires it (garrison/cli/controller.py)
+        controller = Controller(ServeConfig(), "unused", detached=False)
+        telemetry.observe_load(controller.replica_rows)
+        telemetry.observe_restarts(controller.restart_rows)
+        controller_names = scrape(telemetry)
+    finally:
+        telemetry.shutdown()
+    assert {"garrison_replicas", "garrison_replica_restarts_total"} <= controller_names
+    return names | controller_names
 
 
 def query_metric_names(expression: str) -> set[str]:
@@ -461,7 +503,9 @@ def test_alerts_parse_and_use_only_exported_metrics(exported_metric_names):
     for rule in rules:
         used |= query_metric_names(rule["expr"])
         assert f'namespace="{NAMESPACE}"' in rule["expr"]
-    assert used - PENDING_METRICS <= exported_metric_names
+        if "garrison_replicas" in rule["expr"]:  # exported by the controller and by every gateway: never summed
+            assert rule["expr"].startswith("max by"), rule["expr"]
+    assert used <= exported_metric_names
     assert "garrison_time_to_first_token_seconds_bucket" in used and "garrison_kv_cache_usage" in used
 
 
@@ -475,7 +519,7 @@ def test_dashboard_is_the_ops_file_and_queries_exported_metrics(exported_metric_
         for target in panel["targets"]:
             expression = target["expr"].replace("$__rate_interval", "5m").replace("$namespace", "ns")
             used |= query_metric_names(expression.replace("$model", ".*"))
-    assert used - PENDING_METRICS <= exported_metric_names
+    assert used <= exported_metric_names
     assert {"garrison_replicas", "garrison_rejections_total", "garrison_queue_depth"} <= used
 
 

@@ -106,6 +106,7 @@ def model(**overrides):
 BAD = {
     "wrong type: replicas as a string": {"gateway": {"replicas": "2"}},
     "wrong type: a port as a float": {"gateway": {"port": 50051.5}},
+    "health port out of range": {"gateway": {"healthPort": 70000}},
     "wrong type: tls.enabled as a string": {"gateway": {"tls": {"enabled": "yes"}}},
     "wrong type: nodeSelector value": {"workers": {"nodeSelector": {"pool": 1}}},
     "unknown key at the top": {"gatway": {}},

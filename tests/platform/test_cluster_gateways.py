@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ import pytest
 import ray
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 from ray.cluster_utils import Cluster
 
 from conftest import postgres_schema_url, save_tiny_llama
@@ -96,6 +98,7 @@ class Deployment:
     directory: Path
     config: dict
     address: str  # the Ray cluster's
+    controller_metrics: str  # HOST:PORT of the controller's /metrics
     gateways: list[Process] = field(default_factory=list)
     addresses: list[str] = field(default_factory=list)  # of the gateways that serve
 
@@ -140,13 +143,15 @@ def deployment(tmp_path_factory) -> Iterator[Deployment]:
                       "models": [{"name": MODEL, "source": str(save_tiny_llama(directory / "tiny", eos_token_id=None)),
                                   "engine": {"block_size": 4, "num_kv_blocks": 512, "max_num_seqs": 16,
                                              "max_num_batched_tokens": 64, "worker_threads": 1}}]}
-            (directory / "controller.yaml").write_text(yaml.safe_dump(dict(config, data_dir=str(directory / "c"))))
+            metrics = f"127.0.0.1:{free_port()}"  # the controller's only: each gateway would need a port of its own
+            (directory / "controller.yaml").write_text(yaml.safe_dump(dict(
+                config, data_dir=str(directory / "c"), telemetry={"prometheus_listen": metrics})))
             controller = Process(["controller", "--config", str(directory / "controller.yaml"), "--stop-engines"],
                                  directory / "controller.log").start()
             wait_until(lambda: healthy(health) or controller.handle.poll() is not None, 300)
             assert controller.handle.poll() is None, (directory / "controller.log").read_text()[-3000:]
             ray.init(address=cluster.address, namespace=config["ray_namespace"], log_to_driver=False)
-            yield Deployment(directory, config, cluster.address)
+            yield Deployment(directory, config, cluster.address, metrics)
         finally:
             if ray.is_initialized():
                 ray.shutdown()
@@ -204,6 +209,19 @@ def test_gateways_find_the_one_replica_and_load_no_model(deployment: Deployment,
     cores = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
              if a["namespace"] == deployment.config["ray_namespace"] and a["name"].startswith("core/")]
     assert cores == [f"core/{MODEL}/0"]
+
+
+def test_the_controller_exports_its_replicas_on_metrics(deployment: Deployment) -> None:
+    """`garrison controller` serves /metrics on telemetry.prometheus_listen: the model's one replica serving, none
+    in another state, no core restarted (the chart's PodMonitor scrapes this; the alerts read garrison_replicas)."""
+    with urllib.request.urlopen(f"http://{deployment.controller_metrics}/metrics", timeout=10) as page:
+        families = {f.name: f for f in text_string_to_metric_families(page.read().decode())}
+    replicas = {s.labels["state"]: s.value for s in families["garrison_replicas"].samples
+                if s.labels["model"] == MODEL}
+    assert replicas == {"serving": 1, "restarting": 0, "unplaceable": 0, "draining": 0, "stopped": 0}
+    [restarts] = [s for s in families["garrison_replica_restarts"].samples
+                  if s.name == "garrison_replica_restarts_total" and s.labels["model"] == MODEL]
+    assert restarts.value == 0
 
 
 def test_a_revoked_key_is_refused_by_every_gateway_within_a_second(deployment: Deployment,

@@ -44,7 +44,7 @@ def check(*argv: str) -> tuple[int, str, str]:
 def test_every_problem_is_reported_with_its_place(tmp_path: Path) -> None:
     path = write(tmp_path, """
 listen: 0.0.0.0:50051
-gateway: {max_concurrent_rpcs: 0, drain_seconds: -1}
+gateway: {max_concurrent_rpcs: 0, drain_seconds: -1, health_listen: "50053"}
 telemetry: {prometheus_listen: "9464"}
 models:
   - name: a
@@ -68,6 +68,7 @@ kek_env: KEK
         "config.listen": found["config.listen"],
         "config.gateway.max_concurrent_rpcs": "must be an integer >= 1, got 0",
         "config.gateway.drain_seconds": "must be a finite number >= 0, got -1",
+        "config.gateway.health_listen": "must be HOST:PORT with a port from 0 to 65535, got '50053'",
         "config.telemetry.prometheus_listen": "must be HOST:PORT with a port from 0 to 65535, got '9464'",
         "config.models[0].replicas": "must be an integer >= 1, got true",
         "config.models[0].groups[0].role": "must be one of both, prefill, decode, got 'prefil'",
@@ -178,10 +179,11 @@ def busy_port() -> Iterator[int]:
 def test_check_reports_busy_ports_missing_models_and_files_as_json(tmp_path: Path) -> None:
     (tmp_path / "admin.key").write_text("not a key\n")
     (tmp_path / "cert.pem").write_text("-----BEGIN CERTIFICATE-----\nnope\n-----END CERTIFICATE-----\n")
-    with busy_port() as grpc_port, busy_port() as metrics_port:
+    with busy_port() as grpc_port, busy_port() as metrics_port, busy_port() as health_port:
         path = write(tmp_path, f"""
 listen: 127.0.0.1:{grpc_port}
 telemetry: {{prometheus_listen: '127.0.0.1:{metrics_port}'}}
+gateway: {{health_listen: '127.0.0.1:{health_port}'}}
 admin_key_file: admin.key
 tls: {{cert: cert.pem, key: missing.pem}}
 models:
@@ -195,11 +197,26 @@ models:
     report = json.loads(out)
     assert status == 1 and report["ok"] is False
     found = {p["place"]: p["message"] for p in report["problems"]}
-    assert set(found) == {"config.listen", "config.telemetry.prometheus_listen", "config.admin_key_file",
+    assert set(found) == {"config.listen", "config.telemetry.prometheus_listen", "config.gateway.health_listen",
+                          "config.admin_key_file",
                           "config.tls.cert", "config.tls.key", "config.models[1].source", "config.models[2].source",
                           "config.models[3].import_from"}, found
     assert "cannot listen" in found["config.listen"] and "gk_" in found["config.admin_key_file"]
     assert "not a PEM certificate" in found["config.tls.cert"] and "nosuchmodel" in found["config.models[2].source"]
+
+
+def test_the_gateways_health_port_is_a_port_of_its_own(tmp_path: Path) -> None:
+    """gateway.health_listen (plaintext gRPC health for probes) is null by default, may listen off loopback without
+    `insecure` (it serves health only), and may not be the gRPC port itself."""
+    assert load(None).gateway.health_listen is None
+    tls = "tls: {cert: c.pem, key: k.pem}\n"
+    config = load(write(tmp_path, tls + "listen: 0.0.0.0:50051\ngateway: {health_listen: 0.0.0.0:50053}\n"))
+    assert config.gateway.health_listen == "0.0.0.0:50053" and not config.insecure
+    for listen, health in (("0.0.0.0:50051", "127.0.0.1:50051"), ("127.0.0.1:50051", "127.0.0.1:50051"),
+                           ("[::]:50051", "0.0.0.0:50051")):
+        found = problems(write(tmp_path, tls + f"listen: '{listen}'\ngateway: {{health_listen: '{health}'}}\n"))
+        assert "port of its own" in found.get("config.gateway.health_listen", ""), (listen, health, found)
+    assert load(write(tmp_path, tls + "listen: 127.0.0.1:0\ngateway: {health_listen: 127.0.0.1:0}\n"))
 
 
 def test_check_passes_a_good_file_and_names_each_problem_of_a_bad_one(tmp_path: Path) -> None:

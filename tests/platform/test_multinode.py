@@ -187,6 +187,11 @@ def test_a_lost_engine_core_fails_its_streams_and_is_started_again(cluster, tmp_
         wait_until(lambda: idle(server, "left") and server.server.quotas.total_in_flight() == 0, timeout=10)
         took = wait_until(lambda: stream(server.address, key, "right", 4)[1] is None, timeout=120, poll=0.5)
         print(f"right served again {took:.1f} s after its core was lost")
+        # What the controller exports (garrison_replicas, garrison_replica_restarts_total): one restart of right's core.
+        controller = server.server.controller
+        assert {m["model"]: n["replica_restarts"] for m, n in controller.restart_rows()} == {"left": 0, "right": 1}
+        serving = {m["model"]: n["replicas"] for m, n in controller.replica_rows() if m["state"] == "serving"}
+        assert serving == {"left": 1, "right": 1}
 
 
 def test_a_layout_the_cluster_cannot_hold_is_refused_up_front(cluster, tiny_moe: Path, tmp_path: Path) -> None:

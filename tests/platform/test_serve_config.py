@@ -101,3 +101,50 @@ def test_a_config_file_serves_tls_clients_and_colocated_and_disaggregated_models
             with pytest.raises(ClientError):
                 plaintext.list_models()
     assert (config.data_dir / "store" / "tiny-imported" / "manifest.json").is_file()
+
+
+def test_the_plaintext_health_port_answers_probes_while_the_grpc_port_requires_tls(tmp_path: Path) -> None:
+    """gateway.health_listen: Kubernetes' gRPC probes cannot speak TLS, so the gateway also serves gRPC health in
+    plaintext on a port of its own, with the main port's states (the server as a whole, the Inference service, each
+    model), NOT_SERVING once draining; nothing else is served there, and the main port still requires mTLS."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    model_dir = save_tiny_llama4(tmp_path / "tiny", seed=3)
+    certs = make_certs(tmp_path / "certs", hosts=["localhost", "127.0.0.1"], clients=["app"])
+    (tmp_path / "serve.yaml").write_text(yaml.safe_dump({
+        "listen": "127.0.0.1:0", "data_dir": "data", "gateway": {"health_listen": "127.0.0.1:0"},
+        "tls": {"cert": str(certs.server.cert), "key": str(certs.server.key), "client_ca": str(certs.ca.cert)},
+        "models": [{"name": "tiny", "source": str(model_dir), "on_ray": False,
+                    "engine": {"kv_cache_bytes": 8 << 20, "max_num_seqs": 4, "max_num_batched_tokens": 32,
+                               "block_size": 4}}]}))
+    services = ("", "garrison.v1.Inference", "garrison.v1.Inference/tiny")
+    client_tls = grpc.ssl_channel_credentials(certs.ca.cert.read_bytes(), certs.clients["app"].key.read_bytes(),
+                                              certs.clients["app"].cert.read_bytes())
+
+    def statuses(channel: grpc.Channel) -> dict[str, str]:
+        stub = health_pb2_grpc.HealthStub(channel)
+        return {s: health_pb2.HealthCheckResponse.ServingStatus.Name(
+            stub.Check(health_pb2.HealthCheckRequest(service=s), timeout=10).status) for s in services}
+
+    with BackgroundServer(load(tmp_path / "serve.yaml")) as background:
+        server = background.server
+        assert server.health_port not in (0, server.port)
+        probe_address = f"127.0.0.1:{server.health_port}"
+        with grpc.insecure_channel(probe_address) as probe, \
+                grpc.secure_channel(background.address, client_tls) as secure:
+            assert statuses(probe) == statuses(secure) == dict.fromkeys(services, "SERVING")
+            # Health alone: not the API, not reflection.
+            for method in ("/garrison.v1.Inference/ListModels",
+                           "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"):
+                with pytest.raises(grpc.RpcError) as info:
+                    probe.unary_unary(method)(b"", timeout=10)
+                assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED, method
+            # The main port speaks TLS only: a plaintext health check there fails.
+            with grpc.insecure_channel(background.address) as plaintext:
+                with pytest.raises(grpc.RpcError) as info:
+                    health_pb2_grpc.HealthStub(plaintext).Check(health_pb2.HealthCheckRequest(), timeout=10)
+                assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            background.call(server.drain(0.0))
+            drained = statuses(probe)
+            assert drained == statuses(secure)
+            assert drained[""] == drained["garrison.v1.Inference"] == "NOT_SERVING"

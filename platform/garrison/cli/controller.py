@@ -22,8 +22,10 @@ def register(commands: Any) -> None:
                     "running: a core that dies is started again with a backoff (its worker groups are supervised "
                     "by the core itself). The controller holds the store's key-encryption key and hands each core "
                     "its model's data key in memory. gRPC health (for probes) on controller.health_listen says "
-                    "SERVING once every core has built its engine. SIGTERM stops supervising and leaves the cores "
-                    "serving, unless --stop-engines.")
+                    "SERVING once every core has built its engine. Prometheus /metrics on "
+                    "telemetry.prometheus_listen (when set): garrison_replicas{model,state} and "
+                    "garrison_replica_restarts_total{model}, as the controller sees its cores. SIGTERM stops "
+                    "supervising and leaves the cores serving, unless --stop-engines.")
     parser.add_argument("--config", type=Path, required=True, help="YAML file (the same as the gateways')")
     parser.add_argument("--stop-engines", action="store_true", help="on SIGTERM, stop the engine cores too")
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
@@ -45,9 +47,16 @@ async def _control(config: serve_config.ServeConfig, stop_engines: bool) -> int:
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
     from garrison.serving.controller import Controller
+    from garrison.serving.preflight import port_problem
+    from garrison.telemetry import Telemetry
     from garrison.tenancy.shared_limits import limits_actor
     from garrison_workers.worker_group import ensure_ray
 
+    ports = [("controller.health_listen", config.controller.health_listen),
+             ("telemetry.prometheus_listen", config.telemetry.prometheus_listen)]
+    busy = [Problem(place, problem) for place, address in ports if address and (problem := port_problem(address))]
+    if busy:  # before Ray: a port another process holds is found in a second, not after the engines started
+        raise ConfigError.listing(busy)
     ensure_ray(config.ray_address)
     probes = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     servicer = health.aio.HealthServicer()
@@ -58,6 +67,9 @@ async def _control(config: serve_config.ServeConfig, stop_engines: bool) -> int:
     await probes.start()
     await servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
     controller = Controller(config, config.ray_namespace, detached=True)
+    telemetry = Telemetry(config.telemetry)  # the gateways export the requests; the controller, its replicas
+    telemetry.observe_load(controller.replica_rows)
+    telemetry.observe_restarts(controller.restart_rows)
     limits_actor(config.ray_namespace)  # the cluster's tenant limits, ready before the first gateway asks
     print(f"garrison: starting the engines of {', '.join(m.name for m in config.models)} on {config.ray_address}",
           file=sys.stderr, flush=True)
@@ -70,4 +82,5 @@ async def _control(config: serve_config.ServeConfig, stop_engines: bool) -> int:
     await stopping.wait()
     await asyncio.to_thread(controller.stop, stop_engines)
     await probes.stop(1.0)
+    telemetry.shutdown()
     return 0

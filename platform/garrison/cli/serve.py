@@ -54,7 +54,9 @@ def _register_gateway(commands: Any) -> None:
                     "keeps no state of its own (tenants and usage are in the database at database_url, tenant "
                     "limits in the cluster), and serves within seconds of starting: run as many as you like "
                     "behind one address. SIGTERM drains it: new streams are refused with UNAVAILABLE and a retry "
-                    "hint while those running get gateway.drain_seconds to finish.")
+                    "hint while those running get gateway.drain_seconds to finish (health says NOT_SERVING, on "
+                    "gateway.health_listen too: a plaintext port serving only gRPC health, for probes that cannot "
+                    "speak TLS).")
     parser.add_argument("--config", type=Path, required=True, help="YAML file (the same as the controller's)")
     parser.add_argument("--listen", help="HOST:PORT to serve gRPC on (overrides listen)")
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
@@ -136,6 +138,9 @@ def _announce(server: Any) -> None:
         if config.tls else "plaintext"
     lines = [f"garrison: serving {', '.join(m.name for m in config.models)} on {address} ({tls}); "
              "gRPC health and reflection are on"]
+    if server.health_port:
+        lines.append(f"garrison: gRPC health alone, plaintext, for probes on "
+                     f"{config.gateway.health_listen.rpartition(':')[0]}:{server.health_port}")
     if server.bootstrap.admin_key_file:
         lines.append(f"garrison: admin key written to {server.bootstrap.admin_key_file} (mode 0600, first start only)")
     if server.bootstrap.tenant_key_file:

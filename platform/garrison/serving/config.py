@@ -16,7 +16,8 @@ Example:
     tls: {cert: server.crt, key: server.key, client_ca: ca.crt}   # client_ca turns on mTLS
     telemetry: {prometheus_listen: 0.0.0.0:9464, otlp_endpoint: http://otel-collector:4317}
     admin_key_file: /etc/garrison/admin/admin.key   # e.g. a mounted Secret; see below
-    gateway: {max_concurrent_rpcs: 1024, max_queued_per_tenant: 256, drain_seconds: 30}
+    gateway: {max_concurrent_rpcs: 1024, max_queued_per_tenant: 256, drain_seconds: 30,
+              health_listen: 0.0.0.0:50053}   # gRPC health only, plaintext: for Kubernetes' probes
     models:
       - name: scout
         source: /models/llama4-scout       # a path (has a '/', starts with '.' or '~', or ends in .gguf),
@@ -44,7 +45,11 @@ Settings:
   revoked since is not brought back: put a new secret in the file.
 - `gateway`: `max_concurrent_rpcs` (RPCs in progress at once, all tenants), `max_queued_per_tenant`
   (a tenant's requests waiting for a slot; beyond it RESOURCE_EXHAUSTED), `drain_seconds` (how long
-  in-flight streams may finish at shutdown).
+  in-flight streams may finish at shutdown), `health_listen` (HOST:PORT or null, the default: none): a second,
+  plaintext port that serves the gRPC health service and nothing else, with the main port's health states
+  (`""`, `garrison.v1.Inference`, `garrison.v1.Inference/<model>`, NOT_SERVING while draining). Kubernetes' gRPC
+  probes cannot speak TLS; with `tls` on they probe this port. It may listen off loopback without `insecure`:
+  it carries no request, key or model name that the main port's health does not already tell anyone.
 - `controller`: `health_listen` (HOST:PORT of the gRPC health service `garrison controller` answers probes on).
 - `max_request_bytes`: larger requests are refused with INVALID_ARGUMENT.
 - `models[]`: `name` (unique), `source`, `import_from` (import this path or bundled name into the
@@ -169,9 +174,17 @@ class GatewayConfig:
     max_concurrent_rpcs: int = 1024
     max_queued_per_tenant: int = setting(256, min=0)
     drain_seconds: float = 30.0
+    # HOST:PORT of a plaintext port serving only gRPC health (the same states as the main port), for probes that
+    # cannot speak TLS (Kubernetes'); None: none.
+    health_listen: str | None = None
 
     def __post_init__(self) -> None:
         self_check(self)
+
+    @staticmethod
+    def relations(v: Mapping[str, Any]) -> list[Problem]:
+        listen = v["health_listen"]
+        return _address_problems("health_listen", listen) if isinstance(listen, str) else []
 
 
 @dataclass(slots=True, frozen=True)
@@ -227,7 +240,7 @@ class ServeConfig:
 
     @staticmethod
     def relations(v: Mapping[str, Any]) -> list[Problem]:
-        return _exposure_problems(v) + _model_name_problems(v["models"]) + _kek_problems(v)
+        return _exposure_problems(v) + _model_name_problems(v["models"]) + _kek_problems(v) + _health_port_problems(v)
 
     @property
     def resolved_store_dir(self) -> Path:
@@ -261,6 +274,22 @@ def _model_name_problems(models: Any) -> list[Problem]:
                                                          f"[{first[model.name]}] has it too): names must differ"))
         first.setdefault(model.name, i)
     return problems
+
+
+def _health_port_problems(v: Mapping[str, Any]) -> list[Problem]:
+    """The gateway's health port cannot be its gRPC port: one of the two servers would fail to bind."""
+    gateway, listen = v["gateway"], v["listen"]
+    if not isinstance(gateway, GatewayConfig) or gateway.health_listen is None or not isinstance(listen, str):
+        return []
+    try:
+        (host, port), (health_host, health_port) = parse_address(listen), parse_address(gateway.health_listen)
+    except ValueError:  # reported with the address itself
+        return []
+    wildcard = {"", "0.0.0.0", "::"}
+    if port != 0 and port == health_port and (host == health_host or {host, health_host} & wildcard):
+        return [Problem("gateway.health_listen", f"{gateway.health_listen} is the gRPC port itself (listen "
+                                                 f"{listen}): give the health service a port of its own")]
+    return []
 
 
 def _kek_problems(v: Mapping[str, Any]) -> list[Problem]:

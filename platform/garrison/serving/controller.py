@@ -14,6 +14,11 @@ The controller resolves each model's weights: it holds the key-encryption key, o
 it first when `import_from` says so) and hands the unwrapped data key to the core in memory. Cores run on the head
 node, which takes no slot of the ranks: a worker node lost with its ranks leaves the core to fail just those
 requests, naming the rank and node, and to restart the group.
+
+What the controller sees it exports (garrison controller, on telemetry.prometheus_listen): each model's replicas by
+state, `garrison_replicas{model, state}` (a core's own state, which a poll kept pending like the watch brings back:
+serving, restarting a worker group, unplaceable, draining; `restarting` while the core itself is lost or not
+started yet), and `garrison_replica_restarts_total{model}`, the cores it started again after losing them.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import logging
 import threading
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +38,7 @@ from garrison.serving.config import ModelDeploymentConfig, ServeConfig
 from garrison.weight_store.importer import import_model
 from garrison.weight_store.keys import FileKeyProvider, KeyProvider, create_kek_file, provider_from_options
 from garrison.weight_store.store import Store
-from garrison_workers.engine_core import CoreSpec, EngineCore, GroupSpec
+from garrison_workers.engine_core import CoreSpec, EngineCore, GroupSpec, ReplicaState
 from garrison_workers.loader import ModelLocation
 from garrison_workers.placement import GroupPlacement
 
@@ -43,6 +49,7 @@ CORE_PREFIX = "core/"
 CORE_CONCURRENCY = 64  # calls a core actor serves at once: every gateway's poll waits in one
 FIRST_BACKOFF_S, MAX_BACKOFF_S = 1.0, 30.0
 WATCH_S = 0.5
+STATUS_CLIENT = "controller"  # the client name the controller polls each core's status under (it sends no request)
 
 
 def core_name(model: str, index: int) -> str:
@@ -102,6 +109,11 @@ class _Core:
     watch: Any = None  # the pending `watch` call of a Ray core
     backoff_s: float = FIRST_BACKOFF_S
     next_attempt: float = 0.0
+    status_call: Any = None  # the pending `poll` that brings back a Ray core's own status
+    state: ReplicaState = ReplicaState.SERVING  # a Ray core's, as last seen; RESTARTING while the core is lost
+
+    def current_state(self) -> ReplicaState:
+        return self.handle.status.state if isinstance(self.handle, EngineCore) else self.state
 
 
 class Controller:
@@ -109,6 +121,7 @@ class Controller:
         """`detached`: the cores outlive this process (the cluster form); else they stop with it."""
         self.config, self.namespace, self.detached = config, namespace, detached
         self._cores: dict[str, _Core] = {}
+        self._restarts: Counter[str] = Counter()  # model -> cores started again after they were lost
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._supervise, name="controller", daemon=True)
@@ -153,6 +166,25 @@ class Controller:
         """Every core this controller runs, by name (what an in-process gateway streams from)."""
         with self._lock:
             return {name: core.link for name, core in self._cores.items()}
+
+    def replica_rows(self) -> list[tuple[dict[str, str], dict[str, float]]]:
+        """Each model's replicas by state (Telemetry.observe_load's rows: garrison.replicas); a replica whose core is
+        not registered yet (still starting) counts as restarting, as a gateway counts it."""
+        with self._lock:
+            cores = list(self._cores.values())
+        rows: list[tuple[dict[str, str], dict[str, float]]] = []
+        for model in self.config.models:
+            states = Counter(core.current_state() for core in cores if core.spec.model == model.name)
+            states[ReplicaState.RESTARTING] += max(0, model.replicas - sum(states.values()))
+            rows += [({"model": model.name, "state": state.value}, {"replicas": states[state]})
+                     for state in ReplicaState]
+        return rows
+
+    def restart_rows(self) -> list[tuple[dict[str, str], dict[str, float]]]:
+        """Each model's cores started again after they were lost (Telemetry.observe_restarts' rows)."""
+        with self._lock:
+            return [({"model": model.name}, {"replica_restarts": self._restarts[model.name]})
+                    for model in self.config.models]
 
     def stop(self, stop_cores: bool) -> None:
         """Stop supervising; with `stop_cores`, stop the cores too (else they go on serving the gateways)."""
@@ -206,7 +238,11 @@ class Controller:
         import ray
 
         ready, _ = ray.wait([core.watch], timeout=0)
-        if not ready or self._stopping.is_set() or time.monotonic() < core.next_attempt:
+        if not ready:
+            self._follow_status(core)
+            return
+        core.state = ReplicaState.RESTARTING
+        if self._stopping.is_set() or time.monotonic() < core.next_attempt:
             return
         log.error("core %s was lost; starting it again", core.spec.name)
         try:
@@ -216,6 +252,24 @@ class Controller:
             log.error("core %s could not be started (%s: %s); next attempt in %g s", core.spec.name,
                       type(err).__name__, err, core.backoff_s)
             core.backoff_s = min(2 * core.backoff_s, MAX_BACKOFF_S)
+            return
+        with self._lock:
+            self._restarts[core.spec.model] += 1
+
+    def _follow_status(self, core: _Core) -> None:
+        """A live core's own state (a worker group restarting, unplaceable, draining), from one `poll` kept
+        pending: it answers at once (timeout 0), and the next goes out when it has."""
+        import ray
+
+        if core.status_call is not None:
+            ready, _ = ray.wait([core.status_call], timeout=0)
+            if not ready:
+                return
+            try:
+                core.state = ray.get(core.status_call).status.state
+            except ray.exceptions.RayError:  # the core is gone: its watch says so
+                return
+        core.status_call = core.handle.poll.remote(STATUS_CLIENT, 0.0)
 
 
 def _cause(err: BaseException) -> BaseException:

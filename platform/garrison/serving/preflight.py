@@ -33,6 +33,8 @@ def _port_problems(config: ServeConfig) -> list[Problem]:
     addresses = [("config.listen", config.listen)]
     if config.telemetry.prometheus_listen:
         addresses.append(("config.telemetry.prometheus_listen", config.telemetry.prometheus_listen))
+    if config.gateway.health_listen:
+        addresses.append(("config.gateway.health_listen", config.gateway.health_listen))
     found = []
     for place, address in addresses:
         problem = port_problem(address)

@@ -89,7 +89,9 @@ class GarrisonServer:
         self.renderer: ChatRenderer | None = None
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+        self._health_server: grpc.aio.Server | None = None
         self.port = 0
+        self.health_port = 0  # of gateway.health_listen; 0: none
         self._watcher: asyncio.Task[None] | None = None
         self.bootstrap = Bootstrap()
         self._started_ray = False
@@ -133,7 +135,10 @@ class GarrisonServer:
         self.inference = inference.InferenceService(self.tenancy, self.quotas, self.router, self.telemetry,
                                                     config.max_request_bytes, self.auth, self.usage, self.renderer)
         self._server = self._grpc_server()
+        self._health_server = self._health_only_server()
         await self._server.start()
+        if self._health_server is not None:
+            await self._health_server.start()
         for service in (admin.SERVICE, ""):
             await self._set_health(service, health_pb2.HealthCheckResponse.SERVING)
         await self._watch_replicas_once({})
@@ -187,6 +192,19 @@ class GarrisonServer:
             self.port = server.add_secure_port(config.listen, _server_credentials(config))
         if self.port == 0:
             raise ConfigError(f"cannot listen on {config.listen}: the address is in use or not local")
+        return server
+
+    def _health_only_server(self) -> grpc.aio.Server | None:
+        """gateway.health_listen: the health service, plaintext, alone on a port of its own, for probes that cannot
+        speak TLS (Kubernetes'). It is the main port's servicer, so both answer the same states, drain included."""
+        listen = self.config.gateway.health_listen
+        if listen is None:
+            return None
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        self.health_port = server.add_insecure_port(listen)
+        if self.health_port == 0:
+            raise ConfigError(f"cannot listen on {listen} (gateway.health_listen): the address is in use or not local")
         return server
 
     def _bootstrap_keys(self) -> Bootstrap:
@@ -261,6 +279,8 @@ class GarrisonServer:
             await self._set_health(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         if self._server is not None:
             await self._server.stop(grace)
+        if self._health_server is not None:
+            await self._health_server.stop(0)
         if self.usage is not None:
             await asyncio.sleep(0)  # handlers cancelled at the end of the grace record their usage first
             await self.usage.stop()
