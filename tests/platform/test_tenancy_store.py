@@ -23,6 +23,7 @@ from garrison.errors import GRPC_STATUS, grpc_status_for
 from garrison.tenancy import (SYSTEM, AlreadyExistsError, InvalidArgumentError, NotFoundError, PermissionDeniedError,
                               Principal, QuotaExceededError, QuotaUpdate, RequestTooLargeError, TenancyService,
                               UnauthenticatedError, database_url, make_engine, migrate)
+from garrison.tenancy import keys
 from garrison.tenancy.schema import Base
 from garrison.tenancy.store import alembic_config
 from garrison_workers.errors import GarrisonError
@@ -348,3 +349,28 @@ def test_each_error_maps_to_one_grpc_status() -> None:
     # Most specific first: no class is shadowed by a base class listed before it.
     for i, cls in enumerate(classes):
         assert not any(issubclass(cls, earlier) for earlier in classes[:i]), cls
+
+
+def test_gateways_starting_together_provision_one_admin_key_from_its_file(store: Store, clock: Clock) -> None:
+    """Every gateway of a cluster provisions `admin_key_file` at start: eight at once, each its own service (its
+    own connections, as separate processes have), all get the one key and none fails."""
+    secret = keys.new_secret(keys.new_key_id())
+    services = [store.open(clock) for _ in range(8)]
+    barrier = threading.Barrier(len(services))
+    outcomes: list[object] = []
+
+    def start(service: TenancyService) -> None:
+        barrier.wait()
+        try:
+            outcomes.append(service.ensure_admin_key(secret, "from admin_key_file").id)
+        except BaseException as err:  # noqa: BLE001 - reported by the assertion below
+            outcomes.append(err)
+
+    threads = [threading.Thread(target=start, args=(service,)) for service in services]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for service in services:
+        service.close()
+    assert outcomes == [keys.key_id_of(secret)] * len(services)

@@ -37,7 +37,7 @@ from garrison.serving.controller import Controller, find_cores, needs_ray, ray_n
 from garrison_workers.worker_group import ensure_ray
 from garrison.serving.config import ConfigError, ServeConfig
 from garrison.telemetry import Telemetry
-from garrison.tenancy.errors import StoreUnavailableError
+from garrison.tenancy.errors import AlreadyExistsError, StoreUnavailableError
 from garrison.tenancy.keys import read_key_file
 from garrison.tenancy.ledger import SPOOL_FILE
 from garrison.tenancy.shared_limits import LocalQuotas, Quotas, SharedQuotas
@@ -218,7 +218,10 @@ class GarrisonServer:
             admin_file = _write_secret(data_dir / ADMIN_KEY_FILE, created.secret)
         if self.config.bootstrap and not self.tenancy.list_tenants(SYSTEM):
             models = [model.name for model in self.config.models]
-            self.tenancy.create_tenant(SYSTEM, BOOTSTRAP_TENANT, models, BOOTSTRAP_QUOTA)
+            try:
+                self.tenancy.create_tenant(SYSTEM, BOOTSTRAP_TENANT, models, BOOTSTRAP_QUOTA)
+            except AlreadyExistsError:  # gateways starting together: the first one made it and wrote its key
+                return Bootstrap(admin_file, None)
             key = self.tenancy.create_key(SYSTEM, tenant=BOOTSTRAP_TENANT, description="embedded default tenant")
             tenant_file = _write_secret(data_dir / TENANT_KEY_FILE, key.secret)
         return Bootstrap(admin_file, tenant_file)

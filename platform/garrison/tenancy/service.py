@@ -134,6 +134,12 @@ class TenancyService:
         key_id = keys.key_id_of(secret)
         if key_id is None:
             raise InvalidArgumentError("not an API key secret: make one with `garrison keys new-secret`")
+        try:
+            return self._admin_key_from(key_id, secret, description)
+        except IntegrityError:  # gateways starting together: another created it between our check and our commit
+            return self._admin_key_from(key_id, secret, description)
+
+    def _admin_key_from(self, key_id: str, secret: str, description: str) -> ApiKey:
         with self._write() as session:
             row = session.get(ApiKeyRow, key_id)
             if row is None:
