@@ -9,6 +9,7 @@ The head runs no ranks (no CPU slots); node A and node B each advertise two slot
 
 from __future__ import annotations
 
+import functools
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -206,9 +207,10 @@ def test_a_layout_the_cluster_cannot_hold_is_refused_up_front(cluster, tiny_moe:
     assert time.monotonic() - began < 60
 
 
-def test_a_replica_dropped_from_the_config_finishes_its_streams_before_it_stops(cluster, tmp_path: Path) -> None:
-    """A rollout that lowers `replicas`: the old controller goes, the new one adopts the cores it keeps and drains
-    the other, whose streams all finish with their whole answer; then only the kept core is left."""
+def test_a_rollout_drains_the_cores_it_drops_or_changes_and_their_streams_finish(cluster, tmp_path: Path) -> None:
+    """A new config with fewer replicas and other engine settings: the old controller goes, the new one drains the
+    core it drops and the core it keeps (built from the old settings) and starts that one again; every stream in
+    flight finishes with its whole answer; afterwards one core serves, built from the new settings."""
     ray_cluster, _ = cluster
     tiny = save_tiny_llama(tmp_path / "tiny", eos_token_id=None)
     model = replace(on_node("m", "a", tiny), replicas=2)
@@ -216,18 +218,24 @@ def test_a_replica_dropped_from_the_config_finishes_its_streams_before_it_stops(
         key = (tmp_path / "data" / "tenant.key").read_text().strip()
         old = server.server.controller
         old.stop(stop_cores=False)
-        config = replace(server.server.config, models=(replace(model, replicas=1),),
+        # From now on this gateway finds the cores by name, as the gateways of a cluster do, not from its controller.
+        server.server.discovery.find = functools.partial(find_cores, old.namespace)
+        changed = replace(model, replicas=1, engine=replace(model.engine, max_num_seqs=6))
+        config = replace(server.server.config, models=(changed,),
                          gateway=replace(server.server.config.gateway, drain_seconds=60.0))
         with ThreadPoolExecutor(4) as pool:
             # Prompts with nothing in common: no prefix affinity, so the router spreads them by load.
             runs = [pool.submit(stream, server.address, key, "m", 300, (5 + i, 6, 7, 8)) for i in range(4)]
-            wait_until(lambda: ray.get(old.core("core/m/1").poll.remote("test", 0)).load.running > 0, timeout=30, poll=0.05)
+            for name in ("core/m/0", "core/m/1"):
+                wait_until(lambda: ray.get(old.core(name).poll.remote("test", 0)).load.running > 0, timeout=30,
+                           poll=0.05)
             new = Controller(config, old.namespace, detached=True)
-            new.start()  # adopts core/m/0; drains core/m/1 and stops it
+            new.start()  # drains core/m/0 and starts it from the new settings; drains core/m/1 and stops it
             results = [run.result() for run in runs]
         try:
             assert [(len(tokens), error) for tokens, error, _ in results] == [(300, None)] * 4
             wait_until(lambda: sorted(find_cores(old.namespace)) == ["core/m/0"], timeout=10)
-            assert stream(server.address, key, "m", 4)[1] is None
+            assert ray.get(new.core("core/m/0").poll.remote("test", 0)).load.slots == 6
+            wait_until(lambda: stream(server.address, key, "m", 4)[1] is None, timeout=30, poll=0.5)
         finally:
             new.stop(stop_cores=True)

@@ -205,6 +205,10 @@ class EngineCore:
 
     # -- what clients call ------------------------------------------------------------------------
 
+    def serves(self, spec: CoreSpec) -> bool:
+        """Whether this core was built from `spec` (a controller adopting it after a config change asks)."""
+        return spec == self.spec
+
     def describe(self) -> CoreInfo:
         decoders = self._decoders()
         tokenizer = decoders[0].tokenizer

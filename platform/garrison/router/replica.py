@@ -82,6 +82,9 @@ class ReplicaClient:
         self._load = CoreLoad(slots=info.slots)
         self._task: asyncio.Task[None] | None = None
         self.lost: BaseException | None = None  # why the core was lost, once it was
+        # Requests this gateway sent since the last snapshot came back: a burst arriving between two snapshots
+        # counts them, or it would all go to the replica that looked least busy before it.
+        self.unseen = 0
 
     @property
     def status(self) -> ReplicaStatus:
@@ -109,6 +112,7 @@ class ReplicaClient:
             sink(WorkerLostError(f"replica {self.name}'s engine core was lost ({self.lost}); retry"))
             return
         self._sinks[request.request_id] = sink
+        self.unseen += 1
         self.link.add(self.client, request)
 
     def abort(self, request_id: str) -> None:
@@ -124,7 +128,7 @@ class ReplicaClient:
             except Exception as err:  # the core is gone (its actor died): this gateway's requests on it fail
                 self._lose(err)
                 return
-            self._status, self._load = polled.status, polled.load
+            self._status, self._load, self.unseen = polled.status, polled.load, 0
             for out in polled.outputs:
                 sink = self._sinks.pop(out.request_id, None) if out.finished else self._sinks.get(out.request_id)
                 if sink is not None:

@@ -3,7 +3,7 @@
 A replica's slots, and the fair queue in front of them, live in its engine core (garrison_workers.engine.
 admission), so fairness across tenants and each tenant's queue bound hold whichever gateways the requests come
 through. The router picks, among a model's serving replicas, the one with the least load in its last snapshot
-(requests waiting, then running, then KV blocks in use), but keeps a tenant's requests that start with the same
+(requests waiting, then running, then KV blocks in use; counting what this gateway sent it since), but keeps a tenant's requests that start with the same
 prompt block on the replica that served the first of them while that replica is not much busier (prefix-cache
 affinity within a tenant: another tenant's salt never shares blocks anyway). Runs on the gateway's event loop.
 """
@@ -121,8 +121,11 @@ class Router:
 
 
 def _busyness(replica: ReplicaClient) -> tuple[int, float, int]:
+    """Its last snapshot, with the requests sent to it since (they run while slots are free, then wait)."""
     load = replica.load
-    return load.queued, load.running / max(1, load.slots), load.kv_blocks_used
+    running = load.running + replica.unseen
+    return load.queued + max(0, running - load.slots), min(running, load.slots) / max(1, load.slots), \
+        load.kv_blocks_used
 
 
 def _describe(status: ReplicaStatus) -> str:

@@ -134,7 +134,7 @@ class Controller:
                 location = model_location(model, store, provider)
                 for index in range(model.replicas):
                     log.info("model %s: starting replica %d/%d", model.name, index + 1, model.replicas)
-                    self._launch(core_spec(model, index, location, self.config), wait=True)
+                    self._launch(core_spec(model, index, location, self.config))
             self._retire_others()
         except BaseException:
             self.stop(stop_cores=True)
@@ -151,11 +151,7 @@ class Controller:
         for name in set(find_cores(self.namespace)) - set(self._cores):
             log.info("core %s is not in the configuration: draining it (%g s at most)", name,
                      self.config.gateway.drain_seconds)
-            actor = ray.get_actor(name, namespace=self.namespace)
-            try:
-                ray.get(actor.drain.remote(self.config.gateway.drain_seconds))
-            finally:
-                ray.kill(actor, no_restart=True)
+            self._retire(ray.get_actor(name, namespace=self.namespace), name)
 
     def core(self, name: str) -> Any:
         """A core's handle: its Ray actor, or the EngineCore in this process (for fault injection and tests)."""
@@ -196,24 +192,58 @@ class Controller:
                 _stop(core)
             self._cores.clear()
 
-    def _launch(self, spec: CoreSpec, wait: bool) -> None:
+    def _launch(self, spec: CoreSpec) -> None:
+        """Start (or adopt) a core and wait until it has built its engine; raise what building it raised."""
         if not self._ray(spec):
             core = EngineCore(spec)
             self._register(_Core(spec, LocalCore(core), core))
             return
+
+        actor = self._actor(spec)
+        if not self._built(actor, spec):
+            # A core of that name built from another configuration (engine settings, groups, a re-imported model):
+            # the rollout of the new one. Its requests finish first, then it is replaced; replicas go one by one.
+            log.info("core %s runs an older configuration: draining it (%g s at most) and starting it again",
+                     spec.name, self.config.gateway.drain_seconds)
+            self._retire(actor, spec.name)
+            actor = self._actor(spec)
+            self._built(actor, spec)
+        self._register(_Core(spec, RayCore(actor), actor, actor.watch.remote()))
+
+    @staticmethod
+    def _built(actor: Any, spec: CoreSpec) -> bool:
+        """Wait until the core has built its engine; whether it was built from `spec`."""
         import ray
 
-        actor = ray.remote(EngineCore).options(
+        try:
+            return ray.get(actor.serves.remote(spec))
+        except ray.exceptions.RayError as err:  # the core could not build its engine: say why, as it said
+            raise _cause(err) from None
+
+    def _actor(self, spec: CoreSpec) -> Any:
+        """The core named `spec.name`: the one running (adopted, whatever it was built from), else a new one."""
+        import ray
+
+        return ray.remote(EngineCore).options(
             name=spec.name, namespace=self.namespace, lifetime="detached" if self.detached else None,
             max_concurrency=CORE_CONCURRENCY, num_cpus=0, max_restarts=0, get_if_exists=True,
             scheduling_strategy=_on_head()).remote(spec)
-        record = _Core(spec, RayCore(actor), actor, actor.watch.remote())
-        if wait:
+
+    def _retire(self, actor: Any, name: str) -> None:
+        """Drain a core the way a gateway drains (no new requests, those running finish), then stop it."""
+        import ray
+
+        try:
+            ray.get(actor.drain.remote(self.config.gateway.drain_seconds))
+        finally:
+            ray.kill(actor, no_restart=True)
+        deadline = time.monotonic() + 30  # Ray releases a killed actor's name once its death is recorded
+        while time.monotonic() < deadline:
             try:
-                ray.get(actor.describe.remote())
-            except ray.exceptions.RayError as err:  # the core could not build its engine: say why, as it said
-                raise _cause(err) from None
-        self._register(record)
+                ray.get_actor(name, namespace=self.namespace)
+            except ValueError:
+                return
+            time.sleep(0.1)
 
     def _ray(self, spec: CoreSpec) -> bool:
         return spec.on_ray or any(g.tp * g.ep > 1 for g in spec.groups) or self.config.ray_address is not None
@@ -246,7 +276,7 @@ class Controller:
             return
         log.error("core %s was lost; starting it again", core.spec.name)
         try:
-            self._launch(core.spec, wait=True)
+            self._launch(core.spec)
         except Exception as err:
             core.next_attempt = time.monotonic() + core.backoff_s
             log.error("core %s could not be started (%s: %s); next attempt in %g s", core.spec.name,
