@@ -22,6 +22,8 @@ from garrison_workers.errors import ModelLoadError
 from garrison_workers.model import CausalLM, MoE
 from garrison_workers.parallel.context import ParallelContext
 from garrison_workers.parallel.moe import ParallelMoE
+from garrison_workers.quant.formats import holds_quantized
+from garrison_workers.quant.layers import adopt_quantized, cast_floats, prepare_kernels, tie_head
 from garrison_workers.tokenizer import Tokenizer
 from garrison_workers.weights.encrypted_source import EncryptedSource
 from garrison_workers.weights.gguf_source import GGUFSource, config_from_gguf, open_reader
@@ -101,9 +103,20 @@ def build_model(config: ModelConfig, source: WeightSource, dtype: torch.dtype = 
         model = CausalLM(config, par, moe_cls)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
+    adopt_quantized(model, source)
     check_parameters(model, source)
-    model = model.to_empty(device=device).to(dtype)
+    model = model.to_empty(device=device)
+    cast_floats(model, dtype)
     if config.tie_word_embeddings:  # to_empty gives the tied pair two separate tensors
-        model.lm_head.weight = model.model.embed_tokens.weight
+        tie_head(model)
     fill_parameters(model, source)
+    prepare_kernels(model, dtype)
     return model.eval()
+
+
+def compute_dtype(requested: torch.dtype | str, source: WeightSource) -> torch.dtype:
+    """The dtype a model computes in: `auto` is bfloat16 for a quantized checkpoint (the packed low-bit
+    kernels are fast only with 16-bit activations) and float32 otherwise."""
+    if requested != "auto":
+        return requested  # type: ignore[return-value]
+    return torch.bfloat16 if holds_quantized(source.names()) else torch.float32
