@@ -158,3 +158,88 @@ def hf_reference(model_dir: Path, prompt: list[int], new_tokens: int, engine_tok
         generated = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=new_tokens,
                                    min_new_tokens=new_tokens, eos_token_id=None, pad_token_id=0)
     return logits, generated[0, len(prompt):].tolist()
+
+
+# -- quantized tiny models, written by independent writers (compressed-tensors' compressors, the gguf package) ------
+
+# Widths the packed int4 kernels take at tp=1 and tp=2 (N % 16, groups of 32): hidden 64, expert width 64, MLP 128.
+QUANT_TINY = dict(intermediate_size=64, intermediate_size_mlp=128, num_local_experts=4, num_experts_per_tok=2,
+                  interleave_moe_layer_step=2, num_hidden_layers=4)
+
+
+def _unfuse_experts(model) -> None:
+    """transformers quantizes Llama 4's experts one Linear per expert (its SequentialLlama4TextExperts, which it
+    also loads compressed-tensors checkpoints into): split the fused [E, H, 2I] / [E, I, H] tensors."""
+    from transformers.models.llama4.modeling_llama4 import Llama4TextExperts
+    from transformers.quantizers.base import SequentialLlama4TextExperts
+
+    for layer in model.model.layers:
+        fused = getattr(layer.feed_forward, "experts", None)
+        if not isinstance(fused, Llama4TextExperts):
+            continue
+        experts = SequentialLlama4TextExperts(model.config)
+        for e, mlp in enumerate(experts):
+            gate, up = fused.gate_up_proj.data[e].chunk(2, dim=-1)
+            mlp.gate_proj.weight.data = gate.t().contiguous()
+            mlp.up_proj.weight.data = up.t().contiguous()
+            mlp.down_proj.weight.data = fused.down_proj.data[e].t().contiguous()
+        layer.feed_forward.experts = experts
+
+
+CT_SCHEMES = {  # name -> (weights, input activations, compressed-tensors format)
+    "fp8-channel-dynamic": (dict(num_bits=8, type="float", strategy="channel", symmetric=True),
+                            dict(num_bits=8, type="float", strategy="token", dynamic=True, symmetric=True),
+                            "float-quantized"),
+    "fp8-tensor": (dict(num_bits=8, type="float", strategy="tensor", symmetric=True), None, "float-quantized"),
+    "int4-group-sym": (dict(num_bits=4, type="int", strategy="group", group_size=32, symmetric=True), None,
+                       "pack-quantized"),
+    "int4-group-asym": (dict(num_bits=4, type="int", strategy="group", group_size=32, symmetric=False), None,
+                        "pack-quantized"),
+}
+
+
+def save_tiny_llama4_compressed(directory: Path, scheme: str, seed: int = 0, **overrides) -> Path:
+    """A tiny Llama4ForCausalLM quantized by compressed-tensors itself: its scheme applied to every Linear but the
+    LM head and routers (the checkpoint's `ignore`), round-to-nearest scales from each weight's min/max with the
+    library's calculate_qparams, then its ModelCompressor, saved with save_pretrained."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (
+        QuantizationArgs, QuantizationConfig, QuantizationScheme, apply_quantization_config)
+    from compressed_tensors.quantization.utils import calculate_qparams
+    from transformers import Llama4ForCausalLM, Llama4TextConfig
+
+    from garrison_workers.config import tiny_llama4
+
+    torch.manual_seed(seed)
+    config = Llama4TextConfig(**{k: v for k, v in tiny_llama4(**{**QUANT_TINY, **overrides}).items()
+                                 if k != "model_type"}, initializer_range=0.15)
+    model = Llama4ForCausalLM(config).eval()
+    _unfuse_experts(model)
+    weights, inputs, fmt = CT_SCHEMES[scheme]
+    qscheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(**weights),
+                                 input_activations=QuantizationArgs(**inputs) if inputs else None)
+    qconfig = QuantizationConfig(config_groups={"group_0": qscheme}, ignore=["lm_head", "re:.*router$"], format=fmt)
+    apply_quantization_config(model, qconfig)
+    with torch.no_grad():
+        for module in model.modules():
+            args = getattr(getattr(module, "quantization_scheme", None), "weights", None)
+            if args is None:
+                continue
+            w = module.weight.float()
+            if args.strategy == "group":
+                w = w.unflatten(-1, (-1, args.group_size))
+                low, high = w.amin(-1), w.amax(-1)
+            elif args.strategy == "channel":
+                low, high = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+            else:
+                low, high = w.amin().reshape(1), w.amax().reshape(1)
+            scale, zero_point = calculate_qparams(low, high, args)
+            module.weight_scale.data = scale.to(module.weight_scale.dtype).reshape(module.weight_scale.shape)
+            if hasattr(module, "weight_zero_point"):
+                module.weight_zero_point.data = zero_point.to(module.weight_zero_point.dtype).reshape(
+                    module.weight_zero_point.shape)
+    compressor = ModelCompressor.from_pretrained_model(model, quantization_format=fmt)
+    compressor.compress_model(model)
+    model.save_pretrained(directory)
+    compressor.update_config(str(directory))
+    return directory

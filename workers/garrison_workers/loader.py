@@ -25,6 +25,7 @@ from garrison_workers.parallel.moe import ParallelMoE
 from garrison_workers.quant.formats import holds_quantized
 from garrison_workers.quant.layers import adopt_quantized, cast_floats, prepare_kernels, tie_head
 from garrison_workers.tokenizer import Tokenizer
+from garrison_workers.weights.compressed_tensors_source import CompressedTensorsSource, parse_quantization_config
 from garrison_workers.weights.encrypted_source import EncryptedSource
 from garrison_workers.weights.gguf_source import GGUFSource, config_from_gguf, open_reader
 from garrison_workers.weights.safetensors_source import SafetensorsSource
@@ -62,9 +63,14 @@ def open_model_files(path: ModelLocation) -> ModelFiles:
         config = config_from_gguf(reader, path)
         return ModelFiles(config, _tokenizer(lambda: Tokenizer.from_gguf(reader), f"{path} (tokenizer.ggml.*)"),
                           GGUFSource(reader, path, config))
-    config = from_hf_config(_read_json(path / "config.json"), source=str(path / "config.json"))
+    raw = _read_json(path / "config.json")
+    config = from_hf_config(raw, source=str(path / "config.json"))
+    source: WeightSource = SafetensorsSource(path, dense_llama=config.architecture == "llama")
+    if isinstance(raw, dict) and raw.get("quantization_config") is not None:
+        quantization = parse_quantization_config(raw["quantization_config"], str(path / "config.json"))
+        source = CompressedTensorsSource(source, quantization)  # type: ignore[arg-type]
     return ModelFiles(config, _tokenizer(lambda: Tokenizer.from_pretrained_dir(path), f"the tokenizer files of {path}"),
-                      SafetensorsSource(path, dense_llama=config.architecture == "llama"))
+                      source)
 
 
 def _read_json(file: Path) -> Any:

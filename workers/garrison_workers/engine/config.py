@@ -23,7 +23,9 @@ class EngineConfig:
     kv_transport: Literal["ray", "torch"] = "ray"
     attention_key_block: int = 1024  # longer global contexts are attended blockwise (bounded memory)
     worker_threads: int | None = None  # torch threads per Ray rank; None: the node's cores / ranks, at most 4
-    dtype: torch.dtype = torch.float32
+    # "auto": bfloat16 for a quantized checkpoint (its packed kernels are fast with 16-bit activations only),
+    # float32 otherwise; LLMEngine.from_path resolves it before anything is sized from it.
+    dtype: torch.dtype | Literal["auto"] = torch.float32
     device: str = "cpu"
     # Where the KV cache lives: None, on `device`; "cpu" with a GPU device, in pinned host memory, for contexts
     # whose KV does not fit beside the weights. Each step then writes its new K/V to the host, and attention

@@ -7,6 +7,7 @@ before the call returns.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 from collections.abc import Callable
@@ -25,7 +26,7 @@ from garrison_workers.engine.scheduler import Scheduler
 from garrison_workers.engine.sequence import SamplingParams, Sequence, SequenceStatus
 from garrison_workers.errors import (CapacityError, ContextLengthError, GarrisonError, InvalidRequestError,
                                      SequenceError, WorkerLostError)
-from garrison_workers.loader import ModelLocation, build_model, open_model_files
+from garrison_workers.loader import ModelLocation, build_model, compute_dtype, open_model_files
 from garrison_workers.parallel.dims import ParallelDims
 from garrison_workers.placement import GroupPlacement
 from garrison_workers.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -111,6 +112,7 @@ class LLMEngine:
         """
         files = open_model_files(path)
         dims.validate(files.config)
+        config = dataclasses.replace(config, dtype=compute_dtype(config.dtype, files.source))
         num_blocks = num_kv_blocks(files.config, config, dims.tp)
         executor: Executor
         if not (dims.world_size > 1 if on_ray is None else on_ray):
