@@ -147,11 +147,17 @@ def greedy_with_logprobs(engine, prompt: list[int], new_tokens: int) -> tuple[li
     return done.token_ids, logprobs
 
 
-def hf_reference(model_dir: Path, prompt: list[int], new_tokens: int, engine_tokens: list[int]):
-    """transformers' logits at each generated position (teacher-forced on our tokens) and its own greedy tokens."""
+def hf_reference(model_dir: Path, prompt: list[int], new_tokens: int, engine_tokens: list[int], **load):
+    """transformers' logits at each generated position (teacher-forced on our tokens) and its own greedy tokens.
+
+    `load`: more from_pretrained arguments (gguf_file), and `prepare`, a function given the loaded model."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    prepare = load.pop("prepare", None)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager",
+                                                 **load).eval()
+    if prepare is not None:
+        prepare(model)
     full = torch.tensor([prompt + engine_tokens[:-1]])
     with torch.no_grad():
         logits = model(full).logits[0, len(prompt) - 1:]
@@ -243,3 +249,103 @@ def save_tiny_llama4_compressed(directory: Path, scheme: str, seed: int = 0, **o
     model.save_pretrained(directory)
     compressor.update_config(str(directory))
     return directory
+
+
+def save_dequantized_reference(quantized: Path, directory: Path) -> Path:
+    """The float checkpoint that compressed-tensors' own decompressor makes of a pack-quantized tiny Llama 4 (its
+    PackedQuantizationCompressor.decompress, module by module; experts fused again), for schemes transformers
+    cannot load (see test_quant)."""
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationScheme
+    from safetensors.torch import load_file
+    from transformers import Llama4ForCausalLM, Llama4TextConfig
+
+    raw = json.loads((quantized / "config.json").read_text())
+    [group] = raw.pop("quantization_config")["config_groups"].values()
+    scheme = QuantizationScheme(**group)
+    stored = load_file(quantized / "model.safetensors")
+    state: dict[str, torch.Tensor] = {}
+    for module in sorted({k.rsplit(".", 1)[0] for k in stored if k.endswith(".weight_packed")}):
+        parts = {k.rsplit(".", 1)[1]: v for k, v in stored.items() if k.rsplit(".", 1)[0] == module}
+        state[f"{module}.weight"] = PackedQuantizationCompressor.decompress(parts, scheme)["weight"].float()
+    state |= {k: v for k, v in stored.items() if ".weight_" not in k}
+    experts: dict[str, dict[str, dict[int, torch.Tensor]]] = {}
+    for name in [k for k in state if ".experts." in k]:
+        prefix, rest = name.split(".experts.")
+        e, proj, _ = rest.split(".")
+        experts.setdefault(prefix, {}).setdefault(proj, {})[int(e)] = state.pop(name)
+    for prefix, projections in experts.items():
+        ids = sorted(projections["gate_proj"])
+        state[f"{prefix}.experts.gate_up_proj"] = torch.stack(
+            [torch.cat((projections["gate_proj"][e].t(), projections["up_proj"][e].t()), dim=-1) for e in ids])
+        state[f"{prefix}.experts.down_proj"] = torch.stack([projections["down_proj"][e].t() for e in ids])
+    model = Llama4ForCausalLM(Llama4TextConfig(**{k: v for k, v in raw.items()
+                                                  if k not in ("architectures", "model_type")})).eval()
+    model.load_state_dict(state, strict=True)
+    model.save_pretrained(directory)
+    return directory
+
+
+GGUF_TINY = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+
+
+def save_tiny_llama_gguf(directory: Path, qtype: str, seed: int = 0) -> Path:
+    """A tiny dense Llama written as a GGUF file by the gguf package's writer, every matrix quantized by its own
+    quantizer to `qtype` (Q4_0, Q4_1, Q8_0); llama.cpp's Q/K row permutation applied as its converter does. The
+    tokenizer metadata is SmolLM2's (GGUF files carry their tokenizer), hence its vocabulary size."""
+    import gguf
+    from transformers import LlamaForCausalLM
+
+    hf_dir = save_tiny_llama(directory / "hf", seed=seed, **GGUF_TINY)
+    model = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    config = model.config
+    tokenizer = gguf.GGUFReader(smollm2_gguf())
+    path = directory / f"tiny-{qtype}.gguf"
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_dimension_count(config.hidden_size // config.num_attention_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(10000.0)
+    for field in tokenizer.fields.values():
+        if field.name.startswith("tokenizer."):
+            value, kind = field.contents(), field.types[0]
+            sub = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
+            writer.add_key_value(field.name, value, kind, sub_type=sub)
+    qt = gguf.GGMLQuantizationType[qtype]
+
+    def permute(w: torch.Tensor, heads: int) -> torch.Tensor:
+        return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
+    layer_names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+                   "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+                   "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight":
+            continue
+        if name.startswith("model.layers."):
+            _, _, i, rest = name.split(".", 3)
+            module = rest.rsplit(".", 1)[0]
+            if module.endswith("q_proj"):
+                tensor = permute(tensor, config.num_attention_heads)
+            elif module.endswith("k_proj"):
+                tensor = permute(tensor, config.num_key_value_heads)
+            gguf_name = f"blk.{i}.{layer_names[module]}.weight"
+        else:
+            gguf_name = names[name]
+        data = tensor.float().numpy()
+        if data.ndim == 2:
+            writer.add_tensor(gguf_name, gguf.quants.quantize(data, qt), raw_dtype=qt)
+        else:
+            writer.add_tensor(gguf_name, data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

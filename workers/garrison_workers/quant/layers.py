@@ -89,7 +89,8 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         assert self._kernel is not None, "prepare_kernels was not run after loading"
-        out = self._kernel(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
+        out = self._kernel(x.reshape(-1, x.shape[-1]))
+        out = out.reshape(*x.shape[:-1], out.shape[-1])
         if self.reduce:
             out = self.par.all_reduce_tp(out)
         return out + self.bias if self.bias is not None else out
