@@ -49,7 +49,9 @@ class ModelFiles:
     source: WeightSource
 
 
-def open_model_files(path: ModelLocation) -> ModelFiles:
+def open_model_files(path: ModelLocation, keep_quantized: bool = True) -> ModelFiles:
+    """`keep_quantized` False reads a GGUF file's quantized blocks as float (what `models import --quantize`
+    re-quantizes)."""
     if isinstance(path, StoreModel):
         source = EncryptedSource(path)
         return ModelFiles(source.config(), _tokenizer(lambda: source.tokenizer(), str(path.directory)), source)
@@ -62,7 +64,7 @@ def open_model_files(path: ModelLocation) -> ModelFiles:
         reader = open_reader(path)
         config = config_from_gguf(reader, path)
         return ModelFiles(config, _tokenizer(lambda: Tokenizer.from_gguf(reader), f"{path} (tokenizer.ggml.*)"),
-                          GGUFSource(reader, path, config))
+                          GGUFSource(reader, path, config, keep_quantized))
     raw = _read_json(path / "config.json")
     config = from_hf_config(raw, source=str(path / "config.json"))
     source: WeightSource = SafetensorsSource(path, dense_llama=config.architecture == "llama")

@@ -58,15 +58,16 @@ class WeightFormat:
         return FORMATS[self.kind]
 
     @property
-    def num_groups(self) -> int:
-        return self.in_features // self.group_size
+    def per_channel(self) -> bool:
+        """One scale per output row: every shard of the inputs keeps it whole."""
+        return self.group_size == self.in_features
 
     def payload_name(self, weight: str) -> str:
         return f"{weight}_{self.kind}"
 
     def check_shard(self, what: str, in_features: int) -> None:
         """Refuse a row-parallel shard of `in_features` inputs that would cut a group (or a packed byte) in two."""
-        if in_features % self.group_size or in_features % self.format.codes_per_element:
+        if (not self.per_channel and in_features % self.group_size) or in_features % self.format.codes_per_element:
             raise LayoutError(
                 f"{what} is quantized in groups of {self.group_size} input features, which do not divide this "
                 f"rank's {in_features} features: a group's scale would be split across ranks; choose a tp that "

@@ -32,7 +32,7 @@ class QuantizedTensors:
     def __init__(self, owner: nn.Module, fmt: WeightFormat, name: str, lead: tuple[int, ...], out_features: int,
                  in_features: int) -> None:
         self.fmt = fmt
-        groups, cpe = in_features // fmt.group_size, fmt.format.codes_per_element
+        groups, cpe = 1 if fmt.per_channel else in_features // fmt.group_size, fmt.format.codes_per_element
         self.names = [f"{name}_{fmt.kind}", f"{name}_scale"] + ([f"{name}_zero"] if fmt.has_zero else [])
         shapes = [(*lead, out_features, in_features // cpe)] + [(*lead, out_features, groups)] * 2
         for tensor, shape, dtype in zip(self.names, shapes, [fmt.format.dtype, torch.float32, torch.float32]):
@@ -45,7 +45,8 @@ class QuantizedTensors:
     def column_slices(self, cols: slice) -> dict[str, slice]:
         """Each tensor's columns for input features `cols` (payload bytes, scale groups)."""
         cpe, group = self.fmt.format.codes_per_element, self.fmt.group_size
-        return {n: slice(cols.start // (cpe if i == 0 else group), cols.stop // (cpe if i == 0 else group))
+        return {n: slice(cols.start // cpe, cols.stop // cpe) if i == 0 else
+                slice(None) if self.fmt.per_channel else slice(cols.start // group, cols.stop // group)
                 for i, n in enumerate(self.names)}
 
     def kernel(self, owner: nn.Module, dtype: torch.dtype, index: int | None = None) -> Kernel:
