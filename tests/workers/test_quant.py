@@ -110,7 +110,16 @@ def test_parallel_layouts_match_single_process(compressed, scheme: str, tp: int,
         for prompt, (tokens, logprobs) in zip(PROMPTS[:2], expected):
             got_tokens, got_logprobs = greedy_with_logprobs(engine, prompt, NEW_TOKENS)
             assert got_tokens == tokens
-            assert (got_logprobs - logprobs).abs().max().item() < 1e-4
+            diff = (got_logprobs - logprobs).abs()
+            if scheme.startswith("fp8") and tp > 1:
+                # Row-parallel partial sums change float32 summation order, so an activation on an FP8 rounding
+                # tie may round the other way (see the module docstring), and the KV cache carries that step's
+                # difference on: the same tokens, log-probabilities within 0.15 (measured 0.09 at most; a wrong
+                # scale costs several times that). The per-token scales themselves are exact: their amax is
+                # reduced over the TP group.
+                assert diff.max().item() < 0.15
+            else:
+                assert diff.max().item() < 1e-4
     finally:
         engine.shutdown()
 

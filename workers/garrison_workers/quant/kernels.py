@@ -20,13 +20,16 @@ once, at load). The choices, fastest first:
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 
 from garrison_workers.quant.codec import FP8_MAX, dequantize, expand_groups, unpack_int4
 
 INT4_GROUPS = (256, 128, 64, 32)  # what the packed int4 kernels accept, widest first
+# Makes a per-token amax [T, 1] of this rank's input shard that of the whole row (a MAX over the TP group), so
+# that a row-parallel FP8 layer rounds its activations exactly as one device would.
+AmaxReduce = Callable[[torch.Tensor], torch.Tensor]
 
 
 class Kernel(Protocol):
@@ -38,15 +41,15 @@ class Kernel(Protocol):
 
 
 def make_kernel(kind: str, payload: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
-                dtype: torch.dtype) -> Kernel:
+                dtype: torch.dtype, amax_reduce: AmaxReduce | None = None) -> Kernel:
     """The kernel for a canonical weight [N, K] on its tensors' device, computing in `dtype`."""
     out_features, in_features = scale.shape[0], payload.shape[-1] * (2 if kind == "int4" else 1)
     group = in_features // scale.shape[-1]
     cuda = payload.device.type == "cuda"
     if kind.startswith("fp8"):
         if cuda and _scaled_mm_ok(out_features, in_features) and scale.shape[-1] == 1:
-            return ScaledMMFp8(payload, scale, dtype)
-        return WideFp8(payload, scale, dtype, dynamic=kind == "fp8_dynamic")
+            return ScaledMMFp8(payload, scale, dtype, amax_reduce)
+        return WideFp8(payload, scale, dtype, dynamic=kind == "fp8_dynamic", amax_reduce=amax_reduce)
     packed_group = _int4_group(group, in_features)
     if cuda:
         if kind == "int4" and packed_group and dtype == torch.bfloat16 and in_features % 1024 == 0:
@@ -118,25 +121,31 @@ class Int8CPU:
 
 
 class WideFp8:
-    def __init__(self, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, dynamic: bool) -> None:
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, dynamic: bool,
+                 amax_reduce: AmaxReduce | None = None) -> None:
         self.q, self.scale, self.dtype, self.dynamic = q, scale.float(), dtype, dynamic
         self.group = q.shape[-1] // scale.shape[-1]
+        self.amax_reduce = amax_reduce
 
     def __call__(self, x_TK: torch.Tensor) -> torch.Tensor:
         weight = (self.q.float() * expand_groups(self.scale, self.group)).to(x_TK.dtype)
         if not self.dynamic:
             return x_TK @ weight.t()
-        x_q, x_scale = quantize_fp8_per_token(x_TK)
+        x_q, x_scale = quantize_fp8_per_token(x_TK, self.amax_reduce)
         return ((x_q.to(x_TK.dtype) @ weight.t()).float() * x_scale).to(x_TK.dtype)
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.q, self.scale]
 
 
-def quantize_fp8_per_token(x_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_fp8_per_token(x_TK: torch.Tensor, amax_reduce: AmaxReduce | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row to FP8 with its own scale amax / 448 (as compressed-tensors' dynamic `token` strategy)."""
     x = x_TK.float()
-    scale = (x.abs().amax(-1, keepdim=True) / FP8_MAX).clamp_min(torch.finfo(torch.float32).eps)
+    amax = x.abs().amax(-1, keepdim=True)
+    if amax_reduce is not None:
+        amax = amax_reduce(amax)
+    scale = (amax / FP8_MAX).clamp_min(torch.finfo(torch.float32).eps)
     return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
 
 
@@ -147,12 +156,14 @@ def _scaled_mm_ok(out_features: int, in_features: int) -> bool:
 class ScaledMMFp8:
     """CUDA FP8 GEMM: per-token activation scales (rowwise) and per-channel weight scales."""
 
-    def __init__(self, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> None:
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
+                 amax_reduce: AmaxReduce | None = None) -> None:
         self.q_t, self.dtype = q.t(), dtype  # _scaled_mm wants the weight column-major
         self.scale = scale.float().reshape(1, -1)
+        self.amax_reduce = amax_reduce
 
     def __call__(self, x_TK: torch.Tensor) -> torch.Tensor:
-        x_q, x_scale = quantize_fp8_per_token(x_TK)
+        x_q, x_scale = quantize_fp8_per_token(x_TK, self.amax_reduce)
         return torch._scaled_mm(x_q, self.q_t, scale_a=x_scale, scale_b=self.scale, out_dtype=x_TK.dtype)
 
     def tensors(self) -> list[torch.Tensor]:

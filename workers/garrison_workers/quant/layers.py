@@ -20,7 +20,7 @@ from garrison_workers.parallel.context import ParallelContext
 from garrison_workers.parallel.layers import ColumnParallelLinear, RowParallelLinear, set_weight_loader
 from garrison_workers.quant.codec import dequantize
 from garrison_workers.quant.formats import Names, WeightFormat, find_format
-from garrison_workers.quant.kernels import Kernel, make_kernel
+from garrison_workers.quant.kernels import AmaxReduce, Kernel, make_kernel
 
 Canonical = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
 
@@ -49,8 +49,9 @@ class QuantizedTensors:
                 slice(None) if self.fmt.per_channel else slice(cols.start // group, cols.stop // group)
                 for i, n in enumerate(self.names)}
 
-    def kernel(self, owner: nn.Module, dtype: torch.dtype, index: int | None = None) -> Kernel:
-        return make_kernel(self.fmt.kind, *self.canonical(owner, index), dtype)
+    def kernel(self, owner: nn.Module, dtype: torch.dtype, index: int | None = None,
+               amax_reduce: AmaxReduce | None = None) -> Kernel:
+        return make_kernel(self.fmt.kind, *self.canonical(owner, index), dtype, amax_reduce)
 
 
 def _hold(module: nn.Module, kernels: list[Kernel], drop: list[str]) -> None:
@@ -67,7 +68,8 @@ class QuantizedLinear(nn.Module):
     def __init__(self, fmt: WeightFormat, linear: nn.Linear, par: ParallelContext) -> None:
         super().__init__()
         self.par = par
-        self.reduce = isinstance(linear, RowParallelLinear) and linear.reduce
+        self.row_parallel = isinstance(linear, RowParallelLinear)
+        self.reduce = self.row_parallel and linear.reduce
         self.out_features, self.in_features = linear.out_features, linear.in_features
         self.quant = QuantizedTensors(self, fmt, "weight", (), self.out_features, self.in_features)
         rows, cols = slice(None), {n: slice(None) for n in self.quant.names}
@@ -85,7 +87,9 @@ class QuantizedLinear(nn.Module):
         self._kernel: Kernel | None = None
 
     def prepare(self, dtype: torch.dtype, keep_canonical: bool = False) -> None:
-        self._kernel = self.quant.kernel(self, dtype)
+        # A row-parallel rank sees part of each token's inputs; dynamic activation scales are taken over all of them.
+        amax = self.par.all_reduce_tp_max if self.row_parallel and self.par.dims.tp > 1 else None
+        self._kernel = self.quant.kernel(self, dtype, amax_reduce=amax)
         _hold(self, [self._kernel], [] if keep_canonical else self.quant.names)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -116,8 +120,9 @@ class QuantizedExperts(nn.Module):
     fused tensors ([E, H, 2I], [E, I, H]), because each expert is computed as two linears."""
 
     def __init__(self, gate_up: WeightFormat, down: WeightFormat, expert_ids: list[int], hidden_size: int,
-                 intermediate_size: int, width: slice) -> None:
+                 intermediate_size: int, width: slice, par: ParallelContext | None = None) -> None:
         super().__init__()
+        self.par = par or ParallelContext.single()
         local = width.stop - width.start
         down.check_shard("the experts' down_proj", local)
         self.gate_up = QuantizedTensors(self, gate_up, "gate_up_proj", (len(expert_ids),), 2 * local, hidden_size)
@@ -133,7 +138,10 @@ class QuantizedExperts(nn.Module):
         self._kernels: list[tuple[Kernel, Kernel]] = []
 
     def prepare(self, dtype: torch.dtype) -> None:
-        self._kernels = [(self.gate_up.kernel(self, dtype, e), self.down.kernel(self, dtype, e))
+        # Each TP rank holds a slice of every expert's width: down_proj is row-parallel within the expert (every
+        # rank of the TP group runs the same experts on the same rows, so their amax reductions pair up).
+        amax = self.par.all_reduce_tp_max if self.par.dims.tp > 1 else None
+        self._kernels = [(self.gate_up.kernel(self, dtype, e), self.down.kernel(self, dtype, e, amax_reduce=amax))
                          for e in range(self.num_local)]
         _hold(self, [k for pair in self._kernels for k in pair], self.gate_up.names + self.down.names)
 
@@ -186,7 +194,7 @@ def local_experts(moe: nn.Module, gate_up: WeightFormat, down: WeightFormat) -> 
     ids = getattr(moe, "local_expert_ids", None)
     ids = list(range(moe.num_experts)) if ids is None else ids
     width = getattr(moe, "width", slice(0, intermediate))
-    return QuantizedExperts(gate_up, down, ids, gate_up.in_features, intermediate, width)
+    return QuantizedExperts(gate_up, down, ids, gate_up.in_features, intermediate, width, getattr(moe, "par", None))
 
 
 def _adopt_head(model: CausalLM, source: Names, available: set[str]) -> bool:
