@@ -14,7 +14,8 @@ the time that took. Prefill tok/s: one request of a long prompt, one step. The b
 the machine's measured copy bandwidth over the bytes one decode step reads (every resident weight once: the
 model's parameters and kernel buffers, a tied table counted once), the ceiling at 1 request.
 It asserts nothing; it prints a table (and --json). llama-cpp-python is not a test dependency; build it with
-    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" pip install llama-cpp-python
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" \
+        pip install llama-cpp-python
 (the default native build uses instructions this machine's CPU advertises but cannot execute).
 """
 

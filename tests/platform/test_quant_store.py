@@ -4,7 +4,8 @@ an EP rank reading only its experts, and `models import --quantize` with the err
 The error of round-to-nearest at import, measured on the tiny Llama 4 (random weights, initializer 0.15,
 fp32 compute) and asserted below with headroom: int8 (a scale per output channel) moves the weights by
 0.6% RMS and the first step's log-probabilities by up to 0.11; int4 (a scale and zero per group of 64
-inputs: 16 levels over each group's range) by 9% RMS and the log-probabilities by up to 1.0. A random tiny model has no redundancy to absorb it, so greedy tokens
+inputs: 16 levels over each group's range) by 9% RMS and the log-probabilities by up to 1.0. A random
+tiny model has no redundancy to absorb it, so greedy tokens
 may differ after a few steps; real models lose far less (SmolLM2's own Q4_1 file is the 4-bit case the
 SmolLM2 tests check against transformers).
 """

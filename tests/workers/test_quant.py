@@ -127,7 +127,8 @@ def test_parallel_layouts_match_single_process(compressed, scheme: str, tp: int,
 def test_bf16_compute_is_the_auto_dtype_and_close(compressed) -> None:
     """dtype 'auto' computes a quantized checkpoint in bfloat16; the error that costs is bf16 rounding of
     activations (8 mantissa bits), not of the weights."""
-    auto = LLMEngine.from_path(compressed["int4-group-sym"], EngineConfig(block_size=4, num_kv_blocks=128, dtype="auto"))
+    auto = LLMEngine.from_path(compressed["int4-group-sym"],
+                               EngineConfig(block_size=4, num_kv_blocks=128, dtype="auto"))
     assert auto.config.dtype == torch.bfloat16
     exact = LLMEngine.from_path(compressed["int4-group-sym"], ENGINE)
     _, low = greedy_with_logprobs(auto, PROMPTS[0], 1)

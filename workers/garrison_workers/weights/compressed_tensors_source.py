@@ -26,6 +26,7 @@ from garrison_workers.errors import ModelLoadError
 from garrison_workers.quant.codec import from_packed_int32, zero_points_from_packed
 from garrison_workers.weights.safetensors_source import SafetensorsSource
 
+Shape = tuple[int, ...]
 _EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)$")
 _FORMATS = ("float-quantized", "pack-quantized", "naive-quantized", "int-quantized", "mixed-precision")
 
@@ -184,7 +185,7 @@ class CompressedTensorsSource:
     def _canonical_names(weight: str, scheme: Scheme, has_zero: bool) -> list[str]:
         return [f"{weight}_{scheme.kind}", f"{weight}_scale"] + ([f"{weight}_zero"] if has_zero else [])
 
-    def _shapes_of(self, module: str, scheme: Scheme) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...] | None]:
+    def _shapes_of(self, module: str, scheme: Scheme) -> tuple[Shape, Shape, Shape | None]:
         """Canonical (payload, scale, zero) shapes of a module, its stored tensors checked against its scheme."""
         if scheme.kind == "int4":
             if f"{module}.weight_packed" not in self.inner._location:
@@ -218,8 +219,9 @@ class CompressedTensorsSource:
         if ids != list(range(len(ids))) or any(sorted(projections.get(p, [])) != ids for p in ("gate_proj", "up_proj")):
             raise ModelLoadError(f"{prefix}: per-expert weights must cover experts 0..E-1 for gate, up and down")
         schemes = {p: config.scheme_of(f"{prefix}.0.{p}", self._module_names(f"{prefix}.0.{p}"))
-                   if self._stored_quantized(f"{prefix}.0.{p}") else None for p in ("gate_proj", "up_proj", "down_proj")}
-        if len({s for s in schemes.values()}) != 1 and schemes["gate_proj"] != schemes["up_proj"]:
+                   if self._stored_quantized(f"{prefix}.0.{p}") else None
+                   for p in ("gate_proj", "up_proj", "down_proj")}
+        if schemes["gate_proj"] != schemes["up_proj"]:
             raise ModelLoadError(f"{prefix}: gate_proj and up_proj of the experts are quantized differently")
         for fused, parts in (("gate_up_proj", ("gate_proj", "up_proj")), ("down_proj", ("down_proj",))):
             scheme = schemes[parts[0]]
