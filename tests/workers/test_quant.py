@@ -124,12 +124,12 @@ def test_parallel_layouts_match_single_process(compressed, scheme: str, tp: int,
         engine.shutdown()
 
 
-def test_bf16_compute_is_the_auto_dtype_and_close(compressed) -> None:
-    """dtype 'auto' computes a quantized checkpoint in bfloat16; the error that costs is bf16 rounding of
-    activations (8 mantissa bits), not of the weights."""
+def test_auto_dtype_feeds_the_low_bit_kernels_bf16(compressed) -> None:
+    """dtype 'auto' keeps the model in float32 and gives a quantized checkpoint's matmuls bfloat16 inputs; the
+    error that costs is the rounding of those inputs to 8 mantissa bits, not of the weights."""
     auto = LLMEngine.from_path(compressed["int4-group-sym"],
                                EngineConfig(block_size=4, num_kv_blocks=128, dtype="auto"))
-    assert auto.config.dtype == torch.bfloat16
+    assert (auto.config.dtype, auto.config.kernel_dtype) == (torch.float32, torch.bfloat16)
     exact = LLMEngine.from_path(compressed["int4-group-sym"], ENGINE)
     _, low = greedy_with_logprobs(auto, PROMPTS[0], 1)
     _, high = greedy_with_logprobs(exact, PROMPTS[0], 1)
@@ -176,13 +176,14 @@ def test_scales_that_do_not_match_their_weights_are_refused(compressed, tmp_path
 
 
 def test_group_that_does_not_divide_the_tp_shard_is_refused(tmp_path: Path) -> None:
-    model_dir = save_tiny_llama4_compressed(tmp_path / "m", "int4-group-sym", intermediate_size=32)
+    model_dir = save_tiny_llama4_compressed(tmp_path / "m", "int4-group-sym", intermediate_size=96)
     from garrison_workers.loader import build_model, open_model_files
     from garrison_workers.parallel.context import ParallelContext
 
     files = open_model_files(model_dir)
-    # tp=2 leaves each rank 16 of the experts' 32 features: half a group of 32. Built directly (no Ray):
-    # the refusal comes before any collective.
+    # tp=2 leaves each rank 48 of the experts' 96 features: a group and a half of 32. Built directly (no Ray):
+    # the refusal comes before any collective. (A single group per row is a per-channel scale, which any split
+    # keeps whole.)
     par = ParallelContext(ParallelDims(tp=2), rank=0)
-    with pytest.raises(LayoutError, match="groups of 32 input features, which do not divide this rank's 16"):
+    with pytest.raises(LayoutError, match="groups of 32 input features, which do not divide this rank's 48"):
         build_model(files.config, files.source, par=par)

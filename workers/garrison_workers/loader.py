@@ -100,8 +100,10 @@ def _tokenizer(load: Callable[[], Tokenizer | None], where: str) -> Tokenizer | 
 
 
 def build_model(config: ModelConfig, source: WeightSource, dtype: torch.dtype = torch.float32,
-                device: str | torch.device = "cpu", par: ParallelContext | None = None) -> CausalLM:
-    """This rank's part of the model, holding (and reading) only the weights `par` assigns it."""
+                device: str | torch.device = "cpu", par: ParallelContext | None = None,
+                kernel_dtype: torch.dtype | None = None) -> CausalLM:
+    """This rank's part of the model, holding (and reading) only the weights `par` assigns it; its quantized
+    matmuls take `kernel_dtype` activations (default `dtype`)."""
     par = par or ParallelContext.single()
     par.dims.validate(config)
     moe_cls = MoE if par.dims.world_size == 1 else ParallelMoE
@@ -118,13 +120,15 @@ def build_model(config: ModelConfig, source: WeightSource, dtype: torch.dtype = 
     if config.tie_word_embeddings:  # to_empty gives the tied pair two separate tensors
         tie_head(model)
     fill_parameters(model, source)
-    prepare_kernels(model, dtype)
+    prepare_kernels(model, kernel_dtype or dtype, dtype)
     return model.eval()
 
 
-def compute_dtype(requested: torch.dtype | str, source: WeightSource) -> torch.dtype:
-    """The dtype a model computes in: `auto` is bfloat16 for a quantized checkpoint (the packed low-bit
-    kernels are fast only with 16-bit activations) and float32 otherwise."""
+def compute_dtype(requested: torch.dtype | str, source: WeightSource) -> tuple[torch.dtype, torch.dtype | None]:
+    """(model dtype, quantized matmuls' activation dtype) for an engine's `dtype`. `auto` keeps the model in
+    float32 and feeds a quantized checkpoint's packed low-bit kernels bfloat16 activations, the one dtype they
+    are fast with: only the matmul inputs are rounded to 8 mantissa bits, not the residual stream, the norms,
+    attention or the KV cache (a whole-bf16 model moves SmolLM2's log-probabilities by ~0.1)."""
     if requested != "auto":
-        return requested  # type: ignore[return-value]
-    return torch.bfloat16 if holds_quantized(source.names()) else torch.float32
+        return requested, None  # type: ignore[return-value]
+    return torch.float32, torch.bfloat16 if holds_quantized(source.names()) else None

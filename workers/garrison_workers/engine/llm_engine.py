@@ -112,11 +112,13 @@ class LLMEngine:
         """
         files = open_model_files(path)
         dims.validate(files.config)
-        config = dataclasses.replace(config, dtype=compute_dtype(config.dtype, files.source))
+        dtype, kernel_dtype = compute_dtype(config.dtype, files.source)
+        config = dataclasses.replace(config, dtype=dtype, kernel_dtype=config.kernel_dtype or kernel_dtype)
         num_blocks = num_kv_blocks(files.config, config, dims.tp)
         executor: Executor
         if not (dims.world_size > 1 if on_ray is None else on_ray):
-            model = build_model(files.config, files.source, config.dtype, config.device)
+            model = build_model(files.config, files.source, config.dtype, config.device,
+                                kernel_dtype=config.kernel_dtype)
             executor = LocalExecutor(model, num_blocks, config)
         else:
             from garrison_workers.worker_group import WorkerGroup  # Ray is needed only for parallel replicas

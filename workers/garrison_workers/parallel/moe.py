@@ -78,7 +78,7 @@ class ParallelMoE(nn.Module):
         for name, _ in experts.named_parameters():
             load(f"{prefix}experts.{name}", experts, name)
         if isinstance(experts, QuantizedExperts):
-            experts.prepare(weight.dtype)
+            experts.prepare(getattr(self.experts, "kernel_dtype", weight.dtype))  # as the experts it replaces
         self.experts = experts
 
     def forward(self, x_TH: torch.Tensor) -> torch.Tensor:

@@ -90,15 +90,39 @@ class QuantizedLinear(nn.Module):
         # A row-parallel rank sees part of each token's inputs; dynamic activation scales are taken over all of them.
         amax = self.par.all_reduce_tp_max if self.row_parallel and self.par.dims.tp > 1 else None
         self._kernel = self.quant.kernel(self, dtype, amax_reduce=amax)
+        self.kernel_dtype = dtype
         _hold(self, [self._kernel], [] if keep_canonical else self.quant.names)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         assert self._kernel is not None, "prepare_kernels was not run after loading"
-        out = self._kernel(x.reshape(-1, x.shape[-1]))
+        out = self._kernel(x.reshape(-1, x.shape[-1]).to(self.kernel_dtype)).to(x.dtype)
         out = out.reshape(*x.shape[:-1], out.shape[-1])
         if self.reduce:
             out = self.par.all_reduce_tp(out)
         return out + self.bias if self.bias is not None else out
+
+
+class QuantizedHead(QuantizedLinear):
+    """A quantized LM head whose most likely logits are exact.
+
+    With 16-bit kernel activations the kernel's output is 16-bit too: a logit of 20 is then known to ±0.06,
+    enough to swap two near-tied tokens. The `REFINED` largest logits of each row are recomputed in float32
+    from their rows of the quantized table (a few rows, against the whole table the kernel reads), so greedy
+    choices and the top log-probabilities are those of the quantized weights; the others keep the kernel's
+    rounding, which moves the softmax normalizer by far less."""
+
+    REFINED = 16
+
+    def prepare(self, dtype: torch.dtype, keep_canonical: bool = False) -> None:
+        super().prepare(dtype, keep_canonical=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = super().forward(x)
+        if self.kernel_dtype == x.dtype or x.dim() != 2 or not x.shape[0]:
+            return logits
+        ids_NR = logits.topk(min(self.REFINED, logits.shape[-1]), dim=-1).indices
+        rows_NRK = dequantize(self.quant.fmt.kind, *self.quant.canonical(self, ids_NR))
+        return logits.scatter(-1, ids_NR, (rows_NRK @ x[:, :, None].float()).squeeze(-1).to(logits.dtype))
 
 
 class QuantizedEmbedding(nn.Module):
@@ -136,11 +160,13 @@ class QuantizedExperts(nn.Module):
                 [read((e, slice(None), cols)) for e in expert_ids]))
         self.num_local = len(expert_ids)
         self._kernels: list[tuple[Kernel, Kernel]] = []
+        self.kernel_dtype = torch.float32
 
     def prepare(self, dtype: torch.dtype) -> None:
         # Each TP rank holds a slice of every expert's width: down_proj is row-parallel within the expert (every
         # rank of the TP group runs the same experts on the same rows, so their amax reductions pair up).
         amax = self.par.all_reduce_tp_max if self.par.dims.tp > 1 else None
+        self.kernel_dtype = dtype
         self._kernels = [(self.gate_up.kernel(self, dtype, e), self.down.kernel(self, dtype, e, amax_reduce=amax))
                          for e in range(self.num_local)]
         _hold(self, [k for pair in self._kernels for k in pair], self.gate_up.names + self.down.names)
@@ -148,12 +174,13 @@ class QuantizedExperts(nn.Module):
     def forward(self, x_PH: torch.Tensor, counts_E: list[int]) -> torch.Tensor:
         """Rows of `x_PH` are sorted by expert; `counts_E[e]` rows belong to local expert e."""
         out_PH = torch.empty_like(x_PH)
+        x_PH = x_PH.to(self.kernel_dtype)
         start = 0
         for (gate_up, down), count in zip(self._kernels, counts_E):
             if count:
                 rows = slice(start, start + count)
                 gate_PI, up_PI = gate_up(x_PH[rows]).chunk(2, dim=-1)
-                out_PH[rows] = down(F.silu(gate_PI) * up_PI)
+                out_PH[rows] = down(F.silu(gate_PI) * up_PI).to(out_PH.dtype)
                 start += count
         return out_PH
 
@@ -206,7 +233,7 @@ def _adopt_head(model: CausalLM, source: Names, available: set[str]) -> bool:
     if embed is not None:
         model.model.embed_tokens = QuantizedEmbedding(embed)
     if head is not None:
-        lm_head = QuantizedLinear(head, model.lm_head, ParallelContext.single())
+        lm_head = QuantizedHead(head, model.lm_head, ParallelContext.single())
         if tied:
             for name in lm_head.quant.names:
                 setattr(lm_head, name, getattr(model.model.embed_tokens, name))
@@ -236,12 +263,13 @@ def cast_floats(model: nn.Module, dtype: torch.dtype) -> None:
             param.data = param.data.to(dtype)
 
 
-def prepare_kernels(model: nn.Module, dtype: torch.dtype) -> None:
-    """Turn every quantized layer's loaded canonical tensors into its kernel's layout."""
+def prepare_kernels(model: nn.Module, dtype: torch.dtype, model_dtype: torch.dtype | None = None) -> None:
+    """Turn every quantized layer's loaded canonical tensors into its kernel's layout, computing with `dtype`
+    activations; a quantized embedding gives rows in `model_dtype` (default `dtype`)."""
     tied = {id(p) for m in model.modules() if isinstance(m, QuantizedEmbedding) for p in m.parameters(recurse=False)}
     for module in model.modules():
         if isinstance(module, QuantizedEmbedding):
-            module.dtype = dtype
+            module.dtype = model_dtype or dtype
         elif isinstance(module, QuantizedLinear):
             module.prepare(dtype, keep_canonical=any(id(p) in tied for p in module.parameters(recurse=False)))
         elif isinstance(module, QuantizedExperts):
