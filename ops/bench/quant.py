@@ -60,7 +60,9 @@ def engines(path: Path, workdir: Path):
     from garrison_workers.loader import build_model, open_model_files
 
     def config(dtype) -> EngineConfig:
-        return EngineConfig(kv_cache_bytes=256 << 20, max_num_seqs=64, max_num_batched_tokens=1024, dtype=dtype)
+        # No prefix caching: a repeated prefill would otherwise find its prompt cached and compute nothing.
+        return EngineConfig(kv_cache_bytes=256 << 20, max_num_seqs=64, max_num_batched_tokens=1024, dtype=dtype,
+                            enable_prefix_caching=False)
 
     for dtype in (torch.float32, torch.bfloat16):
         files = open_model_files(path, keep_quantized=False)

@@ -115,9 +115,5 @@ def holds_quantized(names: Iterable[str]) -> bool:
     return any(name.endswith(suffixes) for name in names)
 
 
-def quantized_weight_names(weight: str, kind: str, has_zero: bool) -> list[str]:
-    return [f"{weight}_{kind}", f"{weight}_scale"] + ([f"{weight}_zero"] if has_zero else [])
-
-
 def num_codes(shape: tuple[int, ...], kind: str) -> int:
     return math.prod(shape) * FORMATS[kind].codes_per_element

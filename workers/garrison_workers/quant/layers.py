@@ -65,7 +65,7 @@ def _hold(module: nn.Module, kernels: list[Kernel], drop: list[str]) -> None:
 class QuantizedLinear(nn.Module):
     """A (column- or row-parallel) linear whose weight is quantized; a bias stays in float."""
 
-    def __init__(self, fmt: WeightFormat, linear: nn.Linear, par: ParallelContext) -> None:
+    def __init__(self, fmt: WeightFormat, linear: nn.Linear, par: ParallelContext, name: str = "a linear") -> None:
         super().__init__()
         self.par = par
         self.row_parallel = isinstance(linear, RowParallelLinear)
@@ -76,7 +76,7 @@ class QuantizedLinear(nn.Module):
         if isinstance(linear, ColumnParallelLinear):
             rows = slice(par.tp_rank * self.out_features, (par.tp_rank + 1) * self.out_features)
         elif isinstance(linear, RowParallelLinear):
-            fmt.check_shard(f"a row-parallel weight under tp={par.dims.tp}", self.in_features)
+            fmt.check_shard(f"{name} (row-parallel, tp={par.dims.tp})", self.in_features)
             cols = self.quant.column_slices(slice(par.tp_rank * self.in_features, (par.tp_rank + 1) * self.in_features))
         for name in self.quant.names:
             set_weight_loader(self, name, lambda read, col=cols[name]: read((rows, col)))
@@ -148,7 +148,7 @@ class QuantizedExperts(nn.Module):
         super().__init__()
         self.par = par or ParallelContext.single()
         local = width.stop - width.start
-        down.check_shard("the experts' down_proj", local)
+        down.check_shard(f"the experts' down_proj (tp={self.par.dims.tp})", local)
         self.gate_up = QuantizedTensors(self, gate_up, "gate_up_proj", (len(expert_ids),), 2 * local, hidden_size)
         self.down = QuantizedTensors(self, down, "down_proj", (len(expert_ids),), hidden_size, local)
         up = slice(intermediate_size + width.start, intermediate_size + width.stop)
@@ -199,7 +199,7 @@ def adopt_quantized(model: CausalLM, source: Names) -> bool:
         if isinstance(module, nn.Linear) and name != "lm_head":
             fmt = find_format(source, f"{name}.weight", available)
             if fmt is not None:
-                setattr(owner, attr, QuantizedLinear(fmt, module, model.par))
+                setattr(owner, attr, QuantizedLinear(fmt, module, model.par, f"{name}.weight"))
                 swapped = True
         elif isinstance(module, Experts):
             gate_up = find_format(source, f"{name}.gate_up_proj", available)
@@ -233,7 +233,7 @@ def _adopt_head(model: CausalLM, source: Names, available: set[str]) -> bool:
     if embed is not None:
         model.model.embed_tokens = QuantizedEmbedding(embed)
     if head is not None:
-        lm_head = QuantizedHead(head, model.lm_head, ParallelContext.single())
+        lm_head = QuantizedHead(head, model.lm_head, ParallelContext.single(), "lm_head.weight")
         if tied:
             for name in lm_head.quant.names:
                 setattr(lm_head, name, getattr(model.model.embed_tokens, name))
