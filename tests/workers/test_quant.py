@@ -28,6 +28,7 @@ from conftest import (
 from garrison_workers.engine.llm_engine import EngineConfig, LLMEngine
 from garrison_workers.errors import LayoutError, ModelLoadError
 from garrison_workers.parallel.dims import ParallelDims
+from garrison_workers.quant.layers import QuantizedLinear
 
 TOLERANCE = {"fp8-channel-dynamic": 2e-3}  # log-probabilities; 1e-4 for the others (see the module docstring)
 ENGINE = EngineConfig(block_size=4, max_num_batched_tokens=16, num_kv_blocks=128)
@@ -91,10 +92,13 @@ def test_compressed_tensors_matches_transformers(compressed, tmp_path: Path, sch
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
 def test_gguf_kept_quantized_matches_transformers(tmp_path: Path, qtype: str) -> None:
     path = save_tiny_llama_gguf(tmp_path, qtype)
+    auto = LLMEngine.from_path(path, EngineConfig(block_size=4, num_kv_blocks=128, dtype="auto"))
+    held = {type(m._kernel).__name__ for m in auto.executor.model.modules() if isinstance(m, QuantizedLinear)}
+    assert held == {"Int4CPU" if qtype.startswith("Q4") else "SplitInt8CPU"}, held  # packed, never a float copy
+    assert not any(m.weight.is_floating_point() for m in auto.executor.model.modules()
+                   if isinstance(m, torch.nn.Linear) and m.weight.dim() == 2), "a matrix was dequantized at load"
+    # Exactness: float32 activations (the engine's default dtype), weights decoded once into float32.
     engine = LLMEngine.from_path(path, ENGINE)
-    model = engine.executor.model
-    assert not any(n.endswith(".weight") and p.dim() == 2 for n, p in model.named_parameters()), \
-        "a matrix was dequantized at load"
     for prompt in PROMPTS[:2]:
         check(engine, path.parent, [t + 1000 for t in prompt], 1e-4, gguf_file=path.name)
 

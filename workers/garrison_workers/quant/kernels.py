@@ -16,6 +16,11 @@ once, at load). The choices, fastest first:
 - CUDA: FP8 through `torch._scaled_mm` (per-token activation scales, per-channel weight scales);
   int4 through `_weight_int4pack_mm` (tinygemm, bf16).
 - Anything else (odd shapes): the weight stays quantized and is dequantized per call.
+
+With float32 activations on CPU (an engine asked for float32: exact arithmetic), int4 and int8 weights are
+dequantized once, at load, into a float32 matrix: the packed kernels' float32 paths are 5-10x slower than a
+dense float32 matmul, and the result is the same to float32 rounding. Low-bit weights stay low-bit in memory
+with 16-bit activations (engine dtype "auto").
 """
 
 from __future__ import annotations
@@ -51,6 +56,8 @@ def make_kernel(kind: str, payload: torch.Tensor, scale: torch.Tensor, zero: tor
             return ScaledMMFp8(payload, scale, dtype, amax_reduce)
         return WideFp8(payload, scale, dtype, dynamic=kind == "fp8_dynamic", amax_reduce=amax_reduce)
     packed_group = _int4_group(group, in_features)
+    if not cuda and dtype == torch.float32:
+        return Dense(dequantize(kind, payload, scale, zero))
     if cuda:
         if kind == "int4" and packed_group and dtype == torch.bfloat16 and in_features % 1024 == 0:
             return Int4CUDA(unpack_int4(payload), scale, zero, group, packed_group)
@@ -185,6 +192,17 @@ class Int4CUDA:
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.packed, self.scales_zeros]
+
+
+class Dense:
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.weight = weight
+
+    def __call__(self, x_TK: torch.Tensor) -> torch.Tensor:
+        return x_TK @ self.weight.t()
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.weight]
 
 
 class Dequantized:
