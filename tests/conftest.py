@@ -147,14 +147,205 @@ def greedy_with_logprobs(engine, prompt: list[int], new_tokens: int) -> tuple[li
     return done.token_ids, logprobs
 
 
-def hf_reference(model_dir: Path, prompt: list[int], new_tokens: int, engine_tokens: list[int]):
-    """transformers' logits at each generated position (teacher-forced on our tokens) and its own greedy tokens."""
+def hf_reference(model_dir: Path, prompt: list[int], new_tokens: int, engine_tokens: list[int], **load):
+    """transformers' logits at each generated position (teacher-forced on our tokens) and its own greedy tokens.
+
+    `load`: more from_pretrained arguments (gguf_file), and `prepare`, a function given the loaded model."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    prepare = load.pop("prepare", None)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager",
+                                                 **load).eval()
+    if prepare is not None:
+        prepare(model)
     full = torch.tensor([prompt + engine_tokens[:-1]])
     with torch.no_grad():
         logits = model(full).logits[0, len(prompt) - 1:]
         generated = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=new_tokens,
                                    min_new_tokens=new_tokens, eos_token_id=None, pad_token_id=0)
     return logits, generated[0, len(prompt):].tolist()
+
+
+# -- quantized tiny models, written by independent writers (compressed-tensors' compressors, the gguf package) ------
+
+# Widths the packed int4 kernels take at tp=1 and tp=2 (N % 16, groups of 32): hidden 64, expert width 64, MLP 128.
+QUANT_TINY = dict(intermediate_size=64, intermediate_size_mlp=128, num_local_experts=4, num_experts_per_tok=2,
+                  interleave_moe_layer_step=2, num_hidden_layers=4)
+
+
+def _unfuse_experts(model) -> None:
+    """transformers quantizes Llama 4's experts one Linear per expert (its SequentialLlama4TextExperts, which it
+    also loads compressed-tensors checkpoints into): split the fused [E, H, 2I] / [E, I, H] tensors."""
+    from transformers.models.llama4.modeling_llama4 import Llama4TextExperts
+    from transformers.quantizers.base import SequentialLlama4TextExperts
+
+    for layer in model.model.layers:
+        fused = getattr(layer.feed_forward, "experts", None)
+        if not isinstance(fused, Llama4TextExperts):
+            continue
+        experts = SequentialLlama4TextExperts(model.config)
+        for e, mlp in enumerate(experts):
+            gate, up = fused.gate_up_proj.data[e].chunk(2, dim=-1)
+            mlp.gate_proj.weight.data = gate.t().contiguous()
+            mlp.up_proj.weight.data = up.t().contiguous()
+            mlp.down_proj.weight.data = fused.down_proj.data[e].t().contiguous()
+        layer.feed_forward.experts = experts
+
+
+CT_SCHEMES = {  # name -> (weights, input activations, compressed-tensors format)
+    "fp8-channel-dynamic": (dict(num_bits=8, type="float", strategy="channel", symmetric=True),
+                            dict(num_bits=8, type="float", strategy="token", dynamic=True, symmetric=True),
+                            "float-quantized"),
+    "fp8-tensor": (dict(num_bits=8, type="float", strategy="tensor", symmetric=True), None, "float-quantized"),
+    "int4-group-sym": (dict(num_bits=4, type="int", strategy="group", group_size=32, symmetric=True), None,
+                       "pack-quantized"),
+    "int4-group-asym": (dict(num_bits=4, type="int", strategy="group", group_size=32, symmetric=False), None,
+                        "pack-quantized"),
+}
+
+
+def save_tiny_llama4_compressed(directory: Path, scheme: str, seed: int = 0, **overrides) -> Path:
+    """A tiny Llama4ForCausalLM quantized by compressed-tensors itself: its scheme applied to every Linear but the
+    LM head and routers (the checkpoint's `ignore`), round-to-nearest scales from each weight's min/max with the
+    library's calculate_qparams, then its ModelCompressor, saved with save_pretrained."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (
+        QuantizationArgs, QuantizationConfig, QuantizationScheme, apply_quantization_config)
+    from compressed_tensors.quantization.utils import calculate_qparams
+    from transformers import Llama4ForCausalLM, Llama4TextConfig
+
+    from garrison_workers.config import tiny_llama4
+
+    torch.manual_seed(seed)
+    config = Llama4TextConfig(**{k: v for k, v in tiny_llama4(**{**QUANT_TINY, **overrides}).items()
+                                 if k != "model_type"}, initializer_range=0.15)
+    model = Llama4ForCausalLM(config).eval()
+    _unfuse_experts(model)
+    weights, inputs, fmt = CT_SCHEMES[scheme]
+    qscheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(**weights),
+                                 input_activations=QuantizationArgs(**inputs) if inputs else None)
+    qconfig = QuantizationConfig(config_groups={"group_0": qscheme}, ignore=["lm_head", "re:.*router$"], format=fmt)
+    apply_quantization_config(model, qconfig)
+    with torch.no_grad():
+        for module in model.modules():
+            args = getattr(getattr(module, "quantization_scheme", None), "weights", None)
+            if args is None:
+                continue
+            w = module.weight.float()
+            if args.strategy == "group":
+                w = w.unflatten(-1, (-1, args.group_size))
+                low, high = w.amin(-1), w.amax(-1)
+            elif args.strategy == "channel":
+                low, high = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+            else:
+                low, high = w.amin().reshape(1), w.amax().reshape(1)
+            scale, zero_point = calculate_qparams(low, high, args)
+            module.weight_scale.data = scale.to(module.weight_scale.dtype).reshape(module.weight_scale.shape)
+            if hasattr(module, "weight_zero_point"):
+                module.weight_zero_point.data = zero_point.to(module.weight_zero_point.dtype).reshape(
+                    module.weight_zero_point.shape)
+    compressor = ModelCompressor.from_pretrained_model(model, quantization_format=fmt)
+    compressor.compress_model(model)
+    model.save_pretrained(directory)
+    compressor.update_config(str(directory))
+    return directory
+
+
+def save_dequantized_reference(quantized: Path, directory: Path) -> Path:
+    """The float checkpoint that compressed-tensors' own decompressor makes of a pack-quantized tiny Llama 4 (its
+    PackedQuantizationCompressor.decompress, module by module; experts fused again), for schemes transformers
+    cannot load (see test_quant)."""
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationScheme
+    from safetensors.torch import load_file
+    from transformers import Llama4ForCausalLM, Llama4TextConfig
+
+    raw = json.loads((quantized / "config.json").read_text())
+    [group] = raw.pop("quantization_config")["config_groups"].values()
+    scheme = QuantizationScheme(**group)
+    stored = load_file(quantized / "model.safetensors")
+    state: dict[str, torch.Tensor] = {}
+    for module in sorted({k.rsplit(".", 1)[0] for k in stored if k.endswith(".weight_packed")}):
+        parts = {k.rsplit(".", 1)[1]: v for k, v in stored.items() if k.rsplit(".", 1)[0] == module}
+        state[f"{module}.weight"] = PackedQuantizationCompressor.decompress(parts, scheme)["weight"].float()
+    state |= {k: v for k, v in stored.items() if ".weight_" not in k}
+    experts: dict[str, dict[str, dict[int, torch.Tensor]]] = {}
+    for name in [k for k in state if ".experts." in k]:
+        prefix, rest = name.split(".experts.")
+        e, proj, _ = rest.split(".")
+        experts.setdefault(prefix, {}).setdefault(proj, {})[int(e)] = state.pop(name)
+    for prefix, projections in experts.items():
+        ids = sorted(projections["gate_proj"])
+        state[f"{prefix}.experts.gate_up_proj"] = torch.stack(
+            [torch.cat((projections["gate_proj"][e].t(), projections["up_proj"][e].t()), dim=-1) for e in ids])
+        state[f"{prefix}.experts.down_proj"] = torch.stack([projections["down_proj"][e].t() for e in ids])
+    model = Llama4ForCausalLM(Llama4TextConfig(**{k: v for k, v in raw.items()
+                                                  if k not in ("architectures", "model_type")})).eval()
+    model.load_state_dict(state, strict=True)
+    model.save_pretrained(directory)
+    return directory
+
+
+GGUF_TINY = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+
+
+def save_tiny_llama_gguf(directory: Path, qtype: str, seed: int = 0) -> Path:
+    """A tiny dense Llama written as a GGUF file by the gguf package's writer, every matrix quantized by its own
+    quantizer to `qtype` (Q4_0, Q4_1, Q8_0); llama.cpp's Q/K row permutation applied as its converter does. The
+    tokenizer metadata is SmolLM2's (GGUF files carry their tokenizer), hence its vocabulary size."""
+    import gguf
+    from transformers import LlamaForCausalLM
+
+    hf_dir = save_tiny_llama(directory / "hf", seed=seed, **GGUF_TINY)
+    model = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    config = model.config
+    tokenizer = gguf.GGUFReader(smollm2_gguf())
+    path = directory / f"tiny-{qtype}.gguf"
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_dimension_count(config.hidden_size // config.num_attention_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(10000.0)
+    for field in tokenizer.fields.values():
+        if field.name.startswith("tokenizer."):
+            value, kind = field.contents(), field.types[0]
+            sub = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
+            writer.add_key_value(field.name, value, kind, sub_type=sub)
+    qt = gguf.GGMLQuantizationType[qtype]
+
+    def permute(w: torch.Tensor, heads: int) -> torch.Tensor:
+        return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
+    layer_names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+                   "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+                   "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight":
+            continue
+        if name.startswith("model.layers."):
+            _, _, i, rest = name.split(".", 3)
+            module = rest.rsplit(".", 1)[0]
+            if module.endswith("q_proj"):
+                tensor = permute(tensor, config.num_attention_heads)
+            elif module.endswith("k_proj"):
+                tensor = permute(tensor, config.num_key_value_heads)
+            gguf_name = f"blk.{i}.{layer_names[module]}.weight"
+        else:
+            gguf_name = names[name]
+        data = tensor.float().numpy()
+        if data.ndim == 2:
+            writer.add_tensor(gguf_name, gguf.quants.quantize(data, qt), raw_dtype=qt)
+        else:
+            writer.add_tensor(gguf_name, data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -74,7 +74,7 @@ kek_env: KEK
         "config.models[0].groups[0].role": "must be one of both, prefill, decode, got 'prefil'",
         "config.models[0].groups[0].tp": "must be an integer >= 1, got '2'",
         "config.models[0].groups[1].tp": "must be an integer >= 1, got null",
-        "config.models[0].engine.dtype": "must be one of float32, bfloat16, float16, got 'fp8'",
+        "config.models[0].engine.dtype": "must be one of float32, bfloat16, float16 or auto, got 'fp8'",
         "config.models[0].engine.max_num_seqs": "must be an integer >= 1, got 0",
         "config.models[0].engine.kv_transport": "must be one of ray, torch, got 'nccl'",
         "config.models[0].engine.kv_cahce_bytes": "unknown setting (did you mean kv_cache_bytes?)",
@@ -122,7 +122,7 @@ def test_every_engine_setting_is_reachable_from_yaml(tmp_path: Path) -> None:
             given[f.name] = "cuda:1"
         elif f.name == "kv_cache_device":
             given[f.name] = "cpu"
-        elif hint is torch.dtype:
+        elif hint is torch.dtype or torch.dtype in choices:
             given[f.name] = "bfloat16"
         elif hint is bool:
             given[f.name] = not default
@@ -132,7 +132,7 @@ def test_every_engine_setting_is_reachable_from_yaml(tmp_path: Path) -> None:
             given[f.name] = (default or 1) + 7
     path = write(tmp_path, yaml.safe_dump({"models": [{"name": "m", "source": "smollm2", "engine": given}]}))
     engine = load(path).models[0].engine
-    expected = EngineConfig(**{**given, "dtype": torch.bfloat16})
+    expected = EngineConfig(**{**given, "dtype": torch.bfloat16, "kernel_dtype": torch.bfloat16})
     assert engine == expected
     assert all(getattr(engine, f.name) != f.default for f in dataclasses.fields(EngineConfig))
 

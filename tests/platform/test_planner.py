@@ -64,10 +64,13 @@ def test_maverick_fp8_on_8_h100_experts_split_by_ep() -> None:
     _, maverick = resolve_model("maverick")
     h100 = resolve_hardware("h100-sxm")
     mem = breakdown(maverick, h100, Precision("fp8", "bf16"), tp=2, ep=4)
-    assert mem.experts == 24 * (128 // 4) * EXPERT * 1 / 2  # 24 MoE layers, 32 experts per EP rank, fp8
+    fp8 = 1 + 4 / 5120  # a byte per weight and a float32 scale per output channel of 5120 inputs
+    assert WEIGHT_BYTES["fp8"] == fp8
+    assert mem.experts == pytest.approx(24 * (128 // 4) * EXPERT * fp8 / 2)  # 24 MoE layers, 32 experts per EP rank
     # 24 dense layers of width 16384 and 24 shared experts, fp8 and split by TP; router (128) and norms in bf16
-    assert mem.dense == (24 * 3 * 5120 * 16384 + 24 * EXPERT) * 1 / 2 + (24 * 5120 * 128 + 97 * 5120) * 2
-    assert mem.attention == 48 * ATTENTION_LAYER * 1 / 2
+    assert mem.dense == pytest.approx((24 * 3 * 5120 * 16384 + 24 * EXPERT) * fp8 / 2
+                                      + (24 * 5120 * 128 + 97 * 5120) * 2)
+    assert mem.attention == pytest.approx(48 * ATTENTION_LAYER * fp8 / 2)
     assert mem.embeddings == VOCAB_PARAMS * 2
     per_layer_token = 2 * (8 // 2) * 128 * 2
     kv_budget = 80e9 * 0.9 - 2e9 - mem.weights - mem.activations
@@ -79,8 +82,8 @@ def test_dense_llama_int4_and_a_layout_that_does_not_fit() -> None:
     h100 = resolve_hardware("H100-SXM")
     params = 80 * (8192 * 128 * (64 + 64 + 8 + 8) + 3 * 8192 * 28672)
     int4 = breakdown(llama, h100, Precision("int4", "fp8"), tp=1, ep=1)
-    assert WEIGHT_BYTES["int4"] == 0.5 + 2 / 128
-    assert int4.attention + int4.dense == pytest.approx(params * (0.5 + 2 / 128) + 161 * 8192 * 2)
+    assert WEIGHT_BYTES["int4"] == 0.5 + 2 * 4 / 128  # 4-bit codes, a float32 scale and zero per 128 inputs
+    assert int4.attention + int4.dense == pytest.approx(params * (0.5 + 8 / 128) + 161 * 8192 * 2)
     per_token = 2 * 8 * 128 * 1 * 80  # fp8 KV, every layer global
     assert int4.kv_context == int(int4.kv_cache // per_token)
     assert not breakdown(llama, h100, Precision("bf16", "bf16"), tp=1, ep=1).fits  # 141 GB of weights

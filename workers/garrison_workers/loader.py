@@ -22,7 +22,10 @@ from garrison_workers.errors import ModelLoadError
 from garrison_workers.model import CausalLM, MoE
 from garrison_workers.parallel.context import ParallelContext
 from garrison_workers.parallel.moe import ParallelMoE
+from garrison_workers.quant.formats import holds_quantized
+from garrison_workers.quant.layers import adopt_quantized, cast_floats, prepare_kernels, tie_head
 from garrison_workers.tokenizer import Tokenizer
+from garrison_workers.weights.compressed_tensors_source import CompressedTensorsSource, parse_quantization_config
 from garrison_workers.weights.encrypted_source import EncryptedSource
 from garrison_workers.weights.gguf_source import GGUFSource, config_from_gguf, open_reader
 from garrison_workers.weights.safetensors_source import SafetensorsSource
@@ -46,7 +49,9 @@ class ModelFiles:
     source: WeightSource
 
 
-def open_model_files(path: ModelLocation) -> ModelFiles:
+def open_model_files(path: ModelLocation, keep_quantized: bool = True) -> ModelFiles:
+    """`keep_quantized` False reads a GGUF file's quantized blocks as float (what `models import --quantize`
+    re-quantizes)."""
     if isinstance(path, StoreModel):
         source = EncryptedSource(path)
         return ModelFiles(source.config(), _tokenizer(lambda: source.tokenizer(), str(path.directory)), source)
@@ -59,10 +64,15 @@ def open_model_files(path: ModelLocation) -> ModelFiles:
         reader = open_reader(path)
         config = config_from_gguf(reader, path)
         return ModelFiles(config, _tokenizer(lambda: Tokenizer.from_gguf(reader), f"{path} (tokenizer.ggml.*)"),
-                          GGUFSource(reader, path, config))
-    config = from_hf_config(_read_json(path / "config.json"), source=str(path / "config.json"))
+                          GGUFSource(reader, path, config, keep_quantized))
+    raw = _read_json(path / "config.json")
+    config = from_hf_config(raw, source=str(path / "config.json"))
+    source: WeightSource = SafetensorsSource(path, dense_llama=config.architecture == "llama")
+    if isinstance(raw, dict) and raw.get("quantization_config") is not None:
+        quantization = parse_quantization_config(raw["quantization_config"], str(path / "config.json"))
+        source = CompressedTensorsSource(source, quantization)  # type: ignore[arg-type]
     return ModelFiles(config, _tokenizer(lambda: Tokenizer.from_pretrained_dir(path), f"the tokenizer files of {path}"),
-                      SafetensorsSource(path, dense_llama=config.architecture == "llama"))
+                      source)
 
 
 def _read_json(file: Path) -> Any:
@@ -90,8 +100,10 @@ def _tokenizer(load: Callable[[], Tokenizer | None], where: str) -> Tokenizer | 
 
 
 def build_model(config: ModelConfig, source: WeightSource, dtype: torch.dtype = torch.float32,
-                device: str | torch.device = "cpu", par: ParallelContext | None = None) -> CausalLM:
-    """This rank's part of the model, holding (and reading) only the weights `par` assigns it."""
+                device: str | torch.device = "cpu", par: ParallelContext | None = None,
+                kernel_dtype: torch.dtype | None = None) -> CausalLM:
+    """This rank's part of the model, holding (and reading) only the weights `par` assigns it; its quantized
+    matmuls take `kernel_dtype` activations (default `dtype`)."""
     par = par or ParallelContext.single()
     par.dims.validate(config)
     moe_cls = MoE if par.dims.world_size == 1 else ParallelMoE
@@ -101,9 +113,22 @@ def build_model(config: ModelConfig, source: WeightSource, dtype: torch.dtype = 
         model = CausalLM(config, par, moe_cls)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
+    adopt_quantized(model, source)
     check_parameters(model, source)
-    model = model.to_empty(device=device).to(dtype)
+    model = model.to_empty(device=device)
+    cast_floats(model, dtype)
     if config.tie_word_embeddings:  # to_empty gives the tied pair two separate tensors
-        model.lm_head.weight = model.model.embed_tokens.weight
+        tie_head(model)
     fill_parameters(model, source)
+    prepare_kernels(model, kernel_dtype or dtype, dtype)
     return model.eval()
+
+
+def compute_dtype(requested: torch.dtype | str, source: WeightSource) -> tuple[torch.dtype, torch.dtype | None]:
+    """(model dtype, quantized matmuls' activation dtype) for an engine's `dtype`. `auto` keeps the model in
+    float32 and feeds a quantized checkpoint's packed low-bit kernels bfloat16 activations, the one dtype they
+    are fast with: only the matmul inputs are rounded to 8 mantissa bits, not the residual stream, the norms,
+    attention or the KV cache (a whole-bf16 model moves SmolLM2's log-probabilities by ~0.1)."""
+    if requested != "auto":
+        return requested, None  # type: ignore[return-value]
+    return torch.float32, torch.bfloat16 if holds_quantized(source.names()) else None

@@ -64,7 +64,8 @@ class Rotary:
         cos, sin = cos_TF[:, None, :], sin_TF[:, None, :]
         if self.style == "half":
             x1, x2 = x_TND.chunk(2, dim=-1)
-            return x_TND * cos + torch.cat((-x2, x1), dim=-1) * sin
+            # The tables are float32: without the cast a 16-bit model's K would not match its cache's dtype.
+            return (x_TND * cos + torch.cat((-x2, x1), dim=-1) * sin).type_as(x_TND)
         pairs = x_TND.float().unflatten(-1, (-1, 2))
         real, imag = pairs[..., 0], pairs[..., 1]
         rotated = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1)

@@ -94,7 +94,8 @@ class Worker:
         self.par = ParallelContext.from_initialized(self.dims, self.rank)
         files = open_model_files(self.model_path)
         self.source = files.source
-        self.model = build_model(files.config, files.source, self.config.dtype, self.config.device, self.par)
+        self.model = build_model(files.config, files.source, self.config.dtype, self.config.device, self.par,
+                                 self.config.kernel_dtype)
         self.runner = ModelRunner(self.model, self.num_blocks, self.config)
         # The rank's objects from here on live as long as the actor: keep the collector's full passes (a
         # step-long pause each) from walking them.

@@ -28,6 +28,10 @@ def register(commands: Any) -> None:
     imp.add_argument("--signing-key", metavar="PATH", default=None,
                      help="Ed25519 manifest signing key, created if absent (default: signing-key.pem in the store)")
     imp.add_argument("--quiet", action="store_true", help="no progress bar")
+    imp.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                     help="quantize the blocks' linear weights at import (round to nearest: int4 with a scale and "
+                          "zero per group of up to 128 inputs, int8 with a scale per output channel); embeddings, "
+                          "LM head, routers and norms stay as they are")
     imp.set_defaults(run=run_import)
 
     ls = models.add_parser("list", help="list the store's models (no key needed)")
@@ -53,7 +57,8 @@ def run_import(args: argparse.Namespace) -> int:
 
     store = store_from_args(args)
     summary = import_model(resolve_source(args.src), store, args.name, provider_from_args(args),
-                           signing_key=Path(args.signing_key) if args.signing_key else None, progress=not args.quiet)
+                           signing_key=Path(args.signing_key) if args.signing_key else None, progress=not args.quiet,
+                           quantize=args.quantize)
     print(f"imported {summary.name} into {store.root}: {summary.architecture}, {summary.num_parameters:,} parameters "
           f"in {summary.num_tensors} tensors, {summary.stored_bytes / 1e9:.2f} GB encrypted; data key wrapped "
           f"under KEK id {summary.kek_id}")

@@ -81,7 +81,7 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--catalog", type=Path, help="hardware catalog YAML (default: the one shipped)")
     add_store_option(parser)
     add_kek_options(parser, title="key-encryption key, for a model of the store (its config is encrypted)")
-    parser.add_argument("--weight-dtype", default="bf16", help="bf16, fp8, int4 or fp32")
+    parser.add_argument("--weight-dtype", default="bf16", help="bf16, fp8, int8, int4, q4_0, q4_1, q8_0 or fp32")
     parser.add_argument("--kv-dtype", default="bf16", help="bf16, fp8 or fp32")
     parser.add_argument("--kv-layout", choices=("hybrid", "uniform"), default="hybrid",
                         help="hybrid: Llama 4's chunked layers keep one chunk per sequence; uniform: every layer "

@@ -7,7 +7,8 @@ from typing import Any
 
 from garrison.planner.search import Candidate, Plan
 
-ENGINE_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "fp8": "bfloat16", "int4": "bfloat16"}
+ENGINE_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "fp8": "bfloat16", "int4": "bfloat16",
+                "int8": "bfloat16", "q4_0": "bfloat16", "q4_1": "bfloat16", "q8_0": "bfloat16"}
 
 
 def values(plan: Plan, source: str, candidate: Candidate | None = None) -> dict[str, Any]:

@@ -137,7 +137,7 @@ def expectation(hint: Any, meta: typing.Mapping[str, Any]) -> str:
     if hint is type(None):
         return "null"
     if origin is Literal:
-        return "one of " + ", ".join(map(str, args))
+        return str(args[0]) if len(args) == 1 else "one of " + ", ".join(map(str, args))
     if origin is tuple:
         return "a non-empty list" if meta.get("min_len", 1) == 1 else f"a list of at least {meta['min_len']} items"
     if hint is int or hint is float:
@@ -233,7 +233,15 @@ class Builder:
             if raw is None:
                 return None
             choices = [arg for arg in args if arg is not type(None)]
-            return self._convert(raw, choices[0], meta, here) if len(choices) == 1 else raw
+            if len(choices) == 1:
+                return self._convert(raw, choices[0], meta, here)
+            for choice in choices:  # the first reading that fits (a dtype's name, or "auto")
+                before = len(self.problems)
+                converted = self._convert(raw, choice, meta, here)
+                if len(self.problems) == before and _fits(converted, choice, meta):
+                    return converted
+                del self.problems[before:]
+            return raw
         if origin is tuple and isinstance(raw, list):
             return tuple(self.value(item, args[0], {}, f"{here}[{i}]") for i, item in enumerate(raw))
         if is_dataclass(hint) and isinstance(raw, dict):

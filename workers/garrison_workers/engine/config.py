@@ -23,7 +23,11 @@ class EngineConfig:
     kv_transport: Literal["ray", "torch"] = "ray"
     attention_key_block: int = 1024  # longer global contexts are attended blockwise (bounded memory)
     worker_threads: int | None = None  # torch threads per Ray rank; None: the node's cores / ranks, at most 4
-    dtype: torch.dtype = torch.float32
+    # "auto": float32, with a quantized checkpoint's low-bit matmuls fed bfloat16 activations (the packed kernels
+    # are fast with 16-bit activations only; norms, attention, the residual stream and the KV cache stay float32).
+    # LLMEngine.from_path resolves it (into dtype and kernel_dtype) before anything is sized from it.
+    dtype: torch.dtype | Literal["auto"] = torch.float32
+    kernel_dtype: torch.dtype | None = None  # activations of the quantized matmuls; None: `dtype`
     device: str = "cpu"
     # Where the KV cache lives: None, on `device`; "cpu" with a GPU device, in pinned host memory, for contexts
     # whose KV does not fit beside the weights. Each step then writes its new K/V to the host, and attention

@@ -7,6 +7,7 @@ before the call returns.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 from collections.abc import Callable
@@ -25,7 +26,7 @@ from garrison_workers.engine.scheduler import Scheduler
 from garrison_workers.engine.sequence import SamplingParams, Sequence, SequenceStatus
 from garrison_workers.errors import (CapacityError, ContextLengthError, GarrisonError, InvalidRequestError,
                                      SequenceError, WorkerLostError)
-from garrison_workers.loader import ModelLocation, build_model, open_model_files
+from garrison_workers.loader import ModelLocation, build_model, compute_dtype, open_model_files
 from garrison_workers.parallel.dims import ParallelDims
 from garrison_workers.placement import GroupPlacement
 from garrison_workers.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -111,10 +112,13 @@ class LLMEngine:
         """
         files = open_model_files(path)
         dims.validate(files.config)
+        dtype, kernel_dtype = compute_dtype(config.dtype, files.source)
+        config = dataclasses.replace(config, dtype=dtype, kernel_dtype=config.kernel_dtype or kernel_dtype)
         num_blocks = num_kv_blocks(files.config, config, dims.tp)
         executor: Executor
         if not (dims.world_size > 1 if on_ray is None else on_ray):
-            model = build_model(files.config, files.source, config.dtype, config.device)
+            model = build_model(files.config, files.source, config.dtype, config.device,
+                                kernel_dtype=config.kernel_dtype)
             executor = LocalExecutor(model, num_blocks, config)
         else:
             from garrison_workers.worker_group import WorkerGroup  # Ray is needed only for parallel replicas

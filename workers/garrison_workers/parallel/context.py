@@ -50,3 +50,8 @@ class ParallelContext:
         if self.dims.tp > 1:
             dist.all_reduce(x, group=self.tp_group)
         return x
+
+    def all_reduce_tp_max(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dims.tp > 1:
+            dist.all_reduce(x, op=dist.ReduceOp.MAX, group=self.tp_group)
+        return x

@@ -18,6 +18,8 @@ from garrison_workers.config import ModelConfig
 from garrison_workers.model import MLP, Experts
 from garrison_workers.parallel.context import ParallelContext
 from garrison_workers.parallel.layers import Reader, set_weight_loader, shard
+from garrison_workers.quant.formats import WeightFormat
+from garrison_workers.quant.layers import QuantizedExperts, local_experts
 
 
 def default_placement(num_experts: int, ep: int) -> list[int]:
@@ -34,6 +36,7 @@ class ParallelMoE(nn.Module):
         # The shared expert leaves its TP sum to this layer: one all-reduce covers routed + shared.
         self.shared_expert = MLP(config.hidden_size, config.intermediate_size, par, reduce=False)
         self.width = shard(config.intermediate_size, par.dims.tp, par.tp_rank)
+        self.expert_formats: tuple[WeightFormat, WeightFormat] | None = None  # set when the experts are quantized
         # Explicit CPU device: the model may be built under torch.device("meta").
         self.placement_E = torch.tensor(default_placement(config.num_experts, par.dims.ep), device="cpu")
         self.experts = self._local_experts()
@@ -45,8 +48,10 @@ class ParallelMoE(nn.Module):
     def local_expert_ids(self) -> list[int]:
         return (self.placement_E == self.par.ep_rank).nonzero().flatten().tolist()
 
-    def _local_experts(self) -> Experts:
+    def _local_experts(self) -> Experts | QuantizedExperts:
         config, ids = self.config, self.local_expert_ids
+        if self.expert_formats is not None:
+            return local_experts(self, *self.expert_formats)
         experts = Experts(len(ids), config.hidden_size, config.intermediate_size // self.par.dims.tp)
         set_weight_loader(experts, "gate_up_proj", lambda read: self._read_gate_up(read, ids))
         set_weight_loader(experts, "down_proj", lambda read: torch.stack([read((e, self.width)) for e in ids]))
@@ -67,9 +72,13 @@ class ParallelMoE(nn.Module):
             raise ValueError(f"a placement must map each of {self.num_experts} experts to an EP rank < {self.par.dims.ep}")
         self.placement_E = torch.tensor(placement_E, device="cpu")
         weight = self.router.weight
-        experts = self._local_experts().to(device=weight.device, dtype=weight.dtype)
+        experts = self._local_experts()
+        # Quantized payloads keep their dtypes; their kernels compute in the router's.
+        experts = experts.to(device=weight.device) if self.expert_formats else experts.to(weight.device, weight.dtype)
         for name, _ in experts.named_parameters():
             load(f"{prefix}experts.{name}", experts, name)
+        if isinstance(experts, QuantizedExperts):
+            experts.prepare(getattr(self.experts, "kernel_dtype", weight.dtype))  # as the experts it replaces
         self.experts = experts
 
     def forward(self, x_TH: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,8 @@ import torch
 
 from garrison_workers.config import LIMITS, ModelConfig, from_hf_config
 from garrison_workers.errors import ModelLoadError
+from garrison_workers.quant.codec import GGUF_BLOCK as QK
+from garrison_workers.quant.codec import from_gguf_blocks
 
 _LAYER = re.compile(r"^blk\.(\d+)\.(.+)$")
 _LAYER_NAMES = {
@@ -220,41 +222,83 @@ def hf_config_from_gguf(reader: Any, path: Path) -> dict[str, Any]:
         eos_token_id=g("tokenizer.ggml.eos_token_id", int, default=None, low=0))
 
 
+# GGUF block types held quantized (codec.from_gguf_blocks) and the canonical kind each becomes.
+KEPT_QUANTIZED = {"Q4_0": "int4", "Q4_1": "int4", "Q8_0": "int8"}
+
+
 class GGUFSource:
-    def __init__(self, reader: Any, path: Path, config: ModelConfig) -> None:
+    """A GGUF file's tensors under Garrison's names. With `keep_quantized`, Q4_0, Q4_1 and Q8_0 tensors are
+    read as canonical quantized tensors (`garrison_workers.quant`: `<name>_int4|int8`, `_scale`, `_zero`)
+    straight from their blocks, with no float copy; every other type is dequantized to float32."""
+
+    def __init__(self, reader: Any, path: Path, config: ModelConfig, keep_quantized: bool = True) -> None:
         self.path, self.config = path, config
-        self._tensors = {}
+        self._tensors: dict[str, tuple[Any, str]] = {}  # our name -> (GGUF tensor, part: weight|payload|scale|zero)
         for tensor in reader.tensors:
             name = _our_name(tensor.name)
-            if name is not None:
-                self._tensors[name] = tensor
+            if name is None:
+                continue
+            kind = KEPT_QUANTIZED.get(tensor.tensor_type.name) if keep_quantized else None
+            if kind is None:
+                self._tensors[name] = (tensor, "weight")
+                continue
+            parts = {f"{name}_{kind}": "payload", f"{name}_scale": "scale"}
+            if tensor.tensor_type.name == "Q4_1":
+                parts[f"{name}_zero"] = "zero"
+            for part_name, part in parts.items():
+                self._tensors[part_name] = (tensor, part)
+        self._decoded: tuple[str, tuple[torch.Tensor, ...]] | None = None  # the last tensor's parts
 
     def names(self) -> Iterable[str]:
         return self._tensors.keys()
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(int(n) for n in reversed(self._tensors[name].shape))
+        tensor, part = self._tensors[name]
+        rows, cols = (int(n) for n in reversed(tensor.shape)) if len(tensor.shape) == 2 else (0, 0)
+        if part == "weight":
+            return tuple(int(n) for n in reversed(tensor.shape))
+        if part == "payload":
+            return (rows, cols // 2 if KEPT_QUANTIZED[tensor.tensor_type.name] == "int4" else cols)
+        return (rows, cols // QK)
 
     def where(self, name: str) -> str:
-        return f"{self.path} (stored as {self._tensors[name].name})"
+        return f"{self.path} (stored as {self._tensors[name][0].name})"
 
     def read(self, name: str, index: Any = None) -> torch.Tensor:
-        from gguf import dequantize
-
-        tensor = self._tensors[name]
-        try:
-            weights = dequantize(tensor.data, tensor.tensor_type)
-            weights = np.reshape(weights, tuple(int(n) for n in reversed(tensor.shape)))
-        except (ValueError, NotImplementedError) as err:
-            raise ModelLoadError(f"{self.path}: cannot dequantize tensor {tensor.name} ({err})") from None
-        if name.endswith("q_proj.weight"):
+        tensor, part = self._tensors[name]
+        if part == "weight":
+            weights = self._dequantized(tensor)
+        else:
+            weights = self._quantized(tensor)[("payload", "scale", "zero").index(part)]
+        if name.startswith("model.layers.") and ".q_proj." in name:
             weights = _unpermute(weights, self.config.num_heads)
-        elif name.endswith("k_proj.weight"):
+        elif name.startswith("model.layers.") and ".k_proj." in name:
             weights = _unpermute(weights, self.config.num_kv_heads)
-        if index is not None:  # quantized rows are dequantized whole; shards are cut afterwards
+        if index is not None:  # quantized rows are decoded whole; shards are cut afterwards
             weights = weights[index]
         # Copied out of the read-only memory map: the model owns its parameters.
-        return torch.from_numpy(np.require(weights, np.float32, ["C_CONTIGUOUS", "WRITEABLE"]))
+        return torch.from_numpy(np.require(weights, None, ["C_CONTIGUOUS", "WRITEABLE"]))
+
+    def _dequantized(self, tensor: Any) -> np.ndarray:
+        from gguf import dequantize
+
+        try:
+            weights = dequantize(tensor.data, tensor.tensor_type)
+            return np.reshape(weights, tuple(int(n) for n in reversed(tensor.shape))).astype(np.float32, copy=False)
+        except (ValueError, NotImplementedError) as err:
+            raise ModelLoadError(f"{self.path}: cannot dequantize tensor {tensor.name} ({err})") from None
+
+    def _quantized(self, tensor: Any) -> tuple[np.ndarray, ...]:
+        """(payload, scale, zero) of a kept-quantized tensor; the last one decoded is kept, as its parts are read
+        one after another."""
+        if self._decoded is None or self._decoded[0] != tensor.name:
+            rows, cols = (int(n) for n in reversed(tensor.shape))
+            try:
+                parts = from_gguf_blocks(tensor.tensor_type.name, np.asarray(tensor.data), rows, cols)
+            except ValueError as err:
+                raise ModelLoadError(f"{self.path}: tensor {tensor.name} has malformed blocks ({err})") from None
+            self._decoded = (tensor.name, tuple(None if p is None else p.numpy() for p in parts))
+        return self._decoded[1]
 
 
 def _our_name(gguf_name: str) -> str | None:

@@ -41,7 +41,8 @@ DATA_KEY_FILE = "datakey.json"
 NONCE_BYTES, TAG_BYTES = 12, 16
 RECORD_OVERHEAD = NONCE_BYTES + TAG_BYTES
 DEFAULT_RECORD_BYTES = 4 << 20  # bounds each decrypt thread's buffer; big tensors split for parallel decrypt
-_EXPERT_TENSOR = re.compile(r"\.experts\.(gate_up_proj|down_proj)$")
+# Fused expert tensors, float or in their canonical quantized parts (payload, scales, zeros).
+_EXPERT_TENSOR = re.compile(r"\.experts\.(gate_up_proj|down_proj)(_int4|_int8|_fp8|_fp8_dynamic|_scale|_zero)?$")
 DTYPES = {name: getattr(torch, name) for name in (
     "float32", "float16", "bfloat16", "float64", "float8_e4m3fn", "float8_e5m2",
     "int8", "uint8", "int16", "int32", "int64", "bool")}

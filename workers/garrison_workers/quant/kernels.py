@@ -1,0 +1,217 @@
+"""Matmuls with quantized weights: `make_kernel` picks the fastest kernel the device and shapes allow.
+
+Every kernel computes y[T, N] = x[T, K] @ W.T for the W that the canonical tensors stand for
+(`codec.dequantize`), in the activations' dtype, and holds its weights in its own layout (derived
+once, at load). The choices, fastest first:
+
+- CPU int4: PyTorch's packed int4 matmul (`_weight_int4pack_mm_for_cpu`): codes stay 4-bit in memory
+  and are widened tile by tile. It needs N % 16 == 0 and groups of 32..256 (a per-channel scale is
+  repeated over groups of 256..32, which is exact).
+- CPU int8 per channel: `_weight_int8pack_mm`.
+- CPU int8 with group scales (GGUF Q8_0): the int8 code q is split exactly into 16 h + l (h signed,
+  l in 0..15) and computed as two packed int4 matmuls: d q = 16 d h + d l, bytes read as int8's.
+- FP8 on CPU: the weight stays FP8 and is widened per call (a correctness path, as the issue allows);
+  `fp8_dynamic` first rounds each token's activations to FP8 with its own scale, the arithmetic of
+  the FP8 GEMM (W8A8) the checkpoint was calibrated for.
+- CUDA: FP8 through `torch._scaled_mm` (per-token activation scales, per-channel weight scales);
+  int4 through `_weight_int4pack_mm` (tinygemm, bf16).
+- Anything else (odd shapes): the weight stays quantized and is dequantized per call.
+
+With float32 activations on CPU (an engine asked for float32: exact arithmetic), int4 and int8 weights are
+dequantized once, at load, into a float32 matrix: the packed kernels' float32 paths are 5-10x slower than a
+dense float32 matmul, and the result is the same to float32 rounding. Low-bit weights stay low-bit in memory
+with 16-bit activations (engine dtype "auto").
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import torch
+
+from garrison_workers.quant.codec import FP8_MAX, dequantize, expand_groups, unpack_int4
+
+INT4_GROUPS = (256, 128, 64, 32)  # what the packed int4 kernels accept, widest first
+# Makes a per-token amax [T, 1] of this rank's input shard that of the whole row (a MAX over the TP group), so
+# that a row-parallel FP8 layer rounds its activations exactly as one device would.
+AmaxReduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+class Kernel(Protocol):
+    def __call__(self, x_TK: torch.Tensor) -> torch.Tensor: ...
+
+    def tensors(self) -> list[torch.Tensor]:
+        """What the kernel holds (for memory accounting)."""
+        ...
+
+
+def make_kernel(kind: str, payload: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                dtype: torch.dtype, amax_reduce: AmaxReduce | None = None) -> Kernel:
+    """The kernel for a canonical weight [N, K] on its tensors' device, computing in `dtype`."""
+    out_features, in_features = scale.shape[0], payload.shape[-1] * (2 if kind == "int4" else 1)
+    group = in_features // scale.shape[-1]
+    cuda = payload.device.type == "cuda"
+    if kind.startswith("fp8"):
+        if cuda and _scaled_mm_ok(out_features, in_features) and scale.shape[-1] == 1:
+            return ScaledMMFp8(payload, scale, dtype, amax_reduce)
+        return WideFp8(payload, scale, dtype, dynamic=kind == "fp8_dynamic", amax_reduce=amax_reduce)
+    packed_group = _int4_group(group, in_features)
+    if not cuda and dtype == torch.float32:
+        return Dense(dequantize(kind, payload, scale, zero))
+    if cuda:
+        if kind == "int4" and packed_group and dtype == torch.bfloat16 and in_features % 1024 == 0:
+            return Int4CUDA(unpack_int4(payload), scale, zero, group, packed_group)
+        return Dequantized(kind, payload, scale, zero, dtype)
+    if out_features % 16 == 0 and packed_group:
+        if kind == "int4":
+            return Int4CPU(unpack_int4(payload), scale, zero, group, packed_group, dtype)
+        if scale.shape[-1] > 1:
+            return SplitInt8CPU(payload, scale, group, packed_group, dtype)
+    if kind == "int8" and scale.shape[-1] == 1:
+        return Int8CPU(payload, scale, dtype)
+    return Dequantized(kind, payload, scale, zero, dtype)
+
+
+def _int4_group(group: int, in_features: int) -> int | None:
+    """A group size the packed kernels accept that divides `group` (scales repeat over its subgroups)."""
+    return next((g for g in INT4_GROUPS if group % g == 0 and in_features % g == 0), None)
+
+
+def _scales_and_zeros(scale: torch.Tensor, zero: torch.Tensor | None, group: int, packed_group: int,
+                      dtype: torch.dtype) -> torch.Tensor:
+    """[K / packed_group, N, 2]: the packed kernels' per-group (scale, zero), with w = (q - 8) * scale + zero."""
+    repeat = group // packed_group
+    scale = scale.float().repeat_interleave(repeat, dim=-1)
+    zero = torch.zeros_like(scale) if zero is None else zero.float().repeat_interleave(repeat, dim=-1)
+    return torch.stack((scale.t(), zero.t()), dim=-1).to(dtype).contiguous()
+
+
+class Int4CPU:
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group: int,
+                 packed_group: int, dtype: torch.dtype) -> None:
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
+        self.group = packed_group
+        self.scales_zeros = _scales_and_zeros(scale, zero, group, packed_group, dtype)
+
+    def __call__(self, x_TK: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x_TK, self.packed, self.group, self.scales_zeros)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.packed, self.scales_zeros]
+
+
+class SplitInt8CPU:
+    """Group-scaled int8 as two exact int4 halves: q = 16 h + l, h = q >> 4 in -8..7, l = q & 15."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, group: int, packed_group: int, dtype: torch.dtype) -> None:
+        wide = q.to(torch.int32)
+        high, low = (wide >> 4) + 8, wide & 15  # the kernel reads code c as c - 8
+        self.high = Int4CPU(high, 16 * scale.float(), None, group, packed_group, dtype)
+        self.low = Int4CPU(low, scale.float(), 8 * scale.float(), group, packed_group, dtype)
+
+    def __call__(self, x_TK: torch.Tensor) -> torch.Tensor:
+        return self.high(x_TK) + self.low(x_TK)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return self.high.tensors() + self.low.tensors()
+
+
+class Int8CPU:
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> None:
+        self.q, self.scale = q.contiguous(), scale.reshape(-1).to(dtype)
+
+    def __call__(self, x_TK: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int8pack_mm(x_TK, self.q, self.scale)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.q, self.scale]
+
+
+class WideFp8:
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, dynamic: bool,
+                 amax_reduce: AmaxReduce | None = None) -> None:
+        self.q, self.scale, self.dtype, self.dynamic = q, scale.float(), dtype, dynamic
+        self.group = q.shape[-1] // scale.shape[-1]
+        self.amax_reduce = amax_reduce
+
+    def __call__(self, x_TK: torch.Tensor) -> torch.Tensor:
+        weight = (self.q.float() * expand_groups(self.scale, self.group)).to(x_TK.dtype)
+        if not self.dynamic:
+            return x_TK @ weight.t()
+        x_q, x_scale = quantize_fp8_per_token(x_TK, self.amax_reduce)
+        return ((x_q.to(x_TK.dtype) @ weight.t()).float() * x_scale).to(x_TK.dtype)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.q, self.scale]
+
+
+def quantize_fp8_per_token(x_TK: torch.Tensor, amax_reduce: AmaxReduce | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row to FP8 with its own scale amax / 448 (as compressed-tensors' dynamic `token` strategy)."""
+    x = x_TK.float()
+    amax = x.abs().amax(-1, keepdim=True)
+    if amax_reduce is not None:
+        amax = amax_reduce(amax)
+    scale = (amax / FP8_MAX).clamp_min(torch.finfo(torch.float32).eps)
+    return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+
+
+def _scaled_mm_ok(out_features: int, in_features: int) -> bool:
+    return out_features % 16 == 0 and in_features % 16 == 0
+
+
+class ScaledMMFp8:
+    """CUDA FP8 GEMM: per-token activation scales (rowwise) and per-channel weight scales."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
+                 amax_reduce: AmaxReduce | None = None) -> None:
+        self.q_t, self.dtype = q.t(), dtype  # _scaled_mm wants the weight column-major
+        self.scale = scale.float().reshape(1, -1)
+        self.amax_reduce = amax_reduce
+
+    def __call__(self, x_TK: torch.Tensor) -> torch.Tensor:
+        x_q, x_scale = quantize_fp8_per_token(x_TK, self.amax_reduce)
+        return torch._scaled_mm(x_q, self.q_t, scale_a=x_scale, scale_b=self.scale, out_dtype=x_TK.dtype)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.q_t, self.scale]
+
+
+class Int4CUDA:
+    """tinygemm: bf16 activations, codes packed two per byte with the even element in the high nibble."""
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group: int,
+                 packed_group: int) -> None:
+        as_bytes = (codes[:, 0::2] << 4 | codes[:, 1::2]).to(torch.uint8)
+        self.packed = torch.ops.aten._convert_weight_to_int4pack(as_bytes.contiguous(), 8)
+        self.group = packed_group
+        self.scales_zeros = _scales_and_zeros(scale, zero, group, packed_group, torch.bfloat16)
+
+    def __call__(self, x_TK: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int4pack_mm(x_TK, self.packed, self.group, self.scales_zeros)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.packed, self.scales_zeros]
+
+
+class Dense:
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.weight = weight
+
+    def __call__(self, x_TK: torch.Tensor) -> torch.Tensor:
+        return x_TK @ self.weight.t()
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.weight]
+
+
+class Dequantized:
+    def __init__(self, kind: str, payload: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                 dtype: torch.dtype) -> None:
+        self.kind, self.payload, self.scale, self.zero = kind, payload, scale, zero
+
+    def __call__(self, x_TK: torch.Tensor) -> torch.Tensor:
+        return x_TK @ dequantize(self.kind, self.payload, self.scale, self.zero).to(x_TK.dtype).t()
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.payload, self.scale, self.zero) if t is not None]
