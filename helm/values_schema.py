@@ -65,7 +65,8 @@ def engine() -> Schema:
     properties |= {
         "enable_prefix_caching": BOOL, "kv_transfer_checksum": BOOL,
         "kv_transport": {"enum": ["ray", "torch"]},
-        "dtype": {"enum": ["float32", "bfloat16", "float16"]},
+        "dtype": {"enum": ["float32", "bfloat16", "float16", "auto"]},
+        "kernel_dtype": {"enum": ["float32", "bfloat16", "float16", None]},
         "device": string(pattern="^(cpu|cuda(:[0-9]+)?)$"),
         "kv_cache_device": {"type": ["string", "null"], "pattern": "^(cpu|cuda(:[0-9]+)?)$"},
     }
