@@ -89,6 +89,7 @@ def test_compressed_tensors_matches_transformers(compressed, tmp_path: Path, sch
         check(engine, reference, prompt, TOLERANCE.get(scheme, 1e-4), **load)
 
 
+@pytest.mark.slow  # about 35 s each here (transformers reading the GGUF): CI runs them with the slow checks
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
 def test_gguf_kept_quantized_matches_transformers(tmp_path: Path, qtype: str) -> None:
     path = save_tiny_llama_gguf(tmp_path, qtype)
