@@ -6,6 +6,7 @@ import contextlib
 import importlib.metadata
 import json
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -349,3 +350,12 @@ def save_tiny_llama_gguf(directory: Path, qtype: str, seed: int = 0) -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def wait_until(what, timeout: float, poll: float = 0.05) -> float:
+    """Seconds until `what()` held; AssertionError after `timeout`."""
+    began = time.monotonic()
+    while not what():
+        assert time.monotonic() - began < timeout, f"not within {timeout} s"
+        time.sleep(poll)
+    return time.monotonic() - began

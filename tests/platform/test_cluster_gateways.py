@@ -28,7 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 from ray.cluster_utils import Cluster
 
-from conftest import postgres_schema_url, save_tiny_llama
+from conftest import postgres_schema_url, save_tiny_llama, wait_until
 from garrison.client import GarrisonClient
 from garrison.v1 import admin_pb2
 from garrison.v1 import inference_pb2 as pb
@@ -53,15 +53,6 @@ def healthy(address: str, service: str = "", timeout: float = 0.5) -> bool:
         return answer.status == health_pb2.HealthCheckResponse.SERVING
     except grpc.RpcError:
         return False
-
-
-def wait_until(what, timeout: float, poll: float = 0.05) -> float:
-    """Seconds until `what()` held; AssertionError after `timeout`."""
-    began = time.monotonic()
-    while not what():
-        assert time.monotonic() - began < timeout, f"not within {timeout} s"
-        time.sleep(poll)
-    return time.monotonic() - began
 
 
 @dataclass

@@ -22,7 +22,8 @@ import ray
 import torch
 from ray.cluster_utils import Cluster
 
-from conftest import NEW_TOKENS, greedy_with_logprobs, hf_reference, save_tiny_llama, save_tiny_llama4
+from conftest import (NEW_TOKENS, greedy_with_logprobs, hf_reference, save_tiny_llama, save_tiny_llama4,
+                      wait_until)
 from garrison.serving.background import BackgroundServer
 from garrison.serving.config import EngineConfig, GroupConfig, ModelDeploymentConfig, ServeConfig
 from garrison.serving.controller import Controller, find_cores
@@ -126,17 +127,21 @@ def idle(server: BackgroundServer, model: str) -> bool:
     return (load.in_flight, load.queued, load.kv_blocks_used, server.server.quotas.total_in_flight()) == (0, 0, 0, 0)
 
 
-def wait_until(what, timeout: float, poll: float = 0.1) -> float:
-    began = time.monotonic()
-    while not what():
-        assert time.monotonic() - began < timeout, f"not within {timeout} s"
-        time.sleep(poll)
-    return time.monotonic() - began
-
-
 def on_node(name: str, node: str, model_dir: Path) -> ModelDeploymentConfig:
     return ModelDeploymentConfig(name, str(model_dir), groups=(GroupConfig(resource=f"node-{node}"),),
                                  engine=replace(ENGINE, num_kv_blocks=512, max_num_seqs=8))
+
+
+def streams_through(server: BackgroundServer, key: str, fault) -> tuple[dict[tuple[str, int], tuple], float]:
+    """Two 400-token streams on each of `left` and `right`, `fault()` half a second in: (each stream's outcome, by
+    model and index; when the fault struck)."""
+    with ThreadPoolExecutor(4) as pool:
+        runs = {(model, i): pool.submit(stream, server.address, key, model, 400)
+                for model in ("left", "right") for i in range(2)}
+        time.sleep(0.5)
+        struck = time.monotonic()
+        fault()
+        return {run: future.result() for run, future in runs.items()}, struck
 
 
 def test_a_lost_node_fails_only_its_streams_and_its_replica_comes_back_by_itself(cluster, tmp_path: Path) -> None:
@@ -146,13 +151,9 @@ def test_a_lost_node_fails_only_its_streams_and_its_replica_comes_back_by_itself
                cluster_address=ray_cluster.address) as server:
         key = (tmp_path / "data" / "tenant.key").read_text().strip()
         expected = stream(server.address, key, "right", 400)[0]
-        with ThreadPoolExecutor(4) as pool:
-            runs = {(model, i): pool.submit(stream, server.address, key, model, 400)
-                    for model in ("left", "right") for i in range(2)}
-            time.sleep(0.5)
-            killed = time.monotonic()
-            ray_cluster.remove_node(nodes["a"], allow_graceful=False)  # its raylet and everything on it
-            results = {run: future.result() for run, future in runs.items()}
+        # Node A's raylet and everything on it.
+        results, killed = streams_through(server, key, lambda: ray_cluster.remove_node(nodes["a"],
+                                                                                        allow_graceful=False))
         for i in range(2):
             tokens, error, ended = results[("left", i)]
             assert error is not None and error.startswith("UNAVAILABLE") and "rank 0" in error and "on node" in error
@@ -173,13 +174,8 @@ def test_a_lost_engine_core_fails_its_streams_and_is_started_again(cluster, tmp_
                cluster_address=ray_cluster.address) as server:
         key = (tmp_path / "data" / "tenant.key").read_text().strip()
         expected = stream(server.address, key, "left", 400)[0]
-        with ThreadPoolExecutor(4) as pool:
-            runs = {(model, i): pool.submit(stream, server.address, key, model, 400)
-                    for model in ("left", "right") for i in range(2)}
-            time.sleep(0.5)
-            killed = time.monotonic()
-            ray.kill(server.server.controller.core("core/right/0"), no_restart=True)
-            results = {run: future.result() for run, future in runs.items()}
+        results, killed = streams_through(server, key, lambda: ray.kill(server.server.controller.core("core/right/0"),
+                                                                        no_restart=True))
         for i in range(2):
             _, error, ended = results[("right", i)]
             assert error is not None and error.startswith("UNAVAILABLE") and "engine core" in error
