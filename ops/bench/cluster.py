@@ -203,6 +203,9 @@ def serve(workload: Workload, directory: Path) -> list[Row]:
 def cluster(workload: Workload, directory: Path) -> list[Row]:
     from ray.cluster_utils import Cluster
 
+    from garrison_workers.worker_group import RAY_NICENESS_ENV
+
+    os.environ.setdefault(RAY_NICENESS_ENV, "0")  # as the chart and ops/docs/cluster.md start Ray's nodes
     ray_cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 4})
     processes: list[subprocess.Popen] = []
     try:
@@ -275,6 +278,8 @@ def step_bytes(workload: Workload) -> tuple[float, int]:
 def run_benchmark(quick: bool) -> Report:
     import ray
 
+    from garrison_workers.worker_group import start_local_ray
+
     workload = QUICK if quick else Workload()
     report = Report(machine_facts(), workload)
     with tempfile.TemporaryDirectory() as tmp:
@@ -282,7 +287,7 @@ def run_benchmark(quick: bool) -> Report:
         progress("in-process engine")
         report.rows += [measured("in-process", n, lambda n=n: in_process(workload, n)) for n in workload.concurrencies]
         progress("bytes per decode step (ranks -> engine core)")
-        ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
+        start_local_ray()
         report.bytes_per_sequence_step, report.logits_bytes_per_sequence_step = step_bytes(workload)
         ray.shutdown()
         progress("garrison serve")

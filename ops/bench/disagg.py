@@ -70,6 +70,7 @@ from garrison_workers.engine.disagg import DisaggregatedEngine  # noqa: E402
 from garrison_workers.engine.llm_engine import EngineConfig, LLMEngine, RequestOutput  # noqa: E402
 from garrison_workers.engine.sequence import SamplingParams  # noqa: E402
 from garrison_workers.kv_link import HandleLink, KVLink, TorchChannel  # noqa: E402
+from garrison_workers.worker_group import start_local_ray  # noqa: E402
 from garrison_workers.parallel.dims import ParallelDims  # noqa: E402
 
 MB = 1e6
@@ -556,7 +557,7 @@ def disaggregated_run(report: Report, model_dir: Path, vocab_size: int) -> None:
     torch.set_num_threads(1)  # the decode engine, in this process or its rank; the prefill rank gets one thread too
     progress(f"disaggregated: starting Ray ({RAY_CPUS} CPU slots) and loading")
     start = time.perf_counter()
-    ray.init(address="local", num_cpus=RAY_CPUS, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    start_local_ray(RAY_CPUS)
     prefill = LLMEngine.from_path(model_dir, config, PREFILL_DIMS, role="prefill", on_ray=True)
     # A torch channel joins two Ray groups' ranks: the decode engine then runs on a rank of its own.
     decoders = [LLMEngine.from_path(model_dir, config, DECODE_DIMS, role="decode",
@@ -592,7 +593,7 @@ def links_run(report: Report, model_dir: Path) -> None:
     import ray
 
     config = replace(report.workload.engine_config(), worker_threads=1)
-    ray.init(address="local", num_cpus=RAY_CPUS, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    start_local_ray(RAY_CPUS)
     try:
         for transport in ("ray", "torch"):
             progress(f"KV link alone: kv_transport {transport}")

@@ -48,6 +48,7 @@ from garrison_workers.config import tiny_llama4
 from garrison_workers.engine.llm_engine import EngineConfig, LLMEngine
 from garrison_workers.engine.sequence import SamplingParams
 from garrison_workers.parallel.dims import ParallelDims
+from garrison_workers.worker_group import start_local_ray
 
 MB = 1e6
 FIRST_TOKEN_ID = 3  # 0, 1, 2 are pad, BOS and EOS in tiny_llama4
@@ -367,7 +368,7 @@ def run_benchmark(quick: bool) -> Report:
     config = workload.engine_config()
     report = Report(machine_facts(), ray.__version__, workload, quick, engine_config_dict(config))
     # Enough CPU slots for one rank each at ep = 4, on any core count; the ranks then share the cores.
-    ray.init(address="local", num_cpus=RAY_CPUS, include_dashboard=False, log_to_driver=False)
+    start_local_ray(RAY_CPUS)
     try:
         with tempfile.TemporaryDirectory(prefix="garrison-moe-bench-") as root:
             paths, report.model = build_models(Path(root), workload)

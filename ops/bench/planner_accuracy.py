@@ -57,6 +57,7 @@ from garrison_workers.config import from_hf_config
 from garrison_workers.engine.llm_engine import EngineConfig, LLMEngine
 from garrison_workers.engine.sequence import SamplingParams
 from garrison_workers.parallel.dims import ParallelDims
+from garrison_workers.worker_group import start_local_ray
 
 FP32 = Precision("fp32", "fp32")
 MOE_OVERRIDES: dict[str, Any] = dict(
@@ -174,7 +175,7 @@ def moe_section(report: Report, model_dir: Path, quick: bool) -> tuple[Point, di
         engine.generate([[3, 4, 5] * 20], SamplingParams(max_tokens=4, ignore_eos=True))
         calibration = decode_point(engine, model, 8, 128, steps)
         engine.shutdown()
-        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        start_local_ray(4)
         measured = {}
         try:
             for ep in (2, 4):

@@ -379,13 +379,15 @@ class EngineCore:
         self._deliver(outputs)
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
+        owned = []
         for out in outputs:
             owner = self._requests.get(out.request_id)
             if owner is None:  # aborted meanwhile
                 continue
             if out.finished:
                 self._finish(out.request_id)
-            self._emit(owner[0], out)
+            owned.append((owner[0], out))
+        self._emit_all(owned)
 
     def _finish(self, request_id: str) -> None:
         self._requests.pop(request_id, None)
@@ -398,13 +400,21 @@ class EngineCore:
             self._emit(client, _failure(request, err))
 
     def _emit(self, client: str, output: RequestOutput) -> None:
+        self._emit_all([(client, output)])
+
+    def _emit_all(self, outputs: list[tuple[str, RequestOutput]]) -> None:
+        """Hand outputs to their clients at once: a step's outputs then reach a client in one poll, not one
+        output in the first and the rest in the next."""
+        if not outputs:
+            return
         with self._outputs:
-            box = self._clients.get(client)
-            if box is None:  # a client forgotten as gone: nobody collects its outputs
-                return
-            box.outputs.append(output)
-            if output.finished:
-                box.requests.discard(output.request_id)
+            for client, output in outputs:
+                box = self._clients.get(client)
+                if box is None:  # a client forgotten as gone: nobody collects its outputs
+                    continue
+                box.outputs.append(output)
+                if output.finished:
+                    box.requests.discard(output.request_id)
             self._outputs.notify_all()
 
     def _snapshot(self) -> None:

@@ -6,6 +6,7 @@ Runs inside a Ray actor (see `worker_group`), but is a plain class so it can be 
 from __future__ import annotations
 
 import gc
+import os
 import pickle
 import socket
 import threading
@@ -78,6 +79,10 @@ class Worker:
     def node(self) -> str:
         """The node this rank runs on, as an error names it: "<ip> (<Ray node id>)"."""
         return f"{ray.util.get_node_ip_address()} ({ray.get_runtime_context().get_node_id()[:12]})"
+
+    def niceness(self) -> int:
+        """This rank's nice value: Ray starts workers at 15 unless told otherwise (see worker_group.ensure_ray)."""
+        return os.getpriority(os.PRIO_PROCESS, 0)
 
     def rendezvous_address(self) -> tuple[str, int]:
         """An address of this host and a free port for the process group (asked of rank 0)."""

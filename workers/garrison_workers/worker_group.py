@@ -39,6 +39,7 @@ STARTUP_TIMEOUT_S = 600.0
 STEP_TIMEOUT_S = 600.0
 PLACEMENT_WAIT_S = 20.0  # for slots that exist but are taken, before this attempt is given up (and retried later)
 _POLL_S = 0.2
+RAY_NICENESS_ENV = "RAY_worker_niceness"
 _WorkerActor = ray.remote(concurrency_groups={"watch": 1})(Worker)
 
 
@@ -51,12 +52,24 @@ def ensure_ray(address: str | None = None, min_cpus: int = 1) -> bool:
     """
     if ray.is_initialized():
         return False
-    # "local" and not None: with no address Ray joins whatever cluster `ray start` last left on this machine
-    # (its /tmp/ray/ray_current_cluster file), which is not what the embedded default asked for.
-    num_cpus = None if address else max(os.cpu_count() or 1, min_cpus)
-    ray.init(address=address or "local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-             configure_logging=False)
+    if address:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    else:
+        start_local_ray(max(os.cpu_count() or 1, min_cpus))
     return True
+
+
+def start_local_ray(num_cpus: int | None = None) -> None:
+    """A Ray instance of this process's own, with `num_cpus` slots (None: one per core)."""
+    # Ray starts its workers at nice 15 (worker_niceness), under the raylet, the GCS and this process; a rank is
+    # the workload itself: at 15, any wake-up elsewhere on the node stalls its threads (a SmolLM2 decode step at
+    # one sequence took 82 ms in a rank against 64 ms in this process; at 0, 69 ms). `ray start` needs the same
+    # variable (the chart sets it).
+    os.environ.setdefault(RAY_NICENESS_ENV, "0")
+    # "local" and not None: with no address Ray joins whatever cluster `ray start` last left on this machine
+    # (its /tmp/ray/ray_current_cluster file), which is not what a local instance means.
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+             configure_logging=False)
 
 
 class WorkerGroup:
@@ -93,12 +106,20 @@ class WorkerGroup:
         self.generation += 1
         try:
             self.nodes = self._call_all("node", timeout=STARTUP_TIMEOUT_S)
+            self._check_niceness()
             host, port = ray.get(self.actors[0].rendezvous_address.remote(), timeout=STARTUP_TIMEOUT_S)
             self._weight_bytes = self._call_all("setup", host, port, timeout=STARTUP_TIMEOUT_S)
         except BaseException:
             self.shutdown()
             raise
         return self
+
+    def _check_niceness(self) -> None:
+        niceness = max(self._call_all("niceness", timeout=STARTUP_TIMEOUT_S))
+        if niceness > 0:
+            log.warning("worker group %s: its ranks run at nice %d (Ray's worker_niceness): whatever else runs on "
+                        "their nodes pre-empts them, which costs steps their speed; start Ray with %s=0 (the Helm "
+                        "chart does)", self.name, niceness, RAY_NICENESS_ENV)
 
     def _extra(self) -> dict[str, float]:
         return {self.placement.resource: 1.0} if self.placement.resource is not None else {}

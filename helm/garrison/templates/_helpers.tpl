@@ -99,6 +99,13 @@ securityContext:
   {{- toYaml .Values.containerSecurityContext | nindent 2 }}
 {{- end }}
 
+{{/* The Ray containers' environment: Ray starts its workers (the ranks, the engine cores) at nice 15 unless told
+otherwise, under everything else on the node; they are the workload (garrison_workers/worker_group.py, ensure_ray). */}}
+{{- define "garrison.rayEnv" -}}
+- name: RAY_worker_niceness
+  value: "0"
+{{- end }}
+
 {{/* Writable scratch space under a read-only root filesystem. */}}
 {{- define "garrison.scratchVolumes" -}}
 - name: tmp

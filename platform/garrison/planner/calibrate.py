@@ -29,6 +29,7 @@ from garrison_workers.engine.config import EngineConfig
 from garrison_workers.engine.executor import LocalExecutor
 from garrison_workers.engine.llm_engine import LLMEngine
 from garrison_workers.engine.sequence import SamplingParams
+from garrison_workers.worker_group import start_local_ray
 from garrison_workers.model import CausalLM
 
 from garrison.planner.hardware import Efficiency, Hardware, Link, save_profile
@@ -320,7 +321,7 @@ def ray_costs(progress: Progress) -> tuple[float, float, Link, dict[str, Any]] |
     progress("  Ray: an actor call's round trip and tensors through the object store")
     started = not ray.is_initialized()
     if started:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        start_local_ray(num_cpus=2)
     try:
         return _ray_measure(ray)
     finally:
