@@ -12,11 +12,16 @@ one ended; a chat prompt, 64 new tokens at most), N = 1 and 32:
 - cluster, 1 gateway / 2 gateways: a Ray cluster (ray.cluster_utils: its own GCS and raylet), `garrison controller`
   and `garrison gateway` processes on it; the N streams go to one gateway, then are split across two.
 
-Figures: output tok/s over the measured window, and the ratio to in-process at the same N (the target: at least
-0.9x). Then the bytes per decode step from the ranks to the engine core: what rank 0 returned (its sampled tokens,
-pickled as Ray ships them; `WorkerGroup.returned_bytes`) per sequence per step, next to the full logits of that
-sequence (vocabulary x 4 bytes), which the ranks returned before. Every process shares this machine's cores: the
-`busy` column is the cores the whole machine used during the row (the system measured, and anything else).
+This machine's speed drifts by tens of percent over minutes (other guests of its host), so each system is measured
+in rounds interleaved with the in-process engine: a window of one, then a window of the other, `rounds` times. While
+the in-process engine runs, every process this benchmark started (the system's gateways, controller, Ray's
+processes, the ranks) is stopped (SIGSTOP) and then resumed, so neither takes the other's cores; while a system
+runs, the in-process engine sits idle. Figures: output tok/s over each window, the median per system, and the
+median of the per-round ratios to the in-process engine (the target: at least 0.9x). Then the bytes per decode step
+from the ranks to the engine core: what rank 0 returned (its sampled tokens, pickled as Ray ships them;
+`WorkerGroup.returned_bytes`) per sequence per step, next to the full logits of that sequence (vocabulary x 4
+bytes), which the ranks returned before. The `busy` column is the cores the whole machine used during the system's
+windows (the system measured, and anything else).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import json
 import os
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -46,19 +52,22 @@ ENGINE = {"kv_cache_bytes": 512 << 20, "max_num_seqs": 32, "max_num_batched_toke
 @dataclass(slots=True, frozen=True)
 class Workload:
     concurrencies: tuple[int, ...] = (1, 32)
-    warmup_s: float = 5.0
-    window_s: float = 20.0
+    warmup_s: float = 4.0
+    window_s: float = 10.0
+    rounds: int = 3
 
 
-QUICK = Workload(warmup_s=2.0, window_s=6.0)
+QUICK = Workload(warmup_s=2.0, window_s=4.0, rounds=1)
 
 
 @dataclass(slots=True)
 class Row:
     system: str
     streams: int
-    tokens_per_s: float
-    busy_cores: float  # cores the whole machine used meanwhile (the system measured and anything else)
+    tokens_per_s: float  # the median over rounds
+    ratio: float  # the median over rounds of this system's window against the in-process window next to it
+    in_process_tokens_per_s: float  # the median of those in-process windows
+    busy_cores: float  # cores the whole machine used during the system's windows
 
 
 @dataclass(slots=True)
@@ -83,26 +92,81 @@ def smollm2() -> Path:
     return path
 
 
-def in_process(workload: Workload, n: int) -> float:
-    from garrison_workers.engine.llm_engine import EngineConfig, LLMEngine
-    from garrison_workers.engine.sequence import SamplingParams
+class InProcess:
+    """`LLMEngine` stepped in this process, loaded once and idle between its windows."""
 
-    engine = LLMEngine.from_path(smollm2(), EngineConfig(**ENGINE))
-    assert engine.tokenizer is not None
-    prompt = engine.tokenizer.encode(engine.tokenizer.apply_chat_template(PROMPT), add_special_tokens=False)
-    params, ids, tokens = SamplingParams(max_tokens=MAX_TOKENS), iter(range(10**9)), 0
-    for _ in range(n):
-        engine.add_request(f"r{next(ids)}", prompt, params)
-    began = time.monotonic()
-    start, end = began + workload.warmup_s, began + workload.warmup_s + workload.window_s
-    while (now := time.monotonic()) < end:
-        for out in engine.step():
-            if now >= start:
-                tokens += len(out.new_token_ids)
-            if out.finished:
-                engine.add_request(f"r{next(ids)}", prompt, params)
-    engine.shutdown()
-    return tokens / workload.window_s
+    def __init__(self) -> None:
+        from garrison_workers.engine.llm_engine import EngineConfig, LLMEngine
+
+        self.engine = LLMEngine.from_path(smollm2(), EngineConfig(**ENGINE))
+        assert self.engine.tokenizer is not None
+        self.prompt = self.engine.tokenizer.encode(self.engine.tokenizer.apply_chat_template(PROMPT),
+                                                   add_special_tokens=False)
+        self.ids = iter(range(10**9))
+
+    def run(self, n: int, workload: Workload) -> float:
+        from garrison_workers.engine.sequence import SamplingParams
+
+        params, tokens, live = SamplingParams(max_tokens=MAX_TOKENS), 0, set()
+
+        def add() -> None:
+            live.add(request_id := f"r{next(self.ids)}")
+            self.engine.add_request(request_id, self.prompt, params)
+
+        for _ in range(n):
+            add()
+        began = time.monotonic()
+        start, end = began + workload.warmup_s, began + workload.warmup_s + workload.window_s
+        while (now := time.monotonic()) < end:
+            for out in self.engine.step():
+                if now >= start:
+                    tokens += len(out.new_token_ids)
+                if out.finished:
+                    live.discard(out.request_id)
+                    add()
+        for request_id in live:
+            self.engine.abort_request(request_id)
+        return tokens / workload.window_s
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+
+def descendants() -> list[int]:
+    """Every process started from this one, however deep (Ray's workers are process groups of their own)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [os.getpid()]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def frozen_others(run: Any) -> Any:
+    """`run()` with every process this benchmark started stopped meanwhile (SIGSTOP), then resumed."""
+    stopped = []
+    for pid in descendants():
+        try:
+            os.kill(pid, signal.SIGSTOP)
+            stopped.append(pid)
+        except ProcessLookupError:
+            pass
+    try:
+        return run()
+    finally:
+        for pid in stopped:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
 
 
 async def through_gateways(addresses: list[str], key: str, n: int, workload: Workload) -> float:
@@ -182,7 +246,7 @@ def stop(process: subprocess.Popen) -> None:
         process.kill()
 
 
-def serve(workload: Workload, directory: Path) -> list[Row]:
+def serve(workload: Workload, directory: Path, baseline: InProcess) -> list[Row]:
     port = free_port()
     config = {"listen": f"127.0.0.1:{port}", "data_dir": str(directory / "serve"), "bootstrap": True,
               "gateway": {"drain_seconds": 1},
@@ -193,14 +257,14 @@ def serve(workload: Workload, directory: Path) -> list[Row]:
     try:
         wait_healthy(f"127.0.0.1:{port}", process, log)
         key = tenant_key(f"127.0.0.1:{port}", directory / "serve" / "admin.key")
-        return [measured("serve", n, lambda n=n: asyncio.run(through_gateways([f"127.0.0.1:{port}"], key, n,
-                                                                              workload)))
+        return [measured("serve", n, workload, baseline,
+                         lambda n=n: asyncio.run(through_gateways([f"127.0.0.1:{port}"], key, n, workload)))
                 for n in workload.concurrencies]
     finally:
         stop(process)
 
 
-def cluster(workload: Workload, directory: Path) -> list[Row]:
+def cluster(workload: Workload, directory: Path, baseline: InProcess) -> list[Row]:
     from ray.cluster_utils import Cluster
 
     from garrison_workers.worker_group import RAY_NICENESS_ENV
@@ -237,10 +301,11 @@ def cluster(workload: Workload, directory: Path) -> list[Row]:
                 addresses.append(f"127.0.0.1:{port}")
         key = tenant_key(addresses[0], directory / "admin.key")
         time.sleep(1.0)  # the other gateway learns of the key (within a second)
-        rows = [measured("cluster, 1 gateway", n, lambda n=n: asyncio.run(
+        rows = [measured("cluster, 1 gateway", n, workload, baseline, lambda n=n: asyncio.run(
             through_gateways(addresses[:1], key, n, workload))) for n in workload.concurrencies]
-        rows.append(measured("cluster, 2 gateways", max(workload.concurrencies), lambda: asyncio.run(
-            through_gateways(addresses, key, max(workload.concurrencies), workload))))
+        most = max(workload.concurrencies)
+        rows.append(measured("cluster, 2 gateways", most, workload, baseline, lambda: asyncio.run(
+            through_gateways(addresses, key, most, workload))))
         return rows
     finally:
         for process in reversed(processes):
@@ -248,13 +313,19 @@ def cluster(workload: Workload, directory: Path) -> list[Row]:
         ray_cluster.shutdown()
 
 
-def measured(system: str, n: int, run: Any) -> Row:
-    busy = machine_busy_s()
-    began = time.monotonic()
-    tokens_per_s = run()
-    elapsed = time.monotonic() - began
-    row = Row(system, n, tokens_per_s, (machine_busy_s() - busy) / elapsed)
-    progress(f"  {system:<20} N={n:<3} {tokens_per_s:8.1f} tok/s")
+def measured(system: str, n: int, workload: Workload, baseline: InProcess, run: Any) -> Row:
+    """`rounds` windows of the system, each after a window of the in-process engine (the system stopped)."""
+    figures, references, busy_s, elapsed_s = [], [], 0.0, 0.0
+    for _ in range(workload.rounds):
+        references.append(frozen_others(lambda: baseline.run(n, workload)))
+        busy, began = machine_busy_s(), time.monotonic()
+        figures.append(run())
+        busy_s, elapsed_s = busy_s + machine_busy_s() - busy, elapsed_s + time.monotonic() - began
+    ratios = [f / r for f, r in zip(figures, references) if r > 0]
+    row = Row(system, n, statistics.median(figures), statistics.median(ratios) if ratios else float("nan"),
+              statistics.median(references), busy_s / elapsed_s)
+    progress(f"  {system:<20} N={n:<3} {row.tokens_per_s:8.1f} tok/s ({', '.join(f'{f:.1f}' for f in figures)}); "
+             f"in-process {', '.join(f'{r:.1f}' for r in references)}; {row.ratio:.2f}x")
     return row
 
 
@@ -284,31 +355,34 @@ def run_benchmark(quick: bool) -> Report:
     report = Report(machine_facts(), workload)
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
-        progress("in-process engine")
-        report.rows += [measured("in-process", n, lambda n=n: in_process(workload, n)) for n in workload.concurrencies]
         progress("bytes per decode step (ranks -> engine core)")
         start_local_ray()
         report.bytes_per_sequence_step, report.logits_bytes_per_sequence_step = step_bytes(workload)
         ray.shutdown()
-        progress("garrison serve")
-        report.rows += serve(workload, directory)
-        progress("a cluster: controller and gateways")
-        report.rows += cluster(workload, directory)
+        progress("in-process engine (the reference of each round)")
+        baseline = InProcess()
+        try:
+            progress("garrison serve")
+            report.rows += serve(workload, directory, baseline)
+            progress("a cluster: controller and gateways")
+            report.rows += cluster(workload, directory, baseline)
+        finally:
+            baseline.shutdown()
     report.machine.load_average_end = os.getloadavg()
     return report
 
 
 def render(report: Report) -> str:
     m, w = report.machine, report.workload
-    baseline = {r.streams: r.tokens_per_s for r in report.rows if r.system == "in-process"}
     lines = [f"machine    {m.cpu}; {m.os_cpu_count} cores; torch {m.torch_version}; load {fmt_load(m.load_average_start)}"
              f" -> {fmt_load(m.load_average_end)}",
              f"workload   SmolLM2 (the embedded default's engine: {ENGINE}); chat prompt, {MAX_TOKENS} new tokens at "
-             f"most; closed loops; {w.warmup_s:g} s warm-up, {w.window_s:g} s measured", "",
-             f"{'system':<22}{'N':>4}{'tok/s':>10}{'vs in-process':>15}{'busy':>8}"]
+             f"most; closed loops; {w.rounds} rounds of {w.warmup_s:g} s warm-up and {w.window_s:g} s measured, each "
+             "after an in-process window (the system stopped meanwhile); medians", "",
+             f"{'system':<22}{'N':>4}{'tok/s':>10}{'in-process':>12}{'ratio':>8}{'busy':>8}"]
     for r in report.rows:
-        ratio = r.tokens_per_s / baseline[r.streams] if baseline.get(r.streams) else float("nan")
-        lines.append(f"{r.system:<22}{r.streams:>4}{r.tokens_per_s:>10.1f}{ratio:>14.2f}x{r.busy_cores:>8.2f}")
+        lines.append(f"{r.system:<22}{r.streams:>4}{r.tokens_per_s:>10.1f}{r.in_process_tokens_per_s:>12.1f}"
+                     f"{r.ratio:>7.2f}x{r.busy_cores:>8.2f}")
     lines += ["", f"bytes per decode step, ranks -> engine core: {report.bytes_per_sequence_step:.0f} per sequence "
                   f"(its sampled token, pickled); the full logits would be {report.logits_bytes_per_sequence_step} "
                   f"per sequence ({report.logits_bytes_per_sequence_step / max(1, report.bytes_per_sequence_step):.0f}x)"]

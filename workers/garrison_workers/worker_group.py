@@ -39,6 +39,7 @@ STARTUP_TIMEOUT_S = 600.0
 STEP_TIMEOUT_S = 600.0
 PLACEMENT_WAIT_S = 20.0  # for slots that exist but are taken, before this attempt is given up (and retried later)
 _POLL_S = 0.2
+INLINE_STEP_INTS = 10_000  # token ids and block-table entries of a step: at most ~50 KB pickled
 RAY_NICENESS_ENV = "RAY_worker_niceness"
 _WorkerActor = ray.remote(concurrency_groups={"watch": 1})(Worker)
 
@@ -178,8 +179,11 @@ class WorkerGroup:
     # -- Executor ---------------------------------------------------------------------------------
 
     def submit(self, chunks: list[SeqChunk]) -> "PendingStep":
-        chunks_ref = ray.put(chunks)  # serialized once, read by every rank
-        return PendingStep(self, self._start_all("execute", chunks_ref))
+        # A step this small travels inside the call itself (Ray inlines arguments up to 100 KB); one in the object
+        # store costs the raylet a round trip each step. A bigger one (a long prompt's chunk, long block tables) is
+        # put there once, for every rank to read.
+        size = sum(len(chunk.token_ids) + len(chunk.block_table) for chunk in chunks)
+        return PendingStep(self, self._start_all("execute", chunks if size <= INLINE_STEP_INTS else ray.put(chunks)))
 
     def export_kv(self, block_table: list[int], num_tokens: int) -> list[Any]:
         return self.start_export_kv(block_table, num_tokens).handles()
