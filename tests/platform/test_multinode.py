@@ -151,6 +151,10 @@ def test_a_lost_node_fails_only_its_streams_and_its_replica_comes_back_by_itself
                cluster_address=ray_cluster.address) as server:
         key = (tmp_path / "data" / "tenant.key").read_text().strip()
         expected = stream(server.address, key, "right", 400)[0]
+        # Every tenant's limits outlive any worker node: the limits actor runs on the head, as the cores do.
+        limits_node = ray.get(server.server.quotas.actor.__ray_call__.remote(
+            lambda _: ray.get_runtime_context().get_node_id()))
+        assert limits_node == ray_cluster.head_node.node_id
         # Node A's raylet and everything on it.
         results, killed = streams_through(server, key, lambda: ray_cluster.remove_node(nodes["a"],
                                                                                         allow_graceful=False))

@@ -13,7 +13,7 @@ never come.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 Strategy = Literal["pack", "spread"]
 RAY_STRATEGY = {"pack": "PACK", "spread": "STRICT_SPREAD"}
@@ -48,3 +48,17 @@ def alive_nodes() -> list[dict[str, float]]:
     import ray
 
     return [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+
+
+def on_head_node() -> Any:
+    """A scheduling strategy for the actors that must outlive any worker node: the engine cores and the limits
+    actor. They take no slot on the head, and a worker node lost with its ranks then fails only the requests on
+    those ranks, while the cores (which name the rank and node, and restart the group once capacity returns) and
+    every tenant's limits live on. The affinity is hard: Ray's default and soft affinity placed them on worker
+    nodes, whose loss then took the cluster's limits with them."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    head = next((node["NodeID"] for node in ray.nodes()
+                 if node.get("Alive") and "node:__internal_head__" in node.get("Resources", {})), None)
+    return NodeAffinitySchedulingStrategy(head, soft=False) if head is not None else "DEFAULT"

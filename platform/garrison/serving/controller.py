@@ -40,7 +40,7 @@ from garrison.weight_store.keys import FileKeyProvider, KeyProvider, create_kek_
 from garrison.weight_store.store import Store
 from garrison_workers.engine_core import CoreSpec, EngineCore, GroupSpec, ReplicaState
 from garrison_workers.loader import ModelLocation
-from garrison_workers.placement import GroupPlacement
+from garrison_workers.placement import GroupPlacement, on_head_node
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +227,7 @@ class Controller:
         return ray.remote(EngineCore).options(
             name=spec.name, namespace=self.namespace, lifetime="detached" if self.detached else None,
             max_concurrency=CORE_CONCURRENCY, num_cpus=0, max_restarts=0, get_if_exists=True,
-            scheduling_strategy=_on_head()).remote(spec)
+            scheduling_strategy=on_head_node()).remote(spec)
 
     def _retire(self, actor: Any, name: str) -> None:
         """Drain a core the way a gateway drains (no new requests, those running finish), then stop it."""
@@ -309,18 +309,6 @@ def _cause(err: BaseException) -> BaseException:
         if isinstance(cause, BaseException):
             return cause
     return err
-
-
-def _on_head() -> Any:
-    """Cores run on the head node. They take no slot there, and a worker node lost with its ranks then fails only
-    the requests on those ranks, with the rank and node named by a core that lives on, which restarts the group once
-    capacity returns. (Ray's soft affinity placed cores on worker nodes: the affinity is hard.)"""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    head = next((node["NodeID"] for node in ray.nodes()
-                 if node.get("Alive") and "node:__internal_head__" in node.get("Resources", {})), None)
-    return NodeAffinitySchedulingStrategy(head, soft=False) if head is not None else "DEFAULT"
 
 
 def _stop(core: _Core) -> None:

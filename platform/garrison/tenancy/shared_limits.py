@@ -105,8 +105,11 @@ def limits_actor(namespace: str) -> Any:
     """The cluster's limits actor, started by whoever asks first (the controller, or a gateway)."""
     import ray
 
+    from garrison_workers.placement import on_head_node
+
     return ray.remote(LimitsActor).options(name=LIMITS_ACTOR, namespace=namespace, lifetime="detached",
-                                           get_if_exists=True, num_cpus=0, max_restarts=-1).remote()
+                                           get_if_exists=True, num_cpus=0, max_restarts=-1,
+                                           scheduling_strategy=on_head_node()).remote()
 
 
 class _SharedLease:
