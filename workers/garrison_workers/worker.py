@@ -81,7 +81,7 @@ class Worker:
         return f"{ray.util.get_node_ip_address()} ({ray.get_runtime_context().get_node_id()[:12]})"
 
     def niceness(self) -> int:
-        """This rank's nice value: Ray starts workers at 15 unless told otherwise (see worker_group.ensure_ray)."""
+        """This rank's nice value: Ray starts workers at 15 unless told otherwise (see worker_group.start_local_ray)."""
         return os.getpriority(os.PRIO_PROCESS, 0)
 
     def rendezvous_address(self) -> tuple[str, int]:

@@ -29,8 +29,8 @@ from garrison_workers.engine.config import EngineConfig
 from garrison_workers.engine.executor import LocalExecutor
 from garrison_workers.engine.llm_engine import LLMEngine
 from garrison_workers.engine.sequence import SamplingParams
-from garrison_workers.worker_group import start_local_ray
 from garrison_workers.model import CausalLM
+from garrison_workers.worker_group import start_local_ray
 
 from garrison.planner.hardware import Efficiency, Hardware, Link, save_profile
 from garrison.planner.layout import Group
