@@ -40,6 +40,11 @@ def main(argv: list[str] | None = None) -> int:
         where = f": {err.filename}" if err.filename else ""
         print(f"garrison: error: {err.strerror or err}{where}", file=sys.stderr)
         return 1
+    except ValueError as err:  # a path with a NUL byte in it (the OS cannot take one)
+        if "null byte" not in str(err):
+            raise
+        print("garrison: error: a path given contains a NUL byte", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("garrison: interrupted", file=sys.stderr)
         return 130

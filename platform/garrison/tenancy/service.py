@@ -317,10 +317,11 @@ class TenancyService:
                 raise PermissionDeniedError(f"key {actor.key_id} may read only tenant {actor.tenant!r}'s usage")
             tenant = actor.tenant
         query = select(UsageLedgerRow).order_by(UsageLedgerRow.hour, UsageLedgerRow.tenant, UsageLedgerRow.model)
+        # Filters are checked as names are (PostgreSQL refuses a NUL byte in a query with an error of its own).
         if tenant:
-            query = query.where(UsageLedgerRow.tenant == tenant)
+            query = query.where(UsageLedgerRow.tenant == check_tenant_name(tenant))
         if model:
-            query = query.where(UsageLedgerRow.model == model)
+            query = query.where(UsageLedgerRow.model == check_model_name(model))
         if since:
             query = query.where(UsageLedgerRow.hour >= _aware(since, "since"))
         if until:
