@@ -124,9 +124,42 @@ def local_ray():
     """A real local Ray instance with four CPU slots, so a 4-rank group fits on a 2-core machine."""
     import ray
 
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    from garrison_workers.worker_group import start_local_ray
+
+    start_local_ray(num_cpus=4)  # as garrison serve starts it: ranks at nice 0
     yield
     ray.shutdown()
+
+
+OWN_COMMANDS = ("garrison.cli", "load_clients.py")  # what tests start as processes of their own
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_process_left_behind() -> Iterator[None]:
+    """A controller, gateway or client a test started must be gone when its module ends: one left running (a
+    gateway whose Ray cluster was shut down spins a core for ever) slows every later test, and the timing checks
+    of the load test fail on it. Such a process is killed, and the module's last test errors, naming it."""
+    import psutil
+
+    yield
+    deadline = time.monotonic() + 10  # time for processes told to stop to finish stopping
+
+    def ours() -> list[psutil.Process]:
+        found = []
+        for child in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                if any(command in part for part in child.cmdline() for command in OWN_COMMANDS):
+                    found.append(child)
+        return found
+
+    while (left := ours()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    described = []
+    for process in left:
+        with contextlib.suppress(psutil.Error):
+            described.append(" ".join(process.cmdline()))
+            process.kill()
+    assert not described, f"processes left running by this module (now killed): {described}"
 
 
 # -- parity with transformers (the numerical oracle), shared by the model, parallel and multi-node tests ----------

@@ -119,7 +119,7 @@ def deployment(tmp_path_factory) -> Iterator[Deployment]:
             pytest.skip("the multi-gateway tests run on PostgreSQL: set GARRISON_TEST_POSTGRES_URL (make test does)")
         directory = tmp_path_factory.mktemp("cluster")
         cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 4})
-        controller = None
+        controller, deployment = None, None
         try:
             secret = subprocess.run([sys.executable, "-m", "garrison.cli", "keys", "new-secret"], capture_output=True,
                                     text=True, check=True, env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
@@ -142,8 +142,11 @@ def deployment(tmp_path_factory) -> Iterator[Deployment]:
             wait_until(lambda: healthy(health) or controller.handle.poll() is not None, 300)
             assert controller.handle.poll() is None, (directory / "controller.log").read_text()[-3000:]
             ray.init(address=cluster.address, namespace=config["ray_namespace"], log_to_driver=False)
-            yield Deployment(directory, config, cluster.address, metrics)
+            deployment = Deployment(directory, config, cluster.address, metrics)
+            yield deployment
         finally:
+            for gateway in deployment.gateways if deployment is not None else ():
+                gateway.stop()
             if ray.is_initialized():
                 ray.shutdown()
             if controller is not None:
@@ -152,8 +155,6 @@ def deployment(tmp_path_factory) -> Iterator[Deployment]:
                     controller.wait(60)
                 finally:
                     controller.stop()
-            for gateway in getattr(locals().get("deployment"), "gateways", []):
-                gateway.stop()
             cluster.shutdown()
 
 
@@ -403,3 +404,40 @@ def test_sigterm_drains_a_gateway(deployment: Deployment) -> None:
     assert outcomes == [expected] * 20
     assert refusal and refusal[0][0] == "UNAVAILABLE" and "retry" in refusal[0][1] and refusal[0][2], refusal
     assert draining.wait(60) == 0
+
+
+def test_a_controller_and_a_gateway_that_lose_their_ray_cluster_exit_for_their_supervisor(
+        deployment: Deployment) -> None:
+    """A Ray driver whose cluster is gone waits for ever in Ray's calls (and Ray spins a core meanwhile), and never
+    reconnects to a new head: the controller and the gateway notice that the cluster has not answered for
+    cluster_lost_seconds and exit with status 1, saying why, instead of living on as processes that can never
+    serve again (a gateway's liveness probe would still pass)."""
+    cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 2})
+    config = dict(deployment.config, ray_address=cluster.address, cluster_lost_seconds=3,
+                  ray_namespace=f"orphan-{uuid.uuid4().hex[:8]}",
+                  controller={"health_listen": f"127.0.0.1:{free_port()}"})
+    processes: dict[str, Process] = {}
+    try:
+        port = free_port()
+        for command in ("controller", "gateway"):
+            name = f"orphan-{command}"
+            (deployment.directory / name).mkdir(mode=0o700)
+            (deployment.directory / f"{name}.yaml").write_text(yaml.safe_dump(dict(
+                config, data_dir=str(deployment.directory / name), listen=f"127.0.0.1:{port}")))
+            processes[name] = Process([command, "--config", str(deployment.directory / f"{name}.yaml")],
+                                      deployment.directory / f"{name}.log").start()
+            deployment.gateways.append(processes[name])  # stopped by the fixture, whatever happens here
+            address = config["controller"]["health_listen"] if command == "controller" else f"127.0.0.1:{port}"
+            service = "" if command == "controller" else "garrison.v1.Inference"
+            wait_until(lambda: healthy(address, service) or processes[name].handle.poll() is not None, 300)
+            assert processes[name].handle.poll() is None, (deployment.directory / f"{name}.log").read_text()[-3000:]
+    finally:
+        cluster.shutdown()
+    lost = time.monotonic()
+    for name, process in processes.items():
+        log_text = (deployment.directory / f"{name}.log").read_text
+        assert process.wait(60) == 1, log_text()[-3000:]
+        exited_s = time.monotonic() - lost
+        print(f"{name} exited {exited_s:.1f} s after its cluster was shut down")
+        assert "the Ray cluster has not answered for" in log_text() and "exiting" in log_text(), log_text()[-3000:]
+        assert exited_s < 3 + 15, log_text()[-3000:]

@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 import sys
 from pathlib import Path
 from typing import Any
 
 from garrison.serving import config as serve_config
 from garrison.serving.settings import ConfigError, Problem
+
+log = logging.getLogger(__name__)
 
 
 def register(commands: Any) -> None:
@@ -46,6 +47,7 @@ async def _control(config: serve_config.ServeConfig, stop_engines: bool) -> int:
     import grpc
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+    from garrison.serving.cluster_watch import ray_answers, until_stopped, watch_cluster
     from garrison.serving.controller import Controller
     from garrison.serving.preflight import port_problem
     from garrison.telemetry import Telemetry
@@ -76,11 +78,13 @@ async def _control(config: serve_config.ServeConfig, stop_engines: bool) -> int:
     await asyncio.to_thread(controller.start)
     await servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     print(f"garrison: engines up; health on {config.controller.health_listen}", file=sys.stderr, flush=True)
-    stopping = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        asyncio.get_running_loop().add_signal_handler(sig, stopping.set)
-    await stopping.wait()
-    await asyncio.to_thread(controller.stop, stop_engines)
+    lost = await until_stopped(watch_cluster(ray_answers, config.cluster_lost_seconds))
+    if lost is None:
+        await asyncio.to_thread(controller.stop, stop_engines)
+    else:  # its calls would wait for ever: the engines went with the cluster
+        log.error("%s: exiting, for this controller's supervisor to start it again (a Ray driver does not "
+                  "reconnect to a new head)", lost)
+        print(f"garrison: {lost}; exiting", file=sys.stderr, flush=True)
     await probes.stop(1.0)
     telemetry.shutdown()
-    return 0
+    return 0 if lost is None else 1

@@ -8,13 +8,13 @@ import asyncio
 import gc
 import json
 import logging
-import signal
 import sys
 from pathlib import Path
 from typing import Any
 
 from garrison.serving import config as serve_config
 from garrison.serving import preflight
+from garrison.serving.cluster_watch import until_stopped
 from garrison.serving.settings import ConfigError, Problem
 
 
@@ -115,11 +115,11 @@ async def _serve(config: serve_config.ServeConfig, run_controller: bool) -> int:
     gc.collect()
     gc.freeze()
     _announce(server)
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stopping.set)
-    await stopping.wait()
+    lost = await until_stopped(server.lost())
+    if lost is not None:  # the streams in flight have lost their engines already: nothing to drain
+        print(f"garrison: {lost}; exiting", file=sys.stderr, flush=True)
+        await server.stop(1.0)
+        return 1
     drain = config.gateway.drain_seconds
     print(f"garrison: draining (no new streams; those in flight get {drain:g} s)", file=sys.stderr, flush=True)
     await server.drain(drain)

@@ -4,7 +4,8 @@ Every `REFRESH_S` the gateway asks where the cores are (the controller of its ow
 named actors) and compares with what it streams from: a new core is described (its model's config, tokenizer and
 context, so that nothing is loaded here) and polled; a core that is gone, or whose poller found it lost, is
 dropped, and found anew once the controller has started it again. A gateway that starts serves as soon as one
-replica of a model is described: it loads no model.
+replica of a model is described: it loads no model. The listing runs as a DetachedCall: in a cluster whose head
+is gone it never returns (the gateway's cluster watch then ends the process).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from garrison.router.replica import CoreLink, ReplicaClient
+from garrison.serving.cluster_watch import DetachedCall
 from garrison.router.router import Deployment, Router
 from garrison_workers.engine_core import CoreInfo
 from garrison_workers.tokenizer import Tokenizer
@@ -22,6 +24,7 @@ from garrison_workers.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 REFRESH_S = 1.0
+LIST_WAIT_S = 5.0  # how long one refresh waits for the listing; a slower one is taken by a later refresh
 DESCRIBE_TIMEOUT_S = 3600.0  # a core describes itself once its engine is built: loading a model can take long
 
 
@@ -34,10 +37,11 @@ class Discovery:
         self._replicas: dict[str, ReplicaClient] = {}
         self._describing: dict[str, asyncio.Task[None]] = {}
         self._task: asyncio.Task[None] | None = None
+        self._listing = DetachedCall(lambda: self.find(), "find-cores")  # self.find: replaceable, as in tests
 
     async def start(self) -> None:
         """Find the cores there are now and wait for them to describe themselves, then keep following."""
-        await self.refresh()
+        await self.refresh(wait=None)
         if self._describing:
             await asyncio.wait(list(self._describing.values()))
         self._task = asyncio.get_running_loop().create_task(self._follow())
@@ -46,11 +50,15 @@ class Discovery:
         for task in (self._task, *self._describing.values()):
             if task is not None:
                 task.cancel()
+        self._listing.cancel()
         for replica in self._replicas.values():
             await replica.stop()
 
-    async def refresh(self) -> None:
-        links = await asyncio.to_thread(self.find)
+    async def refresh(self, wait: float | None = LIST_WAIT_S) -> None:
+        """Follow the cores the cluster lists, if it answers within `wait` seconds (None: however long)."""
+        answered, links = await self._listing.result(wait)
+        if not answered or links is None:
+            return
         for name, replica in list(self._replicas.items()):
             if name not in links or replica.lost is not None:
                 await self._drop(name)

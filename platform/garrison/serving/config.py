@@ -33,7 +33,9 @@ Settings:
 - `listen` (HOST:PORT, default 127.0.0.1:50051). Plaintext gRPC (no `tls`) on an address that is not
   loopback is refused unless `insecure: true` says the network itself is trusted.
 - `data_dir`, `database_url` (default SQLite in the data dir), `ray_address` (a cluster: `ray://HOST:10001`,
-  or `auto` on a Ray node; none: a local instance), `ray_namespace` (a cluster's engine cores are found there by
+  or `auto` on a Ray node; none: a local instance), `cluster_lost_seconds` (a gateway or controller that cannot
+  reach the cluster this long exits with status 1, for its supervisor to start it again; default 60),
+  `ray_namespace` (a cluster's engine cores are found there by
   name; default `garrison`), `store_dir`, and the
   store's key-encryption key: at most one of `kek_file`, `kek_env`, `kek_secret_dir`.
 - `tls`: `cert` and `key` (PEM), `client_ca` (clients must then present a certificate it signed).
@@ -213,6 +215,10 @@ class ServeConfig:
     insecure: bool = False
     database_url: str | None = setting(None, url=True)  # None: sqlite under data_dir
     ray_address: str | None = None  # None: a local Ray instance
+    # A process of a cluster (gateway, controller) that cannot reach it this long exits (status 1) for its
+    # supervisor to start it again: a Ray driver does not reconnect to a new head. 60 s is Ray's own window for
+    # reconnecting to a restarted GCS (gcs_rpc_server_reconnect_timeout_s).
+    cluster_lost_seconds: float = setting(60.0, min=1)
     # The Ray namespace of a cluster's engine cores (core/<model>/<index>): gateways and the controller of one
     # deployment share it. A local instance's cores get a namespace of their own.
     ray_namespace: str = "garrison"

@@ -30,6 +30,7 @@ from garrison.gateway.hot_path import AuthMirror, UsageBuffer
 from garrison.gateway.render import ChatRenderer
 from garrison.paths import ensure_private_dir
 from garrison.router.discovery import Discovery
+from garrison.serving.cluster_watch import ray_answers, watch_cluster
 from garrison.router.router import Router
 from garrison.secret_files import write_secret_file
 from garrison.serving import preflight
@@ -95,6 +96,7 @@ class GarrisonServer:
         self._watcher: asyncio.Task[None] | None = None
         self.bootstrap = Bootstrap()
         self._started_ray = False
+        self._cluster_watch: asyncio.Task[str] | None = None  # a cluster's: returns once the cluster is gone
 
     async def start(self) -> None:
         config = self.config
@@ -143,6 +145,20 @@ class GarrisonServer:
             await self._set_health(service, health_pb2.HealthCheckResponse.SERVING)
         await self._watch_replicas_once({})
         self._watcher = asyncio.get_running_loop().create_task(self._watch_replicas())
+        if config.ray_address is not None:
+            self._cluster_watch = asyncio.get_running_loop().create_task(
+                watch_cluster(ray_answers, config.cluster_lost_seconds))
+
+    async def lost(self) -> str:
+        """Return (why, in words) once the Ray cluster of a cluster's process is gone: it can never serve again.
+        Never returns on a local instance."""
+        if self._cluster_watch is None:
+            await asyncio.Event().wait()
+        assert self._cluster_watch is not None
+        why = await asyncio.shield(self._cluster_watch)
+        log.error("%s: exiting, for this process's supervisor to start it again (a Ray driver does not reconnect "
+                  "to a new head)", why)
+        return why
 
     async def _watch_replicas(self) -> None:
         """Health follows the replicas: `garrison.v1.Inference/<model>` serves while one of the model's replicas
@@ -274,9 +290,10 @@ class GarrisonServer:
             await asyncio.sleep(0.05)
 
     async def stop(self, grace: float = 5.0) -> None:
-        if self._watcher is not None:
-            self._watcher.cancel()
-            self._watcher = None
+        for task in (self._watcher, self._cluster_watch):
+            if task is not None:
+                task.cancel()
+        self._watcher = self._cluster_watch = None
         for service in (inference.SERVICE, admin.SERVICE, "", *(f"{inference.SERVICE}/{name}" for name in (
                 self.router.deployments if self.router is not None else ()))):
             await self._set_health(service, health_pb2.HealthCheckResponse.NOT_SERVING)

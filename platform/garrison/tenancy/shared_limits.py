@@ -7,7 +7,9 @@ admits through one `QuotaEnforcer` (garrison.tenancy.limits, the same arithmetic
 waiting. A gateway renews its leases every `RENEW_S`; the leases of a gateway silent for `LEASE_TTL_S` (it died,
 or lost the cluster) are released as if each request had generated every token it reserved, so a dead gateway
 holds a tenant's slots for at most `LEASE_TTL_S` seconds. If the actor itself is lost, a new one starts empty:
-for up to a minute a tenant may be admitted what its old window had already charged.
+for up to a minute a tenant may be admitted what its old window had already charged. An admission the actor does
+not answer within `ADMIT_TIMEOUT_S` (it restarts, or the cluster is gone: Ray's call would wait for ever) is
+refused with UNAVAILABLE, to be retried.
 
 `LocalQuotas` is the same interface over an enforcer in this process: one gateway (garrison serve on a machine).
 """
@@ -22,12 +24,14 @@ from typing import Any, Protocol
 
 from garrison.tenancy.limits import Lease, QuotaEnforcer
 from garrison.tenancy.records import Quota
+from garrison_workers.errors import UnavailableError
 
 log = logging.getLogger(__name__)
 
 LIMITS_ACTOR = "limits"
 RENEW_S = 1.0
 LEASE_TTL_S = 5.0
+ADMIT_TIMEOUT_S = 10.0
 
 
 class AdmitLease(Protocol):
@@ -140,10 +144,14 @@ class SharedQuotas:
     async def admit(self, tenant: str, quota: Quota, prompt_tokens: int, max_new_tokens: int) -> _SharedLease:
         import ray
 
+        call = self.actor.admit.remote(self.gateway, tenant, quota, prompt_tokens, max_new_tokens)
         try:
-            lease_id = await self.actor.admit.remote(self.gateway, tenant, quota, prompt_tokens, max_new_tokens)
+            lease_id = await asyncio.wait_for(call, ADMIT_TIMEOUT_S)
         except ray.exceptions.RayTaskError as err:
             raise err.cause from None  # the enforcer's own refusal
+        except (TimeoutError, ray.exceptions.RayError) as err:
+            raise UnavailableError(f"the cluster's tenant limits did not answer ({type(err).__name__}); "
+                                   f"retry") from None
         return _SharedLease(self.actor, lease_id)
 
     def total_in_flight(self) -> int:
@@ -158,7 +166,7 @@ class SharedQuotas:
     async def _renew(self) -> None:
         while True:
             try:
-                await self.actor.renew.remote(self.gateway)
+                await asyncio.wait_for(self.actor.renew.remote(self.gateway), LEASE_TTL_S)
             except Exception as err:  # the actor restarts (max_restarts): leases made before are gone with it
                 log.warning("could not renew this gateway's leases (%s); retrying", type(err).__name__)
             await asyncio.sleep(RENEW_S)
