@@ -12,8 +12,6 @@ from typing import Any
 from garrison.serving import config as serve_config
 from garrison.serving.settings import ConfigError, Problem
 
-log = logging.getLogger(__name__)
-
 
 def register(commands: Any) -> None:
     parser = commands.add_parser(
@@ -82,8 +80,6 @@ async def _control(config: serve_config.ServeConfig, stop_engines: bool) -> int:
     if lost is None:
         await asyncio.to_thread(controller.stop, stop_engines)
     else:  # its calls would wait for ever: the engines went with the cluster
-        log.error("%s: exiting, for this controller's supervisor to start it again (a Ray driver does not "
-                  "reconnect to a new head)", lost)
         print(f"garrison: {lost}; exiting", file=sys.stderr, flush=True)
     await probes.stop(1.0)
     telemetry.shutdown()

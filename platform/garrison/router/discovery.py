@@ -16,8 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from garrison.router.replica import CoreLink, ReplicaClient
-from garrison.serving.cluster_watch import DetachedCall
 from garrison.router.router import Deployment, Router
+from garrison.serving.cluster_watch import DetachedCall
 from garrison_workers.engine_core import CoreInfo
 from garrison_workers.tokenizer import Tokenizer
 

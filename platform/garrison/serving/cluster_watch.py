@@ -12,12 +12,14 @@ process would queue behind it) nor the process's exit; `watch_cluster` tells whe
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import threading
 from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 PROBE_S = 1.0  # how often watch_cluster asks the cluster
 PROBE_WAIT_S = 5.0  # how long one probe waits for its answer; a slower one is picked up by a later probe
@@ -83,7 +85,10 @@ async def watch_cluster(probe: Callable[[], object], lost_after: float) -> str:
             if answered:
                 answered_at = now
             elif now - answered_at > lost_after:
-                return f"the Ray cluster has not answered for {now - answered_at:.0f} s"
+                why = f"the Ray cluster has not answered for {now - answered_at:.0f} s"
+                log.error("%s: exiting, for this process's supervisor to start it again (a Ray driver does not "
+                          "reconnect to a new head)", why)
+                return why
             await asyncio.sleep(PROBE_S)
     finally:
         call.cancel()

@@ -30,10 +30,10 @@ from garrison.gateway.hot_path import AuthMirror, UsageBuffer
 from garrison.gateway.render import ChatRenderer
 from garrison.paths import ensure_private_dir
 from garrison.router.discovery import Discovery
-from garrison.serving.cluster_watch import ray_answers, watch_cluster
 from garrison.router.router import Router
 from garrison.secret_files import write_secret_file
 from garrison.serving import preflight
+from garrison.serving.cluster_watch import ray_answers, watch_cluster
 from garrison.serving.controller import Controller, find_cores, needs_ray, ray_namespace, ray_ranks
 from garrison_workers.worker_group import ensure_ray
 from garrison.serving.config import ConfigError, ServeConfig
@@ -155,10 +155,7 @@ class GarrisonServer:
         if self._cluster_watch is None:
             await asyncio.Event().wait()
         assert self._cluster_watch is not None
-        why = await asyncio.shield(self._cluster_watch)
-        log.error("%s: exiting, for this process's supervisor to start it again (a Ray driver does not reconnect "
-                  "to a new head)", why)
-        return why
+        return await asyncio.shield(self._cluster_watch)
 
     async def _watch_replicas(self) -> None:
         """Health follows the replicas: `garrison.v1.Inference/<model>` serves while one of the model's replicas
