@@ -150,6 +150,8 @@ class SharedQuotas:
         except ray.exceptions.RayTaskError as err:
             raise err.cause from None  # the enforcer's own refusal
         except (TimeoutError, ray.exceptions.RayError) as err:
+            if isinstance(err, TimeoutError):  # a lease granted after all must not hold one of the tenant's slots
+                call.future().add_done_callback(self._give_back_late)
             raise UnavailableError(f"the cluster's tenant limits did not answer ({type(err).__name__}); "
                                    f"retry") from None
         return _SharedLease(self.actor, lease_id)
@@ -158,6 +160,12 @@ class SharedQuotas:
         import ray
 
         return ray.get(self.actor.total_in_flight.remote())
+
+    def _give_back_late(self, granted: Any) -> None:
+        """Release a lease the actor granted after this gateway stopped waiting for it (it charges no tokens:
+        nothing ran)."""
+        if not granted.cancelled() and granted.exception() is None:
+            self.actor.release.remote(granted.result(), 0)
 
     async def stop(self) -> None:
         if self._task is not None:
