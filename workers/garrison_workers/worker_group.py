@@ -178,6 +178,10 @@ class WorkerGroup:
 
     # -- Executor ---------------------------------------------------------------------------------
 
+    @property
+    def overlaps(self) -> bool:
+        return self.dims.world_size == 1  # other ranks could not fill in the tokens rank 0 sampled
+
     def submit(self, chunks: list[SeqChunk]) -> "PendingStep":
         # A step this small travels inside the call itself (Ray inlines arguments up to 100 KB); one in the object
         # store costs the raylet a round trip each step. A bigger one (a long prompt's chunk, long block tables) is

@@ -22,6 +22,10 @@ class EngineConfig:
     # "torch", torch.distributed point-to-point between Ray worker groups (gloo on CPU, NCCL on GPU).
     kv_transport: Literal["ray", "torch"] = "ray"
     attention_key_block: int = 1024  # longer global contexts are attended blockwise (bounded memory)
+    # Schedule and send a step while the one before it runs (its tokens fill in on the ranks), so a decode step
+    # does not wait for the round trip to the ranks and back. Applies where the ranks are another process and one
+    # rank samples for itself (a single-rank group: tp = ep = 1); elsewhere steps run one after the other.
+    async_scheduling: bool = True
     worker_threads: int | None = None  # torch threads per Ray rank; None: the node's cores / ranks, at most 4
     # "auto": float32, with a quantized checkpoint's low-bit matmuls fed bfloat16 activations (the packed kernels
     # are fast with 16-bit activations only; norms, attention, the residual stream and the KV cache stay float32).

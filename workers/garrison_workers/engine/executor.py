@@ -50,6 +50,12 @@ class StepFuture(Protocol):
 class Executor(Protocol):
     failure: WorkerLostError | None  # set once a rank is lost, until `restart()`
 
+    @property
+    def overlaps(self) -> bool:
+        """Whether a step may be submitted before the last one's result is taken, its chunks `follows`-ing the
+        tokens that one sampled (its ranks run in another process, one rank samples for them all)."""
+        ...
+
     def submit(self, chunks: list[SeqChunk]) -> StepFuture:
         """Start one step; another executor's step may run while this one does (disaggregation)."""
         ...
@@ -137,6 +143,10 @@ class LocalExecutor:
         self.runner = ModelRunner(model, num_blocks, config)
         self.transport: KVTransport = InProcessTransport()
         self.failure: WorkerLostError | None = None  # one process: nothing to lose but the process itself
+
+    @property
+    def overlaps(self) -> bool:
+        return False  # a step computes inside `submit`: there is no round trip to hide
 
     def submit(self, chunks: list[SeqChunk]) -> StepFuture:
         return DoneStep(self.runner.step(chunks))

@@ -1,8 +1,15 @@
 """The engine loop: admit requests, schedule a step, run it, sample, stream what each request gained.
 
-Synchronous and single-threaded by design: a caller (the CLI, or a worker actor) drives `step()`;
-requests may be added and aborted between steps. An aborted or finished request's blocks are freed
-before the call returns.
+Single-threaded by design: a caller (the CLI, or an engine core) drives `step()`; requests may be added and
+aborted between steps. An aborted or finished request's blocks are freed before the call returns.
+
+Where the ranks are another process (`Executor.overlaps`), steps overlap (async scheduling, as vLLM calls it):
+`step()` sends the next step before it takes the last one's tokens, so the ranks start it the moment they finish,
+instead of waiting for the round trip to this process and back (1-3 ms a step on a CPU node, more than a GPU's
+decode step is worth). The next step is scheduled as if the tokens in flight were known: each sequence that draws
+gets a placeholder token, which the rank that sampled it fills in (`SeqChunk.follows`), and the step's tokens are
+counted as computed when it is sent. A sequence whose in-flight token ends it by length is not scheduled again; one
+that the token ends otherwise (EOS, a stop string) has computed one token for nothing, which is dropped.
 """
 
 from __future__ import annotations
@@ -32,6 +39,8 @@ from garrison_workers.placement import GroupPlacement
 from garrison_workers.tokenizer import IncrementalDetokenizer, Tokenizer
 
 log = logging.getLogger(__name__)
+
+PLACEHOLDER = -1  # a token sampled by a step in flight: the ranks fill it in (SeqChunk.follows), this process later
 
 @dataclass(slots=True)
 class RequestOutput:
@@ -74,6 +83,9 @@ class _Step:
     chunks: list[SeqChunk]
     future: StepFuture | None
     error: WorkerLostError | None = None
+    # Overlapped steps are counted as computed when sent; per chunk, where its sampled token goes in the sequence's
+    # token ids (its placeholder's index), or None to append it. None: a step counted when it is finished.
+    fills: list[int | None] | None = None
 
     def done(self) -> bool:
         return self.future is None or self.future.done()
@@ -99,6 +111,7 @@ class LLMEngine:
         self.failure: WorkerLostError | None = None
         self.role = role
         self.handoffs: list[Sequence] = []
+        self._ahead: _Step | None = None  # an overlapped step sent before the last one's tokens were taken
 
     @classmethod
     def from_path(cls, path: ModelLocation, config: EngineConfig = EngineConfig(),
@@ -137,6 +150,7 @@ class LLMEngine:
         a thread of its own while the engine's thread goes on with the replica's other engines)."""
         self.executor.restart()
         self._new_scheduler()
+        self._ahead = None
         self.failure = None
 
     def lost(self) -> WorkerLostError | None:
@@ -171,7 +185,7 @@ class LLMEngine:
         return True
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._ahead is not None
 
     @property
     def num_active_requests(self) -> int:
@@ -196,20 +210,53 @@ class LLMEngine:
     # -- the loop ---------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        return self.finish_step(self.begin_step())
+        if not self._overlapping():
+            return self.finish_step(self.begin_step())
+        current, self._ahead = self._ahead or self._begin_overlapped(None), None
+        if current is not None and current.error is None:
+            self._ahead = self._begin_overlapped(current)
+        return self.finish_step(current)
 
-    def begin_step(self) -> "_Step | None":
+    def _overlapping(self) -> bool:
+        # A prefill group's steps end in a handoff of their KV, which must not race a step in flight.
+        return self.config.async_scheduling and self.role == "both" and self.executor.overlaps
+
+    def _begin_overlapped(self, previous: "_Step | None") -> "_Step | None":
+        """Start a step while `previous` may still run: its draws are placeholders the ranks fill in."""
+        step = self.begin_step(previous)
+        if step is None or step.error is not None:
+            return step
+        step.fills = []
+        for (seq, count), chunk in zip(step.work, step.chunks):
+            seq.num_computed_tokens += count
+            fill = None
+            if chunk.draw is not None and not self._ends_by_length(seq, seq.num_tokens + 1):
+                seq.token_ids.append(PLACEHOLDER)
+                fill = seq.num_tokens - 1
+            step.fills.append(fill)
+        return step
+
+    def begin_step(self, previous: "_Step | None" = None) -> "_Step | None":
         """Schedule and start a step on the executor; `finish_step` samples it. Split so that a
-        prefill group and a decode group can compute at the same time."""
+        prefill group and a decode group can compute at the same time. `previous`: the overlapped step whose
+        draws are this step's placeholders."""
         if self.failure is not None:  # failed, perhaps restarting on a supervisor's thread: leave its executor be
             return None
         batch = self.scheduler.schedule()
         if not batch.work:
             return None
-        chunks = [SeqChunk(seq.token_ids[seq.num_computed_tokens:seq.num_computed_tokens + count],
-                           seq.num_computed_tokens, seq.block_table,
-                           seq.next_draw() if seq.num_computed_tokens + count == seq.num_tokens else None)
-                  for seq, count in batch.work]
+        draw_numbers: dict[str, int] = {}
+        if previous is not None:
+            drawn = [seq for (seq, _), chunk in zip(previous.work, previous.chunks) if chunk.draw is not None]
+            draw_numbers = {seq.request_id: number for number, seq in enumerate(drawn)}
+        chunks = []
+        for seq, count in batch.work:
+            start = seq.num_computed_tokens
+            tokens = seq.token_ids[start:start + count]
+            follows = draw_numbers[seq.request_id] if tokens[-1] == PLACEHOLDER else None
+            assert follows is None or count == 1, "only a sequence's last token is ever a placeholder"
+            chunks.append(SeqChunk(tokens, start, seq.block_table,
+                                   seq.next_draw() if start + count == seq.num_tokens else None, follows))
         try:
             return _Step(batch.work, chunks, self.executor.submit(chunks))
         except WorkerLostError as err:
@@ -227,15 +274,19 @@ class LLMEngine:
             return self.fail_all(err)
         outputs: list[RequestOutput] = []
         sampled: list[Sequence] = []
-        for (seq, count), chunk in zip(step.work, step.chunks):
+        fills = step.fills or [None] * len(step.work)
+        for (seq, count), chunk, fill in zip(step.work, step.chunks, fills):
             token = next(drawn) if chunk.draw is not None else None
-            if seq.is_finished:  # aborted while its step ran (disaggregation); its blocks are free
+            if seq.is_finished:  # aborted while its step ran, or ended by the token before (overlapped steps)
                 continue
-            seq.num_computed_tokens += count
-            self.block_manager.publish_full_blocks(seq)
+            if step.fills is None:
+                seq.num_computed_tokens += count
+                self.block_manager.publish_full_blocks(seq)
             if token is not None:
-                outputs.append(self._append(seq, token))
+                outputs.append(self._append(seq, token, fill))
                 sampled.append(seq)
+            if step.fills is not None:  # now that its placeholder is filled in
+                self.block_manager.publish_full_blocks(seq)
         if self.role == "prefill":
             self._hold_for_handoff(sampled)
         return outputs
@@ -291,33 +342,41 @@ class LLMEngine:
     def fail_all(self, err: WorkerLostError) -> list[RequestOutput]:
         """The executor lost a rank: every in-flight request ends with the error and frees its blocks."""
         self.failure = err
+        self._ahead = None
         return [self._fail(seq, err) for seq in list(self._seqs.values())]
 
     def _fail(self, seq: Sequence, err: GarrisonError) -> RequestOutput:
         seq.finish_reason = "error"
         self._finish(seq)
-        return RequestOutput(seq.request_id, [], "", [], True, "error", seq.num_prompt_tokens, seq.num_output_tokens,
+        known = seq.num_output_tokens - seq.token_ids[-2:].count(PLACEHOLDER)  # overlapped steps' tokens in flight
+        return RequestOutput(seq.request_id, [], "", [], True, "error", seq.num_prompt_tokens, known,
                              seq.num_cached_prompt_tokens, error=err)
 
-    def _append(self, seq: Sequence, sampled: SampledToken) -> RequestOutput:
-        """Add a sampled token to its sequence. A fault here is the sequence's own (its logits, its text): it ends
-        that sequence with an error and never the step, so the others in the batch go on."""
+    def _append(self, seq: Sequence, sampled: SampledToken, fill: int | None = None) -> RequestOutput:
+        """Add a sampled token to its sequence (at `fill`, its placeholder, if it has one). A fault here is the
+        sequence's own (its logits, its text): it ends that sequence with an error and never the step, so the
+        others in the batch go on."""
         if sampled.error is not None:
             return self._fail(seq, SequenceError(f"request {seq.request_id}: {sampled.error}"))
         try:
-            return self._append_token(seq, sampled)
+            return self._append_token(seq, sampled, fill)
         except Exception as err:
             log.exception("request %s failed on its token %d", seq.request_id, sampled.token_id)
             return self._fail(seq, SequenceError(f"request {seq.request_id} failed on its generated token "
                                                  f"{sampled.token_id} ({type(err).__name__})"))
 
-    def _append_token(self, seq: Sequence, sampled: SampledToken) -> RequestOutput:
+    def _append_token(self, seq: Sequence, sampled: SampledToken, fill: int | None) -> RequestOutput:
         token = sampled.token_id
-        seq.token_ids.append(token)
+        if fill is None:
+            seq.token_ids.append(token)
+            fill = seq.num_tokens - 1
+        else:
+            seq.token_ids[fill] = token
+        num_tokens = fill + 1  # the sequence's tokens up to this one (an overlapped step's placeholder may follow)
         params = seq.params
         if token in params.stop_token_ids or (token in self.eos_token_ids and not params.ignore_eos):
             seq.finish_reason = "stop"
-        elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+        elif self._ends_by_length(seq, num_tokens):
             seq.finish_reason = "length"
         new_text = ""
         if seq.text is not None:
@@ -327,8 +386,12 @@ class LLMEngine:
         if seq.finish_reason is not None:
             self._finish(seq)
         return RequestOutput(seq.request_id, [token], new_text, [sampled.logprob], seq.finish_reason is not None,
-                             seq.finish_reason, seq.num_prompt_tokens, seq.num_output_tokens,
+                             seq.finish_reason, seq.num_prompt_tokens, num_tokens - seq.num_prompt_tokens,
                              seq.num_cached_prompt_tokens, new_top_logprobs=[sampled.top] if sampled.top else [])
+
+    def _ends_by_length(self, seq: Sequence, num_tokens: int) -> bool:
+        """Whether a sequence of `num_tokens` tokens (prompt and output) may not grow further."""
+        return num_tokens - seq.num_prompt_tokens >= seq.params.max_tokens or num_tokens >= self.max_model_len
 
     def _finish(self, seq: Sequence) -> None:
         self.scheduler.remove(seq)

@@ -6,6 +6,8 @@ sequences go first, oldest first, so streams keep flowing while long prompts adv
 A prompt's chunk never takes the part of the budget that decoding sequences and waiting prompts
 need (up to half of it): a new short prompt starts at the next step instead of after a long prompt's
 last chunk.
+With overlapped steps (LLMEngine's async scheduling) a sequence whose last token is still being sampled is
+scheduled as if it were known (a placeholder the ranks fill in), unless that token ends it by length.
 When blocks run out the newest running sequence is preempted: its blocks are freed and it waits to be
 recomputed (its already-generated tokens become part of what is recomputed).
 """
@@ -75,6 +77,9 @@ class Scheduler:
         while index < len(self.running) and budget > 0:
             seq = self.running[index]
             remaining = seq.num_tokens - seq.num_computed_tokens
+            if remaining == 0:  # its last token is being sampled by the step in flight, and it ends with it
+                index += 1
+                continue
             count = min(remaining, budget, self._chunk_cap(seq) if remaining > 1 else 1)
             if self._make_room(seq, seq.num_computed_tokens + count, batch):
                 batch.work.append((seq, count))
