@@ -62,6 +62,9 @@ class Worker:
         torch.set_num_threads(num_threads)
         self.faults = FaultPoints()
         self.returned = StepBytes()
+        # The last step's sampled tokens (rank 0) and how many it drew (every rank): see `_fill_in`.
+        self.sampled: list[int] = []
+        self.num_drawn = 0
         self.transport: KVTransport = (
             TorchDistributedTransport(torch.device(config.device), COLLECTIVE_TIMEOUT, self.faults)
             if config.kv_transport == "torch" else RayObjectStoreTransport())
@@ -112,12 +115,31 @@ class Worker:
         # Every rank runs the model; rank 0 alone computes the logits and samples: a few bytes per sequence leave
         # the group, never the logits.
         self.faults.hit("execute")
+        self._fill_in(chunks)
+        self.num_drawn = sum(chunk.draw is not None for chunk in chunks)
         if self.rank == 0:
             sampled = self.runner.step(chunks)
+            self.sampled = [token.token_id for token in sampled]
             self.returned.record(len(sampled), len(pickle.dumps(sampled)))
             return sampled
         self.runner.run(chunks, want_logits=False)
         return None
+
+    def _fill_in(self, chunks: list[SeqChunk]) -> None:
+        """Overlapped steps: a chunk that `follows` a draw of the previous step gets the token rank 0 sampled for it,
+        sent to the other ranks (a broadcast of a few bytes per sequence; every rank decides alike, from the same
+        chunks). Steps reach a rank in the order the engine sent them, so `sampled` is that previous step's."""
+        following = [chunk for chunk in chunks if chunk.follows is not None]
+        if not following:
+            return
+        sampled = self.sampled
+        if self.dims.world_size > 1:
+            tokens = torch.tensor(sampled if self.rank == 0 else [0] * self.num_drawn, dtype=torch.long,
+                                  device=self.config.device)
+            dist.broadcast(tokens, src=0)
+            sampled = tokens.tolist()
+        for chunk in following:
+            chunk.token_ids = [sampled[chunk.follows]]
 
     def returned_bytes(self) -> StepBytes:
         """What this rank's steps have returned so far (rank 0: the sampled tokens; others: nothing)."""

@@ -180,7 +180,7 @@ class WorkerGroup:
 
     @property
     def overlaps(self) -> bool:
-        return self.dims.world_size == 1  # other ranks could not fill in the tokens rank 0 sampled
+        return True  # rank 0 keeps what it sampled and sends it to the other ranks (Worker._fill_in)
 
     def submit(self, chunks: list[SeqChunk]) -> "PendingStep":
         # A step this small travels inside the call itself (Ray inlines arguments up to 100 KB); one in the object

@@ -23,8 +23,8 @@ class EngineConfig:
     kv_transport: Literal["ray", "torch"] = "ray"
     attention_key_block: int = 1024  # longer global contexts are attended blockwise (bounded memory)
     # Schedule and send a step while the one before it runs (its tokens fill in on the ranks), so a decode step
-    # does not wait for the round trip to the ranks and back. Applies where the ranks are another process and one
-    # rank samples for itself (a single-rank group: tp = ep = 1); elsewhere steps run one after the other.
+    # does not wait for the round trip to the ranks and back. Applies to a colocated replica whose ranks are Ray
+    # actors; a disaggregated replica's groups and an engine in this process run one step after the other.
     async_scheduling: bool = True
     worker_threads: int | None = None  # torch threads per Ray rank; None: the node's cores / ranks, at most 4
     # "auto": float32, with a quantized checkpoint's low-bit matmuls fed bfloat16 activations (the packed kernels

@@ -53,7 +53,7 @@ class Executor(Protocol):
     @property
     def overlaps(self) -> bool:
         """Whether a step may be submitted before the last one's result is taken, its chunks `follows`-ing the
-        tokens that one sampled (its ranks run in another process, one rank samples for them all)."""
+        tokens that one sampled (its ranks run in other processes, and fill those tokens in themselves)."""
         ...
 
     def submit(self, chunks: list[SeqChunk]) -> StepFuture:

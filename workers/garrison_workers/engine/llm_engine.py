@@ -7,8 +7,8 @@ Where the ranks are another process (`Executor.overlaps`), steps overlap (async 
 `step()` sends the next step before it takes the last one's tokens, so the ranks start it the moment they finish,
 instead of waiting for the round trip to this process and back (1-3 ms a step on a CPU node, more than a GPU's
 decode step is worth). The next step is scheduled as if the tokens in flight were known: each sequence that draws
-gets a placeholder token, which the rank that sampled it fills in (`SeqChunk.follows`), and the step's tokens are
-counted as computed when it is sent. A sequence whose in-flight token ends it by length is not scheduled again; one
+gets a placeholder token, which the ranks fill in with what rank 0 sampled (`SeqChunk.follows`), and the step's
+tokens are counted as computed when it is sent. A sequence whose in-flight token ends it by length is not scheduled again; one
 that the token ends otherwise (EOS, a stop string) has computed one token for nothing, which is dropped.
 """
 
@@ -40,7 +40,7 @@ from garrison_workers.tokenizer import IncrementalDetokenizer, Tokenizer
 
 log = logging.getLogger(__name__)
 
-PLACEHOLDER = -1  # a token sampled by a step in flight: the ranks fill it in (SeqChunk.follows), this process later
+PLACEHOLDER = -1  # a token sampled by a step in flight: the ranks fill it in (SeqChunk.follows), this engine later
 
 @dataclass(slots=True)
 class RequestOutput:

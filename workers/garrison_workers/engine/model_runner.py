@@ -26,8 +26,8 @@ class SeqChunk:
     start: int  # position of token_ids[0]; positions before it are already in the cache
     block_table: list[int]
     draw: TokenDraw | None  # set when the chunk ends at the sequence's last known token: sample from it
-    # Overlapped steps (LLMEngine's async scheduling): the chunk's one token is the one this rank sampled for the
-    # previous step's draw number `follows`, not yet known to the engine when it sent this step.
+    # Overlapped steps (LLMEngine's async scheduling): the chunk's one token is the one the ranks sampled for the
+    # previous step's draw number `follows`, not yet known to the engine when it sent this step (the worker fills it in).
     follows: int | None = None
 
     @property
@@ -57,7 +57,6 @@ class ModelRunner:
             return torch.zeros(shape, dtype=dtype, device=device, pin_memory=pin)
 
         self.kv_caches = [(zeros(), zeros()) for _ in range(self.config.num_layers)]
-        self.previous: list[int] = []  # the tokens the last step sampled, in draw order (see SeqChunk.follows)
 
     @staticmethod
     def kv_block_bytes(config: ModelConfig, block_size: int, dtype: torch.dtype, tp: int = 1) -> int:
@@ -66,14 +65,9 @@ class ModelRunner:
 
     def step(self, chunks: list[SeqChunk]) -> list[SampledToken]:
         """Compute every chunk's tokens into the cache and sample a token for each chunk with a draw, in order."""
-        for chunk in chunks:
-            if chunk.follows is not None:
-                chunk.token_ids = [self.previous[chunk.follows]]
         logits_NV = self.run(chunks)
         assert logits_NV is not None
-        sampled = sample(logits_NV, [chunk.draw for chunk in chunks if chunk.draw is not None])
-        self.previous = [token.token_id for token in sampled]
-        return sampled
+        return sample(logits_NV, [chunk.draw for chunk in chunks if chunk.draw is not None])
 
     @torch.inference_mode()
     def run(self, chunks: list[SeqChunk], want_logits: bool = True) -> torch.Tensor | None:
