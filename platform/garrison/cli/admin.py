@@ -14,6 +14,7 @@ from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from garrison.cli.numbers import INT32_MAX, INT64_MAX, integer
 from garrison.cli.output import print_csv, print_json, print_table
 from garrison.cli.remote import connect, connection_parent
 from garrison.secret_files import write_secret_file
@@ -22,10 +23,11 @@ from garrison.v1 import admin_pb2
 
 ADMIN_KEY = "admin.key"
 QUOTA_FLAGS = (  # flag, field, type, help
-    ("--max-concurrent", "max_concurrent_requests", int, "requests in flight at once (0: no limit)"),
-    ("--tokens-per-minute", "tokens_per_minute", int, "prompt + output tokens per sliding minute (0: no limit)"),
-    ("--max-prompt-tokens", "max_prompt_tokens", int, "longest prompt, in tokens (0: no limit)"),
-    ("--max-new-tokens", "max_new_tokens", int, "most tokens one request may generate (0: no limit)"),
+    ("--max-concurrent", "max_concurrent_requests", integer(0, INT32_MAX), "requests in flight at once (0: no limit)"),
+    ("--tokens-per-minute", "tokens_per_minute", integer(0, INT64_MAX),
+     "prompt + output tokens per sliding minute (0: no limit)"),
+    ("--max-prompt-tokens", "max_prompt_tokens", integer(0, INT32_MAX), "longest prompt, in tokens (0: no limit)"),
+    ("--max-new-tokens", "max_new_tokens", integer(0, INT32_MAX), "most tokens one request may generate (0: no limit)"),
     ("--priority-weight", "priority_weight", float, "share of the workers when they are saturated (default 1)"),
 )
 
@@ -50,7 +52,7 @@ def register(commands: Any) -> Any:
     audit = commands.add_parser("audit", help="the audit log of admin actions", parents=[connection],
                                 description="Print admin actions, oldest first (without --since: the latest).")
     audit.add_argument("--since", type=_time, help="first time to include (ISO 8601)")
-    audit.add_argument("--limit", type=int, default=0, help="at most this many events (0: 100)")
+    audit.add_argument("--limit", type=integer(0, INT32_MAX), default=0, help="at most this many events (0: 100)")
     audit.add_argument("--json", action="store_true", help="print JSON")
     audit.set_defaults(run=_audit)
     return keys

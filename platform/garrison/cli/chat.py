@@ -7,6 +7,7 @@ import json
 import sys
 from typing import Any
 
+from garrison.cli.numbers import INT32_MAX, UINT64_MAX, integer
 from garrison.cli.remote import connect, connection_parent
 from garrison.client import Completion, accumulate
 
@@ -21,11 +22,12 @@ def register(commands: Any) -> None:
     parser.add_argument("--model", default="smollm2", help="model name (ListModels shows yours; default %(default)s)")
     parser.add_argument("--prompt", help="one user message; omit for an interactive chat")
     parser.add_argument("--system", help="a system message before the conversation")
-    parser.add_argument("--max-tokens", type=int, help="most tokens per answer (default: the server's limit)")
+    parser.add_argument("--max-tokens", type=integer(1, INT32_MAX),
+                        help="most tokens per answer (default: the server's limit)")
     parser.add_argument("--temperature", type=float, help="0 is greedy (default)")
     parser.add_argument("--top-p", type=float, help="nucleus sampling mass")
-    parser.add_argument("--top-k", type=int, help="sample among the k likeliest tokens")
-    parser.add_argument("--seed", type=int, help="seed for reproducible sampling")
+    parser.add_argument("--top-k", type=integer(0, INT32_MAX), help="sample among the k likeliest tokens")
+    parser.add_argument("--seed", type=integer(0, UINT64_MAX), help="seed for reproducible sampling")
     parser.add_argument("--stop", action="append", help="stop string (repeatable)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per answer instead of streaming")
     parser.set_defaults(run=run)
