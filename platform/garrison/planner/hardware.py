@@ -57,7 +57,7 @@ class Efficiency:
     layer_overhead_s: float = 0.0  # per layer and step: kernel launches, framework dispatch
     row_overhead_s: float = 0.0  # per sequence in a step: its block table, masks, slots
     expert_overhead_s: float = 0.0  # per routed expert a rank runs in a step (grouping, dispatch)
-    group_call_s: float = 0.0  # per step of a worker group on Ray (remote call and result)
+    group_call_s: float = 0.0  # per step of a disaggregated replica's group on Ray (remote call and result)
     # per check, without waiting, whether a Ray call is done: a disaggregated replica checks its prefill step (and
     # each KV export still running) once per decode step
     poll_s: float = 0.0
