@@ -93,7 +93,7 @@ def assert_same(got: dict[str, Seen], expected: dict[str, Seen]) -> None:
         assert [t for t, _ in sum(g.top, ())] == [t for t, _ in sum(e.top, ())], request_id
         close = lambda a, b: torch.testing.assert_close(torch.tensor(a, dtype=torch.float64),  # noqa: E731
                                                         torch.tensor(b, dtype=torch.float64), atol=1e-4, rtol=0)
-        close([lp if lp is not None else 0.0 for lp in g.logprobs], [lp if lp is not None else 0.0 for lp in e.logprobs])
+        close([lp or 0.0 for lp in g.logprobs], [lp or 0.0 for lp in e.logprobs])
         close([v for _, v in sum(g.top, ())], [v for _, v in sum(e.top, ())])
 
 

@@ -8,8 +8,9 @@ Where the ranks are another process (`Executor.overlaps`), steps overlap (async 
 instead of waiting for the round trip to this process and back (1-3 ms a step on a CPU node, more than a GPU's
 decode step is worth). The next step is scheduled as if the tokens in flight were known: each sequence that draws
 gets a placeholder token, which the ranks fill in with what rank 0 sampled (`SeqChunk.follows`), and the step's
-tokens are counted as computed when it is sent. A sequence whose in-flight token ends it by length is not scheduled again; one
-that the token ends otherwise (EOS, a stop string) has computed one token for nothing, which is dropped.
+tokens are counted as computed when it is sent. A sequence whose in-flight token ends it by length is not
+scheduled again; one that the token ends otherwise (EOS, a stop string) has computed one token for nothing, which
+is dropped.
 """
 
 from __future__ import annotations

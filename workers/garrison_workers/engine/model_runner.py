@@ -27,7 +27,8 @@ class SeqChunk:
     block_table: list[int]
     draw: TokenDraw | None  # set when the chunk ends at the sequence's last known token: sample from it
     # Overlapped steps (LLMEngine's async scheduling): the chunk's one token is the one the ranks sampled for the
-    # previous step's draw number `follows`, not yet known to the engine when it sent this step (the worker fills it in).
+    # previous step's draw number `follows`, not yet known to the engine when it sent this step (the worker fills
+    # it in).
     follows: int | None = None
 
     @property
