@@ -116,7 +116,7 @@ class Worker:
         # the group, never the logits.
         self.faults.hit("execute")
         self._fill_in(chunks)
-        self.num_drawn = sum(chunk.draw is not None for chunk in chunks)
+        self.sampled, self.num_drawn = [], sum(chunk.draw is not None for chunk in chunks)  # none, if this step fails
         if self.rank == 0:
             sampled = self.runner.step(chunks)
             self.sampled = [token.token_id for token in sampled]

@@ -216,7 +216,11 @@ class LLMEngine:
         current, self._ahead = self._ahead or self._begin_overlapped(None), None
         if current is not None and current.error is None:
             self._ahead = self._begin_overlapped(current)
-        return self.finish_step(current)
+        try:
+            return self.finish_step(current)
+        except BaseException:  # the step's tokens never came: the one sent after it would fill in nothing
+            self._ahead = None
+            raise
 
     def _overlapping(self) -> bool:
         # A prefill group's steps end in a handoff of their KV, which must not race a step in flight.
