@@ -19,6 +19,7 @@ import torch
 
 from garrison_workers.config import ModelConfig, from_hf_config
 from garrison_workers.errors import ModelLoadError
+from garrison_workers.fusion import fuse_projections
 from garrison_workers.model import CausalLM, MoE
 from garrison_workers.parallel.context import ParallelContext
 from garrison_workers.parallel.moe import ParallelMoE
@@ -121,6 +122,7 @@ def build_model(config: ModelConfig, source: WeightSource, dtype: torch.dtype = 
         tie_head(model)
     fill_parameters(model, source)
     prepare_kernels(model, kernel_dtype or dtype, dtype)
+    fuse_projections(model)
     return model.eval()
 
 

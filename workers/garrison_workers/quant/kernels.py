@@ -32,6 +32,7 @@ import torch
 from garrison_workers.quant.codec import FP8_MAX, dequantize, expand_groups, unpack_int4
 
 INT4_GROUPS = (256, 128, 64, 32)  # what the packed int4 kernels accept, widest first
+INT4_PACK_ROWS = 64  # the CPU int4 packing's block of rows (BLOCK_N of PyTorch's int4mm kernel)
 # Makes a per-token amax [T, 1] of this rank's input shard that of the whole row (a MAX over the TP group), so
 # that a row-parallel FP8 layer rounds its activations exactly as one device would.
 AmaxReduce = Callable[[torch.Tensor], torch.Tensor]
@@ -89,6 +90,7 @@ def _scales_and_zeros(scale: torch.Tensor, zero: torch.Tensor | None, group: int
 class Int4CPU:
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group: int,
                  packed_group: int, dtype: torch.dtype) -> None:
+        # [N, K / 2] bytes, a row per output feature: stacking kernels stacks these rows.
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
         self.group = packed_group
         self.scales_zeros = _scales_and_zeros(scale, zero, group, packed_group, dtype)
@@ -98,6 +100,19 @@ class Int4CPU:
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.packed, self.scales_zeros]
+
+    @staticmethod
+    def stacked(parts: "list[Int4CPU]") -> "Int4CPU | None":
+        # The packed layout interleaves rows in blocks of INT4_PACK_ROWS: stacked, a part that ended inside a
+        # block would shift every row after it. The stacked kernel is checked against its parts all the same.
+        if len({(p.group, p.packed.shape[1], p.scales_zeros.dtype) for p in parts}) > 1 or any(
+                p.packed.shape[0] % INT4_PACK_ROWS for p in parts[:-1]):
+            return None
+        merged = Int4CPU.__new__(Int4CPU)
+        merged.group = parts[0].group
+        merged.packed = torch.cat([p.packed for p in parts])
+        merged.scales_zeros = torch.cat([p.scales_zeros for p in parts], dim=1).contiguous()
+        return merged if _computes_as(merged, parts) else None
 
 
 class SplitInt8CPU:
@@ -115,6 +130,15 @@ class SplitInt8CPU:
     def tensors(self) -> list[torch.Tensor]:
         return self.high.tensors() + self.low.tensors()
 
+    @staticmethod
+    def stacked(parts: "list[SplitInt8CPU]") -> "SplitInt8CPU | None":
+        high, low = Int4CPU.stacked([p.high for p in parts]), Int4CPU.stacked([p.low for p in parts])
+        if high is None or low is None:
+            return None
+        merged = SplitInt8CPU.__new__(SplitInt8CPU)
+        merged.high, merged.low = high, low
+        return merged
+
 
 class Int8CPU:
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> None:
@@ -125,6 +149,15 @@ class Int8CPU:
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.q, self.scale]
+
+    @staticmethod
+    def stacked(parts: "list[Int8CPU]") -> "Int8CPU | None":
+        if len({(p.q.shape[1], p.scale.dtype) for p in parts}) > 1:
+            return None
+        merged = Int8CPU.__new__(Int8CPU)
+        merged.scale = torch.cat([p.scale for p in parts])
+        merged.q = torch.cat([p.q for p in parts])
+        return merged if _computes_as(merged, parts) else None
 
 
 class WideFp8:
@@ -204,6 +237,12 @@ class Dense:
     def tensors(self) -> list[torch.Tensor]:
         return [self.weight]
 
+    @staticmethod
+    def stacked(parts: "list[Dense]") -> "Dense | None":
+        if len({(p.weight.shape[1], p.weight.dtype) for p in parts}) > 1:
+            return None
+        return Dense(torch.cat([p.weight for p in parts]))
+
 
 class Dequantized:
     def __init__(self, kind: str, payload: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
@@ -215,3 +254,34 @@ class Dequantized:
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.payload, self.scale, self.zero) if t is not None]
+
+
+def stack_kernels(kernels: list[Kernel]) -> Kernel | None:
+    """One kernel whose output is the `kernels`' outputs side by side, for inputs they share (attention's q, k
+    and v), or None when they differ in kind or layout: their weights stacked by output row."""
+    kind = type(kernels[0])
+    stacked = getattr(kind, "stacked", None)
+    if stacked is None or any(type(k) is not kind for k in kernels):
+        return None
+    return stacked(kernels)
+
+
+class Rows:
+    """Output features [start, stop) of another kernel (a part of a stacked kernel, which holds the weights)."""
+
+    def __init__(self, kernel: Kernel, start: int, stop: int) -> None:
+        self.kernel, self.start, self.stop = kernel, start, stop
+
+    def __call__(self, x_TK: torch.Tensor) -> torch.Tensor:
+        return self.kernel(x_TK)[:, self.start:self.stop]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return []
+
+
+def _computes_as(merged: Kernel, parts: list[Kernel]) -> bool:
+    """Whether `merged` computes its `parts`' outputs side by side, exactly, on a probe input: a packed layout is
+    the kernel library's, not ours to assume."""
+    k = merged.tensors()[0].shape[-1] * (2 if isinstance(merged, Int4CPU) else 1)
+    probe = torch.randn(2, k, generator=torch.Generator().manual_seed(0)).to(merged.tensors()[-1].dtype)
+    return torch.equal(merged(probe), torch.cat([part(probe) for part in parts], dim=-1))

@@ -10,6 +10,8 @@ groups that cover them (refused when a group would be split). After the weights 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -54,10 +56,13 @@ class QuantizedTensors:
         return make_kernel(self.fmt.kind, *self.canonical(owner, index), dtype, amax_reduce)
 
 
-def _hold(module: nn.Module, kernels: list[Kernel], drop: list[str]) -> None:
-    """Keep the kernels' tensors as buffers (resident bytes count them) and drop the canonical tensors."""
+def hold(module: nn.Module, kernels: list[Kernel], drop: Sequence[str] = ()) -> None:
+    """Keep the kernels' tensors as buffers (resident bytes count them), in place of any held before, and drop
+    the canonical tensors."""
     for name in drop:
         del module._parameters[name]
+    for name in [n for n in module._buffers if n.startswith("kernel_")]:
+        del module._buffers[name]
     for i, tensor in enumerate(t for kernel in kernels for t in kernel.tensors()):
         module.register_buffer(f"kernel_{i}", tensor, persistent=False)
 
@@ -91,7 +96,17 @@ class QuantizedLinear(nn.Module):
         amax = self.par.all_reduce_tp_max if self.row_parallel and self.par.dims.tp > 1 else None
         self._kernel = self.quant.kernel(self, dtype, amax_reduce=amax)
         self.kernel_dtype = dtype
-        _hold(self, [self._kernel], [] if keep_canonical else self.quant.names)
+        hold(self, [self._kernel], [] if keep_canonical else self.quant.names)
+
+    @property
+    def kernel(self) -> Kernel:
+        assert self._kernel is not None, "prepare_kernels was not run after loading"
+        return self._kernel
+
+    def compute_with(self, kernel: Kernel) -> None:
+        """Compute with `kernel` from now on (its part of a stacked kernel, which holds the weights)."""
+        self._kernel = kernel
+        hold(self, [kernel])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         assert self._kernel is not None, "prepare_kernels was not run after loading"
@@ -169,7 +184,7 @@ class QuantizedExperts(nn.Module):
         self.kernel_dtype = dtype
         self._kernels = [(self.gate_up.kernel(self, dtype, e), self.down.kernel(self, dtype, e, amax_reduce=amax))
                          for e in range(self.num_local)]
-        _hold(self, [k for pair in self._kernels for k in pair], self.gate_up.names + self.down.names)
+        hold(self, [k for pair in self._kernels for k in pair], self.gate_up.names + self.down.names)
 
     def forward(self, x_PH: torch.Tensor, counts_E: list[int]) -> torch.Tensor:
         """Rows of `x_PH` are sorted by expert; `counts_E[e]` rows belong to local expert e."""
