@@ -50,20 +50,23 @@ def fuse_projections(model: nn.Module) -> None:
     """Stack the projections of every attention and MLP block of a loaded model that can be stacked."""
     for module in model.modules():
         if isinstance(module, Attention):
-            module.qkv = fuse_linears([module.q_proj, module.k_proj, module.v_proj])
+            q_and_k = module.q_proj.out_features + module.k_proj.out_features
+            module.qkv = fuse_linears([module.q_proj, module.k_proj, module.v_proj],
+                                      [q_and_k, module.v_proj.out_features])
         elif isinstance(module, MLP):
             module.gate_up = fuse_linears([module.gate_proj, module.up_proj])
 
 
-def fuse_linears(linears: list[nn.Module]) -> FusedLinears | None:
-    """The linears as one, or None when they cannot be stacked. Row-parallel linears are never stacked (each
-    sums its output over the TP group), nor linears of which only some have a bias."""
+def fuse_linears(linears: list[nn.Module], split: list[int] | None = None) -> FusedLinears | None:
+    """The linears as one, giving their outputs (or, with `split`, groups of adjacent outputs of these widths),
+    or None when they cannot be stacked. Row-parallel linears are never stacked (each sums its output over the
+    TP group), nor linears of which only some have a bias."""
     if any(isinstance(linear, RowParallelLinear) for linear in linears):
         return None
     biases = [linear.bias for linear in linears]
     if any(b is None for b in biases) and any(b is not None for b in biases):
         return None
-    sizes = [linear.out_features for linear in linears]
+    sizes = split or [linear.out_features for linear in linears]
     if all(type(linear) is not QuantizedLinear and isinstance(linear, nn.Linear) for linear in linears):
         weights = [linear.weight for linear in linears]
         if len({(w.shape[1], w.dtype, w.device) for w in weights}) > 1:

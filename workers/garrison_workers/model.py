@@ -121,19 +121,20 @@ class Attention(nn.Module):
         self.k_proj = ColumnParallelLinear(h, config.num_kv_heads * d, par, bias=bias)
         self.v_proj = ColumnParallelLinear(h, config.num_kv_heads * d, par, bias=bias)
         self.o_proj = RowParallelLinear(config.num_heads * d, h, par, bias=bias)
-        self.qkv: Projections | None = None  # q, k and v as one matmul, once loaded (fusion.fuse_projections)
+        # q and k (side by side), and v, from one matmul once loaded (fusion.fuse_projections)
+        self.qkv: Projections | None = None
 
     def forward(self, x_TH: torch.Tensor, ctx: StepContext, kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         d = self.head_dim
-        q_TN, k_TK, v_TK = self.qkv(x_TH) if self.qkv is not None else (
-            self.q_proj(x_TH), self.k_proj(x_TH), self.v_proj(x_TH))
-        q_TND, k_TKD = q_TN.unflatten(-1, (-1, d)), k_TK.unflatten(-1, (-1, d))
-        v_TKD = v_TK.unflatten(-1, (-1, d))
+        # q and k side by side: RoPE and the QK norm (both per head) run on the two at once.
+        qk_TN, v_TK = self.qkv(x_TH) if self.qkv is not None else (
+            torch.cat((self.q_proj(x_TH), self.k_proj(x_TH)), dim=-1), self.v_proj(x_TH))
+        qk_THD, v_TKD = qk_TN.unflatten(-1, (-1, d)), v_TK.unflatten(-1, (-1, d))
         if self.use_rope:
-            q_TND = self.rotary.apply(q_TND, ctx.cos_TF, ctx.sin_TF)
-            k_TKD = self.rotary.apply(k_TKD, ctx.cos_TF, ctx.sin_TF)
+            qk_THD = self.rotary.apply(qk_THD, ctx.cos_TF, ctx.sin_TF)
         if self.use_qk_norm:  # after RoPE, as Llama 4 does; a weightless RMS norm
-            q_TND, k_TKD = _rms(q_TND, self.config.rms_norm_eps), _rms(k_TKD, self.config.rms_norm_eps)
+            qk_THD = _rms(qk_THD, self.config.rms_norm_eps)
+        q_TND, k_TKD = qk_THD.split((self.q_proj.out_features // d, self.k_proj.out_features // d), dim=1)
         if self.temperature_tuning and ctx.attn_scales_T is not None:
             q_TND = q_TND * ctx.attn_scales_T[:, None, None].to(q_TND.dtype)
         k_cache, v_cache = kv_cache

@@ -17,6 +17,9 @@ once, at load). The choices, fastest first:
   int4 through `_weight_int4pack_mm` (tinygemm, bf16).
 - Anything else (odd shapes): the weight stays quantized and is dequantized per call.
 
+Kernels of one kind that read the same input (a layer's q, k and v) stack into one (`stack_kernels`, for
+`garrison_workers.fusion`): one call instead of several, checked once against its parts.
+
 With float32 activations on CPU (an engine asked for float32: exact arithmetic), int4 and int8 weights are
 dequantized once, at load, into a float32 matrix: the packed kernels' float32 paths are 5-10x slower than a
 dense float32 matmul, and the result is the same to float32 rounding. Low-bit weights stay low-bit in memory
