@@ -67,7 +67,7 @@ def fuse_linears(linears: list[nn.Module], split: list[int] | None = None) -> Fu
     if any(b is None for b in biases) and any(b is not None for b in biases):
         return None
     sizes = split or [linear.out_features for linear in linears]
-    if all(type(linear) is not QuantizedLinear and isinstance(linear, nn.Linear) for linear in linears):
+    if all(isinstance(linear, nn.Linear) for linear in linears):
         weights = [linear.weight for linear in linears]
         if len({(w.shape[1], w.dtype, w.device) for w in weights}) > 1:
             return None
