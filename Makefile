@@ -25,16 +25,17 @@ serve: $(STAMP)
 # With PostgreSQL's initdb and pg_ctl on the PATH, the tests also run against a throwaway PostgreSQL server
 # (tests/postgres_server.py; as root it runs as `nobody`), stopped and removed afterwards; without them the
 # PostgreSQL tests skip and say why. `make test` leaves out the long checks (marked slow: the 60 s load test,
-# the SIGTERM and offline-install runs); `make test-slow` runs only those; CI (.ci/run) runs both.
+# the SIGTERM and offline-install runs); `make test-slow` runs only those; CI (.ci/run) runs both. Each prints
+# its 25 slowest tests: `make test` must stay under 20 minutes here, and they are what to move when it does not.
 PYTEST_MARKS ?= not slow
 
 test: $(STAMP)
 	@if command -v initdb >/dev/null 2>&1 && command -v pg_ctl >/dev/null 2>&1; then \
 		pgdir=$$(mktemp -d) && trap '$(PY) tests/postgres_server.py stop "'"$$pgdir"'"' EXIT && \
 		url=$$($(PY) tests/postgres_server.py start "$$pgdir") && echo "PostgreSQL for the tests: $$url" && \
-		GARRISON_TEST_POSTGRES_URL="$$url" $(PY) -m pytest -q -m "$(PYTEST_MARKS)"; \
+		GARRISON_TEST_POSTGRES_URL="$$url" $(PY) -m pytest -q --durations=25 -m "$(PYTEST_MARKS)"; \
 	else \
-		echo "initdb/pg_ctl not on the PATH: the PostgreSQL tests will skip"; $(PY) -m pytest -q -m "$(PYTEST_MARKS)"; \
+		echo "initdb/pg_ctl not on the PATH: the PostgreSQL tests will skip"; $(PY) -m pytest -q --durations=25 -m "$(PYTEST_MARKS)"; \
 	fi
 
 test-slow:
