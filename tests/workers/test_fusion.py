@@ -15,6 +15,7 @@ import torch
 from conftest import NEW_TOKENS, greedy_with_logprobs, save_tiny_llama, save_tiny_llama4_compressed
 from garrison_workers import loader
 from garrison_workers.engine.llm_engine import EngineConfig, LLMEngine
+from garrison_workers.engine.sequence import SamplingParams
 from garrison_workers.fusion import FusedLinears
 from garrison_workers.quant import kernels
 from garrison_workers.quant.kernels import Int4CPU, stack_kernels
@@ -84,3 +85,29 @@ def test_int4_kernels_stack_only_on_whole_blocks(monkeypatch) -> None:
     # And were the rule wrong about the library's layout, the check on a probe input refuses it.
     monkeypatch.setattr(kernels, "INT4_PACK_ROWS", 16)
     assert stack_kernels([_int4_kernel(48), _int4_kernel(16, seed=1)]) is None
+
+
+@pytest.mark.slow  # two loads of SmolLM2 (~18 s); make test is at its time limit
+def test_smollm2_int4_says_the_same_stacked(smollm2_path: Path, monkeypatch) -> None:
+    """The real model under dtype auto (its Q4_1 blocks as packed int4, q/k/v rows in whole blocks): stacked, it
+    answers chat prompts with the same text as loaded unstacked."""
+    config = EngineConfig(kv_cache_bytes=128 << 20, max_num_batched_tokens=512, dtype="auto")
+    fused = LLMEngine.from_path(smollm2_path, config)
+    monkeypatch.setattr(loader, "fuse_projections", lambda model: None)
+    separate = LLMEngine.from_path(smollm2_path, config)
+    assert sum(isinstance(m, FusedLinears) for m in fused.executor.model.modules()) == 60  # 30 layers x 2
+
+    def answer(engine: LLMEngine, question: str) -> str:
+        tokenizer = engine.tokenizer
+        assert tokenizer is not None
+        prompt = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": question}]),
+                                  add_special_tokens=False)
+        engine.add_request(question, prompt, SamplingParams(max_tokens=40))
+        tokens: list[int] = []
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                tokens += out.new_token_ids
+        return tokenizer.decode(tokens)
+
+    for question in ["What is the capital of France?", "Write a haiku about rain.", "List three prime numbers."]:
+        assert answer(fused, question) == answer(separate, question)

@@ -18,7 +18,7 @@ from torch import nn
 from garrison_workers.model import MLP, Attention
 from garrison_workers.parallel.layers import RowParallelLinear
 from garrison_workers.quant.kernels import Kernel, Rows, stack_kernels
-from garrison_workers.quant.layers import QuantizedLinear, hold
+from garrison_workers.quant.layers import QuantizedLinear, hold, run_kernel
 
 
 class FusedLinears(nn.Module):
@@ -39,8 +39,7 @@ class FusedLinears(nn.Module):
         if self.kernel is None:
             out = F.linear(x, self.weight, self.bias)
         else:
-            out = self.kernel(x.reshape(-1, x.shape[-1]).to(self.kernel_dtype)).to(x.dtype)
-            out = out.reshape(*x.shape[:-1], out.shape[-1])
+            out = run_kernel(self.kernel, self.kernel_dtype, x)
             if self.bias is not None:
                 out = out + self.bias
         return out.split(self.sizes, dim=-1)

@@ -67,6 +67,13 @@ def hold(module: nn.Module, kernels: list[Kernel], drop: Sequence[str] = ()) -> 
         module.register_buffer(f"kernel_{i}", tensor, persistent=False)
 
 
+def run_kernel(kernel: Kernel, kernel_dtype: torch.dtype, x: torch.Tensor) -> torch.Tensor:
+    """`kernel` over the last dimension of `x` (any leading shape): its input in the kernel's dtype, its output
+    back in x's."""
+    out = kernel(x.reshape(-1, x.shape[-1]).to(kernel_dtype)).to(x.dtype)
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
 class QuantizedLinear(nn.Module):
     """A (column- or row-parallel) linear whose weight is quantized; a bias stays in float."""
 
@@ -109,9 +116,7 @@ class QuantizedLinear(nn.Module):
         hold(self, [kernel])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        assert self._kernel is not None, "prepare_kernels was not run after loading"
-        out = self._kernel(x.reshape(-1, x.shape[-1]).to(self.kernel_dtype)).to(x.dtype)
-        out = out.reshape(*x.shape[:-1], out.shape[-1])
+        out = run_kernel(self.kernel, self.kernel_dtype, x)
         if self.reduce:
             out = self.par.all_reduce_tp(out)
         return out + self.bias if self.bias is not None else out
