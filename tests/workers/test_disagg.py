@@ -81,6 +81,7 @@ def test_disaggregated_matches_colocated_tiny_llama4(tiny_moe: Path, prefill: Pa
         shutdown(engine)
 
 
+@pytest.mark.slow  # ~45 s of SmolLM2 on Ray; the tiny Llama 4 layouts above stay in make test (20 min)
 def test_disaggregated_matches_colocated_smollm2(smollm2_path: Path) -> None:
     config = EngineConfig(block_size=16, max_num_batched_tokens=64, num_kv_blocks=64, kv_transfer_checksum=True)
     colocated = LLMEngine.from_path(smollm2_path, config)
