@@ -80,14 +80,20 @@ class ModelRunner:
         order = sorted(range(len(chunks)), key=lambda i: not padded[i])
         decode = [chunks[i] for i in order if padded[i]]
         prefill = [chunks[i] for i in order if not padded[i]]
-        input_ids, positions, slots, sample_rows = [], [], [], []
+        input_ids, sample_rows = [], []
         for i in order:
-            chunk = chunks[i]
-            input_ids.extend(chunk.token_ids)
+            input_ids.extend(chunks[i].token_ids)
+            if chunks[i].needs_logits:
+                sample_rows.append((i, len(input_ids) - 1))
+        # A decode row's position and slot are two integers: built in Python, one tensor for all the rows (a
+        # tensor op per row cost more than the tiny models' whole layers).
+        bs = self.block_size
+        positions = [torch.tensor([chunk.start for chunk in decode], dtype=torch.long)]
+        slots = [torch.tensor([chunk.block_table[chunk.start // bs] * bs + chunk.start % bs for chunk in decode],
+                              dtype=torch.long)]
+        for chunk in prefill:
             positions.append(torch.arange(chunk.start, chunk.end))
             slots.append(self._slots(chunk.block_table, chunk.start, chunk.end))
-            if chunk.needs_logits:
-                sample_rows.append((i, len(input_ids) - 1))
         meta = AttentionMetadata(
             positions_T=torch.cat(positions), slot_mapping_T=torch.cat(slots), num_decode=len(decode),
             decode_slots_BL=None, decode_mask_global_B11L=None, decode_mask_chunked_B11W=None,
@@ -148,12 +154,16 @@ class ModelRunner:
     def _padded_keys(self, decode: list[SeqChunk], starts: list[int], ends: list[int]
                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """Gather index of keys [start, end) per row, padded (with the pad slot) to the longest, and its mask."""
-        sizes = torch.tensor([e - s for s, e in zip(starts, ends)])
-        slots_BL = torch.full((len(decode), int(sizes.max())), self.pad_slot, dtype=torch.long)
-        for b, (chunk, start, end) in enumerate(zip(decode, starts, ends)):
-            slots_BL[b, :end - start] = self._slots(chunk.block_table, start, end)
-        valid_BL = torch.arange(slots_BL.shape[1])[None, :] < sizes[:, None]
-        return slots_BL, valid_BL[:, None, None, :]
+        bs = self.block_size
+        tables = [chunk.block_table[:(end - 1) // bs + 1] for chunk, end in zip(decode, ends)]
+        width = max(len(table) for table in tables)
+        tables_BK = torch.tensor([table + [0] * (width - len(table)) for table in tables], dtype=torch.long)
+        starts_B, sizes_B = torch.tensor(starts), torch.tensor([e - s for s, e in zip(starts, ends)])
+        offsets_L = torch.arange(int(sizes_B.max()))
+        valid_BL = offsets_L[None, :] < sizes_B[:, None]
+        positions_BL = torch.where(valid_BL, starts_B[:, None] + offsets_L[None, :], 0)
+        slots_BL = tables_BK.gather(1, positions_BL // bs) * bs + positions_BL % bs
+        return slots_BL.masked_fill_(~valid_BL, self.pad_slot), valid_BL[:, None, None, :]
 
     def _to_device(self, meta: AttentionMetadata) -> AttentionMetadata:
         """Cache slots go where the cache is (they index it), positions and masks where the model computes."""
