@@ -29,6 +29,7 @@ from garrison_workers.engine.config import EngineConfig
 from garrison_workers.engine.executor import LocalExecutor
 from garrison_workers.engine.llm_engine import LLMEngine
 from garrison_workers.engine.sequence import SamplingParams
+from garrison_workers.fusion import fuse_projections
 from garrison_workers.model import CausalLM
 from garrison_workers.worker_group import start_local_ray
 
@@ -75,7 +76,8 @@ def moe_llama4(hidden: int, experts: int, chunk: int, global_every: int = 2) -> 
 
 
 def random_engine(config: ModelConfig, engine_config: EngineConfig) -> LLMEngine:
-    """An engine over random weights (no checkpoint): the real model, runner and scheduler."""
+    """An engine over random weights (no checkpoint): the real model, runner and scheduler, with its projections
+    stacked as the loader stacks them (the steps must be those a loaded model takes)."""
     with torch.device("meta"):
         model = CausalLM(config)
     model = model.to_empty(device="cpu").to(engine_config.dtype)
@@ -83,6 +85,7 @@ def random_engine(config: ModelConfig, engine_config: EngineConfig) -> LLMEngine
     with torch.no_grad():
         for param in model.parameters():
             param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    fuse_projections(model)
     num_blocks = engine_config.num_kv_blocks or 1
     return LLMEngine(LocalExecutor(model.eval(), num_blocks, engine_config), config, None, engine_config, num_blocks)
 
@@ -110,6 +113,11 @@ def decode_point(engine: LLMEngine, config: ModelConfig, batch: int, prompt: int
               ) or engine.scheduler.waiting:
         engine.step()
     times = _timed_steps(engine, steps)
+    if len(engine.scheduler.running) != batch or engine.scheduler.waiting:
+        # Too few KV blocks: the step ran fewer sequences than the point would claim (preempted or waiting).
+        raise RuntimeError(f"calibration: a decode batch of {batch} ran {len(engine.scheduler.running)} sequences: the "
+                               f"engine's {engine.block_manager.num_blocks} KV blocks do not hold {batch} of "
+                               f"{prompt + steps} tokens")
     for seq in list(engine.scheduler.running):
         engine.abort_request(seq.request_id)
     context = prompt + 1 + steps // 2
@@ -160,7 +168,9 @@ def engine_points(threads: int, quick: bool, progress: Progress, extra: list[Poi
     ]
     points: list[Point] = []
     for config, batches, prompt, chunk, key_block in plans:
-        engine_config = EngineConfig(num_kv_blocks=-(-(max(prompt, 200) + 64) // 16) + 64, enable_prefix_caching=False,
+        decode_tokens = max(batches, default=0) * (128 + steps + 16)  # each decode batch's prompts and steps
+        engine_config = EngineConfig(num_kv_blocks=-(-(max(prompt, 200, decode_tokens) + 64) // 16) + 64,
+                                     enable_prefix_caching=False,
                                      max_num_batched_tokens=chunk, attention_key_block=key_block)
         engine = random_engine(config, engine_config)
         progress(f"  calibrating on {_name(config)}")
