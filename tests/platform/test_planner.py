@@ -15,13 +15,14 @@ from garrison.cli import main
 from garrison.planner import helm_values, report
 from garrison.planner.calibrate import decode_point, dense_llama, fit, nnls, prefill_points, random_engine
 from garrison.planner.dtypes import WEIGHT_BYTES
-from garrison.planner.hardware import CATALOG_FILE, Hardware, Link, load_catalog, resolve_hardware, save_profile
-from garrison.planner.layout import Layout
+from garrison.planner.hardware import (CATALOG_FILE, Efficiency, Hardware, Link, load_catalog, resolve_hardware,
+                                      save_profile)
+from garrison.planner.layout import Group, Layout
 from garrison.planner.memory import EngineLimits, Precision, activation_bytes, breakdown
 from garrison.planner.models import resolve_model
 from garrison.planner.search import Ask, Plan, evaluate, search
 from garrison.planner.simulate import SimEngine, Simulation
-from garrison.planner.step_time import chunked_pairs, global_pairs
+from garrison.planner.step_time import Row, StepTimeModel, chunked_pairs, global_pairs
 from garrison.planner.workload import SLO, LengthDist, OpenLoop, Request, Workload, load_trace
 from garrison_workers.engine.config import EngineConfig
 from garrison_workers.engine.sequence import SamplingParams
@@ -305,6 +306,24 @@ def test_plots_are_written(tmp_path: Path) -> None:
 # -- calibration's fit ----------------------------------------------------------------------------------
 
 
+def test_a_measured_gemm_curve_prices_each_gemm_at_its_rows() -> None:
+    efficiency = Efficiency(overlap="sum", gemm_curve={4: 0.3, 1: 0.1})
+    assert list(efficiency.gemm_curve) == [1, 4]
+    # linear in log2(rows) between points; below the first the time stays (share ~ rows); flat past the last
+    assert [efficiency.curve_share(r) for r in (0.5, 1, 2, 4, 8)] == pytest.approx([0.05, 0.1, 0.2, 0.3, 0.3])
+    link = Link(1e9, 1e-4)
+    hardware = Hardware("here", 8e9, 20e9, {"fp32": 50e9}, link, link, 2, efficiency=efficiency, time_shared=True)
+    model = dense_llama(64, 2, 128, vocab=512)  # 2 heads of 32 and 2 KV heads: q, k, v, o are 64 x 64 each
+    cost = StepTimeModel(model, hardware, Precision("fp32", "fp32"), Group("both", 1, 1), on_ray=False
+                         ).cost([Row(1, 10), Row(1, 20)])
+    params = 2 * (4 * 64 * 64 + 3 * 64 * 128) + 512 * 64  # two layers' attention and MLP, the logits
+    assert cost.gemm_flops_s == pytest.approx(2 * 2 * params / 50e9 / 0.2)  # 2 rows: the share at 2
+    kv_bytes = (11 + 21) * 2 * 2 * 32 * 4 * 2  # keys read (context + the new token), K and V, 2 heads, 2 layers
+    assert cost.stream_bytes_s == pytest.approx(kv_bytes / 20e9)  # weights' reads are in the curve's rate
+    with pytest.raises(InvalidRequestError, match="gemm_curve"):
+        Efficiency(gemm_curve={0: 0.1})
+
+
 def test_nnls_recovers_non_negative_coefficients() -> None:
     rng = random.Random(0)
     truth = [2.0, 0.0, 0.5]
@@ -343,7 +362,8 @@ def test_a_fitted_profile_plans_like_a_catalog_entry(tmp_path: Path, capsys: pyt
     engine = random_engine(config, EngineConfig(num_kv_blocks=200, max_num_batched_tokens=256,
                                                 enable_prefix_caching=False))
     link = Link(1e9, 1e-4)
-    base = Hardware("here", 8e9, 20e9, {"fp32": 50e9}, link, link, 2, time_shared=True)
+    measured = Efficiency(overlap="sum", gemm_curve={1: 0.05, 16: 0.3})  # as `gemm_curve` measures it
+    base = Hardware("here", 8e9, 20e9, {"fp32": 50e9}, link, link, 2, efficiency=measured, time_shared=True)
     for attempt in range(2):  # a second measurement when a burst of other work (Ray starting workers) hit the first
         points = [decode_point(engine, config, batch, 32, 3) for batch in (1, 4, 16)]
         points += prefill_points(engine, config, 768, 256, repeats=1)
@@ -352,6 +372,8 @@ def test_a_fitted_profile_plans_like_a_catalog_entry(tmp_path: Path, capsys: pyt
         if errors[len(errors) // 2] < 0.5:
             break
     assert efficiency.calibrated and efficiency.overlap == "sum"
+    scale = efficiency.gemm_curve[16] / 0.3  # the fit's scale of the bare GEMMs, kept in the curve
+    assert efficiency.gemm_curve == pytest.approx({1: 0.05 * scale, 16: 0.3 * scale})
     assert errors[len(errors) // 2] < 0.5  # the median step explained within 50%, even on a busy machine
     profile = tmp_path / "here.yaml"
     hardware = replace(base, efficiency=efficiency)

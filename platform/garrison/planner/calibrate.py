@@ -215,8 +215,13 @@ def fit(points: list[Point], base: Hardware) -> tuple[Efficiency, list[dict[str,
     matrix = [features(p.cost) for p in points if p.cost is not None]
     coefficients = nnls(matrix, [p.seconds for p in points], [1 / p.seconds for p in points])
     c = dict(zip(COEFFICIENTS, coefficients))
-    eff = Efficiency(gemm=_share(c["inv_gemm"]), gemm_small=_share(c["inv_gemm_small"]), memory=_share(c["inv_memory"]),
-                     attention=_share(c["inv_attention"]), attention_pair_s=c["attention_pair_s"],
+    curve = base.efficiency.gemm_curve
+    if curve and c["inv_gemm"] > 0:  # the engine's GEMMs against the bare ones: that scale goes into the curve
+        curve = {rows: share / c["inv_gemm"] for rows, share in curve.items()}
+        c["inv_gemm"] = 1.0
+    eff = Efficiency(gemm=_share(c["inv_gemm"]), gemm_small=_share(c["inv_gemm_small"]), gemm_curve=curve,
+                     memory=_share(c["inv_memory"]), attention=_share(c["inv_attention"]),
+                     attention_pair_s=c["attention_pair_s"],
                      blockwise_pair_s=c["blockwise_pair_s"], spill_pair_s=c["spill_pair_s"], overlap="sum",
                      step_overhead_s=c["step_overhead_s"], layer_overhead_s=c["layer_overhead_s"],
                      row_overhead_s=c["row_overhead_s"], expert_overhead_s=c["expert_overhead_s"], calibrated=True)
@@ -249,6 +254,28 @@ def gemm_peak_flops(threads: int, quick: bool) -> float:
             a @ b
         best = max(best, 2 * m * k * n * repeats / (time.perf_counter() - start))
     return best
+
+
+CURVE_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def gemm_curve(threads: int, peak: float, quick: bool) -> dict[int, float]:
+    """Share of `peak` an fp32 GEMM reaches at each row count, its weights (1024 x 2048, a pool of 512 MB: past
+    any cache) read from memory as a model's are in a step; the best of a few passes over the pool."""
+    torch.set_num_threads(threads)
+    k, n = 1024, 2048
+    pool = [torch.randn(k, n) for _ in range((512 << 20) // (k * n * 4))]
+    curve = {}
+    for rows in CURVE_ROWS:
+        x = torch.randn(rows, k)
+        best = math.inf
+        for _ in range(2 if quick else 3):
+            start = time.perf_counter()
+            for weight in pool:
+                x @ weight
+            best = min(best, time.perf_counter() - start)
+        curve[rows] = 2 * rows * k * n * len(pool) / best / peak
+    return curve
 
 
 def read_bandwidth(threads: int) -> float:
@@ -391,12 +418,15 @@ def calibrate(out: Path, threads: int = 1, quick: bool = False, progress: Progre
     progress(f"calibrating this machine with {threads} torch thread(s) per rank")
     peak, bandwidth = gemm_peak_flops(threads, quick), read_bandwidth(threads)
     progress(f"  GEMM peak {peak / 1e9:.1f} GFLOP/s, read bandwidth {bandwidth / 1e9:.1f} GB/s")
+    curve = gemm_curve(threads, peak, quick)
+    progress("  GEMM share of peak by rows: " + ", ".join(f"{rows}: {share:.2f}" for rows, share in curve.items()))
     link, link_measured = gloo_link(progress)
     cores = os.cpu_count() or 1
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     base = Hardware(name=f"local-{threads}t", hbm_bytes=float(ram) / max(1, cores // threads), hbm_bandwidth=bandwidth,
                     flops={"fp32": peak}, nvlink=link, scaleout=link, gpus_per_node=max(1, cores // threads),
                     memory_utilization=0.8, time_shared=True, cache_bytes=last_level_cache(),
+                    efficiency=Efficiency(overlap="sum", gemm_curve=curve),
                     description=f"this machine ({_cpu_name()}, {cores} cores): one rank = {threads} torch thread(s)")
     points = engine_points(threads, quick, progress, extra_points)
     efficiency, fit_report = fit(points, base)
@@ -409,10 +439,12 @@ def calibrate(out: Path, threads: int = 1, quick: bool = False, progress: Progre
     hardware = replace(base, efficiency=efficiency, kv_link=kv_link, sources={
         "hbm_bandwidth": "measured: sum over a 256 MB fp32 tensor, best of 5",
         "flops": "measured: fp32 matmuls, best of three shapes",
+        "gemm_curve": "measured: fp32 GEMMs of 1 to 256 rows over 512 MB of weights, scaled by the fit to the "
+                      "engine's steps",
         "nvlink": "measured: gloo all_to_all_single between 2 and 4 processes on this machine",
         "efficiency": f"fitted to {len(points)} engine steps of random models (see measurements.fit)",
         "kv_link": "measured: tensors through Ray's object store between an actor and the driver"})
-    measurements = {"threads": threads, "gemm_peak_flops": peak, "read_bandwidth": bandwidth,
+    measurements = {"threads": threads, "gemm_peak_flops": peak, "read_bandwidth": bandwidth, "gemm_curve": curve,
                     "collectives": link_measured, "ray": ray_measured, "fit": fit_report,
                     "load_average": list(os.getloadavg())}
     save_profile(hardware, out, measurements)

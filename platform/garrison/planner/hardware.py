@@ -7,6 +7,7 @@ profile measured on that GPU replaces them: every plan says which kind it used.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -42,8 +43,13 @@ class Efficiency:
     `overlap` says how compute and memory traffic of one operation combine: "max" (they overlap, a GPU's
     roofline) or "sum" (they do not, as on a CPU running small operations)."""
 
-    gemm: float = 0.7  # of peak FLOPS, for GEMMs of many tokens
+    gemm: float = 0.7  # of peak FLOPS, for GEMMs of many tokens (of the `gemm_curve` rate, where there is one)
     gemm_small: float = 0.5  # of peak FLOPS, for GEMMs of fewer than SMALL_GEMM_TOKENS tokens (decode batches)
+    # Measured (a calibrated profile): GEMM rows -> share of peak FLOPS that a GEMM of that many rows reached with
+    # its weights streamed from memory. Where present it prices every GEMM at its own row count (weights' bytes
+    # included), in place of the two shares above and the roofline: a decode batch of 32 runs a GEMM far more
+    # efficiently than one of 8, which a single small-GEMM share cannot say.
+    gemm_curve: dict[int, float] = field(default_factory=dict)
     memory: float = 0.8  # of HBM bandwidth, for streaming weights and KV
     attention: float = 0.5  # of peak FLOPS, for attention's QK^T and PV
     attention_pair_s: float = 0.0  # per (query, key, head) pair beyond its FLOPs (softmax on a CPU)
@@ -64,13 +70,31 @@ class Efficiency:
     calibrated: bool = False
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "gemm_curve", {int(k): float(v) for k, v in sorted(self.gemm_curve.items())})
         shares = (self.gemm, self.gemm_small, self.memory, self.attention)
         if not all(0 < s <= 1 for s in shares) or self.overlap not in ("max", "sum"):
             raise InvalidRequestError(f"invalid efficiency {self}: shares must be in (0, 1], overlap max or sum")
+        if any(int(rows) < 1 or not share > 0 for rows, share in self.gemm_curve.items()):
+            raise InvalidRequestError(f"invalid gemm_curve {self.gemm_curve}: rows >= 1 -> a share of peak > 0")
         if min(self.attention_pair_s, self.blockwise_pair_s, self.spill_pair_s, self.step_overhead_s,
                self.layer_overhead_s, self.row_overhead_s, self.expert_overhead_s, self.group_call_s,
                self.poll_s) < 0:
             raise InvalidRequestError(f"invalid efficiency {self}: overheads must be >= 0")
+
+
+    def curve_share(self, rows: float) -> float:
+        """`gemm_curve` at `rows`: linear in log2(rows) between measured points; below the first, a GEMM's time
+        no longer shrinks (its weights are read all the same), so the share falls with the rows; flat above the
+        last."""
+        points = list(self.gemm_curve.items())
+        first_rows, first_share = points[0]
+        if rows <= first_rows:
+            return first_share * rows / first_rows
+        for (low, low_share), (high, high_share) in zip(points, points[1:]):
+            if rows <= high:
+                t = math.log2(rows / low) / math.log2(high / low)
+                return low_share + t * (high_share - low_share)
+        return points[-1][1]
 
 
 @dataclass(slots=True, frozen=True)

@@ -37,7 +37,9 @@ class Row:
 class StepCost:
     """What a step costs on one rank, as the features calibration fits (seconds at efficiency 1, counts)."""
 
-    gemm_flops_s: float = 0.0  # GEMM FLOPs / peak (GEMMs of at least SMALL_GEMM_TOKENS tokens)
+    # GEMM FLOPs / peak (GEMMs of at least SMALL_GEMM_TOKENS tokens); with a measured GEMM curve, every GEMM's
+    # FLOPs / its rate at its rows
+    gemm_flops_s: float = 0.0
     small_gemm_flops_s: float = 0.0  # the same for GEMMs of fewer tokens
     stream_bytes_s: float = 0.0  # weights and KV read / bandwidth
     attention_flops_s: float = 0.0  # attention FLOPs / peak
@@ -126,6 +128,12 @@ class StepTimeModel:
 
     def _op(self, cost: StepCost, flops_s: float, bytes_s: float, rows: float) -> None:
         """A GEMM (or a group of them) with `rows` tokens per call."""
+        eff = self.hw.efficiency
+        if eff.gemm_curve:  # the measured rate at these rows, its weights' reads included
+            seconds = flops_s / eff.curve_share(rows)
+            cost.gemm_flops_s += seconds
+            cost.ops.append((seconds, 0.0, "gemm"))
+            return
         small = rows < SMALL_GEMM_TOKENS
         if small:
             cost.small_gemm_flops_s += flops_s
