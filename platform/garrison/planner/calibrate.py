@@ -191,20 +191,36 @@ def features(cost: StepCost) -> list[float]:
 
 
 def nnls(rows: list[list[float]], targets: list[float], weights: list[float]) -> list[float]:
-    """Weighted least squares with every coefficient >= 0 (active set: drop negatives and refit)."""
-    a = torch.tensor(rows, dtype=torch.float64) * torch.tensor(weights, dtype=torch.float64)[:, None]
-    b = torch.tensor(targets, dtype=torch.float64) * torch.tensor(weights, dtype=torch.float64)
+    """Weighted least squares with every coefficient >= 0 (Lawson and Hanson's active-set method: a coefficient
+    joins the free set while the residual wants it to grow; a step that would take one below zero stops at zero
+    and frees it again). Dropping every negative coefficient of an unconstrained fit at once, as a shortcut, can
+    land far from the optimum: it did on this machine's steps (a median error of 23% against 14%)."""
+    w = torch.tensor(weights, dtype=torch.float64)
+    a = torch.tensor(rows, dtype=torch.float64) * w[:, None]
+    b = torch.tensor(targets, dtype=torch.float64) * w
     scale = a.abs().max(dim=0).values.clamp_min(1e-30)
     a = a / scale
-    active = list(range(a.shape[1]))
-    solution = torch.zeros(a.shape[1], dtype=torch.float64)
-    while active:
-        x = torch.linalg.lstsq(a[:, active], b[:, None]).solution.flatten()
-        if (x >= 0).all():
-            solution[active] = x
+    n = a.shape[1]
+    free: list[int] = []
+    x = torch.zeros(n, dtype=torch.float64)
+    tolerance = 1e-12 * float(a.abs().sum() * b.abs().sum() + 1)
+    for _ in range(10 * n):
+        gradient = a.T @ (b - a @ x)
+        wanted = [j for j in range(n) if j not in free and gradient[j] > tolerance]
+        if not wanted:
             break
-        active = [index for index, value in zip(active, x.tolist()) if value > 0]
-    return (solution / scale).tolist()
+        free.append(max(wanted, key=lambda j: float(gradient[j])))
+        while True:
+            z = torch.zeros(n, dtype=torch.float64)
+            z[free] = torch.linalg.lstsq(a[:, free], b[:, None]).solution.flatten()
+            if all(z[j] > 0 for j in free):
+                x = z
+                break
+            step = min(float(x[j] / (x[j] - z[j])) for j in free if z[j] <= 0)
+            x = x + step * (z - x)
+            free = [j for j in free if x[j] > 1e-15]
+            x[[j for j in range(n) if j not in free]] = 0.0
+    return (x / scale).tolist()
 
 
 def fit(points: list[Point], base: Hardware) -> tuple[Efficiency, list[dict[str, Any]]]:
