@@ -321,6 +321,10 @@ def test_a_measured_gemm_curve_prices_each_gemm_at_its_rows() -> None:
     assert cost.gemm_flops_s == pytest.approx(2 * 2 * params / 50e9 / 0.2)  # 2 rows: the share at 2
     kv_bytes = (11 + 21) * 2 * 2 * 32 * 4 * 2  # keys read (context + the new token), K and V, 2 heads, 2 layers
     assert cost.stream_bytes_s == pytest.approx(kv_bytes / 20e9)  # weights' reads are in the curve's rate
+    assert cost.segments == 0  # two decode rows join the padded decode batch
+    mixed = StepTimeModel(model, hardware, Precision("fp32", "fp32"), Group("both", 1, 1), on_ray=False,
+                          key_block=1024).cost([Row(1, 10), Row(64, 0), Row(1, 2000)])
+    assert mixed.segments == 2 * 2  # a prompt's chunk and a decode past the key block: own attention calls, 2 layers
     with pytest.raises(InvalidRequestError, match="gemm_curve"):
         Efficiency(gemm_curve={0: 0.1})
 

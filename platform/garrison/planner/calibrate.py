@@ -41,7 +41,8 @@ from garrison.planner.step_time import Row, StepCost, StepTimeModel
 Progress = Callable[[str], None]
 # The fitted coefficients, in the order of `features`.
 COEFFICIENTS = ("inv_gemm", "inv_gemm_small", "inv_memory", "inv_attention", "attention_pair_s", "blockwise_pair_s",
-                "spill_pair_s", "layer_overhead_s", "row_overhead_s", "expert_overhead_s", "step_overhead_s")
+                "spill_pair_s", "layer_overhead_s", "row_overhead_s", "segment_overhead_s", "expert_overhead_s",
+                "step_overhead_s")
 
 
 @dataclass(slots=True)
@@ -142,6 +143,26 @@ def prefill_points(engine: LLMEngine, config: ModelConfig, prompt: int, chunk: i
                   seconds, engine.config.attention_key_block) for c, seconds in sorted(best.items())]
 
 
+def batched_prefill_point(engine: LLMEngine, config: ModelConfig, prompts: int, length: int, repeats: int = 3
+                          ) -> Point:
+    """`prompts` prompts of `length` tokens prefilled in one step (each its own prefill segment), the fastest of
+    `repeats` runs."""
+    if prompts * length > engine.config.max_num_batched_tokens:
+        raise ValueError(f"{prompts} prompts of {length} tokens exceed the step's token budget")
+    best = math.inf
+    for run in range(repeats):
+        for i in range(prompts):
+            engine.add_request(f"b{prompts}-{length}-{run}-{i}-{time.monotonic_ns()}",
+                               [3 + (i * 11 + j) % 50 for j in range(length)], SamplingParams(max_tokens=1))
+        start = time.perf_counter()
+        engine.step()
+        best = min(best, time.perf_counter() - start)
+        while engine.has_unfinished_requests():
+            engine.step()
+    return Point(f"{_name(config)} prefill {prompts} prompts of {length}", config, [Row(length, 0)] * prompts, best,
+                 engine.config.attention_key_block)
+
+
 def _name(config: ModelConfig) -> str:
     kind = f"moe{config.num_experts}" if config.moe_layers else "dense"
     return f"{kind} h{config.hidden_size} L{config.num_layers}"
@@ -176,6 +197,8 @@ def engine_points(threads: int, quick: bool, progress: Progress, extra: list[Poi
         progress(f"  calibrating on {_name(config)}")
         engine.generate([[3, 4, 5, 6] * 32], SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
         points += [decode_point(engine, config, batch, 128, steps) for batch in batches]
+        if batches:  # several prompts in one step: what a prefill segment costs beyond its tokens
+            points += [batched_prefill_point(engine, config, n, chunk // 8) for n in (1, 4, 8)]
         if prompt:
             points += prefill_points(engine, config, prompt, chunk)
     return points + list(extra or [])
@@ -187,7 +210,8 @@ def engine_points(threads: int, quick: bool, progress: Progress, extra: list[Poi
 def features(cost: StepCost) -> list[float]:
     attention_flops_s = sum(f for f, _, kind in cost.ops if kind == "attention")
     return [cost.gemm_flops_s, cost.small_gemm_flops_s, cost.stream_bytes_s, attention_flops_s, cost.attention_pairs,
-            cost.blockwise_pairs, cost.spill_pairs, float(cost.layers), float(cost.rows), cost.experts, 1.0]
+            cost.blockwise_pairs, cost.spill_pairs, float(cost.layers), float(cost.rows), float(cost.segments),
+            cost.experts, 1.0]
 
 
 def nnls(rows: list[list[float]], targets: list[float], weights: list[float]) -> list[float]:
@@ -240,7 +264,8 @@ def fit(points: list[Point], base: Hardware) -> tuple[Efficiency, list[dict[str,
                      attention_pair_s=c["attention_pair_s"],
                      blockwise_pair_s=c["blockwise_pair_s"], spill_pair_s=c["spill_pair_s"], overlap="sum",
                      step_overhead_s=c["step_overhead_s"], layer_overhead_s=c["layer_overhead_s"],
-                     row_overhead_s=c["row_overhead_s"], expert_overhead_s=c["expert_overhead_s"], calibrated=True)
+                     row_overhead_s=c["row_overhead_s"], segment_overhead_s=c["segment_overhead_s"],
+                     expert_overhead_s=c["expert_overhead_s"], calibrated=True)
     fitted = replace(base, efficiency=eff)
     report = []
     for point in points:

@@ -62,6 +62,8 @@ class Efficiency:
     step_overhead_s: float = 0.0  # per engine step: scheduling, metadata, sampling
     layer_overhead_s: float = 0.0  # per layer and step: kernel launches, framework dispatch
     row_overhead_s: float = 0.0  # per sequence in a step: its block table, masks, slots
+    # per prefill segment (a row of more than one token, or past a key block) and layer: its own attention call
+    segment_overhead_s: float = 0.0
     expert_overhead_s: float = 0.0  # per routed expert a rank runs in a step (grouping, dispatch)
     group_call_s: float = 0.0  # per step of a disaggregated replica's group on Ray (remote call and result)
     # per check, without waiting, whether a Ray call is done: a disaggregated replica checks its prefill step (and
@@ -77,8 +79,8 @@ class Efficiency:
         if any(int(rows) < 1 or not share > 0 for rows, share in self.gemm_curve.items()):
             raise InvalidRequestError(f"invalid gemm_curve {self.gemm_curve}: rows >= 1 -> a share of peak > 0")
         if min(self.attention_pair_s, self.blockwise_pair_s, self.spill_pair_s, self.step_overhead_s,
-               self.layer_overhead_s, self.row_overhead_s, self.expert_overhead_s, self.group_call_s,
-               self.poll_s) < 0:
+               self.layer_overhead_s, self.row_overhead_s, self.segment_overhead_s, self.expert_overhead_s,
+               self.group_call_s, self.poll_s) < 0:
             raise InvalidRequestError(f"invalid efficiency {self}: overheads must be >= 0")
 
 

@@ -48,6 +48,7 @@ class StepCost:
     spill_pairs: float = 0.0  # of those, in score tiles larger than the hardware's cache
     layers: int = 0
     rows: int = 0
+    segments: int = 0  # layers × rows attended as prefill segments (each its own attention call, gathers, mask)
     experts: float = 0.0  # routed experts run on this rank
     comm_s: float = 0.0  # collectives (not scaled by any efficiency fitted here)
     # (flops_s, bytes_s, kind) of each GEMM group and each layer kind's attention
@@ -101,6 +102,7 @@ class StepTimeModel:
         compute += (cost.attention_pairs * eff.attention_pair_s + cost.blockwise_pairs * eff.blockwise_pair_s
                     + cost.spill_pairs * eff.spill_pair_s)
         fixed = (cost.layers * eff.layer_overhead_s + cost.rows * eff.row_overhead_s
+                 + cost.segments * eff.segment_overhead_s
                  + cost.experts * eff.expert_overhead_s)
         share = max(1.0, self.group.gpus / hw.gpus_per_node) if hw.time_shared else 1.0
         # A colocated group's steps overlap (the engine's async scheduling): the call's round trip is hidden behind
@@ -110,6 +112,10 @@ class StepTimeModel:
 
     def cost(self, rows: list[Row]) -> StepCost:
         cost = StepCost(layers=self.model.num_layers, rows=len(rows))
+        # as the model runner lays rows out: one token within a key block joins the padded decode batch; any
+        # other row is a prefill segment of its own on every layer
+        cost.segments = self.model.num_layers * sum(
+            r.new_tokens > 1 or r.context + r.new_tokens > self.key_block for r in rows)
         tokens = sum(r.new_tokens for r in rows)
         if not tokens:
             return cost
