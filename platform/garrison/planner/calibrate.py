@@ -1,7 +1,8 @@
 """`garrison plan calibrate`: measure this machine with the real engine and write a hardware profile.
 
 What it measures, with `threads` torch threads per rank (one rank is one "GPU" of the profile):
-1. peak GEMM FLOPS (fp32 matmuls) and memory read bandwidth (a reduction over a large tensor);
+1. peak GEMM FLOPS (fp32 matmuls), the share of it GEMMs of 1 to 256 rows reach with their weights read from
+   memory, and memory read bandwidth (a reduction over a large tensor);
 2. engine steps of random models built in memory (a dense Llama, a Llama 4 MoE with chunked and global layers,
    and optionally a real model such as SmolLM2): decode batches, prefill chunks at growing contexts. The
    efficiencies and overheads of the time model are fitted to these steps (non-negative least squares);
@@ -116,9 +117,9 @@ def decode_point(engine: LLMEngine, config: ModelConfig, batch: int, prompt: int
     times = _timed_steps(engine, steps)
     if len(engine.scheduler.running) != batch or engine.scheduler.waiting:
         # Too few KV blocks: the step ran fewer sequences than the point would claim (preempted or waiting).
-        raise RuntimeError(f"calibration: a decode batch of {batch} ran {len(engine.scheduler.running)} sequences: the "
-                               f"engine's {engine.block_manager.num_blocks} KV blocks do not hold {batch} of "
-                               f"{prompt + steps} tokens")
+        raise RuntimeError(f"calibration: a decode batch of {batch} ran {len(engine.scheduler.running)} sequences: "
+                           f"the engine's {engine.block_manager.num_blocks} KV blocks do not hold {batch} of "
+                           f"{prompt + steps} tokens")
     for seq in list(engine.scheduler.running):
         engine.abort_request(seq.request_id)
     context = prompt + 1 + steps // 2

@@ -83,7 +83,6 @@ class Efficiency:
                self.group_call_s, self.poll_s) < 0:
             raise InvalidRequestError(f"invalid efficiency {self}: overheads must be >= 0")
 
-
     def curve_share(self, rows: float) -> float:
         """`gemm_curve` at `rows`: linear in log2(rows) between measured points; below the first, a GEMM's time
         no longer shrinks (its weights are read all the same), so the share falls with the rows; flat above the

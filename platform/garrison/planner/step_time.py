@@ -7,7 +7,8 @@ FLOPs: quadratic in a prompt on global layers, bounded by the window on chunked-
 then the collectives: two TP all-reduces per layer, and per MoE layer under EP the all-to-alls of dispatch and
 combine and an all-gather. MoE: each EP rank routes 1/ep of the step's tokens; the busiest rank gets
 `imbalance` times the mean share of (token, expert) pairs, and reads the weights of each local expert that
-some token chose. Fixed costs per step, layer, sequence and expert come from calibration.
+some token chose. Fixed costs per step, layer, sequence, prefill segment and expert come from calibration; a
+calibrated profile prices each GEMM at the rate measured for its row count.
 """
 
 from __future__ import annotations
