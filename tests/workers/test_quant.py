@@ -8,9 +8,13 @@ Tolerances, per format, from the arithmetic (Garrison computes in float32 here, 
 - FP8 with dynamic per-token activations (W8A8): activations are rounded to FP8 (3 mantissa bits) per token
   on both sides; a value that float32 summation order leaves within a float32 ulp of an FP8 rounding
   boundary rounds to the neighbouring FP8 value on one side only: one element moves by one FP8 step (2^-4
-  to 2^-3 of its value, against ~1e-7 for float32 rounding). On these seeds that happens a few times in
-  32 steps and moves a log-probability by at most 4e-4; 2e-3 bounds a handful of such flips, while a wrong
-  scale or a missed activation rounding costs 0.2 or more (measured while writing this test).
+  to 2^-3 of its value, against ~1e-7 for float32 rounding), and in a 64-wide model the KV cache carries it
+  into every later step. Where that happens depends on the CPU's GEMM kernels (their summation order): on
+  one machine these seeds saw no step move by more than 4e-4, on another (2026-12-03, AVX-512 FP16 and AMX
+  flags) one prompt of three moved by up to 0.087 (0.154 on seed 5), the rest stayed bit-identical. Without
+  the activation rounding (the same checkpoint read as W8A16) every prompt moves by a median 0.41-0.52 per
+  step and up to 0.9-2.2. So the bound is on both: every step within 0.3 and the median step within 0.1,
+  with the same greedy tokens.
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ from garrison_workers.parallel.dims import ParallelDims
 from garrison_workers.quant.kernels import Rows
 from garrison_workers.quant.layers import QuantizedLinear
 
-TOLERANCE = {"fp8-channel-dynamic": 2e-3}  # log-probabilities; 1e-4 for the others (see the module docstring)
+# (every step, the median step) of log-probabilities; 1e-4 for both in the others (see the module docstring)
+TOLERANCE = {"fp8-channel-dynamic": (0.3, 0.1)}
 ENGINE = EngineConfig(block_size=4, max_num_batched_tokens=16, num_kv_blocks=128)
 PROMPTS = [torch.randint(3, 512, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (29, 7, 41)]
 
@@ -60,11 +65,15 @@ def per_token_experts(model) -> None:
             module.shared_expert.forward = types.MethodType(shared, module.shared_expert)
 
 
-def check(engine: LLMEngine, reference_dir: Path, prompt: list[int], tolerance: float, **load) -> list[int]:
+def check(engine: LLMEngine, reference_dir: Path, prompt: list[int], tolerance: tuple[float, float], **load
+          ) -> list[int]:
+    """Greedy tokens equal; log-probabilities within `tolerance`: (on every step, on the median step)."""
     tokens, logprobs = greedy_with_logprobs(engine, prompt, NEW_TOKENS)
     hf_logits, hf_tokens = hf_reference(reference_dir, prompt, NEW_TOKENS, tokens, **load)
-    diff = (logprobs - torch.log_softmax(hf_logits, dim=-1)).abs().max().item()
-    assert diff < tolerance, f"max-abs log-probability difference {diff}"
+    per_step = (logprobs - torch.log_softmax(hf_logits, dim=-1)).abs().amax(dim=-1)
+    worst, median = per_step.max().item(), per_step.median().item()
+    assert worst < tolerance[0] and median < tolerance[1], (
+        f"max-abs log-probability difference {worst} (median step {median}), tolerance {tolerance}")
     assert tokens == hf_tokens
     return tokens
 
@@ -87,7 +96,7 @@ def test_compressed_tensors_matches_transformers(compressed, tmp_path: Path, sch
         reference, load = save_dequantized_reference(model_dir, tmp_path / "reference"), {}
     engine = LLMEngine.from_path(model_dir, ENGINE)
     for prompt in PROMPTS:
-        check(engine, reference, prompt, TOLERANCE.get(scheme, 1e-4), **load)
+        check(engine, reference, prompt, TOLERANCE.get(scheme, (1e-4, 1e-4)), **load)
 
 
 @pytest.mark.slow  # about 35 s each here (transformers reading the GGUF): CI runs them with the slow checks
@@ -103,7 +112,7 @@ def test_gguf_kept_quantized_matches_transformers(tmp_path: Path, qtype: str) ->
     # Exactness: float32 activations (the engine's default dtype), weights decoded once into float32.
     engine = LLMEngine.from_path(path, ENGINE)
     for prompt in PROMPTS[:2]:
-        check(engine, path.parent, [t + 1000 for t in prompt], 1e-4, gguf_file=path.name)
+        check(engine, path.parent, [t + 1000 for t in prompt], (1e-4, 1e-4), gguf_file=path.name)
 
 
 @pytest.mark.usefixtures("local_ray")
