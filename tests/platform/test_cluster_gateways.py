@@ -406,6 +406,7 @@ def test_sigterm_drains_a_gateway(deployment: Deployment) -> None:
     assert draining.wait(60) == 0
 
 
+@pytest.mark.slow  # ~50 s (waits out cluster_lost_seconds): a cluster fault, with the slow checks CI runs
 def test_a_controller_and_a_gateway_that_lose_their_ray_cluster_exit_for_their_supervisor(
         deployment: Deployment) -> None:
     """A Ray driver whose cluster is gone waits for ever in Ray's calls (and Ray spins a core meanwhile), and never

@@ -36,6 +36,10 @@ from garrison_workers.errors import LayoutError
 from garrison_workers.parallel.dims import ParallelDims
 from garrison_workers.placement import GroupPlacement
 
+# A cluster of three raylets on this machine, its faults and a rollout (~3 minutes in all): with the slow checks,
+# which CI runs.
+pytestmark = pytest.mark.slow
+
 ENGINE = EngineConfig(block_size=4, max_num_batched_tokens=16, num_kv_blocks=128, worker_threads=1)
 NODE_SLOTS = 2
 
