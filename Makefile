@@ -26,8 +26,8 @@ serve: $(STAMP)
 # (tests/postgres_server.py; as root it runs as `nobody`), stopped and removed afterwards; without them the
 # PostgreSQL tests skip and say why. `make test` leaves out the long checks (marked slow: the 60 s load test,
 # the SIGTERM and offline-install runs, SmolLM2 on several ranks, the GGUF parity checks, the three-node cluster);
-# `make test-slow` runs only those; CI (.ci/run) runs both. Each prints its 25 slowest tests: `make test` must stay under 20 minutes
-# here, and they are what to move when it does not.
+# `make test-slow` runs only those; CI (.ci/run) runs both. Each prints its 25 slowest tests: `make test` must stay
+# under 20 minutes here, and they are what to move when it does not.
 PYTEST_MARKS ?= not slow
 
 test: $(STAMP)
