@@ -63,7 +63,7 @@ def engine() -> Schema:
     properties: dict[str, Schema] = {name: integer(1) for name in ENGINE_INT}
     properties |= {name: {"type": ["integer", "null"], "minimum": 1} for name in ENGINE_OPTIONAL_INT}
     properties |= {
-        "enable_prefix_caching": BOOL, "kv_transfer_checksum": BOOL, "async_scheduling": BOOL,
+        "enable_prefix_caching": BOOL, "kv_transfer_checksum": BOOL, "async_scheduling": BOOL, "compile_decode": BOOL,
         "kv_transport": {"enum": ["ray", "torch"]},
         "dtype": {"enum": ["float32", "bfloat16", "float16", "auto"]},
         "kernel_dtype": {"enum": ["float32", "bfloat16", "float16", None]},

@@ -59,8 +59,8 @@ Settings:
   spread, `resource`: a custom Ray resource that reserves nodes for the group), `replicas`,
   `on_ray`, and `engine`: every field of `garrison_workers.engine.config.EngineConfig` (block_size,
   kv_cache_bytes, num_kv_blocks, max_num_seqs, max_num_batched_tokens, max_model_len,
-  enable_prefix_caching, kv_transfer_checksum, kv_transport, attention_key_block, async_scheduling, worker_threads,
-  dtype as a name, device, kv_cache_device), with the engine's own defaults.
+  enable_prefix_caching, kv_transfer_checksum, kv_transport, attention_key_block, async_scheduling, compile_decode,
+  worker_threads, dtype as a name, device, kv_cache_device), with the engine's own defaults.
 """
 
 from __future__ import annotations

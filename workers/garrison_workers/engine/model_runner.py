@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from garrison_workers.attention import AttentionMetadata, PrefillSegment, causal_masks
+from garrison_workers.compiled import DecodeGraph
 from garrison_workers.config import ModelConfig
 from garrison_workers.engine.config import EngineConfig
 from garrison_workers.engine.sampler import SampledToken, TokenDraw, sample
@@ -58,6 +59,9 @@ class ModelRunner:
             return torch.zeros(shape, dtype=dtype, device=device, pin_memory=pin)
 
         self.kv_caches = [(zeros(), zeros()) for _ in range(self.config.num_layers)]
+        self.decode_graph = DecodeGraph.of(model) if engine_config.compile_decode else None
+        if self.decode_graph is not None:
+            self.decode_graph.warm_up(self._warm_up)
 
     @staticmethod
     def kv_block_bytes(config: ModelConfig, block_size: int, dtype: torch.dtype, tp: int = 1) -> int:
@@ -101,11 +105,20 @@ class ModelRunner:
             prefills=self._prefill_segments(prefill, len(decode)))
         if decode:
             self._decode_metadata(decode, meta)
-        hidden_TH = self.model(torch.tensor(input_ids, device=self.device), self._to_device(meta), self.kv_caches)
+        forward = self.decode_graph if self.decode_graph is not None and not prefill else self.model
+        hidden_TH = forward(torch.tensor(input_ids, device=self.device), self._to_device(meta), self.kv_caches)
         if not want_logits:
             return None
         rows = [row for _, row in sorted(sample_rows)]  # back in the caller's chunk order
         return self.model.compute_logits(hidden_TH[rows])
+
+    def _warm_up(self, rows: int) -> None:
+        """A decode step of `rows` rows over a context of more than one block (a one-key context would be a size of
+        its own to the compiler). It writes into blocks 0 and 1, free now; a sequence given them later writes every
+        slot before it reads it, as after any sequence that held them."""
+        bs = self.block_size
+        table = [0, min(1, self.pad_slot // bs - 1)]
+        self.run([SeqChunk([0], bs + row, table, None) for row in range(rows)], want_logits=False)
 
     @torch.inference_mode()
     def export_kv(self, block_table: list[int], num_tokens: int, head_start: int, checksum: bool,
