@@ -29,13 +29,12 @@ def test_compiled_decode_matches_transformers(tmp_path: Path, dtype: torch.dtype
     engine = LLMEngine.from_path(model_dir, replace(CONFIG, dtype=dtype))
     # Start-up compiled the graphs of one decode row and of several; serving compiles nothing more.
     assert compiled_graphs() - before == 2
-    warmed = compiled_graphs()
+    DecodeGraph.of(engine.executor.model).stance = "fail_on_recompile"  # not eager either: the graphs serve it all
     prompts = [torch.randint(3, 320, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (23, 9, 40)]
     vocab = engine.model_config.vocab_size
     params = SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True, top_logprobs=vocab)
     # One at a time (decode batches of one row), then together (batches of three rows).
     runs = [engine.generate([p], params)[0] for p in prompts] + engine.generate(prompts, params)
-    assert compiled_graphs() == warmed
     # bfloat16 keeps 8 bits of mantissa: the eager engine in bfloat16 is 0.13 from float32 transformers on these
     # prompts, the compiled one 0.11 (its fused kernels round less often). Wrong weights or positions give > 1.
     tolerance = 1e-4 if dtype == torch.float32 else 0.3

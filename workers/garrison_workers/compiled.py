@@ -33,7 +33,6 @@ import torch
 from garrison_workers.attention import AttentionMetadata
 from garrison_workers.model import CausalLM, KVCaches
 
-Forward = Callable[[torch.Tensor, AttentionMetadata, KVCaches], torch.Tensor]
 _copies = itertools.count()
 
 
@@ -74,7 +73,9 @@ class DecodeGraph:
             return self._compiled(self.model, input_ids_T, meta, kv_caches)
 
     def warm_up(self, run_decode: Callable[[int], None]) -> None:
-        """Compile both graphs now: `run_decode(n)` runs a decode step of n rows through this graph."""
+        """Compile both graphs now (once per model): `run_decode(n)` runs a decode step of n rows through this graph."""
+        if self.stance != "default":
+            return
         for rows in (1, 2):
             run_decode(rows)
         self.stance = "eager_on_recompile"
