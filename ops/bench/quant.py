@@ -7,7 +7,10 @@ model's GGUF file (SmolLM2-135M-Instruct.Q4_1.gguf):
   table stays float32), engine dtype "auto" (float32 model, bf16 inputs to the quantized matmuls);
 - int4: the file itself kept quantized (Q4_1 blocks as packed int4, its Q8_0 embedding/LM head as two int4
   halves), engine dtype "auto";
+- fp32 graph, int4 graph: fp32 and int4 with `compile_decode` (decode steps as one torch.compile'd forward,
+  compiled at load: the row's load takes tens of seconds more);
 - llama.cpp: llama-cpp-python on the same file, 1 request (its Python API serves one sequence).
+The "x fp32" columns compare like with like: a graph row with fp32 graph, the others with fp32.
 
 Each figure is the best of `--repeat` runs (a shared machine's other work only ever slows a run down).
 Decode tok/s: N requests started together; tokens generated after every request has its first token, over
@@ -59,23 +62,24 @@ def engines(path: Path, workdir: Path):
     from garrison_workers.engine.llm_engine import EngineConfig, LLMEngine, num_kv_blocks
     from garrison_workers.loader import build_model, open_model_files
 
-    def config(dtype) -> EngineConfig:
+    def config(dtype, compile_decode: bool = False) -> EngineConfig:
         # No prefix caching: a repeated prefill would otherwise find its prompt cached and compute nothing.
         return EngineConfig(kv_cache_bytes=256 << 20, max_num_seqs=64, max_num_batched_tokens=1024, dtype=dtype,
-                            enable_prefix_caching=False)
+                            enable_prefix_caching=False, compile_decode=compile_decode)
 
-    for dtype in (torch.float32, torch.bfloat16):
+    for name, dtype, compile_decode in (("fp32", torch.float32, False), ("bf16", torch.bfloat16, False),
+                                        ("fp32 graph", torch.float32, True)):
         files = open_model_files(path, keep_quantized=False)
-        cfg = config(dtype)
+        cfg = config(dtype, compile_decode)
         blocks = num_kv_blocks(files.config, cfg)
         model = build_model(files.config, files.source, dtype)
-        yield str(dtype).removeprefix("torch.").replace("float32", "fp32").replace("bfloat16", "bf16"), \
-            LLMEngine(LocalExecutor(model, blocks, cfg), files.config, files.tokenizer, cfg, blocks)
+        yield name, LLMEngine(LocalExecutor(model, blocks, cfg), files.config, files.tokenizer, cfg, blocks)
     kek = create_kek_file(workdir / "kek")
     store = Store(workdir / "store")
     import_model(path, store, "int8", kek, progress=False, quantize="int8")
     yield "int8", LLMEngine.from_path(store.open("int8", kek), config("auto"))
     yield "int4", LLMEngine.from_path(path, config("auto"))
+    yield "int4 graph", LLMEngine.from_path(path, config("auto", compile_decode=True))
 
 
 def resident_bytes(engine) -> int:
@@ -196,14 +200,15 @@ def print_table(machine, threads: int, bandwidth: float, rows: dict[str, dict[st
           f"bandwidth {bandwidth / 1e9:.1f} GB/s")
     print(f"workload: SmolLM2-135M-Instruct, chat prompt, {DECODE_TOKENS} new tokens per request (greedy); "
           f"prefill of {PREFILL_TOKENS} tokens in one step")
-    fp32, cpp = rows["fp32"], rows["llama.cpp"]
-    head = (f"{'format':<10}{'weights MB':>11}{'bound tok/s':>12}" + "".join(f"{f'dec@{n}':>9}" for n in CONCURRENCY)
+    cpp = rows["llama.cpp"]
+    head = (f"{'format':<12}{'weights MB':>11}{'bound tok/s':>12}" + "".join(f"{f'dec@{n}':>9}" for n in CONCURRENCY)
             + f"{'prefill':>9}{'x fp32@1':>9}{'x fp32@32':>10}{'x cpp@1':>9}{'x cpp pre':>10}")
     print(head)
     nan = float("nan")
     for name, row in rows.items():
         d = [row.get(f"decode_{n}", nan) for n in CONCURRENCY]
-        print(f"{name:<10}{row['weight_bytes'] / 1e6:>11.1f}{fmt(row['bound_1'], 12)}"
+        fp32 = rows["fp32 graph" if name.endswith("graph") else "fp32"]  # like for like: eager or compiled
+        print(f"{name:<12}{row['weight_bytes'] / 1e6:>11.1f}{fmt(row['bound_1'], 12)}"
               + "".join(fmt(v, 9) for v in d) + fmt(row["prefill"], 9)
               + fmt(d[0] / fp32["decode_1"], 9, 2) + fmt(d[2] / fp32["decode_32"], 10, 2)
               + fmt(d[0] / cpp["decode_1"], 9, 2) + fmt(row["prefill"] / cpp["prefill"], 10, 2))
