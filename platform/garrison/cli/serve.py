@@ -145,11 +145,15 @@ def _announce(server: Any) -> None:
         lines.append(f"garrison: admin key written to {server.bootstrap.admin_key_file} (mode 0600, first start only)")
     if server.bootstrap.tenant_key_file:
         lines.append(f"garrison: tenant 'default' key written to {server.bootstrap.tenant_key_file} (mode 0600)")
-    lines += ["", "try it, from another terminal:",
-              f"  garrison chat --server {address} --key-file {tenant_key} --prompt 'What is the capital of France?'",
-              f"  garrison tenants create team-a --models {model} --server {address} --key-file {admin_key}",
-              f"  garrison keys create --tenant team-a --server {address} --key-file {admin_key} > team-a.key",
-              f"  grpcurl -plaintext -H \"authorization: Bearer $(cat {tenant_key})\" "
+    chat = f"  garrison chat --server {address} --key-file {{key}} --prompt 'What is the capital of France?'"
+    tenant = [f"  garrison tenants create team-a --models {model} --server {address} --key-file {admin_key}",
+              f"  garrison keys create --tenant team-a --server {address} --key-file {admin_key} > team-a.key"]
+    # Without the bootstrap tenant (a configuration that does not ask for it) there is no tenant key yet: the
+    # commands that make one come first, and the chat uses it.
+    key = tenant_key if tenant_key.exists() else "team-a.key"
+    lines += ["", "try it, from another terminal:"]
+    lines += [chat.format(key=key), *tenant] if tenant_key.exists() else [*tenant, chat.format(key=key)]
+    lines += [f"  grpcurl -plaintext -H \"authorization: Bearer $(cat {key})\" "
               f"-d '{{\"model\": \"{model}\", \"prompt\": \"Hello\"}}' {address} garrison.v1.Inference/Generate",
               "stop with Ctrl-C"]
     print("\n".join(lines), file=sys.stderr, flush=True)
