@@ -174,11 +174,16 @@ def greedy_with_logprobs(engine, prompt: list[int], new_tokens: int) -> tuple[li
 
     vocab = engine.model_config.vocab_size
     [done] = engine.generate([prompt], SamplingParams(max_tokens=new_tokens, ignore_eos=True, top_logprobs=vocab))
+    return done.token_ids, logprobs_of(done, vocab)
+
+
+def logprobs_of(done, vocab: int) -> torch.Tensor:
+    """`[steps, V]` log-probabilities of a finished request that asked for top_logprobs=V."""
     logprobs = torch.full((len(done.top_logprobs), vocab), float("nan"))
     for step, top in enumerate(done.top_logprobs):
         ids, values = zip(*top)
         logprobs[step, list(ids)] = torch.tensor(values)
-    return done.token_ids, logprobs
+    return logprobs
 
 
 def hf_reference(model_dir: Path, prompt: list[int], new_tokens: int, engine_tokens: list[int], **load):

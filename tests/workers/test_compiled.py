@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import NEW_TOKENS, hf_reference, save_tiny_llama, save_tiny_llama4
+from conftest import NEW_TOKENS, hf_reference, logprobs_of, save_tiny_llama, save_tiny_llama4
 from garrison_workers.compiled import DecodeGraph
 from garrison_workers.engine.llm_engine import EngineConfig, LLMEngine
 from garrison_workers.engine.sequence import SamplingParams
@@ -39,10 +39,7 @@ def test_compiled_decode_matches_transformers(tmp_path: Path, dtype: torch.dtype
     # prompts, the compiled one 0.11 (its fused kernels round less often). Wrong weights or positions give > 1.
     tolerance = 1e-4 if dtype == torch.float32 else 0.3
     for prompt, done in zip(prompts * 2, runs):
-        logprobs = torch.full((len(done.top_logprobs), vocab), float("nan"))
-        for step, top in enumerate(done.top_logprobs):
-            ids, values = zip(*top)
-            logprobs[step, list(ids)] = torch.tensor(values)
+        logprobs = logprobs_of(done, vocab)
         hf_logits, hf_tokens = hf_reference(model_dir, prompt, NEW_TOKENS, done.token_ids)
         diff = (logprobs - torch.log_softmax(hf_logits, dim=-1)).abs().max().item()
         assert diff < tolerance, f"max-abs log-probability difference {diff}"
@@ -58,8 +55,8 @@ def test_compile_decode_refuses_moe_models(tmp_path: Path) -> None:
 
 
 def test_each_model_has_its_own_graphs(tmp_path: Path) -> None:
-    """The guards on a model's own attributes are dropped: a second model of the same shapes must not reuse the first
-    one's graphs, in which its settings (here the norms' epsilon) are constants."""
+    """The guards on a model's own attributes are dropped: a second model of the same shapes must not run with the
+    first one's graphs (the two differ in their norms' epsilon, a constant inside a graph)."""
     a = LLMEngine.from_path(save_tiny_llama(tmp_path / "a", seed=1), CONFIG)
     b = LLMEngine.from_path(save_tiny_llama(tmp_path / "b", seed=2, rms_norm_eps=0.5), CONFIG)
     assert DecodeGraph.of(a.executor.model) is not DecodeGraph.of(b.executor.model)
