@@ -12,6 +12,7 @@ from conftest import NEW_TOKENS, hf_reference, logprobs_of, save_tiny_llama, sav
 from garrison_workers.compiled import DecodeGraph
 from garrison_workers.engine.llm_engine import EngineConfig, LLMEngine
 from garrison_workers.engine.sequence import SamplingParams
+from garrison_workers.errors import ModelLoadError
 
 CONFIG = EngineConfig(block_size=8, num_kv_blocks=32, compile_decode=True)
 
@@ -50,7 +51,7 @@ def test_compiled_decode_matches_transformers(tmp_path: Path, dtype: torch.dtype
 
 def test_compile_decode_refuses_moe_models(tmp_path: Path) -> None:
     model_dir = save_tiny_llama4(tmp_path)
-    with pytest.raises(ValueError, match="compile_decode: this model has MoE layers"):
+    with pytest.raises(ModelLoadError, match="compile_decode: this model has MoE layers"):
         LLMEngine.from_path(model_dir, CONFIG)
 
 

@@ -31,6 +31,8 @@ from typing import Callable
 import torch
 
 from garrison_workers.attention import AttentionMetadata
+from garrison_workers.config import ModelConfig
+from garrison_workers.errors import ModelLoadError
 from garrison_workers.model import CausalLM, KVCaches
 
 _copies = itertools.count()
@@ -38,6 +40,13 @@ _copies = itertools.count()
 
 def _forward(model: CausalLM, input_ids_T: torch.Tensor, meta: AttentionMetadata, kv_caches: KVCaches) -> torch.Tensor:
     return model(input_ids_T, meta, kv_caches)
+
+
+def check_compilable(config: ModelConfig) -> None:
+    """Refuse a model whose forward cannot be one graph (before any rank loads it; the CLI prints the message)."""
+    if any(config.is_moe_layer(layer) for layer in range(config.num_layers)):
+        raise ModelLoadError("compile_decode: this model has MoE layers, whose routing runs in Python and cannot be "
+                         "compiled into one graph; set compile_decode: false (the default) for it")
 
 
 def _step_guards(entries: list) -> list[bool]:
@@ -58,10 +67,7 @@ class DecodeGraph:
         return graph
 
     def __init__(self, model: CausalLM) -> None:
-        config = model.config
-        if any(config.is_moe_layer(layer) for layer in range(config.num_layers)):
-            raise ValueError("compile_decode: this model has MoE layers, whose routing runs in Python and cannot be "
-                             "compiled into one graph; set compile_decode: false (the default) for it")
+        check_compilable(model.config)
         self.model = model
         self.stance = "default"  # until warmed up: compile what the step needs
         code = _forward.__code__.replace(co_name=f"decode_forward_{next(_copies)}")

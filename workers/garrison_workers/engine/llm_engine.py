@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 
+from garrison_workers.compiled import check_compilable
 from garrison_workers.config import ModelConfig
 from garrison_workers.engine.block_manager import BlockManager
 from garrison_workers.engine.config import EngineConfig
@@ -126,6 +127,8 @@ class LLMEngine:
         """
         files = open_model_files(path)
         dims.validate(files.config)
+        if config.compile_decode:
+            check_compilable(files.config)
         dtype, kernel_dtype = compute_dtype(config.dtype, files.source)
         config = dataclasses.replace(config, dtype=dtype, kernel_dtype=config.kernel_dtype or kernel_dtype)
         num_blocks = num_kv_blocks(files.config, config, dims.tp)

@@ -113,12 +113,14 @@ class ModelRunner:
         return self.model.compute_logits(hidden_TH[rows])
 
     def _warm_up(self, rows: int) -> None:
-        """A decode step of `rows` rows over a context of more than one block (a one-key context would be a size of
-        its own to the compiler). It writes into blocks 0 and 1, free now; a sequence given them later writes every
-        slot before it reads it, as after any sequence that held them."""
+        """A decode step of `rows` rows over contexts of a few keys, within one key block (so the rows are the padded
+        batch's) and more than one key (a one-key context would be a size of its own to the compiler). It writes into
+        blocks 0 and 1, free now; a sequence given them later writes every slot before it reads it, as after any
+        sequence that held them."""
         bs = self.block_size
         table = [0, min(1, self.pad_slot // bs - 1)]
-        self.run([SeqChunk([0], bs + row, table, None) for row in range(rows)], want_logits=False)
+        start = max(1, min(bs, self.key_block - 2))
+        self.run([SeqChunk([0], start + row, table, None) for row in range(rows)], want_logits=False)
 
     @torch.inference_mode()
     def export_kv(self, block_table: list[int], num_tokens: int, head_start: int, checksum: bool,
