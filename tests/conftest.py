@@ -162,6 +162,17 @@ def no_process_left_behind() -> Iterator[None]:
     assert not described, f"processes left running by this module (now killed): {described}"
 
 
+def use_kernel(monkeypatch, kernel: str | None) -> None:
+    """Quantized matmuls in this process through "native" (garrison::a8_mm: skips where it cannot run) or "torch"
+    (PyTorch's kernels); None leaves the choice to make_kernel."""
+    from garrison_workers.quant import native
+
+    if kernel == "native" and not native.available():
+        pytest.skip("garrison::a8_mm cannot run here (no C++ compiler or no AVX512-VNNI): see the log")
+    if kernel == "torch":
+        monkeypatch.setattr(native, "available", lambda: False)
+
+
 # -- parity with transformers (the numerical oracle), shared by the model, parallel and multi-node tests ----------
 
 NEW_TOKENS = 32

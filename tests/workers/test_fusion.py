@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import NEW_TOKENS, greedy_with_logprobs, save_tiny_llama, save_tiny_llama4_compressed
+from conftest import NEW_TOKENS, greedy_with_logprobs, save_tiny_llama, save_tiny_llama4_compressed, use_kernel
 from garrison_workers import loader
 from garrison_workers.engine.llm_engine import EngineConfig, LLMEngine
 from garrison_workers.engine.sequence import SamplingParams
@@ -39,14 +39,16 @@ def stored_bytes(model: torch.nn.Module) -> int:
     return sum(storages.values())
 
 
-@pytest.mark.parametrize("name, dtype, stacked", [
-    ("llama", torch.float32, {"qkv": 3, "gate_up": 3}),
-    ("llama4-int4", torch.float32, {"qkv": 4, "gate_up": 4}),  # the exact mode: weights decoded at load
-    # bf16 inputs to packed int4: q (64 rows) then k (32) would end inside a 64-row block: attention not stacked
-    ("llama4-int4", "auto", {"qkv": 0, "gate_up": 4}),
+@pytest.mark.parametrize("name, dtype, kernel, stacked", [
+    ("llama", torch.float32, None, {"qkv": 3, "gate_up": 3}),
+    ("llama4-int4", torch.float32, None, {"qkv": 4, "gate_up": 4}),  # the exact mode: weights decoded at load
+    # PyTorch's packed int4: q (64 rows) then k (32) would end inside a 64-row block: attention not stacked
+    ("llama4-int4", "auto", "torch", {"qkv": 0, "gate_up": 4}),
+    ("llama4-int4", "auto", "native", {"qkv": 4, "gate_up": 4}),  # garrison::a8_mm's tiles are 16 rows
 ])
-def test_stacked_projections_compute_what_the_projections_compute(checkpoints, monkeypatch, name, dtype,
+def test_stacked_projections_compute_what_the_projections_compute(checkpoints, monkeypatch, name, dtype, kernel,
                                                                    stacked) -> None:
+    use_kernel(monkeypatch, kernel)
     config = EngineConfig(block_size=4, max_num_batched_tokens=16, num_kv_blocks=128, dtype=dtype)
     fused = LLMEngine.from_path(checkpoints[name], config)
     monkeypatch.setattr(loader, "fuse_projections", lambda model: None)

@@ -1,0 +1,121 @@
+"""garrison::a8_mm (csrc/a8_cpu.cpp): int4/int8 weights by activations rounded to int8 per block of 32.
+
+Two oracles, both computed here in float64 from the canonical tensors (codec.dequantize), never from the kernel's
+layout:
+- its arithmetic: x rounded as the kernel documents (d = max|x| / 127 per block of 32, nearest even), the exact
+  sum over the weights it stands for, rounded to bf16: the kernel's float32 accumulation may differ by an ulp of
+  float32 per block, so the result is within one bf16 step;
+- the float product x @ W.T: within the bound the activation rounding allows, sum over blocks of (d_b / 2) times
+  the block's |W| (each int8 value is within half a step of x / d_b), plus the output's bf16 rounding. A wrong
+  scale, offset, nibble order or tile would break it by far more.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import use_kernel
+from garrison_workers.quant import kernels, native
+from garrison_workers.quant.codec import dequantize, pack_int4
+
+BLOCK = 32
+
+
+def quantized_weight(kind: str, n: int, k: int, group: int, zero: bool, half: bool, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "int4":
+        payload = pack_int4(torch.randint(0, 16, (n, k), generator=gen))
+    else:
+        payload = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
+    scale = torch.rand(n, k // group, generator=gen) / 16 + 1e-3
+    low = torch.randn(n, k // group, generator=gen) / 8
+    if half:  # a GGUF file's scales and minimums: float16, which the kernel then keeps in float16
+        scale, low = scale.half().float(), low.half().float()
+    # The canonical zero of w = (q - 8) s + zero; GGUF Q4_1's is its minimum + 8 s (codec.from_gguf_blocks)
+    return payload, scale, low + 8 * scale if zero else None
+
+
+def rounded_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x rounded to int8 per block as float64 [T, K], the blocks' scales d [T, K / 32])."""
+    blocks = x.float().unflatten(-1, (-1, BLOCK))
+    amax = blocks.abs().amax(-1, keepdim=True)
+    # float32 divisions as the kernel's (`127 / tensor` would be PyTorch's reciprocal times 127: rounded twice)
+    inverse = torch.where(amax > 0, torch.full_like(amax, 127) / amax, torch.zeros_like(amax))
+    q = torch.round(blocks * inverse).double()  # torch.round: nearest, ties to even, as the kernel
+    return q.flatten(-2), (amax / torch.full_like(amax, 127)).double().squeeze(-1)
+
+
+@pytest.fixture(autouse=True)
+def needs_native(monkeypatch) -> None:
+    use_kernel(monkeypatch, "native")
+
+
+@pytest.mark.parametrize("kind, n, k, group, zero, half", [
+    ("int4", 48, 96, 32, False, False),      # GGUF Q4_0's shape of groups; 3 tiles
+    ("int4", 64, 256, 64, True, True),       # Q4_1: a zero per group, float16 scales
+    ("int4", 32, 384, 128, True, False),     # compressed-tensors' groups of 128, asymmetric
+    ("int4", 16, 160, 160, False, False),    # per channel, K a multiple of 32 only
+    ("int8", 48, 128, 32, False, True),      # GGUF Q8_0
+    ("int8", 32, 192, 192, False, False),    # per-channel int8 (models import --quantize int8)
+])
+@pytest.mark.parametrize("rows", [1, 3, 4, 9])  # the kernel takes rows 4 at a time, then 3, 2 or 1
+def test_a8_mm_computes_its_documented_arithmetic(kind, n, k, group, zero, half, rows) -> None:
+    payload, scale, offset = quantized_weight(kind, n, k, group, zero, half, seed=rows)
+    kernel = kernels.make_kernel(kind, payload, scale, offset, torch.bfloat16)
+    assert isinstance(kernel, kernels.A8CPU)
+    assert kernel.scales.dtype == (torch.float16 if half else torch.float32)
+    x = (torch.randn(rows, k, generator=torch.Generator().manual_seed(k)) * 3).to(torch.bfloat16)
+    x[0, :BLOCK] = 0  # a block of zeros: scale 0, nothing divided by it
+    got = kernel(x).double()
+
+    weight = dequantize(kind, payload, scale, offset).double()
+    q, d = rounded_activations(x)
+    arithmetic = (q.unflatten(-1, (-1, BLOCK)) * d[..., None]).flatten(-2) @ weight.t()
+    step = arithmetic.abs().to(torch.bfloat16).double().clamp_min(1e-30) * 2.0 ** -7  # one bf16 step
+    assert ((got - arithmetic).abs() <= step + 1e-6).all()
+
+    exact = x.double() @ weight.t()
+    bound = (d / 2).repeat_interleave(BLOCK, -1) @ weight.abs().t() + exact.abs() * 2.0 ** -8 + 1e-6
+    assert ((got - exact).abs() <= bound).all()
+
+
+def test_a8_mm_stacks_tiles_exactly() -> None:
+    parts = [quantized_weight("int4", rows, 128, 32, True, True, seed=i) for i, rows in enumerate((48, 16, 32))]
+    separate = [kernels.make_kernel("int4", *part, torch.bfloat16) for part in parts]
+    stacked = kernels.stack_kernels(separate)
+    assert isinstance(stacked, kernels.A8CPU)
+    x = torch.randn(5, 128).to(torch.bfloat16)
+    assert torch.equal(stacked(x), torch.cat([kernel(x) for kernel in separate], dim=-1))
+    # Different groups or scale dtypes do not stack.
+    other = kernels.make_kernel("int4", *quantized_weight("int4", 16, 128, 64, True, True, seed=9), torch.bfloat16)
+    assert kernels.stack_kernels([separate[0], other]) is None
+
+
+def test_a8_mm_compiles_into_a_graph() -> None:
+    kernel = kernels.make_kernel("int4", *quantized_weight("int4", 32, 64, 32, True, False, seed=0), torch.bfloat16)
+    x = torch.randn(2, 64).to(torch.bfloat16)
+    compiled = torch.compile(lambda x: kernel(x) * 2, fullgraph=True, dynamic=True)
+    assert torch.equal(compiled(x), kernel(x) * 2)
+
+
+def test_a8_mm_refuses_what_it_cannot_compute() -> None:
+    kernel = kernels.make_kernel("int4", *quantized_weight("int4", 16, 64, 32, False, False, seed=0), torch.bfloat16)
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        torch.ops.garrison.a8_mm(torch.randn(1, 64), kernel.codes, kernel.scales, kernel.offsets, 32, 4)
+    with pytest.raises(RuntimeError, match="inputs"):
+        torch.ops.garrison.a8_mm(torch.randn(1, 96).bfloat16(), kernel.codes, kernel.scales, kernel.offsets, 32, 4)
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        torch.ops.garrison.a8_mm(torch.randn(1, 64).bfloat16(), kernel.codes, kernel.scales, kernel.offsets, 16, 4)
+    # Shapes the kernel cannot take go to PyTorch's kernels: output rows not a multiple of 16, groups of 16.
+    assert not isinstance(kernels.make_kernel("int4", *quantized_weight("int4", 24, 64, 32, False, False, seed=0),
+                                              torch.bfloat16), kernels.A8CPU)
+    assert not isinstance(kernels.make_kernel("int4", *quantized_weight("int4", 16, 64, 16, False, False, seed=0),
+                                              torch.bfloat16), kernels.A8CPU)
+
+
+def test_switched_off_by_the_environment(monkeypatch) -> None:
+    monkeypatch.setenv(native.ENV, "0")
+    assert not native.available()
+    kernel = kernels.make_kernel("int4", *quantized_weight("int4", 16, 64, 32, False, False, seed=0), torch.bfloat16)
+    assert isinstance(kernel, kernels.Int4CPU)

@@ -1,0 +1,220 @@
+// garrison::a8_mm: y[T, N] = x[T, K] @ W.T for int4 or int8 weights with group scales, on CPUs with AVX512-VNNI
+// (Intel Cascade Lake and later, AMD Zen 4 and later). llama.cpp's arithmetic (its Q4/Q8 x Q8_0 dot products):
+//
+//   each block of 32 inputs of a row of x is rounded to int8 with its own scale d = max|x| / 127, and the weights'
+//   unsigned codes u multiply those int8 values with VPDPBUSD, 64 products per instruction, summed exactly in int32;
+//   with w = u s + o for a group of the weight (o = z - 8 s for int4 codes 0..15 read as u - 8, o = z - 128 s for
+//   int8 stored as u = q + 128), a group contributes
+//       s * sum_b d_b * sum(u * xq)  +  o * sum_b d_b * sum(xq)
+//   (the second term from each block's sum of its int8 values), accumulated in float32 and rounded to bf16 once.
+//
+// Why: on this class of CPU a 512-bit vector instruction is the unit of cost, and PyTorch's packed int4 kernel
+// spends ~5 of them per 16 weights (widen each code to float32, scale it, one float FMA); here 64 int4 weights cost
+// ~2.5 (unpack two nibble planes, one VPDPBUSD per row). The price is llama.cpp's: activations rounded to 8 bits per
+// block of 32 instead of 16-bit floats.
+//
+// Layouts (tile_codes in kernels.py), for 16 output features (a tile): int8, 64 bytes per 4 inputs, byte 4 r + j
+// holding row r's code of input j; int4, 64 bytes per 8 inputs, byte 4 r + j holding row r's code of input j in its
+// low nibble and of input 4 + j in its high nibble. Either way each 64-byte operand has a row per 32-bit lane, as
+// VPDPBUSD wants. Scales and offsets are [N / 16, K / group, 16]: a tile's own, one after the other.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+
+namespace {
+
+constexpr int64_t kTile = 16;   // output features per tile: one 32-bit lane each
+constexpr int64_t kBlock = 32;  // inputs per activation scale
+constexpr int64_t kRows = 4;    // activation rows that share each unpacked operand
+// Codes are requested this many bytes ahead of use: a decode step reads every weight once, from memory or the
+// last-level cache, and the hardware prefetcher alone kept SmolLM2's 80 MB at ~19 GB/s here, this at ~30.
+constexpr int64_t kPrefetch = 4096;
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vnni")
+
+// x's rows rounded to int8, a scale per block of 32 and each block's scale times the sum of its int8 values.
+struct Activations {
+  int8_t* q;       // [T, K]
+  float* scale;    // [T, K / 32]
+  float* sum;      // [T, K / 32]
+};
+
+__m512 widen_bf16(const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+
+void quantize_row(const uint16_t* x, int64_t k, int8_t* q, float* scale, float* sum) {
+  for (int64_t b = 0; b < k / kBlock; ++b) {
+    const __m512 lo = widen_bf16(x + b * kBlock), hi = widen_bf16(x + b * kBlock + 16);
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+    const float d = amax / 127.0f, inverse = amax > 0.0f ? 127.0f / amax : 0.0f;
+    const __m512i qlo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, _mm512_set1_ps(inverse)));  // nearest, ties to even
+    const __m512i qhi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, _mm512_set1_ps(inverse)));
+    _mm_storeu_si128((__m128i*)(q + b * kBlock), _mm512_cvtsepi32_epi8(qlo));
+    _mm_storeu_si128((__m128i*)(q + b * kBlock + 16), _mm512_cvtsepi32_epi8(qhi));
+    scale[b] = d;
+    sum[b] = d * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi)));
+  }
+}
+
+struct Problem {
+  Activations x;
+  const uint8_t* codes;   // a tile's codes, tile after tile (see the layouts above)
+  const void* scales;     // [N / 16, K / group, 16]
+  const void* offsets;    // [N / 16, K / group, 16]
+  bool half;              // scales and offsets are float16 (a GGUF file's, exactly), else float32
+  uint16_t* y;            // [T, N] bf16 bits
+  int64_t k, n, group;
+};
+
+__m512 load_scales(const void* base, int64_t at, bool half) {
+  if (half) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)((const uint16_t*)base + at)));
+  return _mm512_loadu_ps((const float*)base + at);
+}
+
+// float32 -> bf16 bits, rounding to nearest even (as PyTorch converts), for 16 values.
+__m256i to_bf16(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
+}
+
+// The 8 operands of one block of 32 inputs (operand i: inputs 4 i .. 4 i + 3 of each row), from 4 (int4) or 8
+// (int8) 64-byte chunks.
+template <int Bits>
+struct Operands {
+  __m512i v[8];
+  explicit Operands(const uint8_t* chunk) {
+    if constexpr (Bits == 8) {
+      for (int i = 0; i < 8; ++i) v[i] = _mm512_loadu_si512(chunk + 64 * i);
+    } else {
+      const __m512i nibble = _mm512_set1_epi8(0x0F);
+      for (int c = 0; c < 4; ++c) {
+        const __m512i codes = _mm512_loadu_si512(chunk + 64 * c);
+        v[2 * c] = _mm512_and_si512(codes, nibble);
+        v[2 * c + 1] = _mm512_and_si512(_mm512_srli_epi16(codes, 4), nibble);
+      }
+    }
+  }
+};
+
+template <int R, int Bits>
+void tile_rows(const Problem& p, int64_t tile, int64_t row) {
+  const int64_t blocks = p.k / kBlock, per_group = p.group / kBlock, groups = p.k / p.group;
+  constexpr int64_t kBlockBytes = kBlock * kTile * Bits / 8;
+  const uint8_t* chunk = p.codes + tile * blocks * kBlockBytes;
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512 part[R];
+    float sum[R];
+    for (int r = 0; r < R; ++r) part[r] = _mm512_setzero_ps(), sum[r] = 0.0f;
+    for (int64_t b = g * per_group; b < (g + 1) * per_group; ++b, chunk += kBlockBytes) {
+      for (int64_t line = 0; line < kBlockBytes; line += 64)
+        _mm_prefetch((const char*)chunk + kPrefetch + line, _MM_HINT_T0);
+      const Operands<Bits> w(chunk);
+      for (int r = 0; r < R; ++r) {
+        const int32_t* quads = (const int32_t*)(p.x.q + (row + r) * p.k + b * kBlock);
+        // Two sums per row: VPDPBUSD's result is not ready for the next one at once.
+        __m512i even = _mm512_setzero_si512(), odd = _mm512_setzero_si512();
+        for (int i = 0; i < 8; i += 2) {
+          even = _mm512_dpbusd_epi32(even, w.v[i], _mm512_set1_epi32(quads[i]));
+          odd = _mm512_dpbusd_epi32(odd, w.v[i + 1], _mm512_set1_epi32(quads[i + 1]));
+        }
+        const int64_t at = (row + r) * blocks + b;
+        part[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(even, odd)), _mm512_set1_ps(p.x.scale[at]),
+                                  part[r]);
+        sum[r] += p.x.sum[at];
+      }
+    }
+    const int64_t at = (tile * groups + g) * kTile;
+    const __m512 scale = load_scales(p.scales, at, p.half), offset = load_scales(p.offsets, at, p.half);
+    for (int r = 0; r < R; ++r)
+      acc[r] = _mm512_fmadd_ps(offset, _mm512_set1_ps(sum[r]), _mm512_fmadd_ps(scale, part[r], acc[r]));
+  }
+  for (int r = 0; r < R; ++r)
+    _mm256_storeu_si256((__m256i*)(p.y + (row + r) * p.n + tile * kTile), to_bf16(acc[r]));
+}
+
+template <int Bits>
+void run(const Problem& p, int64_t rows) {
+  // Tiles split among threads; each thread takes every row of its tiles, so a tile's codes come from memory once
+  // per call and from cache for the rows after the first kRows. A thread gets at least ~64K products: waking
+  // threads costs more than a small matrix.
+  const int64_t grain = std::max<int64_t>(1, (1 << 16) / (kTile * p.k * std::max<int64_t>(rows, 1)));
+  at::parallel_for(0, p.n / kTile, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t tile = begin; tile < end; ++tile) {
+      int64_t row = 0;
+      for (; row + kRows <= rows; row += kRows) tile_rows<kRows, Bits>(p, tile, row);
+      switch (rows - row) {
+        case 3: tile_rows<3, Bits>(p, tile, row); break;
+        case 2: tile_rows<2, Bits>(p, tile, row); break;
+        case 1: tile_rows<1, Bits>(p, tile, row); break;
+        default: break;
+      }
+    }
+  });
+}
+
+#pragma GCC pop_options
+
+bool supported() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vnni");
+}
+
+at::Tensor a8_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& offsets,
+                 int64_t group, int64_t bits) {
+  TORCH_CHECK(supported(), "garrison::a8_mm needs AVX512-VNNI, which this CPU lacks");
+  TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8, not ", bits);
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "x must be [T, K] bfloat16");
+  const int64_t rows = x.size(0), k = x.size(1), per_chunk = 512 / (kTile * bits);  // inputs per 64 bytes
+  TORCH_CHECK(codes.dim() == 3 && codes.scalar_type() == at::kByte && codes.size(2) == 64 &&
+                  codes.size(1) * per_chunk == k,
+              "codes must be [N / 16, K / ", per_chunk, ", 64] uint8 for ", k, " inputs of ", bits, " bits");
+  TORCH_CHECK(group > 0 && group % kBlock == 0 && k % group == 0, "group ", group, " must be a multiple of ", kBlock,
+              " that divides ", k);
+  const int64_t n = codes.size(0) * kTile;
+  for (const at::Tensor* t : {&scales, &offsets})
+    TORCH_CHECK((t->scalar_type() == at::kFloat || t->scalar_type() == at::kHalf) &&
+                    t->scalar_type() == scales.scalar_type() && t->dim() == 3 && t->size(0) == n / kTile &&
+                    t->size(1) == k / group && t->size(2) == kTile,
+                "scales and offsets must be [N / 16, K / group, 16], both float32 or both float16");
+  const at::Tensor xc = x.contiguous(), cc = codes.contiguous(), sc = scales.contiguous(), oc = offsets.contiguous();
+  at::Tensor q = at::empty({rows, k}, x.options().dtype(at::kChar));
+  at::Tensor blocks = at::empty({2, rows, k / kBlock}, x.options().dtype(at::kFloat));
+  float* per_block = blocks.data_ptr<float>();
+  const Activations a{q.data_ptr<int8_t>(), per_block, per_block + rows * (k / kBlock)};
+  const uint16_t* xs = reinterpret_cast<const uint16_t*>(xc.data_ptr());
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t)
+      quantize_row(xs + t * k, k, a.q + t * k, a.scale + t * (k / kBlock), a.sum + t * (k / kBlock));
+  });
+  at::Tensor y = at::empty({rows, n}, x.options());
+  const Problem p{a, cc.data_ptr<uint8_t>(), sc.data_ptr(), oc.data_ptr(), scales.scalar_type() == at::kHalf,
+                  reinterpret_cast<uint16_t*>(y.data_ptr()), k, n, group};
+  if (bits == 4) run<4>(p, rows); else run<8>(p, rows);
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(garrison, m) {
+  m.def("a8_mm(Tensor x, Tensor codes, Tensor scales, Tensor offsets, int group, int bits) -> Tensor");
+  m.def("a8_supported() -> bool", [] { return supported(); });
+}
+
+TORCH_LIBRARY_IMPL(garrison, CPU, m) {
+  m.impl("a8_mm", a8_mm);
+}
