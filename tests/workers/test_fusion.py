@@ -44,7 +44,7 @@ def stored_bytes(model: torch.nn.Module) -> int:
     ("llama4-int4", torch.float32, None, {"qkv": 4, "gate_up": 4}),  # the exact mode: weights decoded at load
     # PyTorch's packed int4: q (64 rows) then k (32) would end inside a 64-row block: attention not stacked
     ("llama4-int4", "auto", "torch", {"qkv": 0, "gate_up": 4}),
-    ("llama4-int4", "auto", "native", {"qkv": 4, "gate_up": 4}),  # garrison::a8_mm's tiles are 16 rows
+    ("llama4-int4", "auto", "native", {"qkv": 4, "gate_up": 4}),  # a8_mm's tiles are 16 rows
 ])
 def test_stacked_projections_compute_what_the_projections_compute(checkpoints, monkeypatch, name, dtype, kernel,
                                                                    stacked) -> None:

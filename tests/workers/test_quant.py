@@ -142,11 +142,32 @@ def test_parallel_layouts_match_single_process(compressed, scheme: str, tp: int,
         engine.shutdown()
 
 
+@pytest.mark.usefixtures("local_ray")
+def test_tp2_matches_single_process_with_int8_activations(compressed, monkeypatch) -> None:
+    """a8_mm under tp=2: a row-parallel rank rounds its own inputs per block of 32, the blocks one process would
+    (group boundaries are block boundaries), and returns float32 partial sums; what moves is their summation order,
+    which can tip one activation at a rounding tie to the next int8 step in a later layer (measured: 0.019 at most,
+    the other prompt 2e-6). With the partial sums rounded to bf16 (as the kernel's first version returned them),
+    both prompts' greedy tokens parted from one process's within 16 steps."""
+    use_kernel(monkeypatch, "native")
+    config = EngineConfig(block_size=4, max_num_batched_tokens=16, num_kv_blocks=128, dtype="auto")
+    single = LLMEngine.from_path(compressed["int4-group-asym"], config)
+    expected = [greedy_with_logprobs(single, prompt, 16) for prompt in PROMPTS[:2]]
+    engine = LLMEngine.from_path(compressed["int4-group-asym"], config, ParallelDims(tp=2))
+    try:
+        for prompt, (tokens, logprobs) in zip(PROMPTS[:2], expected):
+            got_tokens, got_logprobs = greedy_with_logprobs(engine, prompt, 16)
+            assert got_tokens == tokens
+            assert (got_logprobs - logprobs).abs().max().item() < 0.15
+    finally:
+        engine.shutdown()
+
+
 @pytest.mark.parametrize("scheme", ["int4-group-sym", "int4-group-asym"])
 @pytest.mark.parametrize("kernel, held", [("torch", kernels.Int4CPU), ("native", kernels.A8CPU)])
 def test_auto_dtype_feeds_the_low_bit_kernels_bf16(compressed, monkeypatch, scheme: str, kernel: str, held) -> None:
     """dtype 'auto' keeps the model in float32 and gives a quantized checkpoint's matmuls bfloat16 inputs, which
-    garrison::a8_mm then rounds to int8 per block of 32; the error that costs is the rounding of the inputs (to 8
+    a8_mm then rounds to int8 per block of 32; the error that costs is the rounding of the inputs (to 8
     mantissa bits, or to 255 levels of a block's largest), not of the weights. Measured on these tiny models, per
     step until the greedy tokens part: torch's kernel median 0.04-0.07, max 0.26; garrison's median 0.08-0.12, max
     0.87 (the first step 0.22 at most)."""

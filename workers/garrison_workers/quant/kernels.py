@@ -4,7 +4,7 @@ Every kernel computes y[T, N] = x[T, K] @ W.T for the W that the canonical tenso
 (`codec.dequantize`), in the activations' dtype, and holds its weights in its own layout (derived
 once, at load). The choices, fastest first:
 
-- CPU int4 and int8 with AVX512-VNNI and bf16 activations: Garrison's `garrison::a8_mm` (`native`,
+- CPU int4 and int8 with AVX512-VNNI and bf16 activations: Garrison's `a8_mm` (`native`,
   csrc/a8_cpu.cpp), llama.cpp's arithmetic: each block of 32 activations rounded to int8 with its own
   scale, multiplied by the weights' codes with integer dot products; 2-3x faster than PyTorch's kernels
   here, and its activations carry ~2x the rounding error of bf16 ones. It needs N % 16 == 0 and groups
@@ -42,7 +42,7 @@ from garrison_workers.quant.codec import FP8_MAX, dequantize, expand_groups, unp
 
 INT4_GROUPS = (256, 128, 64, 32)  # what the packed int4 kernels accept, widest first
 INT4_PACK_ROWS = 64  # the CPU int4 packing's block of rows (BLOCK_N of PyTorch's int4mm kernel)
-INT8_BLOCK = 32  # inputs per activation scale of garrison::a8_mm
+INT8_BLOCK = 32  # inputs per activation scale of a8_mm
 # Makes a per-token amax [T, 1] of this rank's input shard that of the whole row (a MAX over the TP group), so
 # that a row-parallel FP8 layer rounds its activations exactly as one device would.
 AmaxReduce = Callable[[torch.Tensor], torch.Tensor]
@@ -129,7 +129,7 @@ class Int4CPU:
 
 
 def tile_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Unsigned codes [N, K] -> garrison::a8_mm's layout [N / 16, K * bits / 512, 64] (see csrc/a8_cpu.cpp): per 16
+    """Unsigned codes [N, K] -> a8_mm's layout [N / 16, K * bits / 512, 64] (see csrc/a8_cpu.cpp): per 16
     rows, 64 bytes hold 4 inputs (int8: byte 4 r + j is row r's input j) or 8 (int4: input j in the low nibble,
     input 4 + j in the high one)."""
     n, k = codes.shape
@@ -140,7 +140,10 @@ def tile_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 class A8CPU:
-    """int4 or int8 weights by activations rounded to int8 per block of 32 (garrison::a8_mm; `native`)."""
+    """int4 or int8 weights by activations rounded to int8 per block of 32 (a8_mm; `native`): float32
+    outputs, from bf16 or float32 inputs (see `input_dtype`)."""
+
+    INPUTS = (torch.bfloat16, torch.float32)
 
     def __init__(self, kind: str, payload: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> None:
         self.bits = 4 if kind == "int4" else 8
@@ -158,7 +161,7 @@ class A8CPU:
                                      .transpose(1, 2).contiguous() for t in (scale, offset))
 
     def __call__(self, x_TK: torch.Tensor) -> torch.Tensor:
-        return torch.ops.garrison.a8_mm(x_TK, self.codes, self.scales, self.offsets, self.group, self.bits)
+        return native.ops().a8_mm(x_TK, self.codes, self.scales, self.offsets, self.group, self.bits)
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.codes, self.scales, self.offsets]
@@ -318,6 +321,14 @@ class Dequantized:
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.payload, self.scale, self.zero) if t is not None]
+
+
+def input_dtype(kernel: Kernel, kernel_dtype: torch.dtype, x_dtype: torch.dtype) -> torch.dtype:
+    """The dtype `kernel` is fed activations of `x_dtype` in: a8_mm rounds float32 activations to int8
+    itself (a cast to `kernel_dtype` first would round them twice, and cost a pass over them); every other
+    kernel takes `kernel_dtype`."""
+    inner = kernel.kernel if isinstance(kernel, Rows) else kernel
+    return x_dtype if isinstance(inner, A8CPU) and x_dtype in A8CPU.INPUTS else kernel_dtype
 
 
 def stack_kernels(kernels: list[Kernel]) -> Kernel | None:

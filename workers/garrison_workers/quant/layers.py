@@ -22,7 +22,7 @@ from garrison_workers.parallel.context import ParallelContext
 from garrison_workers.parallel.layers import ColumnParallelLinear, RowParallelLinear, set_weight_loader
 from garrison_workers.quant.codec import dequantize
 from garrison_workers.quant.formats import Names, WeightFormat, find_format
-from garrison_workers.quant.kernels import AmaxReduce, Kernel, make_kernel
+from garrison_workers.quant.kernels import AmaxReduce, Kernel, input_dtype, make_kernel
 
 Canonical = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
 
@@ -68,9 +68,9 @@ def hold(module: nn.Module, kernels: list[Kernel], drop: Sequence[str] = ()) -> 
 
 
 def run_kernel(kernel: Kernel, kernel_dtype: torch.dtype, x: torch.Tensor) -> torch.Tensor:
-    """`kernel` over the last dimension of `x` (any leading shape): its input in the kernel's dtype, its output
+    """`kernel` over the last dimension of `x` (any leading shape): its input in the dtype it takes, its output
     back in x's."""
-    out = kernel(x.reshape(-1, x.shape[-1]).to(kernel_dtype)).to(x.dtype)
+    out = kernel(x.reshape(-1, x.shape[-1]).to(input_dtype(kernel, kernel_dtype, x.dtype))).to(x.dtype)
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
@@ -194,13 +194,13 @@ class QuantizedExperts(nn.Module):
     def forward(self, x_PH: torch.Tensor, counts_E: list[int]) -> torch.Tensor:
         """Rows of `x_PH` are sorted by expert; `counts_E[e]` rows belong to local expert e."""
         out_PH = torch.empty_like(x_PH)
-        x_PH = x_PH.to(self.kernel_dtype)
         start = 0
         for (gate_up, down), count in zip(self._kernels, counts_E):
             if count:
-                rows = slice(start, start + count)
-                gate_PI, up_PI = gate_up(x_PH[rows]).chunk(2, dim=-1)
-                out_PH[rows] = down(F.silu(gate_PI) * up_PI).to(out_PH.dtype)
+                x_CH = x_PH[start:start + count]
+                gate_CI, up_CI = gate_up(x_CH.to(input_dtype(gate_up, self.kernel_dtype, x_CH.dtype))).chunk(2, dim=-1)
+                h_CI = F.silu(gate_CI) * up_CI
+                out_PH[start:start + count] = down(h_CI.to(input_dtype(down, self.kernel_dtype, h_CI.dtype)))
                 start += count
         return out_PH
 

@@ -1,4 +1,4 @@
-// garrison::a8_mm: y[T, N] = x[T, K] @ W.T for int4 or int8 weights with group scales, on CPUs with AVX512-VNNI
+// a8_mm: y[T, N] = x[T, K] @ W.T (float32) for int4 or int8 weights with group scales, on CPUs with AVX512-VNNI
 // (Intel Cascade Lake and later, AMD Zen 4 and later). llama.cpp's arithmetic (its Q4/Q8 x Q8_0 dot products):
 //
 //   each block of 32 inputs of a row of x is rounded to int8 with its own scale d = max|x| / 127, and the weights'
@@ -6,12 +6,12 @@
 //   with w = u s + o for a group of the weight (o = z - 8 s for int4 codes 0..15 read as u - 8, o = z - 128 s for
 //   int8 stored as u = q + 128), a group contributes
 //       s * sum_b d_b * sum(u * xq)  +  o * sum_b d_b * sum(xq)
-//   (the second term from each block's sum of its int8 values), accumulated in float32 and rounded to bf16 once.
+//   (the second term from each block's sum of its int8 values), accumulated in float32.
 //
 // Why: on this class of CPU a 512-bit vector instruction is the unit of cost, and PyTorch's packed int4 kernel
 // spends ~5 of them per 16 weights (widen each code to float32, scale it, one float FMA); here 64 int4 weights cost
-// ~2.5 (unpack two nibble planes, one VPDPBUSD per row). The price is llama.cpp's: activations rounded to 8 bits per
-// block of 32 instead of 16-bit floats.
+// ~2.5 (unpack two nibble planes, one VPDPBUSD per row). The price is llama.cpp's: activations (bf16 or float32)
+// rounded to 8 bits per block of 32.
 //
 // Layouts (tile_codes in kernels.py), for 16 output features (a tile): int8, 64 bytes per 4 inputs, byte 4 r + j
 // holding row r's code of input j; int4, 64 bytes per 8 inputs, byte 4 r + j holding row r's code of input j in its
@@ -21,6 +21,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
@@ -48,13 +49,16 @@ struct Activations {
   float* sum;      // [T, K / 32]
 };
 
-__m512 widen_bf16(const uint16_t* p) {
+__m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+
+__m512 load16(const c10::BFloat16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
 }
 
-void quantize_row(const uint16_t* x, int64_t k, int8_t* q, float* scale, float* sum) {
+template <typename T>
+void quantize_row(const T* x, int64_t k, int8_t* q, float* scale, float* sum) {
   for (int64_t b = 0; b < k / kBlock; ++b) {
-    const __m512 lo = widen_bf16(x + b * kBlock), hi = widen_bf16(x + b * kBlock + 16);
+    const __m512 lo = load16(x + b * kBlock), hi = load16(x + b * kBlock + 16);
     const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
     const float d = amax / 127.0f, inverse = amax > 0.0f ? 127.0f / amax : 0.0f;
     const __m512i qlo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, _mm512_set1_ps(inverse)));  // nearest, ties to even
@@ -72,21 +76,13 @@ struct Problem {
   const void* scales;     // [N / 16, K / group, 16]
   const void* offsets;    // [N / 16, K / group, 16]
   bool half;              // scales and offsets are float16 (a GGUF file's, exactly), else float32
-  uint16_t* y;            // [T, N] bf16 bits
+  float* y;               // [T, N]
   int64_t k, n, group;
 };
 
 __m512 load_scales(const void* base, int64_t at, bool half) {
   if (half) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)((const uint16_t*)base + at)));
   return _mm512_loadu_ps((const float*)base + at);
-}
-
-// float32 -> bf16 bits, rounding to nearest even (as PyTorch converts), for 16 values.
-__m256i to_bf16(__m512 v) {
-  const __m512i bits = _mm512_castps_si512(v);
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
-  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
 }
 
 // The 8 operands of one block of 32 inputs (operand i: inputs 4 i .. 4 i + 3 of each row), from 4 (int4) or 8
@@ -142,8 +138,7 @@ void tile_rows(const Problem& p, int64_t tile, int64_t row) {
     for (int r = 0; r < R; ++r)
       acc[r] = _mm512_fmadd_ps(offset, _mm512_set1_ps(sum[r]), _mm512_fmadd_ps(scale, part[r], acc[r]));
   }
-  for (int r = 0; r < R; ++r)
-    _mm256_storeu_si256((__m256i*)(p.y + (row + r) * p.n + tile * kTile), to_bf16(acc[r]));
+  for (int r = 0; r < R; ++r) _mm512_storeu_ps(p.y + (row + r) * p.n + tile * kTile, acc[r]);
 }
 
 template <int Bits>
@@ -176,9 +171,10 @@ bool supported() {
 
 at::Tensor a8_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& offsets,
                  int64_t group, int64_t bits) {
-  TORCH_CHECK(supported(), "garrison::a8_mm needs AVX512-VNNI, which this CPU lacks");
+  TORCH_CHECK(supported(), "a8_mm needs AVX512-VNNI, which this CPU lacks");
   TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8, not ", bits);
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "x must be [T, K] bfloat16");
+  TORCH_CHECK(x.dim() == 2 && (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat),
+              "x must be [T, K] bfloat16 or float32");
   const int64_t rows = x.size(0), k = x.size(1), per_chunk = 512 / (kTile * bits);  // inputs per 64 bytes
   TORCH_CHECK(codes.dim() == 3 && codes.scalar_type() == at::kByte && codes.size(2) == 64 &&
                   codes.size(1) * per_chunk == k,
@@ -196,25 +192,35 @@ at::Tensor a8_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor&
   at::Tensor blocks = at::empty({2, rows, k / kBlock}, x.options().dtype(at::kFloat));
   float* per_block = blocks.data_ptr<float>();
   const Activations a{q.data_ptr<int8_t>(), per_block, per_block + rows * (k / kBlock)};
-  const uint16_t* xs = reinterpret_cast<const uint16_t*>(xc.data_ptr());
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t)
-      quantize_row(xs + t * k, k, a.q + t * k, a.scale + t * (k / kBlock), a.sum + t * (k / kBlock));
+    for (int64_t t = begin; t < end; ++t) {
+      int8_t* q_t = a.q + t * k;
+      float *scale_t = a.scale + t * (k / kBlock), *sum_t = a.sum + t * (k / kBlock);
+      if (xc.scalar_type() == at::kFloat) quantize_row(xc.data_ptr<float>() + t * k, k, q_t, scale_t, sum_t);
+      else quantize_row(xc.data_ptr<c10::BFloat16>() + t * k, k, q_t, scale_t, sum_t);
+    }
   });
-  at::Tensor y = at::empty({rows, n}, x.options());
+  // float32, not x's dtype: the sums are float32, and a row-parallel layer's partial sums, rounded to bf16, would
+  // move the next layer's int8 roundings on one rank count and not another.
+  at::Tensor y = at::empty({rows, n}, x.options().dtype(at::kFloat));
   const Problem p{a, cc.data_ptr<uint8_t>(), sc.data_ptr(), oc.data_ptr(), scales.scalar_type() == at::kHalf,
-                  reinterpret_cast<uint16_t*>(y.data_ptr()), k, n, group};
+                  y.data_ptr<float>(), k, n, group};
   if (bits == 4) run<4>(p, rows); else run<8>(p, rows);
   return y;
 }
 
 }  // namespace
 
-TORCH_LIBRARY(garrison, m) {
+// GARRISON_NAMESPACE (garrison_<digest of this file>, from native.py) passes through one more macro so that it is
+// expanded before TORCH_LIBRARY pastes it into names.
+#define GARRISON_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
+#define GARRISON_LIBRARY_IMPL(ns, key, m) TORCH_LIBRARY_IMPL(ns, key, m)
+
+GARRISON_LIBRARY(GARRISON_NAMESPACE, m) {
   m.def("a8_mm(Tensor x, Tensor codes, Tensor scales, Tensor offsets, int group, int bits) -> Tensor");
   m.def("a8_supported() -> bool", [] { return supported(); });
 }
 
-TORCH_LIBRARY_IMPL(garrison, CPU, m) {
+GARRISON_LIBRARY_IMPL(GARRISON_NAMESPACE, CPU, m) {
   m.impl("a8_mm", a8_mm);
 }
