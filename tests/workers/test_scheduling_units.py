@@ -160,7 +160,9 @@ def test_every_sampling_value_the_api_accepts_gives_a_token(temperature: float, 
 
 
 def test_a_row_without_finite_logits_fails_alone() -> None:
-    logits = torch.tensor([[1.0, 2.0, 3.0], [float("nan"), 1.0, 2.0], [-math.inf] * 3, [1.0, math.inf, 0.0]])
-    tokens = sample(logits, [TokenDraw(), TokenDraw(temperature=0.7), TokenDraw(), TokenDraw(temperature=0.7, seed=3)])
-    assert [t.error is None for t in tokens] == [True, False, False, True]
+    logits = torch.tensor([[1.0, 2.0, 3.0], [float("nan"), 1.0, 2.0], [-math.inf] * 3, [1.0, math.inf, 0.0],
+                           [math.inf, -math.inf, math.inf], [math.inf, float("nan"), 0.0]])
+    tokens = sample(logits, [TokenDraw(), TokenDraw(temperature=0.7), TokenDraw(), TokenDraw(temperature=0.7, seed=3),
+                             TokenDraw(), TokenDraw()])
+    assert [t.error is None for t in tokens] == [True, False, False, True, False, False]
     assert tokens[0].token_id == 2 and tokens[3].token_id == 1  # +inf (an overflow) still wins
