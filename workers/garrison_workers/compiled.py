@@ -24,6 +24,7 @@ which Dynamo gives up on).
 from __future__ import annotations
 
 import itertools
+import re
 import types
 import weakref
 from typing import Callable
@@ -50,8 +51,12 @@ def check_compilable(config: ModelConfig) -> None:
 
 
 def _step_guards(entries: list) -> list[bool]:
-    """Keep the guards on the step's inputs (ids, metadata, caches) and global state; drop those on the model."""
-    return [not entry.name.startswith("model") for entry in entries]
+    """Keep the guards on the step's inputs (ids, metadata, caches) and global state; drop those on the model, its
+    modules and their kernels (`model...`, `type(model...)`)."""
+    return [not _MODEL_GUARD.match(entry.name) for entry in entries]
+
+
+_MODEL_GUARD = re.compile(r"^(\w+\()*model\b")
 
 
 class DecodeGraph:

@@ -147,6 +147,7 @@ class A8CPU:
 
     def __init__(self, kind: str, payload: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> None:
         self.bits = 4 if kind == "int4" else 8
+        self.op = native.ops().a8_mm  # held, not looked up per call: torch.compile would guard each lookup
         # Unsigned codes u with w = u s + o: int4 codes are u - 8, int8's q is stored as u = q + 128.
         codes = unpack_int4(payload) if kind == "int4" else payload.to(torch.int32) + 128
         mid = 8 if kind == "int4" else 128
@@ -161,7 +162,7 @@ class A8CPU:
                                      .transpose(1, 2).contiguous() for t in (scale, offset))
 
     def __call__(self, x_TK: torch.Tensor) -> torch.Tensor:
-        return native.ops().a8_mm(x_TK, self.codes, self.scales, self.offsets, self.group, self.bits)
+        return self.op(x_TK, self.codes, self.scales, self.offsets, self.group, self.bits)
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.codes, self.scales, self.offsets]
@@ -176,7 +177,7 @@ class A8CPU:
         if len({(p.bits, p.group, p.codes.shape[1], p.scales.dtype) for p in parts}) > 1:
             return None
         merged = A8CPU.__new__(A8CPU)
-        merged.bits, merged.group = parts[0].bits, parts[0].group
+        merged.op, merged.bits, merged.group = parts[0].op, parts[0].bits, parts[0].group
         merged.codes, merged.scales, merged.offsets = (torch.cat([getattr(p, name) for p in parts])
                                                        for name in ("codes", "scales", "offsets"))
         return merged if _computes_as(merged, parts) else None
