@@ -4,9 +4,11 @@ One run, one thread count for everything (`--threads`, default every core). Form
 model's GGUF file (SmolLM2-135M-Instruct.Q4_1.gguf):
 - fp32, bf16: the file's blocks dequantized at load, computed in that dtype;
 - int8: `models import --quantize int8` of the dequantized weights (per-channel int8; the embedding/LM head
-  table stays float32), engine dtype "auto" (float32 model, bf16 inputs to the quantized matmuls);
-- int4: the file itself kept quantized (Q4_1 blocks as packed int4, its Q8_0 embedding/LM head as two int4
-  halves), engine dtype "auto";
+  table stays float32), engine dtype "auto" (float32 model, low-bit matmuls by the fastest kernel this CPU has:
+  Garrison's a8_mm with AVX512-VNNI, activations rounded to int8 per block of 32 as llama.cpp does);
+- int4: the file itself kept quantized (Q4_1 blocks as int4, its Q8_0 embedding/LM head as int8), dtype "auto";
+- int4 torch: the same with PyTorch's packed int4 kernel (GARRISON_NATIVE_KERNELS=0: bf16 activations, the LM
+  head as two int4 halves), what every CPU without AVX512-VNNI runs;
 - fp32 graph, int4 graph: fp32 and int4 with `compile_decode` (decode steps as one torch.compile'd forward,
   compiled at load: the row's load takes tens of seconds more);
 - llama.cpp: llama-cpp-python on the same file, 1 request (its Python API serves one sequence).
@@ -61,6 +63,7 @@ def engines(path: Path, workdir: Path):
     from garrison_workers.engine.executor import LocalExecutor
     from garrison_workers.engine.llm_engine import EngineConfig, LLMEngine, num_kv_blocks
     from garrison_workers.loader import build_model, open_model_files
+    from garrison_workers.quant import native
 
     def config(dtype, compile_decode: bool = False) -> EngineConfig:
         # No prefix caching: a repeated prefill would otherwise find its prompt cached and compute nothing.
@@ -80,6 +83,11 @@ def engines(path: Path, workdir: Path):
     yield "int8", LLMEngine.from_path(store.open("int8", kek), config("auto"))
     yield "int4", LLMEngine.from_path(path, config("auto"))
     yield "int4 graph", LLMEngine.from_path(path, config("auto", compile_decode=True))
+    os.environ[native.ENV] = "0"  # read when a model's kernels are made
+    try:
+        yield "int4 torch", LLMEngine.from_path(path, config("auto"))
+    finally:
+        del os.environ[native.ENV]
 
 
 def resident_bytes(engine) -> int:
@@ -187,19 +195,25 @@ def main() -> int:
         rows["llama.cpp"] = {"weight_bytes": path.stat().st_size, "decode_1": decode, "prefill": prefill,
                              "bound_1": bandwidth / path.stat().st_size}
     machine.load_average_end = os.getloadavg()
-    print_table(machine, args.threads, bandwidth, rows)
+    from garrison_workers.quant import native
+
+    native_kernel = native.available()
+    print_table(machine, args.threads, bandwidth, rows, native_kernel)
     if args.json:
         print(json.dumps(finite_or_none({"machine": dataclasses.asdict(machine), "threads": args.threads,
+                                         "native_kernel": native_kernel,
                                          "bandwidth": bandwidth, "rows": rows})))
     return 0
 
 
-def print_table(machine, threads: int, bandwidth: float, rows: dict[str, dict[str, float]]) -> None:
+def print_table(machine, threads: int, bandwidth: float, rows: dict[str, dict[str, float]],
+                native_kernel: bool) -> None:
     print(f"machine: {machine.cpu}, {machine.os_cpu_count} cores, torch {machine.torch_version} on {threads} "
           f"threads, load {machine.load_average_start[0]:.2f} -> {machine.load_average_end[0]:.2f}; copy "
           f"bandwidth {bandwidth / 1e9:.1f} GB/s")
     print(f"workload: SmolLM2-135M-Instruct, chat prompt, {DECODE_TOKENS} new tokens per request (greedy); "
-          f"prefill of {PREFILL_TOKENS} tokens in one step")
+          f"prefill of {PREFILL_TOKENS} tokens in one step; int8/int4 kernel: "
+          + ("a8_mm (int8 activations, AVX512-VNNI)" if native_kernel else "PyTorch's (this CPU cannot run a8_mm)"))
     cpp = rows["llama.cpp"]
     head = (f"{'format':<12}{'weights MB':>11}{'bound tok/s':>12}" + "".join(f"{f'dec@{n}':>9}" for n in CONCURRENCY)
             + f"{'prefill':>9}{'x fp32@1':>9}{'x fp32@32':>10}{'x cpp@1':>9}{'x cpp pre':>10}")

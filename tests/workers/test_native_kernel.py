@@ -87,6 +87,20 @@ def test_a8_mm_computes_its_documented_arithmetic(kind, n, k, group, zero, half,
     assert ((got - exact).abs() <= bound).all()
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_input_gives_its_row_no_finite_output(bad: float) -> None:
+    """As a float matmul would (NaN, or inf times weights of either sign): the row's outputs are not finite, so
+    the sampler fails that sequence alone, never a finite answer made of a NaN rounded to an int8 value; the
+    other rows are untouched."""
+    kernel = kernels.make_kernel("int4", *quantized_weight("int4", 32, 64, 32, True, False, seed=0), torch.bfloat16)
+    x = torch.randn(3, 64)
+    clean = kernel(x)
+    x[1, 40] = bad
+    got = kernel(x)
+    assert not got[1].isfinite().any()
+    assert torch.equal(got[[0, 2]], clean[[0, 2]])
+
+
 def test_a8_mm_stacks_tiles_exactly() -> None:
     parts = [quantized_weight("int4", rows, 128, 32, True, True, seed=i) for i, rows in enumerate((48, 16, 32))]
     separate = [kernels.make_kernel("int4", *part, torch.bfloat16) for part in parts]

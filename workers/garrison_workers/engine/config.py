@@ -32,8 +32,9 @@ class EngineConfig:
     # dense models only.
     compile_decode: bool = False
     worker_threads: int | None = None  # torch threads per Ray rank; None: the node's cores / ranks, at most 4
-    # "auto": float32, with a quantized checkpoint's low-bit matmuls fed bfloat16 activations (the packed kernels
-    # are fast with 16-bit activations only; norms, attention, the residual stream and the KV cache stay float32).
+    # "auto": float32, with a quantized checkpoint's low-bit matmuls fed low-precision activations, which its
+    # kernels are fast with (bfloat16, or int8 per block of 32 in a8_mm on CPUs with AVX512-VNNI; norms, attention,
+    # the residual stream and the KV cache stay float32).
     # LLMEngine.from_path resolves it (into dtype and kernel_dtype) before anything is sized from it.
     dtype: torch.dtype | Literal["auto"] = torch.float32
     kernel_dtype: torch.dtype | None = None  # activations of the quantized matmuls; None: `dtype`

@@ -28,7 +28,7 @@ Kernels of one kind that read the same input (a layer's q, k and v) stack into o
 With float32 activations on CPU (an engine asked for float32: exact arithmetic), int4 and int8 weights are
 dequantized once, at load, into a float32 matrix: the packed kernels' float32 paths are 5-10x slower than a
 dense float32 matmul, and the result is the same to float32 rounding. Low-bit weights stay low-bit in memory
-with 16-bit activations (engine dtype "auto").
+with bf16 activations (engine dtype "auto"; a8_mm also takes float32 ones, see `input_dtype`).
 """
 
 from __future__ import annotations

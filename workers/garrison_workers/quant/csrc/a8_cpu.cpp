@@ -28,6 +28,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 
 namespace {
@@ -59,7 +60,10 @@ template <typename T>
 void quantize_row(const T* x, int64_t k, int8_t* q, float* scale, float* sum) {
   for (int64_t b = 0; b < k / kBlock; ++b) {
     const __m512 lo = load16(x + b * kBlock), hi = load16(x + b * kBlock + 16);
-    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+    float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+    // A NaN input (max may drop it) makes the block's scale NaN, and an infinite one makes it infinite: either way
+    // the row's outputs are not finite, as a float matmul's would not be, rather than quietly rounded values.
+    if (_mm512_cmp_ps_mask(lo, lo, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(hi, hi, _CMP_UNORD_Q)) amax = NAN;
     const float d = amax / 127.0f, inverse = amax > 0.0f ? 127.0f / amax : 0.0f;
     const __m512i qlo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, _mm512_set1_ps(inverse)));  // nearest, ties to even
     const __m512i qhi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, _mm512_set1_ps(inverse)));
