@@ -1,15 +1,15 @@
 """Matmuls with quantized weights: `make_kernel` picks the fastest kernel the device and shapes allow.
 
 Every kernel computes y[T, N] = x[T, K] @ W.T for the W that the canonical tensors stand for
-(`codec.dequantize`), in the activations' dtype, and holds its weights in its own layout (derived
-once, at load). The choices, fastest first:
+(`codec.dequantize`), in the activations' dtype (a8_mm: float32), and holds its weights in its own layout
+(derived once, at load). The choices, fastest first:
 
 - CPU int4 and int8 with AVX512-VNNI and bf16 activations: Garrison's `a8_mm` (`native`,
   csrc/a8_cpu.cpp), llama.cpp's arithmetic: each block of 32 activations rounded to int8 with its own
-  scale, multiplied by the weights' codes with integer dot products; 2-3x faster than PyTorch's kernels
-  here, and its activations carry ~2x the rounding error of bf16 ones. It needs N % 16 == 0 and groups
-  (or a per-channel row) of a multiple of 32 inputs.
-- CPU int4 otherwise: PyTorch's packed int4 matmul (`_weight_int4pack_mm_for_cpu`), bf16 activations: codes
+  scale, multiplied by the weights' codes with integer dot products; its matmuls 2-3x faster than
+  PyTorch's kernels here, its activations with ~2x the rounding error of bf16 ones. It needs N % 16 == 0
+  and groups (or a per-channel row) of a multiple of 32 inputs. Without it (or for other shapes):
+- CPU int4: PyTorch's packed int4 matmul (`_weight_int4pack_mm_for_cpu`), bf16 activations: codes
   stay 4-bit in memory and are widened tile by tile. It needs N % 16 == 0 and groups of 32..256 (a
   per-channel scale is repeated over groups of 256..32, which is exact).
 - CPU int8 per channel: `_weight_int8pack_mm`.

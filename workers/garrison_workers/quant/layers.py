@@ -126,10 +126,10 @@ class QuantizedHead(QuantizedLinear):
     """A quantized LM head whose most likely logits are exact.
 
     With 16-bit kernel activations the kernel's output is 16-bit too: a logit of 20 is then known to ±0.06,
-    enough to swap two near-tied tokens. The `REFINED` largest logits of each row are recomputed in float32
-    from their rows of the quantized table (a few rows, against the whole table the kernel reads), so greedy
-    choices and the top log-probabilities are those of the quantized weights; the others keep the kernel's
-    rounding, which moves the softmax normalizer by far less."""
+    enough to swap two near-tied tokens (with a8_mm's int8 activations, to about as much). The `REFINED`
+    largest logits of each row are recomputed in float32 from their rows of the quantized table (a few rows,
+    against the whole table the kernel reads), so greedy choices and the top log-probabilities are those of the
+    quantized weights; the others keep the kernel's rounding, which moves the softmax normalizer by far less."""
 
     REFINED = 16
 
