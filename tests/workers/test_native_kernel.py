@@ -58,7 +58,7 @@ def needs_native(monkeypatch) -> None:
     ("int8", 48, 128, 32, False, True),      # GGUF Q8_0
     ("int8", 32, 192, 192, False, False),    # per-channel int8 (models import --quantize int8)
 ])
-@pytest.mark.parametrize("rows", [1, 3, 4, 9])  # the kernel takes rows 4 at a time, then 3, 2 or 1
+@pytest.mark.parametrize("rows", [1, 3, 4, 9, 15])  # the kernel takes rows 8 at a time, then 4, 2 and 1
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_a8_mm_computes_its_documented_arithmetic(kind, n, k, group, zero, half, rows, dtype) -> None:
     payload, scale, offset = quantized_weight(kind, n, k, group, zero, half, seed=rows)

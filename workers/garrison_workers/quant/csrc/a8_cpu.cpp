@@ -35,7 +35,7 @@ namespace {
 
 constexpr int64_t kTile = 16;   // output features per tile: one 32-bit lane each
 constexpr int64_t kBlock = 32;  // inputs per activation scale
-constexpr int64_t kRows = 4;    // activation rows that share each unpacked operand
+constexpr int64_t kRows = 8;    // activation rows that share each unpacked operand
 // Codes are requested this many bytes ahead of use: a decode step reads every weight once, from memory or the
 // last-level cache, and the hardware prefetcher alone kept SmolLM2's 80 MB at ~19 GB/s here, this at ~30.
 constexpr int64_t kPrefetch = 4096;
@@ -116,31 +116,36 @@ void tile_rows(const Problem& p, int64_t tile, int64_t row) {
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
-    __m512 part[R];
+    const int64_t at = (tile * groups + g) * kTile;
+    const __m512 scale = load_scales(p.scales, at, p.half);
     float sum[R];
-    for (int r = 0; r < R; ++r) part[r] = _mm512_setzero_ps(), sum[r] = 0.0f;
+    for (int r = 0; r < R; ++r) sum[r] = 0.0f;
     for (int64_t b = g * per_group; b < (g + 1) * per_group; ++b, chunk += kBlockBytes) {
       for (int64_t line = 0; line < kBlockBytes; line += 64)
         _mm_prefetch((const char*)chunk + kPrefetch + line, _MM_HINT_T0);
       const Operands<Bits> w(chunk);
-      for (int r = 0; r < R; ++r) {
-        const int32_t* quads = (const int32_t*)(p.x.q + (row + r) * p.k + b * kBlock);
-        // Two sums per row: VPDPBUSD's result is not ready for the next one at once.
-        __m512i even = _mm512_setzero_si512(), odd = _mm512_setzero_si512();
-        for (int i = 0; i < 8; i += 2) {
-          even = _mm512_dpbusd_epi32(even, w.v[i], _mm512_set1_epi32(quads[i]));
-          odd = _mm512_dpbusd_epi32(odd, w.v[i + 1], _mm512_set1_epi32(quads[i + 1]));
+      // One integer sum per row and operand chain: with 4 or more rows their chains interleave; fewer rows split
+      // each into two (VPDPBUSD's result is not ready for the next one at once).
+      constexpr int kChains = R >= 4 ? 1 : 2;
+      __m512i dot[R][kChains];
+      for (int r = 0; r < R; ++r)
+        for (int c = 0; c < kChains; ++c) dot[r][c] = _mm512_setzero_si512();
+      for (int i = 0; i < 8; ++i)
+        for (int r = 0; r < R; ++r) {
+          const int32_t* quads = (const int32_t*)(p.x.q + (row + r) * p.k + b * kBlock);
+          dot[r][i % kChains] = _mm512_dpbusd_epi32(dot[r][i % kChains], w.v[i], _mm512_set1_epi32(quads[i]));
         }
-        const int64_t at = (row + r) * blocks + b;
-        part[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(even, odd)), _mm512_set1_ps(p.x.scale[at]),
-                                  part[r]);
-        sum[r] += p.x.sum[at];
+      for (int r = 0; r < R; ++r) {
+        const int64_t at_x = (row + r) * blocks + b;
+        __m512i total = dot[r][0];
+        if constexpr (kChains == 2) total = _mm512_add_epi32(total, dot[r][1]);
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(total), _mm512_mul_ps(scale, _mm512_set1_ps(p.x.scale[at_x])),
+                                 acc[r]);
+        sum[r] += p.x.sum[at_x];
       }
     }
-    const int64_t at = (tile * groups + g) * kTile;
-    const __m512 scale = load_scales(p.scales, at, p.half), offset = load_scales(p.offsets, at, p.half);
-    for (int r = 0; r < R; ++r)
-      acc[r] = _mm512_fmadd_ps(offset, _mm512_set1_ps(sum[r]), _mm512_fmadd_ps(scale, part[r], acc[r]));
+    const __m512 offset = load_scales(p.offsets, at, p.half);
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(offset, _mm512_set1_ps(sum[r]), acc[r]);
   }
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(p.y + (row + r) * p.n + tile * kTile, acc[r]);
 }
@@ -155,12 +160,9 @@ void run(const Problem& p, int64_t rows) {
     for (int64_t tile = begin; tile < end; ++tile) {
       int64_t row = 0;
       for (; row + kRows <= rows; row += kRows) tile_rows<kRows, Bits>(p, tile, row);
-      switch (rows - row) {
-        case 3: tile_rows<3, Bits>(p, tile, row); break;
-        case 2: tile_rows<2, Bits>(p, tile, row); break;
-        case 1: tile_rows<1, Bits>(p, tile, row); break;
-        default: break;
-      }
+      if (rows - row >= 4) tile_rows<4, Bits>(p, tile, row), row += 4;
+      if (rows - row >= 2) tile_rows<2, Bits>(p, tile, row), row += 2;
+      if (rows - row >= 1) tile_rows<1, Bits>(p, tile, row);
     }
   });
 }
