@@ -27,8 +27,8 @@ class EngineConfig:
     # actors; a disaggregated replica's groups and an engine in this process run one step after the other.
     async_scheduling: bool = True
     # Decode steps (no prefill chunk in the step) run the model as one torch.compile'd graph (see
-    # garrison_workers.compiled): fewer, fused op calls; SmolLM2 on CPU 1.3-1.4x the tokens per second at one request,
-    # 1.15x at 32. Compiling costs tens of seconds at start-up, on every rank (less with inductor's cache on disk);
+    # garrison_workers.compiled): fewer, fused op calls; SmolLM2 on CPU 1.2-1.6x the tokens per second at one request,
+    # 1.1-1.3x at 32. Compiling costs tens of seconds at start-up, on every rank (less with inductor's cache on disk);
     # dense models only.
     compile_decode: bool = False
     worker_threads: int | None = None  # torch threads per Ray rank; None: the node's cores / ranks, at most 4
