@@ -101,6 +101,21 @@ def test_a_non_finite_input_gives_its_row_no_finite_output(bad: float) -> None:
     assert torch.equal(got[[0, 2]], clean[[0, 2]])
 
 
+@pytest.mark.parametrize("magnitude", [1e-39, 1e-33, 1e-20, 1e30])
+def test_tiny_and_huge_activations_keep_their_relative_accuracy(magnitude: float) -> None:
+    """Rounding to int8 is relative to each block's largest value, so the result's relative error does not depend
+    on the activations' magnitude: subnormal blocks included (127 / max would overflow there), up to where a
+    float32 product itself would overflow."""
+    payload, scale, offset = quantized_weight("int4", 32, 64, 32, True, False, seed=0)
+    kernel = kernels.make_kernel("int4", payload, scale, offset, torch.bfloat16)
+    weight = dequantize("int4", payload, scale, offset).double()
+    x = torch.randn(2, 64, generator=torch.Generator().manual_seed(1)) * magnitude
+    x[0, :5] = 0
+    got = kernel(x).double()
+    scale_of_terms = x.double().abs() @ weight.abs().t()
+    assert ((got - x.double() @ weight.t()).abs() <= 0.02 * scale_of_terms).all()
+
+
 def test_a8_mm_stacks_tiles_exactly() -> None:
     parts = [quantized_weight("int4", rows, 128, 32, True, True, seed=i) for i, rows in enumerate((48, 16, 32))]
     separate = [kernels.make_kernel("int4", *part, torch.bfloat16) for part in parts]

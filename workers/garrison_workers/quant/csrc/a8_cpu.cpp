@@ -64,9 +64,14 @@ void quantize_row(const T* x, int64_t k, int8_t* q, float* scale, float* sum) {
     // A NaN input (max may drop it) makes the block's scale NaN, and an infinite one makes it infinite: either way
     // the row's outputs are not finite, as a float matmul's would not be, rather than quietly rounded values.
     if (_mm512_cmp_ps_mask(lo, lo, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(hi, hi, _CMP_UNORD_Q)) amax = NAN;
-    const float d = amax / 127.0f, inverse = amax > 0.0f ? 127.0f / amax : 0.0f;
-    const __m512i qlo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, _mm512_set1_ps(inverse)));  // nearest, ties to even
-    const __m512i qhi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, _mm512_set1_ps(inverse)));
+    const float d = amax / 127.0f;
+    // A block whose largest value is below 2^-100 (subnormals included) is scaled up by 2^100, exactly, first:
+    // 127 / amax would overflow to inf and round every value of the block to garbage.
+    const float lift = amax < 0x1p-100f ? 0x1p100f : 1.0f;
+    const float inverse = amax > 0.0f ? 127.0f / (amax * lift) : 0.0f;
+    const __m512 up = _mm512_set1_ps(lift), factor = _mm512_set1_ps(inverse);  // nearest, ties to even:
+    const __m512i qlo = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_mul_ps(lo, up), factor));
+    const __m512i qhi = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_mul_ps(hi, up), factor));
     _mm_storeu_si128((__m128i*)(q + b * kBlock), _mm512_cvtsepi32_epi8(qlo));
     _mm_storeu_si128((__m128i*)(q + b * kBlock + 16), _mm512_cvtsepi32_epi8(qhi));
     scale[b] = d;
