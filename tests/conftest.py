@@ -165,7 +165,7 @@ def no_process_left_behind() -> Iterator[None]:
 def use_kernel(monkeypatch, kernel: str | None) -> None:
     """Quantized matmuls in this process through "native" (a8_mm: skips where it cannot run) or "torch"
     (PyTorch's kernels); None leaves the choice to make_kernel."""
-    from garrison_workers.quant import native
+    from garrison_workers import native
 
     if kernel == "native" and not native.available():
         pytest.skip("a8_mm cannot run here (no C++ compiler or no AVX512-VNNI): see the log")

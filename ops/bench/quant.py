@@ -63,7 +63,7 @@ def engines(path: Path, workdir: Path):
     from garrison_workers.engine.executor import LocalExecutor
     from garrison_workers.engine.llm_engine import EngineConfig, LLMEngine, num_kv_blocks
     from garrison_workers.loader import build_model, open_model_files
-    from garrison_workers.quant import native
+    from garrison_workers import native
 
     def config(dtype, compile_decode: bool = False) -> EngineConfig:
         # No prefix caching: a repeated prefill would otherwise find its prompt cached and compute nothing.
@@ -195,7 +195,7 @@ def main() -> int:
         rows["llama.cpp"] = {"weight_bytes": path.stat().st_size, "decode_1": decode, "prefill": prefill,
                              "bound_1": bandwidth / path.stat().st_size}
     machine.load_average_end = os.getloadavg()
-    from garrison_workers.quant import native
+    from garrison_workers import native
 
     native_kernel = native.available()
     print_table(machine, args.threads, bandwidth, rows, native_kernel)

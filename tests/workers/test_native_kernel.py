@@ -1,4 +1,4 @@
-"""a8_mm (csrc/a8_cpu.cpp, quant.native): int4/int8 weights by activations rounded to int8 per block of 32.
+"""a8_mm (csrc/a8_cpu.cpp, garrison_workers.native): int4/int8 weights by activations rounded to int8 per block of 32.
 
 Two oracles, both computed here in float64 from the canonical tensors (codec.dequantize), never from the kernel's
 layout:
@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from conftest import use_kernel
-from garrison_workers.quant import kernels, native
+from garrison_workers import native
+from garrison_workers.quant import kernels
 from garrison_workers.quant.codec import dequantize, pack_int4
 
 BLOCK = 32

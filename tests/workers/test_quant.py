@@ -32,7 +32,8 @@ from conftest import (
 from garrison_workers.engine.llm_engine import EngineConfig, LLMEngine
 from garrison_workers.errors import LayoutError, ModelLoadError
 from garrison_workers.parallel.dims import ParallelDims
-from garrison_workers.quant import kernels, native
+from garrison_workers import native
+from garrison_workers.quant import kernels
 from garrison_workers.quant.kernels import Rows
 from garrison_workers.quant.layers import QuantizedLinear
 

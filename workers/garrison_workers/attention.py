@@ -16,9 +16,14 @@ whole context at once.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from garrison_workers import native
+
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # decode_attention's, for queries and cache alike
 
 
 @dataclass(slots=True)
@@ -54,28 +59,46 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k_TKD: torch.Tensor, 
     v_cache.index_copy_(0, slot_mapping_T, v_TKD.to(v_cache.device))
 
 
+DecodeKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+
+
+def decode_kernel(head_dim: int) -> DecodeKernel | None:
+    """Garrison's `decode_attention` op (`native`) where this process can run it, else None (decode rows then
+    gather their keys and use sdpa): it reads each key where it lies in the cache instead of copying them all."""
+    if head_dim % 16 or not native.attention_available():
+        return None
+    return native.ops().decode_attention
+
+
 def paged_attention(q_THD: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    meta: AttentionMetadata, chunked: bool, scale: float) -> torch.Tensor:
-    """Attention of every query row of the step; the step's own K/V must already be in the cache."""
+                    meta: AttentionMetadata, chunked: bool, scale: float,
+                    kernel: DecodeKernel | None = None) -> torch.Tensor:
+    """Attention of every query row of the step; the step's own K/V must already be in the cache. `kernel`
+    (`decode_kernel`) attends the decode rows when their tensors are on the CPU."""
     out_THD = torch.empty_like(q_THD)
     if meta.num_decode:
-        _decode_attention(q_THD, out_THD, k_cache, v_cache, meta, chunked, scale)
+        _decode_attention(q_THD, out_THD, k_cache, v_cache, meta, chunked, scale, kernel)
     for seg in meta.prefills:
         _prefill_attention(q_THD, out_THD, k_cache, v_cache, seg, chunked, scale)
     return out_THD
 
 
 def _decode_attention(q_THD: torch.Tensor, out_THD: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                      meta: AttentionMetadata, chunked: bool, scale: float) -> None:
+                      meta: AttentionMetadata, chunked: bool, scale: float, kernel: DecodeKernel | None) -> None:
     assert meta.decode_slots_BL is not None
     num_decode = meta.num_decode
-    q_BH1D = q_THD[:num_decode].unsqueeze(2)
     # Padding points at the runner's pad slot, which no sequence writes (zeros): masked keys add exact zeros.
     slots = meta.decode_chunked_slots_BW if chunked else meta.decode_slots_BL
-    assert slots is not None
+    mask = meta.decode_mask_chunked_B11W if chunked else meta.decode_mask_global_B11L
+    assert slots is not None and mask is not None
+    if (kernel is not None and q_THD.device.type == k_cache.device.type == "cpu"
+            and q_THD.dtype in _KERNEL_DTYPES and k_cache.dtype in _KERNEL_DTYPES):
+        o_BHD = kernel(q_THD[:num_decode], k_cache, v_cache, slots, mask.view(num_decode, -1), scale)
+        out_THD[:num_decode] = o_BHD.to(out_THD.dtype)
+        return
+    q_BH1D = q_THD[:num_decode].unsqueeze(2)
     k_BKLD = _gather(k_cache, slots, q_THD.device).transpose(1, 2)
     v_BKLD = _gather(v_cache, slots, q_THD.device).transpose(1, 2)
-    mask = meta.decode_mask_chunked_B11W if chunked else meta.decode_mask_global_B11L
     if q_BH1D.device.type == "cpu" and q_BH1D.dtype != torch.float32:
         # On CPU, one query row per sequence attends several times faster in float32 than in 16 bits (the
         # 16-bit kernel is slower per element and does not parallelize a batch of single rows), and no less

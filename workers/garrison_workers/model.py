@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from garrison_workers.attention import AttentionMetadata, paged_attention, write_kv
+from garrison_workers.attention import AttentionMetadata, decode_kernel, paged_attention, write_kv
 from garrison_workers.config import ModelConfig
 from garrison_workers.parallel.context import ParallelContext
 from garrison_workers.parallel.layers import ColumnParallelLinear, RowParallelLinear
@@ -123,6 +123,7 @@ class Attention(nn.Module):
         self.o_proj = RowParallelLinear(config.num_heads * d, h, par, bias=bias)
         # q and k (side by side), and v, from one matmul once loaded (fusion.fuse_projections)
         self.qkv: Projections | None = None
+        self.decode_kernel = decode_kernel(d)
 
     def forward(self, x_TH: torch.Tensor, ctx: StepContext, kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         d = self.head_dim
@@ -139,7 +140,7 @@ class Attention(nn.Module):
             q_TND = q_TND * ctx.attn_scales_T[:, None, None].to(q_TND.dtype)
         k_cache, v_cache = kv_cache
         write_kv(k_cache, v_cache, k_TKD, v_TKD, ctx.meta.slot_mapping_T)
-        o_TND = paged_attention(q_TND, k_cache, v_cache, ctx.meta, self.chunked, d ** -0.5)
+        o_TND = paged_attention(q_TND, k_cache, v_cache, ctx.meta, self.chunked, d ** -0.5, self.decode_kernel)
         return self.o_proj(o_TND.flatten(-2))
 
 

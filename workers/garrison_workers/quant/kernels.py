@@ -5,7 +5,7 @@ Every kernel computes y[T, N] = x[T, K] @ W.T for the W that the canonical tenso
 (derived once, at load). The choices, fastest first:
 
 - CPU int4 and int8 with AVX512-VNNI and bf16 activations: Garrison's `a8_mm` (`native`,
-  csrc/a8_cpu.cpp), llama.cpp's arithmetic: each block of 32 activations rounded to int8 with its own
+  garrison_workers/csrc/a8_cpu.cpp), llama.cpp's arithmetic: each block of 32 activations rounded to int8 with its own
   scale, multiplied by the weights' codes with integer dot products; its matmuls 2-3x faster than
   PyTorch's kernels here, its activations with ~2x the rounding error of bf16 ones. It needs N % 16 == 0
   and groups (or a per-channel row) of a multiple of 32 inputs. Without it (or for other shapes):
@@ -37,7 +37,7 @@ from typing import Callable, Protocol
 
 import torch
 
-from garrison_workers.quant import native
+from garrison_workers import native
 from garrison_workers.quant.codec import FP8_MAX, dequantize, expand_groups, unpack_int4
 
 INT4_GROUPS = (256, 128, 64, 32)  # what the packed int4 kernels accept, widest first

@@ -23,7 +23,6 @@
 #include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
-#include <torch/library.h>
 
 #include <immintrin.h>
 
@@ -31,6 +30,10 @@
 #include <cmath>
 #include <cstdint>
 
+#include "ops.h"
+#include "simd.h"
+
+namespace garrison {
 namespace {
 
 constexpr int64_t kTile = 16;   // output features per tile: one 32-bit lane each
@@ -49,12 +52,6 @@ struct Activations {
   float* scale;    // [T, K / 32]
   float* sum;      // [T, K / 32]
 };
-
-__m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-
-__m512 load16(const c10::BFloat16* p) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
-}
 
 template <typename T>
 void quantize_row(const T* x, int64_t k, int8_t* q, float* scale, float* sum) {
@@ -174,15 +171,11 @@ void run(const Problem& p, int64_t rows) {
 
 #pragma GCC pop_options
 
-bool supported() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vnni");
-}
+}  // namespace
 
 at::Tensor a8_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& offsets,
                  int64_t group, int64_t bits) {
-  TORCH_CHECK(supported(), "a8_mm needs AVX512-VNNI, which this CPU lacks");
+  TORCH_CHECK(cpu_supports_avx512_vnni(), "a8_mm needs AVX512-VNNI, which this CPU lacks");
   TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8, not ", bits);
   TORCH_CHECK(x.dim() == 2 && (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat),
               "x must be [T, K] bfloat16 or float32");
@@ -220,18 +213,4 @@ at::Tensor a8_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor&
   return y;
 }
 
-}  // namespace
-
-// GARRISON_NAMESPACE (garrison_<digest of this file>, from native.py) passes through one more macro so that it is
-// expanded before TORCH_LIBRARY pastes it into names.
-#define GARRISON_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
-#define GARRISON_LIBRARY_IMPL(ns, key, m) TORCH_LIBRARY_IMPL(ns, key, m)
-
-GARRISON_LIBRARY(GARRISON_NAMESPACE, m) {
-  m.def("a8_mm(Tensor x, Tensor codes, Tensor scales, Tensor offsets, int group, int bits) -> Tensor");
-  m.def("a8_supported() -> bool", [] { return supported(); });
-}
-
-GARRISON_LIBRARY_IMPL(GARRISON_NAMESPACE, CPU, m) {
-  m.impl("a8_mm", a8_mm);
-}
+}  // namespace garrison
