@@ -66,7 +66,7 @@ def engine() -> Schema:
         "enable_prefix_caching": BOOL, "kv_transfer_checksum": BOOL, "async_scheduling": BOOL, "compile_decode": BOOL,
         "kv_transport": {"enum": ["ray", "torch"]},
         "dtype": {"enum": ["float32", "bfloat16", "float16", "auto"]},
-        "kernel_dtype": {"enum": ["float32", "bfloat16", "float16", None]},
+        "kernel_dtype": {"enum": ["float32", "bfloat16", "float16", "int8", None]},
         "device": string(pattern="^(cpu|cuda(:[0-9]+)?)$"),
         "kv_cache_device": {"type": ["string", "null"], "pattern": "^(cpu|cuda(:[0-9]+)?)$"},
     }

@@ -7,7 +7,7 @@ model's GGUF file (SmolLM2-135M-Instruct.Q4_1.gguf):
   table stays float32), engine dtype "auto" (float32 model, low-bit matmuls by the fastest kernel this CPU has:
   Garrison's a8_mm with AVX512-VNNI, activations rounded to int8 per block of 32 as llama.cpp does);
 - int4: the file itself kept quantized (Q4_1 blocks as int4, its Q8_0 embedding/LM head as int8), dtype "auto";
-- int4 torch: the same with PyTorch's packed int4 kernel (GARRISON_NATIVE_KERNELS=0: bf16 activations, the LM
+- int4 torch: the same with PyTorch's packed int4 kernel (engine kernel_dtype bfloat16: bf16 activations, the LM
   head as two int4 halves), what every CPU without AVX512-VNNI runs;
 - fp32 graph, int4 graph: fp32 and int4 with `compile_decode` (decode steps as one torch.compile'd forward,
   compiled at load: the row's load takes tens of seconds more);
@@ -63,12 +63,11 @@ def engines(path: Path, workdir: Path):
     from garrison_workers.engine.executor import LocalExecutor
     from garrison_workers.engine.llm_engine import EngineConfig, LLMEngine, num_kv_blocks
     from garrison_workers.loader import build_model, open_model_files
-    from garrison_workers import native
 
-    def config(dtype, compile_decode: bool = False) -> EngineConfig:
+    def config(dtype, compile_decode: bool = False, kernel_dtype: torch.dtype | None = None) -> EngineConfig:
         # No prefix caching: a repeated prefill would otherwise find its prompt cached and compute nothing.
         return EngineConfig(kv_cache_bytes=256 << 20, max_num_seqs=64, max_num_batched_tokens=1024, dtype=dtype,
-                            enable_prefix_caching=False, compile_decode=compile_decode)
+                            enable_prefix_caching=False, compile_decode=compile_decode, kernel_dtype=kernel_dtype)
 
     for name, dtype, compile_decode in (("fp32", torch.float32, False), ("bf16", torch.bfloat16, False),
                                         ("fp32 graph", torch.float32, True)):
@@ -83,11 +82,7 @@ def engines(path: Path, workdir: Path):
     yield "int8", LLMEngine.from_path(store.open("int8", kek), config("auto"))
     yield "int4", LLMEngine.from_path(path, config("auto"))
     yield "int4 graph", LLMEngine.from_path(path, config("auto", compile_decode=True))
-    os.environ[native.ENV] = "0"  # read when a model's kernels are made
-    try:
-        yield "int4 torch", LLMEngine.from_path(path, config("auto"))
-    finally:
-        del os.environ[native.ENV]
+    yield "int4 torch", LLMEngine.from_path(path, config("auto", kernel_dtype=torch.bfloat16))
 
 
 def resident_bytes(engine) -> int:

@@ -104,6 +104,9 @@ kek_env: KEK
     ("models:\n  - {name: m, source: smollm2, engine: {kv_transfer_checksum: 1}}\n",
      "config.models[0].engine.kv_transfer_checksum"),
     ("listen: 127.0.0.1:50051\nlisten: 0.0.0.0:1\n", "config"),  # a key given twice
+    ("models:\n  - {name: m, source: smollm2, engine: {dtype: int8}}\n", "config.models[0].engine.dtype"),
+    ("models:\n  - {name: m, source: smollm2, engine: {kernel_dtype: int4}}\n",
+     "config.models[0].engine.kernel_dtype"),
 ])
 def test_types_nulls_and_ranges_are_checked(tmp_path: Path, text: str, place: str) -> None:
     found = problems(write(tmp_path, text))
@@ -135,6 +138,14 @@ def test_every_engine_setting_is_reachable_from_yaml(tmp_path: Path) -> None:
     expected = EngineConfig(**{**given, "dtype": torch.bfloat16, "kernel_dtype": torch.bfloat16})
     assert engine == expected
     assert all(getattr(engine, f.name) != f.default for f in dataclasses.fields(EngineConfig))
+
+
+def test_int8_activations_are_a_kernel_dtype(tmp_path: Path) -> None:
+    """int8 names a8_mm's activations (kernel_dtype), never a model's dtype."""
+    path = write(tmp_path, "models:\n  - {name: m, source: smollm2, engine: {dtype: auto, kernel_dtype: int8}}\n")
+    assert load(path).models[0].engine.kernel_dtype == torch.int8
+    found = problems(write(tmp_path, "models:\n  - {name: m, source: smollm2, engine: {dtype: int8}}\n"))
+    assert found == {"config.models[0].engine.dtype": "must be one of float32, bfloat16, float16 or auto, got 'int8'"}
 
 
 def test_the_embedded_default_keeps_its_small_engine() -> None:

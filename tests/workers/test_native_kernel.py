@@ -63,7 +63,7 @@ def needs_native(monkeypatch) -> None:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_a8_mm_computes_its_documented_arithmetic(kind, n, k, group, zero, half, rows, dtype) -> None:
     payload, scale, offset = quantized_weight(kind, n, k, group, zero, half, seed=rows)
-    kernel = kernels.make_kernel(kind, payload, scale, offset, torch.bfloat16)
+    kernel = kernels.make_kernel(kind, payload, scale, offset, torch.int8)
     assert isinstance(kernel, kernels.A8CPU)
     assert kernel.scales.dtype == (torch.float16 if half else torch.float32)
     x = (torch.randn(rows, k, generator=torch.Generator().manual_seed(k)) * 3).to(dtype)
@@ -93,7 +93,7 @@ def test_a_non_finite_input_gives_its_row_no_finite_output(bad: float) -> None:
     """As a float matmul would (NaN, or inf times weights of either sign): the row's outputs are not finite, so
     the sampler fails that sequence alone, never a finite answer made of a NaN rounded to an int8 value; the
     other rows are untouched."""
-    kernel = kernels.make_kernel("int4", *quantized_weight("int4", 32, 64, 32, True, False, seed=0), torch.bfloat16)
+    kernel = kernels.make_kernel("int4", *quantized_weight("int4", 32, 64, 32, True, False, seed=0), torch.int8)
     x = torch.randn(3, 64)
     clean = kernel(x)
     x[1, 40] = bad
@@ -108,7 +108,7 @@ def test_tiny_and_huge_activations_keep_their_relative_accuracy(magnitude: float
     on the activations' magnitude: subnormal blocks included (127 / max would overflow there), up to where a
     float32 product itself would overflow."""
     payload, scale, offset = quantized_weight("int4", 32, 64, 32, True, False, seed=0)
-    kernel = kernels.make_kernel("int4", payload, scale, offset, torch.bfloat16)
+    kernel = kernels.make_kernel("int4", payload, scale, offset, torch.int8)
     weight = dequantize("int4", payload, scale, offset).double()
     x = torch.randn(2, 64, generator=torch.Generator().manual_seed(1)) * magnitude
     x[0, :5] = 0
@@ -119,25 +119,25 @@ def test_tiny_and_huge_activations_keep_their_relative_accuracy(magnitude: float
 
 def test_a8_mm_stacks_tiles_exactly() -> None:
     parts = [quantized_weight("int4", rows, 128, 32, True, True, seed=i) for i, rows in enumerate((48, 16, 32))]
-    separate = [kernels.make_kernel("int4", *part, torch.bfloat16) for part in parts]
+    separate = [kernels.make_kernel("int4", *part, torch.int8) for part in parts]
     stacked = kernels.stack_kernels(separate)
     assert isinstance(stacked, kernels.A8CPU)
     x = torch.randn(5, 128).to(torch.bfloat16)
     assert torch.equal(stacked(x), torch.cat([kernel(x) for kernel in separate], dim=-1))
     # Different groups or scale dtypes do not stack.
-    other = kernels.make_kernel("int4", *quantized_weight("int4", 16, 128, 64, True, True, seed=9), torch.bfloat16)
+    other = kernels.make_kernel("int4", *quantized_weight("int4", 16, 128, 64, True, True, seed=9), torch.int8)
     assert kernels.stack_kernels([separate[0], other]) is None
 
 
 def test_a8_mm_compiles_into_a_graph() -> None:
-    kernel = kernels.make_kernel("int4", *quantized_weight("int4", 32, 64, 32, True, False, seed=0), torch.bfloat16)
+    kernel = kernels.make_kernel("int4", *quantized_weight("int4", 32, 64, 32, True, False, seed=0), torch.int8)
     x = torch.randn(2, 64).to(torch.bfloat16)
     compiled = torch.compile(lambda x: kernel(x) * 2, fullgraph=True, dynamic=True)
     assert torch.equal(compiled(x), kernel(x) * 2)
 
 
 def test_a8_mm_refuses_what_it_cannot_compute() -> None:
-    kernel = kernels.make_kernel("int4", *quantized_weight("int4", 16, 64, 32, False, False, seed=0), torch.bfloat16)
+    kernel = kernels.make_kernel("int4", *quantized_weight("int4", 16, 64, 32, False, False, seed=0), torch.int8)
     with pytest.raises(RuntimeError, match="bfloat16 or float32"):
         native.ops().a8_mm(torch.randn(1, 64).half(), kernel.codes, kernel.scales, kernel.offsets, 32, 4)
     with pytest.raises(RuntimeError, match="inputs"):
@@ -146,13 +146,17 @@ def test_a8_mm_refuses_what_it_cannot_compute() -> None:
         native.ops().a8_mm(torch.randn(1, 64).bfloat16(), kernel.codes, kernel.scales, kernel.offsets, 16, 4)
     # Shapes the kernel cannot take go to PyTorch's kernels: output rows not a multiple of 16, groups of 16.
     assert not isinstance(kernels.make_kernel("int4", *quantized_weight("int4", 24, 64, 32, False, False, seed=0),
-                                              torch.bfloat16), kernels.A8CPU)
+                                              torch.int8), kernels.A8CPU)
     assert not isinstance(kernels.make_kernel("int4", *quantized_weight("int4", 16, 64, 16, False, False, seed=0),
-                                              torch.bfloat16), kernels.A8CPU)
+                                              torch.int8), kernels.A8CPU)
+    # bf16 activations asked for (kernel_dtype bfloat16): PyTorch's kernel, fed bf16.
+    bf16 = kernels.make_kernel("int4", *quantized_weight("int4", 16, 64, 32, False, False, seed=0), torch.bfloat16)
+    assert isinstance(bf16, kernels.Int4CPU)
+    assert kernels.input_dtype(bf16, torch.bfloat16, torch.float32) == torch.bfloat16
 
 
 def test_switched_off_by_the_environment(monkeypatch) -> None:
     monkeypatch.setenv(native.ENV, "0")
     assert not native.available()
-    kernel = kernels.make_kernel("int4", *quantized_weight("int4", 16, 64, 32, False, False, seed=0), torch.bfloat16)
+    kernel = kernels.make_kernel("int4", *quantized_weight("int4", 16, 64, 32, False, False, seed=0), torch.int8)
     assert isinstance(kernel, kernels.Int4CPU)

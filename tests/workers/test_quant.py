@@ -165,16 +165,23 @@ def test_tp2_matches_single_process_with_int8_activations(compressed, monkeypatc
 
 
 @pytest.mark.parametrize("scheme", ["int4-group-sym", "int4-group-asym"])
-@pytest.mark.parametrize("kernel, held", [("torch", kernels.Int4CPU), ("native", kernels.A8CPU)])
-def test_auto_dtype_feeds_the_low_bit_kernels_bf16(compressed, monkeypatch, scheme: str, kernel: str, held) -> None:
-    """dtype 'auto' keeps the model in float32 and gives a quantized checkpoint's matmuls bfloat16 inputs, which
-    a8_mm then rounds to int8 per block of 32; the error that costs is the rounding of the inputs (to 8
-    mantissa bits, or to 255 levels of a block's largest), not of the weights. Measured on these tiny models, per
-    step until the greedy tokens part: torch's kernel median 0.04-0.07, max 0.26; garrison's median 0.08-0.12, max
-    0.87 (the first step 0.22 at most)."""
+@pytest.mark.parametrize("kernel, kernel_dtype, held", [
+    ("torch", None, kernels.Int4CPU),               # a8_mm cannot run: bf16 activations
+    ("native", None, kernels.A8CPU),                # int8 activations
+    ("native", torch.bfloat16, kernels.Int4CPU),    # bf16 asked for where a8_mm could run
+])
+def test_auto_dtype_feeds_the_low_bit_kernels_low_precision(compressed, monkeypatch, scheme: str, kernel: str,
+                                                            kernel_dtype, held) -> None:
+    """dtype 'auto' keeps the model in float32 and gives a quantized checkpoint's matmuls int8 inputs (a8_mm
+    rounds them per block of 32) where a8_mm runs, else bfloat16 ones; kernel_dtype bfloat16 asks for the
+    latter. The error that costs is the rounding of the inputs (to 8 mantissa bits, or to 255 levels of a
+    block's largest), not of the weights. Measured on these tiny models, per step until the greedy tokens part:
+    torch's kernel median 0.04-0.07, max 0.26; garrison's median 0.08-0.12, max 0.87 (the first step 0.22 at
+    most)."""
     use_kernel(monkeypatch, kernel)
-    auto = LLMEngine.from_path(compressed[scheme], EngineConfig(block_size=4, num_kv_blocks=128, dtype="auto"))
-    assert (auto.config.dtype, auto.config.kernel_dtype) == (torch.float32, torch.bfloat16)
+    auto = LLMEngine.from_path(compressed[scheme], EngineConfig(block_size=4, num_kv_blocks=128, dtype="auto",
+                                                                kernel_dtype=kernel_dtype))
+    assert (auto.config.dtype, auto.config.kernel_dtype) == (torch.float32, kernel_dtype or torch.int8)
     assert {type(m.kernel.kernel if isinstance(m.kernel, Rows) else m.kernel)  # a part of stacked q/k/v
             for m in auto.executor.model.modules() if isinstance(m, QuantizedLinear)} == {held}
     exact = LLMEngine.from_path(compressed[scheme], ENGINE)

@@ -129,9 +129,10 @@ def build_model(config: ModelConfig, source: WeightSource, dtype: torch.dtype = 
 def compute_dtype(requested: torch.dtype | str, source: WeightSource) -> tuple[torch.dtype, torch.dtype | None]:
     """(model dtype, quantized matmuls' activation dtype) for an engine's `dtype`. `auto` keeps the model in
     float32 and feeds a quantized checkpoint's low-bit kernels low-precision activations, which they are fast
-    with: bfloat16 (PyTorch's packed kernels), or int8 per block of 32 (a8_mm rounds them itself, from float32):
-    only the matmul inputs are rounded, not the residual stream, the norms, attention or the KV cache (a
-    whole-bf16 model moves SmolLM2's log-probabilities by ~0.1)."""
+    with: int8 per block of 32 where a8_mm runs (it rounds them itself, from float32), else bfloat16 (PyTorch's
+    packed kernels; `quant.kernels.activation_dtype`): only the matmul inputs are rounded, not the residual
+    stream, the norms, attention or the KV cache (a whole-bf16 model moves SmolLM2's log-probabilities by ~0.1).
+    The kernels are chosen on each rank, by what its CPU can run."""
     if requested != "auto":
         return requested, None  # type: ignore[return-value]
-    return torch.float32, torch.bfloat16 if holds_quantized(source.names()) else None
+    return torch.float32, torch.int8 if holds_quantized(source.names()) else None

@@ -35,7 +35,8 @@ from garrison.model_refs import is_path_ref
 from garrison.tenancy.store import redact_url
 from garrison_workers.errors import GarrisonError
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": torch.int8}
+MODEL_DTYPES = ("float32", "bfloat16", "float16")  # a dtype setting's names, unless its metadata lists others
 INT_MAX = 2**63 - 1  # every integer setting ends up in C (torch, gRPC, SQL)
 
 
@@ -143,7 +144,7 @@ def expectation(hint: Any, meta: typing.Mapping[str, Any]) -> str:
     if hint is int or hint is float:
         return ("an integer" if hint is int else "a finite number") + _range_words(hint, meta)
     names = {bool: "true or false", str: "non-empty text", Path: "a path",
-             torch.dtype: "one of " + ", ".join(DTYPES)}
+             torch.dtype: "one of " + ", ".join(meta.get("dtypes", MODEL_DTYPES))}
     return names.get(hint) or ("a mapping of settings" if is_dataclass(hint) else hint.__name__)
 
 
@@ -255,7 +256,7 @@ class Builder:
         if hint is Path:
             return (self.base / Path(raw).expanduser()).resolve()
         if hint is torch.dtype:
-            return DTYPES.get(raw, raw)
+            return DTYPES[raw] if raw in meta.get("dtypes", MODEL_DTYPES) else raw
         if meta.get("ref") and is_path_ref(raw):
             return str((self.base / Path(raw).expanduser()).resolve())
         return raw

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+
+MODEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @dataclass(slots=True, frozen=True)
@@ -27,17 +29,20 @@ class EngineConfig:
     # actors; a disaggregated replica's groups and an engine in this process run one step after the other.
     async_scheduling: bool = True
     # Decode steps (no prefill chunk in the step) run the model as one torch.compile'd graph (see
-    # garrison_workers.compiled): fewer, fused op calls; SmolLM2 on CPU 1.2-1.6x the tokens per second at one request,
-    # 1.1-1.3x at 32. Compiling costs tens of seconds at start-up, on every rank (less with inductor's cache on disk);
-    # dense models only.
+    # garrison_workers.compiled): fewer, fused op calls; SmolLM2 int4 on CPU 1.2-1.7x the tokens per second at one
+    # request, 1.1-1.3x at 32. Compiling costs tens of seconds at start-up, on every rank (less with inductor's cache
+    # on disk); dense models only.
     compile_decode: bool = False
     worker_threads: int | None = None  # torch threads per Ray rank; None: the node's cores / ranks, at most 4
     # "auto": float32, with a quantized checkpoint's low-bit matmuls fed low-precision activations, which its
-    # kernels are fast with (bfloat16, or int8 per block of 32 in a8_mm on CPUs with AVX512-VNNI; norms, attention,
-    # the residual stream and the KV cache stay float32).
-    # LLMEngine.from_path resolves it (into dtype and kernel_dtype) before anything is sized from it.
+    # kernels are fast with (kernel_dtype int8; norms, attention, the residual stream and the KV cache stay
+    # float32). LLMEngine.from_path resolves it (into dtype and kernel_dtype) before anything is sized from it.
     dtype: torch.dtype | Literal["auto"] = torch.float32
-    kernel_dtype: torch.dtype | None = None  # activations of the quantized matmuls; None: `dtype`
+    # Activations of the quantized matmuls; None: `dtype`. int8: rounded per block of 32 by a8_mm (llama.cpp's
+    # arithmetic, the fastest on CPUs with AVX512-VNNI; bfloat16 where it cannot run); bfloat16: PyTorch's packed
+    # kernels, half int8's rounding error at about half its speed (a small model may answer differently).
+    kernel_dtype: torch.dtype | None = field(default=None, metadata={"dtypes": ("float32", "bfloat16", "float16",
+                                                                                 "int8")})
     device: str = "cpu"
     # Where the KV cache lives: None, on `device`; "cpu" with a GPU device, in pinned host memory, for contexts
     # whose KV does not fit beside the weights. Each step then writes its new K/V to the host, and attention
@@ -48,6 +53,10 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("block_size, max_num_seqs and max_num_batched_tokens must be >= 1")
+        if self.dtype not in ("auto", *MODEL_DTYPES):
+            raise ValueError(f"dtype must be 'auto', float32, bfloat16 or float16, not {self.dtype}")
+        if self.kernel_dtype not in (None, *MODEL_DTYPES, torch.int8):
+            raise ValueError(f"kernel_dtype must be float32, bfloat16, float16 or int8, not {self.kernel_dtype}")
         if self.kv_transport not in ("ray", "torch"):
             raise ValueError(f"kv_transport must be 'ray' or 'torch', not {self.kv_transport!r}")
         if self.kv_cache_device not in (None, "cpu", self.device):

@@ -4,11 +4,12 @@ Every kernel computes y[T, N] = x[T, K] @ W.T for the W that the canonical tenso
 (`codec.dequantize`), in the activations' dtype (a8_mm: float32), and holds its weights in its own layout
 (derived once, at load). The choices, fastest first:
 
-- CPU int4 and int8 with AVX512-VNNI and bf16 activations: Garrison's `a8_mm` (`native`,
-  garrison_workers/csrc/a8_cpu.cpp), llama.cpp's arithmetic: each block of 32 activations rounded to int8 with its own
-  scale, multiplied by the weights' codes with integer dot products; its matmuls 2-3x faster than
-  PyTorch's kernels here, its activations with ~2x the rounding error of bf16 ones. It needs N % 16 == 0
-  and groups (or a per-channel row) of a multiple of 32 inputs. Without it (or for other shapes):
+- CPU int4 and int8 with AVX512-VNNI, int8 activations (kernel dtype torch.int8, engine dtype "auto"'s):
+  Garrison's `a8_mm` (`native`, garrison_workers/csrc/a8_cpu.cpp), llama.cpp's arithmetic: each block of 32
+  activations rounded to int8 with its own scale, multiplied by the weights' codes with integer dot products;
+  its matmuls 2-3x faster than PyTorch's kernels here, its activations with ~2x the rounding error of bf16
+  ones. It needs N % 16 == 0 and groups (or a per-channel row) of a multiple of 32 inputs. Without it (or for
+  other shapes, or bf16 activations asked for), with bf16 activations:
 - CPU int4: PyTorch's packed int4 matmul (`_weight_int4pack_mm_for_cpu`), bf16 activations: codes
   stay 4-bit in memory and are widened tile by tile. It needs N % 16 == 0 and groups of 32..256 (a
   per-channel scale is repeated over groups of 256..32, which is exact).
@@ -28,7 +29,7 @@ Kernels of one kind that read the same input (a layer's q, k and v) stack into o
 With float32 activations on CPU (an engine asked for float32: exact arithmetic), int4 and int8 weights are
 dequantized once, at load, into a float32 matrix: the packed kernels' float32 paths are 5-10x slower than a
 dense float32 matmul, and the result is the same to float32 rounding. Low-bit weights stay low-bit in memory
-with bf16 activations (engine dtype "auto"; a8_mm also takes float32 ones, see `input_dtype`).
+with int8 or bf16 activations (engine dtype "auto"; a8_mm also takes float32 ones, see `input_dtype`).
 """
 
 from __future__ import annotations
@@ -58,7 +59,9 @@ class Kernel(Protocol):
 
 def make_kernel(kind: str, payload: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
                 dtype: torch.dtype, amax_reduce: AmaxReduce | None = None) -> Kernel:
-    """The kernel for a canonical weight [N, K] on its tensors' device, computing in `dtype`."""
+    """The kernel for a canonical weight [N, K] on its tensors' device, computing in `dtype`: torch.int8 asks for
+    activations rounded to int8 (a8_mm), where it runs, and bfloat16 elsewhere (`activation_dtype`)."""
+    int8_activations, dtype = dtype == torch.int8, activation_dtype(dtype)
     out_features, in_features = scale.shape[0], payload.shape[-1] * (2 if kind == "int4" else 1)
     group = in_features // scale.shape[-1]
     cuda = payload.device.type == "cuda"
@@ -73,8 +76,8 @@ def make_kernel(kind: str, payload: torch.Tensor, scale: torch.Tensor, zero: tor
         if kind == "int4" and packed_group and dtype == torch.bfloat16 and in_features % 1024 == 0:
             return Int4CUDA(unpack_int4(payload), scale, zero, group, packed_group)
         return Dequantized(kind, payload, scale, zero, dtype)
-    if (kind in ("int4", "int8") and out_features % 16 == 0 and group % INT8_BLOCK == 0
-            and dtype == torch.bfloat16 and native.available()):
+    if (int8_activations and kind in ("int4", "int8") and out_features % 16 == 0 and group % INT8_BLOCK == 0
+            and native.available()):
         return A8CPU(kind, payload, scale, zero)
     if out_features % 16 == 0 and packed_group:
         if kind == "int4":
@@ -324,12 +327,18 @@ class Dequantized:
         return [t for t in (self.payload, self.scale, self.zero) if t is not None]
 
 
+def activation_dtype(kernel_dtype: torch.dtype) -> torch.dtype:
+    """The float dtype a kernel made for `kernel_dtype` takes: int8 activations are a8_mm's to round (from
+    float32 or bfloat16); any other kernel made for them takes bfloat16."""
+    return torch.bfloat16 if kernel_dtype == torch.int8 else kernel_dtype
+
+
 def input_dtype(kernel: Kernel, kernel_dtype: torch.dtype, x_dtype: torch.dtype) -> torch.dtype:
     """The dtype `kernel` is fed activations of `x_dtype` in: a8_mm rounds float32 activations to int8
-    itself (a cast to `kernel_dtype` first would round them twice, and cost a pass over them); every other
-    kernel takes `kernel_dtype`."""
+    itself (a cast to bf16 first would round them twice, and cost a pass over them); every other kernel takes
+    `activation_dtype(kernel_dtype)`."""
     inner = kernel.kernel if isinstance(kernel, Rows) else kernel
-    return x_dtype if isinstance(inner, A8CPU) and x_dtype in A8CPU.INPUTS else kernel_dtype
+    return x_dtype if isinstance(inner, A8CPU) and x_dtype in A8CPU.INPUTS else activation_dtype(kernel_dtype)
 
 
 def stack_kernels(kernels: list[Kernel]) -> Kernel | None:
