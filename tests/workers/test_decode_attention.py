@@ -76,6 +76,25 @@ def test_masked_keys_weigh_nothing():
     torch.testing.assert_close(out.double(), reference(q, k, v, slots, mask, 0.125), atol=2e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("where", ["key", "value", "query"])
+def test_a_non_finite_input_makes_its_row_non_finite(where: str):
+    """As sdpa's: a NaN in an attended key, value or the query leaves that row's output not finite (the sampler
+    then fails that sequence alone), never a finite answer that skipped it; the other rows are untouched."""
+    q, k, v, slots, mask = problem(3, 4, 2, 64, 40, torch.float32, seed=6)
+    clean = native.ops().decode_attention(q, k, v, slots, mask, 0.125)
+    if where == "query":
+        q = q.clone()
+        q[1, 0, 5] = float("nan")
+    else:
+        cache = (k if where == "key" else v).clone()
+        cache[slots[1, 0], 0, 7] = float("nan")  # row 1's first key (always attended), cache head 0
+        k, v = (cache, v) if where == "key" else (k, cache)
+    out = native.ops().decode_attention(q, k, v, slots, mask, 0.125)
+    expected = reference(q, k, v, slots, mask, 0.125)
+    assert not out[1, :2].isfinite().all() and not expected[1, :2].isfinite().all()  # query heads on cache head 0
+    assert torch.equal(out[[0, 2]], clean[[0, 2]])
+
+
 def test_extreme_scores():
     """Scores far apart (the largest key dominates) and all alike: the softmax stays exact where sdpa's is."""
     q, k, v, slots, mask = problem(2, 4, 2, 64, 40, torch.float32, seed=2)
@@ -129,17 +148,19 @@ def test_in_a_compiled_graph():
     torch.testing.assert_close(compiled(q, k, v, slots, mask), op(q, k, v, slots, mask, 0.125))
 
 
-def test_engine_steps_match_the_gather_path(tmp_path, monkeypatch):
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 0.05)])
+def test_engine_steps_match_the_gather_path(tmp_path, monkeypatch, dtype, tolerance):
     """A tiny Llama 4 (chunked and global layers, 2 query heads per cache head) decoding 4 sequences of different
-    lengths in one batch: the same greedy tokens, and log-probabilities within float32 rounding, with the kernel
-    as through gather + sdpa."""
+    lengths in one batch, with the kernel and through gather + sdpa: the same greedy tokens (bf16: until a
+    near-tie), log-probabilities within the dtype's rounding (bf16: both paths attend in float32, each rounding
+    differently where its sums' order differs)."""
     import garrison_workers.model as model_module
     from conftest import logprobs_of, save_tiny_llama4
     from garrison_workers.engine.llm_engine import EngineConfig, LLMEngine
     from garrison_workers.engine.sequence import SamplingParams
 
     directory = save_tiny_llama4(tmp_path / "tiny")
-    config = EngineConfig(kv_cache_bytes=8 << 20, dtype=torch.float32)
+    config = EngineConfig(kv_cache_bytes=8 << 20, dtype=dtype)
     with_kernel = LLMEngine.from_path(directory, config)
     monkeypatch.setattr(model_module, "decode_kernel", lambda head_dim: None)
     without = LLMEngine.from_path(directory, config)
@@ -150,5 +171,12 @@ def test_engine_steps_match_the_gather_path(tmp_path, monkeypatch):
     params = SamplingParams(max_tokens=24, ignore_eos=True, top_logprobs=vocab)
     ours, theirs = with_kernel.generate(prompts, params), without.generate(prompts, params)
     for a, b in zip(ours, theirs):
-        assert a.token_ids == b.token_ids
-        torch.testing.assert_close(logprobs_of(a, vocab), logprobs_of(b, vocab), atol=1e-4, rtol=1e-4)
+        la, lb = logprobs_of(a, vocab), logprobs_of(b, vocab)
+        parted = next((i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids)) if x != y), len(a.token_ids))
+        torch.testing.assert_close(la[:parted], lb[:parted], atol=tolerance, rtol=tolerance)
+        if parted < len(a.token_ids):
+            # Only at a near-tie, in bf16 (measured: the gather path's two best tokens exactly tied, the kernel's
+            # a bf16 step apart); in float32 the tokens must agree throughout.
+            assert dtype == torch.bfloat16, (a.token_ids, b.token_ids)
+            x, y = a.token_ids[parted], b.token_ids[parted]
+            assert 0 <= la[parted, x] - la[parted, y] <= tolerance and 0 <= lb[parted, y] - lb[parted, x] <= tolerance

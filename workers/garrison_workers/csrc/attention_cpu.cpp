@@ -34,9 +34,10 @@ namespace {
 #pragma GCC target("avx512f,avx512bw")
 
 // e^x: x = n ln2 + r with |r| <= ln2 / 2 (ln2 in two parts, so n ln2 is exact), e^r by its Taylor series to r^6
-// (relative error below 2e-7), times 2^n. Inputs below -104 give 0 (e^-104 is below float32's smallest value).
+// (relative error below 2e-7), times 2^n. Inputs below -104 give 0 (e^-104 is below float32's smallest value); NaN
+// stays NaN (MAXPS returns its second operand when either is NaN).
 __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
+  x = _mm512_max_ps(_mm512_set1_ps(-104.0f), x);
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
@@ -162,7 +163,9 @@ void attend(const Problem& p, int64_t b, int64_t h, Work& work) {
     __m512 sum = _mm512_setzero_ps();
     for (int64_t l = 0; l < L16; l += 16) {
       const __m512 x = _mm512_loadu_ps(sg + l);
-      const __mmask16 live = _mm512_cmp_ps_mask(x, minus_inf, _CMP_NEQ_OQ);
+      // NaN counts as live: a NaN score (a NaN in the query or an attended key) makes the row's output NaN, as
+      // sdpa's would be, so the sampler fails that sequence instead of it quietly attending to the others.
+      const __mmask16 live = _mm512_cmp_ps_mask(x, minus_inf, _CMP_NEQ_UQ);
       const __m512 e = _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(x, _mm512_set1_ps(m))));
       _mm512_storeu_ps(sg + l, e);
       sum = _mm512_add_ps(sum, e);
