@@ -1,7 +1,7 @@
 """The cluster form's cost end to end (issue 13): SmolLM2 decode tok/s through Garrison's processes against the same
 engine driven in this process, and the bytes a decode step brings from the ranks to the engine core.
 
-    .venv/bin/python ops/bench/cluster.py [--quick] [--json]
+    .venv/bin/python ops/bench/cluster.py [--quick] [--json] [--threads N]
 
 Systems, one after the other, each with N streams (a closed loop: a stream sends its next request when the last
 one ended; a chat prompt, 64 new tokens at most), N = 1 and 32:
@@ -22,6 +22,11 @@ from the ranks to the engine core: what rank 0 returned (its sampled tokens, pic
 `WorkerGroup.returned_bytes`) per sequence per step, next to the full logits of that sequence (vocabulary x 4
 bytes), which the ranks returned before. The `busy` column is the cores the whole machine used during the system's
 windows (the system measured, and anything else).
+
+`--threads N` gives the rank and the in-process engine N torch threads alike (by default every core). With every
+core, the rank's threads are the whole machine and every wake-up of the gateway, the core or Ray's own processes
+stalls one of them while the other waits at the next barrier; N below the cores leaves room for those processes,
+as a GPU node does (there the rank's CPU side is one thread launching kernels).
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +60,11 @@ class Workload:
     warmup_s: float = 4.0
     window_s: float = 10.0
     rounds: int = 3
+    threads: int | None = None  # torch threads of the rank and of the in-process engine; None: every core
+
+    def engine(self) -> dict[str, Any]:
+        """The engine settings of every system (the rank's threads among them)."""
+        return ENGINE if self.threads is None else dict(ENGINE, worker_threads=self.threads)
 
 
 QUICK = Workload(warmup_s=2.0, window_s=4.0, rounds=1)
@@ -95,10 +105,14 @@ def smollm2() -> Path:
 class InProcess:
     """`LLMEngine` stepped in this process, loaded once and idle between its windows."""
 
-    def __init__(self) -> None:
+    def __init__(self, workload: Workload) -> None:
+        import torch
+
         from garrison_workers.engine.llm_engine import EngineConfig, LLMEngine
 
-        self.engine = LLMEngine.from_path(smollm2(), EngineConfig(**ENGINE))
+        if workload.threads is not None:
+            torch.set_num_threads(workload.threads)
+        self.engine = LLMEngine.from_path(smollm2(), EngineConfig(**workload.engine()))
         assert self.engine.tokenizer is not None
         self.prompt = self.engine.tokenizer.encode(self.engine.tokenizer.apply_chat_template(PROMPT),
                                                    add_special_tokens=False)
@@ -250,7 +264,8 @@ def serve(workload: Workload, directory: Path, baseline: InProcess) -> list[Row]
     port = free_port()
     config = {"listen": f"127.0.0.1:{port}", "data_dir": str(directory / "serve"), "bootstrap": True,
               "gateway": {"drain_seconds": 1},
-              "models": [{"name": "smollm2", "source": "smollm2", "import_from": "smollm2", "engine": ENGINE}]}
+              "models": [{"name": "smollm2", "source": "smollm2", "import_from": "smollm2",
+                          "engine": workload.engine()}]}
     (directory / "serve.yaml").write_text(json.dumps(config))
     log = directory / "serve.log"
     process = garrison(["serve", "--config", str(directory / "serve.yaml")], log)
@@ -283,7 +298,7 @@ def cluster(workload: Workload, directory: Path, baseline: InProcess) -> list[Ro
                 "admin_key_file": str(directory / "admin.key"), "controller": {"health_listen": health},
                 "store_dir": str(directory / "serve" / "store"), "kek_file": str(directory / "serve" / "kek.key"),
                 "gateway": {"drain_seconds": 1},
-                "models": [{"name": "smollm2", "source": "smollm2", "engine": ENGINE}]}
+                "models": [{"name": "smollm2", "source": "smollm2", "engine": workload.engine()}]}
         addresses = []
         for name in ("controller", "gateway-a", "gateway-b"):
             port = free_port()
@@ -334,7 +349,7 @@ def step_bytes(workload: Workload) -> tuple[float, int]:
     from garrison_workers.engine.llm_engine import EngineConfig, LLMEngine
     from garrison_workers.engine.sequence import SamplingParams
 
-    engine = LLMEngine.from_path(smollm2(), EngineConfig(**ENGINE), on_ray=True)
+    engine = LLMEngine.from_path(smollm2(), EngineConfig(**workload.engine()), on_ray=True)
     assert engine.tokenizer is not None
     prompt = engine.tokenizer.encode(engine.tokenizer.apply_chat_template(PROMPT), add_special_tokens=False)
     engine.generate([prompt] * 32, SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True))
@@ -346,12 +361,12 @@ def step_bytes(workload: Workload) -> tuple[float, int]:
 # -- report -------------------------------------------------------------------------------------------------------
 
 
-def run_benchmark(quick: bool) -> Report:
+def run_benchmark(quick: bool, threads: int | None) -> Report:
     import ray
 
     from garrison_workers.worker_group import start_local_ray
 
-    workload = QUICK if quick else Workload()
+    workload = replace(QUICK if quick else Workload(), threads=threads)
     report = Report(machine_facts(), workload)
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
@@ -360,7 +375,7 @@ def run_benchmark(quick: bool) -> Report:
         report.bytes_per_sequence_step, report.logits_bytes_per_sequence_step = step_bytes(workload)
         ray.shutdown()
         progress("in-process engine (the reference of each round)")
-        baseline = InProcess()
+        baseline = InProcess(workload)
         try:
             progress("garrison serve")
             report.rows += serve(workload, directory, baseline)
@@ -376,9 +391,10 @@ def render(report: Report) -> str:
     m, w = report.machine, report.workload
     lines = [f"machine    {m.cpu}; {m.os_cpu_count} cores; torch {m.torch_version}; load {fmt_load(m.load_average_start)}"
              f" -> {fmt_load(m.load_average_end)}",
-             f"workload   SmolLM2 (the embedded default's engine: {ENGINE}); chat prompt, {MAX_TOKENS} new tokens at "
-             f"most; closed loops; {w.rounds} rounds of {w.warmup_s:g} s warm-up and {w.window_s:g} s measured, each "
-             "after an in-process window (the system stopped meanwhile); medians", "",
+             f"workload   SmolLM2 (the embedded default's engine: {w.engine()}; torch threads per engine: "
+             f"{w.threads or 'every core'}); chat prompt, {MAX_TOKENS} new tokens at most; closed loops; "
+             f"{w.rounds} rounds of {w.warmup_s:g} s warm-up and {w.window_s:g} s measured, each after an in-process "
+             "window (the system stopped meanwhile); medians", "",
              f"{'system':<22}{'N':>4}{'tok/s':>10}{'in-process':>12}{'ratio':>8}{'busy':>8}"]
     for r in report.rows:
         lines.append(f"{r.system:<22}{r.streams:>4}{r.tokens_per_s:>10.1f}{r.in_process_tokens_per_s:>12.1f}"
@@ -393,8 +409,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="short windows (a smoke test)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads of the rank and of the in-process engine (default: every core); "
+                             "1 leaves the other core to the gateway, the core and Ray, as on a GPU node")
     args = parser.parse_args()
-    report = run_benchmark(args.quick)
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be at least 1")
+    report = run_benchmark(args.quick, args.threads)
     print(json.dumps(asdict(report), default=str, indent=2) if args.json else render(report))
     return 0
 
