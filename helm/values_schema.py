@@ -159,6 +159,7 @@ def schema() -> Schema:
                        "dataDir": string(pattern="^/")}),
         "telemetry": obj({"prometheusPort": PORT, "otlpEndpoint": string(), "serviceName": string(minLength=1)}),
         "ray": obj({"version": string(pattern="^[0-9]+\\.[0-9]+\\.[0-9]+$"),
+                    "auth": obj({"enabled": BOOL, "existingSecret": string()}),
                     "head": obj({"resources": RESOURCES, "shmSize": QUANTITY, "rayStartParams": MAP, **SCHEDULING})}),
         "workers": obj({"gpuType": string(), "gpuTypeLabel": string(minLength=1), "gpuResource": string(minLength=1),
                         "nvlinkDomainLabel": string(minLength=1), "resources": RESOURCES, "shmSize": QUANTITY,

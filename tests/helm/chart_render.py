@@ -58,6 +58,7 @@ def render_files(values: dict[str, Any], *, monitoring: bool = True, kube_versio
 @dataclass(frozen=True)
 class Rendered:
     objects: list[dict[str, Any]]
+    notes: str = ""  # NOTES.txt as Helm prints it after an install
 
     def of_kind(self, kind: str) -> list[dict[str, Any]]:
         return [o for o in self.objects if o["kind"] == kind]
@@ -86,7 +87,8 @@ class Rendered:
 def parse(files: dict[str, str]) -> Rendered:
     objects = [doc for name, text in files.items() if name.endswith((".yaml", ".yml"))
                for doc in yaml.safe_load_all(text) if doc]
-    return Rendered(objects)
+    notes = next((text for name, text in files.items() if name.endswith("/NOTES.txt")), "")
+    return Rendered(objects, notes)
 
 
 @functools.cache

@@ -227,6 +227,44 @@ def test_ray_head_mounts_the_store_read_only_for_the_engine_cores_and_no_kek(pat
     assert not [v for v in volumes.values() if "secret" in v]
 
 
+def ray_processes(out: Any) -> dict[str, dict[str, Any]]:
+    """Every container that is a Ray node or attaches to the cluster as a driver, by a name for messages."""
+    cluster = out.one("RayCluster")["spec"]
+    containers = {"ray-head": cluster["headGroupSpec"]["template"]["spec"]["containers"][0]}
+    for group in cluster["workerGroupSpecs"]:
+        containers[group["groupName"]] = group["template"]["spec"]["containers"][0]
+    for component in ("gateway", "controller"):
+        containers[component] = out.one("Deployment", f"-{component}")["spec"]["template"]["spec"]["containers"][0]
+    return containers
+
+
+@values_files
+def test_every_ray_process_presents_the_ray_token(path):
+    """Ray's token authentication on every node and driver of the release, from one Secret: a process without the
+    token cannot join the cluster or call an engine (the real Ray's check is tests/platform/test_ray_auth.py)."""
+    values, out = merged(path), rendered(path)
+    assert values["ray"]["auth"]["enabled"]  # on by default and in every example
+    secret = values["ray"]["auth"]["existingSecret"] or f"{RELEASE}-ray-token"
+    for name, container in ray_processes(out).items():
+        env = {e["name"]: e for e in container.get("env", [])}
+        assert env["RAY_AUTH_MODE"]["value"] == "token", name
+        assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": secret, "key": "auth_token"}, name
+    assert f"{secret} (key auth_token)" in out.notes
+
+
+def test_ray_token_from_an_existing_secret_or_off():
+    mine = parse(render_files({"ray": {"auth": {"existingSecret": "my-ray-token"}}}))
+    for name, container in ray_processes(mine).items():
+        env = {e["name"]: e for e in container["env"]}
+        assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "my-ray-token", name
+    off = parse(render_files({"ray": {"auth": {"enabled": False}}}))
+    for name, container in ray_processes(off).items():
+        env = {e["name"]: e for e in container["env"]}
+        # said outright: Ray would otherwise turn token mode on by itself where it finds a token file
+        assert env["RAY_AUTH_MODE"]["value"] == "disabled" and "RAY_AUTH_TOKEN" not in env, name
+    assert "ray-token" not in off.notes
+
+
 def test_without_the_store_the_head_mounts_none():
     spec = parse(render_files({"store": {"enabled": False}})).one("RayCluster")["spec"]["headGroupSpec"]["template"]
     assert "store" not in {v["name"] for v in spec["spec"]["volumes"]}
@@ -252,8 +290,9 @@ def test_processes_get_only_the_secrets_and_volumes_they_need(path):
     assert mounts(controller)[config["store_dir"]]["readOnly"] and volumes(controller)["store"][
         "persistentVolumeClaim"]["readOnly"]
     assert "kek" not in volumes(gateway) and "store" not in volumes(gateway)
-    [env] = gateway["spec"]["template"]["spec"]["containers"][0]["env"]
-    assert env["name"] == "GARRISON_DATABASE_URL" and env["valueFrom"]["secretKeyRef"]["key"] == "url"
+    env = {e["name"]: e for e in gateway["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["GARRISON_DATABASE_URL"]["valueFrom"]["secretKeyRef"]["key"] == "url"
+    assert set(env) <= {"GARRISON_DATABASE_URL", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN"}
     assert "database_url" not in config
     for group in out.one("RayCluster")["spec"]["workerGroupSpecs"]:
         worker_mounts = {m["mountPath"]: m for m in group["template"]["spec"]["containers"][0]["volumeMounts"]}

@@ -104,6 +104,28 @@ otherwise, under everything else on the node; they are the workload (garrison_wo
 {{- define "garrison.rayEnv" -}}
 - name: RAY_worker_niceness
   value: "0"
+{{ include "garrison.rayAuthEnv" . }}
+{{- end }}
+
+{{- define "garrison.rayTokenSecret" -}}
+{{- default (printf "%s-ray-token" (include "garrison.fullname" .)) .Values.ray.auth.existingSecret }}
+{{- end }}
+
+{{/* Ray's token authentication, for every process of the Ray cluster: its nodes and the drivers that attach to it
+(the gateways, the controller). Ray reads the token from RAY_AUTH_TOKEN. */}}
+{{- define "garrison.rayAuthEnv" -}}
+{{- if .Values.ray.auth.enabled -}}
+- name: RAY_AUTH_MODE
+  value: token
+- name: RAY_AUTH_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "garrison.rayTokenSecret" . }}
+      key: auth_token
+{{- else -}}
+- name: RAY_AUTH_MODE
+  value: disabled
+{{- end }}
 {{- end }}
 
 {{/* Writable scratch space under a read-only root filesystem. */}}
