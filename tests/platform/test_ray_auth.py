@@ -27,7 +27,12 @@ HEAD = textwrap.dedent("""
 """)
 DRIVER = textwrap.dedent("""
     import sys, ray
-    ray.init(sys.argv[1], log_to_driver=False)
+    from garrison_workers.errors import UnavailableError
+    from garrison_workers.worker_group import ensure_ray  # how the gateways and the controller attach
+    try:
+        ensure_ray(sys.argv[1])
+    except UnavailableError as err:
+        sys.exit(f"garrison: error: {err}")
 
     @ray.remote(num_cpus=0)
     def answer():
@@ -93,7 +98,7 @@ def test_a_driver_with_the_token_gets_in_and_others_are_refused(head, through):
         refused = drive(address, home, mode, token)
         assert refused.returncode != 0 and "answer" not in refused.stdout, (mode, refused.stdout)
         # Through the GCS Ray names the cause; the Ray client retries its refused pings and then reports a
-        # connection timeout (the reason is in its debug log only).
-        said = "AuthenticationError.*InvalidAuthToken" if through == "gcs" else "ray client connection timeout"
-        assert re.search(said, refused.stderr, re.IGNORECASE), refused.stderr[-2000:]
+        # connection timeout (the reason is in its debug log only): Garrison's message names what to check.
+        said = "refused this process's token" if through == "gcs" else "connection timeout.*RAY_AUTH_TOKEN"
+        assert re.search(f"garrison: error: .*{said}", refused.stderr), refused.stderr[-2000:]
         assert TOKEN not in refused.stderr + refused.stdout  # the head's token is never echoed back

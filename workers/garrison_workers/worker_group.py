@@ -20,13 +20,13 @@ import threading
 from typing import Any
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import AuthenticationError, GetTimeoutError, RayActorError, RayTaskError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from garrison_workers.engine.config import EngineConfig
 from garrison_workers.engine.model_runner import SeqChunk
-from garrison_workers.errors import GarrisonError, LayoutError, UnplaceableError, WorkerLostError
+from garrison_workers.errors import GarrisonError, LayoutError, UnavailableError, UnplaceableError, WorkerLostError
 from garrison_workers.faults import Fault
 from garrison_workers.kv_transfer import KVRoute
 from garrison_workers.loader import ModelLocation
@@ -54,10 +54,28 @@ def ensure_ray(address: str | None = None, min_cpus: int = 1) -> bool:
     if ray.is_initialized():
         return False
     if address:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        try:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        except ConnectionError as err:
+            raise UnavailableError(_unreachable(address, err)) from err
     else:
         start_local_ray(max(os.cpu_count() or 1, min_cpus))
     return True
+
+
+def _unreachable(address: str, err: ConnectionError) -> str:
+    """What to check when Ray would not let this process attach: Ray's own words are "connection timeout" for a
+    Ray client whose token the head refused, the same as for a port nobody answers on."""
+    causes, cause = [], err.__cause__ or err.__context__
+    while cause is not None and len(causes) < 8:
+        causes.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    if any(isinstance(c, AuthenticationError) or "InvalidAuthToken" in str(c) for c in causes):
+        return (f"the Ray cluster at {address} refused this process's token: give it the cluster's token in "
+                "RAY_AUTH_TOKEN, with RAY_AUTH_MODE=token (the chart: the ray.auth Secret)")
+    return (f"cannot attach to the Ray cluster at {address} ({err}): check that the address is right and reachable "
+            "from here, and, if the cluster uses token authentication, that RAY_AUTH_MODE=token and RAY_AUTH_TOKEN "
+            "hold its token (the chart: the ray.auth Secret)")
 
 
 def start_local_ray(num_cpus: int | None = None) -> None:
