@@ -86,10 +86,14 @@ def test_every_value_is_documented():
 
 
 def test_engine_settings_are_garrisons():
-    from garrison_workers.engine.config import EngineConfig
+    from garrison.serving.settings import dtype_names
+    from garrison_workers.engine.config import KERNEL_DTYPES, EngineConfig
 
     engine = SCHEMA["properties"]["models"]["items"]["properties"]["engine"]["properties"]
     assert set(engine) == {f.name for f in dataclasses.fields(EngineConfig)}
+    # the dtype names a values file may give are those the engine's settings take
+    assert set(engine["dtype"]["enum"]) == {*dtype_names({}), "auto"}
+    assert set(engine["kernel_dtype"]["enum"]) == {*dtype_names({"dtypes": KERNEL_DTYPES}), None}
 
 
 @pytest.mark.parametrize("path", VALUE_FILES, ids=value_id)

@@ -70,6 +70,8 @@ def _unreachable(address: str, err: ConnectionError) -> str:
     while cause is not None and len(causes) < 8:
         causes.append(cause)
         cause = cause.__cause__ or cause.__context__
+    # Through the GCS, Ray raises the AuthenticationError inside a retry loop and hands on only its traceback, as
+    # the text of a RuntimeError: the status code's name is what survives.
     if any(isinstance(c, AuthenticationError) or "InvalidAuthToken" in str(c) for c in causes):
         return (f"the Ray cluster at {address} refused this process's token: give it the cluster's token in "
                 "RAY_AUTH_TOKEN, with RAY_AUTH_MODE=token (the chart: the ray.auth Secret)")

@@ -33,10 +33,10 @@ import torch
 
 from garrison.model_refs import is_path_ref
 from garrison.tenancy.store import redact_url
+from garrison_workers.engine.config import MODEL_DTYPES
 from garrison_workers.errors import GarrisonError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": torch.int8}
-MODEL_DTYPES = ("float32", "bfloat16", "float16")  # a dtype setting's names, unless its metadata lists others
 INT_MAX = 2**63 - 1  # every integer setting ends up in C (torch, gRPC, SQL)
 
 
@@ -130,6 +130,12 @@ def _in_range(value: float, meta: typing.Mapping[str, Any], low: float, high: fl
     return value >= low and (high is None or value <= high)
 
 
+def dtype_names(meta: typing.Mapping[str, Any]) -> list[str]:
+    """The names a dtype setting takes: its field's metadata `dtypes`, else a model's dtypes."""
+    allowed = meta.get("dtypes", MODEL_DTYPES)
+    return [name for name, dtype in DTYPES.items() if dtype in allowed]
+
+
 def expectation(hint: Any, meta: typing.Mapping[str, Any]) -> str:
     """What a setting of this type must be, in words."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
@@ -144,7 +150,7 @@ def expectation(hint: Any, meta: typing.Mapping[str, Any]) -> str:
     if hint is int or hint is float:
         return ("an integer" if hint is int else "a finite number") + _range_words(hint, meta)
     names = {bool: "true or false", str: "non-empty text", Path: "a path",
-             torch.dtype: "one of " + ", ".join(meta.get("dtypes", MODEL_DTYPES))}
+             torch.dtype: "one of " + ", ".join(dtype_names(meta))}
     return names.get(hint) or ("a mapping of settings" if is_dataclass(hint) else hint.__name__)
 
 
@@ -256,7 +262,7 @@ class Builder:
         if hint is Path:
             return (self.base / Path(raw).expanduser()).resolve()
         if hint is torch.dtype:
-            return DTYPES[raw] if raw in meta.get("dtypes", MODEL_DTYPES) else raw
+            return DTYPES[raw] if raw in dtype_names(meta) else raw
         if meta.get("ref") and is_path_ref(raw):
             return str((self.base / Path(raw).expanduser()).resolve())
         return raw

@@ -7,7 +7,8 @@ from typing import Literal
 
 import torch
 
-MODEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MODEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what `dtype` may be, besides "auto"
+KERNEL_DTYPES = (*MODEL_DTYPES, torch.int8)  # what `kernel_dtype` may be, besides None (int8: a8_mm's activations)
 
 
 @dataclass(slots=True, frozen=True)
@@ -41,8 +42,7 @@ class EngineConfig:
     # Activations of the quantized matmuls; None: `dtype`. int8: rounded per block of 32 by a8_mm (llama.cpp's
     # arithmetic, the fastest on CPUs with AVX512-VNNI; bfloat16 where it cannot run); bfloat16: PyTorch's packed
     # kernels, half int8's rounding error at about half its speed (a small model may answer differently).
-    kernel_dtype: torch.dtype | None = field(default=None, metadata={"dtypes": ("float32", "bfloat16", "float16",
-                                                                                 "int8")})
+    kernel_dtype: torch.dtype | None = field(default=None, metadata={"dtypes": KERNEL_DTYPES})
     device: str = "cpu"
     # Where the KV cache lives: None, on `device`; "cpu" with a GPU device, in pinned host memory, for contexts
     # whose KV does not fit beside the weights. Each step then writes its new K/V to the host, and attention
@@ -55,7 +55,7 @@ class EngineConfig:
             raise ValueError("block_size, max_num_seqs and max_num_batched_tokens must be >= 1")
         if self.dtype not in ("auto", *MODEL_DTYPES):
             raise ValueError(f"dtype must be 'auto', float32, bfloat16 or float16, not {self.dtype}")
-        if self.kernel_dtype not in (None, *MODEL_DTYPES, torch.int8):
+        if self.kernel_dtype not in (None, *KERNEL_DTYPES):
             raise ValueError(f"kernel_dtype must be float32, bfloat16, float16 or int8, not {self.kernel_dtype}")
         if self.kv_transport not in ("ray", "torch"):
             raise ValueError(f"kv_transport must be 'ray' or 'torch', not {self.kv_transport!r}")
