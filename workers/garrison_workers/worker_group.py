@@ -58,6 +58,8 @@ def ensure_ray(address: str | None = None, min_cpus: int = 1) -> bool:
             ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
         except ConnectionError as err:
             raise UnavailableError(_unreachable(address, err)) from err
+        except AuthenticationError as err:  # refused here before any connection: token mode, but no token
+            raise UnavailableError(f"cannot attach to the Ray cluster at {address}: {err}") from err
     else:
         start_local_ray(max(os.cpu_count() or 1, min_cpus))
     return True
