@@ -41,6 +41,8 @@ PLACEMENT_WAIT_S = 20.0  # for slots that exist but are taken, before this attem
 _POLL_S = 0.2
 INLINE_STEP_INTS = 10_000  # token ids and block-table entries of a step: at most ~50 KB pickled
 RAY_NICENESS_ENV = "RAY_worker_niceness"
+CLIENT_SERVER_TRIES = 3
+_CLIENT_SERVER_FAILED = "Initialization failure from server"  # Ray client: the per-client server did not start
 _WorkerActor = ray.remote(concurrency_groups={"watch": 1})(Worker)
 
 
@@ -54,15 +56,35 @@ def ensure_ray(address: str | None = None, min_cpus: int = 1) -> bool:
     if ray.is_initialized():
         return False
     if address:
-        try:
-            ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
-        except ConnectionError as err:
-            raise UnavailableError(_unreachable(address, err)) from err
-        except AuthenticationError as err:  # refused here before any connection: token mode, but no token
-            raise UnavailableError(f"cannot attach to the Ray cluster at {address}: {err}") from err
+        for attempt in range(1, CLIENT_SERVER_TRIES + 1):
+            try:
+                ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+                break
+            except ConnectionAbortedError as err:
+                if _CLIENT_SERVER_FAILED not in str(err):
+                    raise UnavailableError(_unreachable(address, err)) from err
+                # The Ray client server starts a server process per client; Ray's proxier now and then loses one
+                # as it starts (ray-project/ray#63202, a fork race; seen once in CI). Ray has cleaned up, and a
+                # new connection gets a new server.
+                if attempt == CLIENT_SERVER_TRIES:
+                    raise UnavailableError(
+                        f"the Ray client server at {address} failed {attempt} times to start a server for this "
+                        f"process ({_last_line(err)}); its log is ray_client_server.err on the Ray head") from err
+                log.warning("the Ray client server at %s failed to start a server for this process (%s); trying "
+                            "again (%d of %d)", address, _last_line(err), attempt + 1, CLIENT_SERVER_TRIES)
+            except ConnectionError as err:
+                raise UnavailableError(_unreachable(address, err)) from err
+            except AuthenticationError as err:  # refused here before any connection: token mode, but no token
+                raise UnavailableError(f"cannot attach to the Ray cluster at {address}: {err}") from err
     else:
         start_local_ray(max(os.cpu_count() or 1, min_cpus))
     return True
+
+
+def _last_line(err: Exception) -> str:
+    """The last line of an error whose text is a server's traceback: what went wrong, without the stack."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(err).__name__
 
 
 def _unreachable(address: str, err: ConnectionError) -> str:
@@ -77,9 +99,9 @@ def _unreachable(address: str, err: ConnectionError) -> str:
     if any(isinstance(c, AuthenticationError) or "InvalidAuthToken" in str(c) for c in causes):
         return (f"the Ray cluster at {address} refused this process's token: give it the cluster's token in "
                 "RAY_AUTH_TOKEN, with RAY_AUTH_MODE=token (the chart: the ray.auth Secret)")
-    return (f"cannot attach to the Ray cluster at {address} ({err}): check that the address is right and reachable "
-            "from here, and, if the cluster uses token authentication, that RAY_AUTH_MODE=token and RAY_AUTH_TOKEN "
-            "hold its token (the chart: the ray.auth Secret)")
+    return (f"cannot attach to the Ray cluster at {address} ({_last_line(err)}): check that the address is right "
+            "and reachable from here, and, if the cluster uses token authentication, that RAY_AUTH_MODE=token and "
+            "RAY_AUTH_TOKEN hold its token (the chart: the ray.auth Secret)")
 
 
 def start_local_ray(num_cpus: int | None = None) -> None:
