@@ -11,6 +11,7 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+import torch
 import yaml
 from garrison.cli import main
 from garrison.planner import helm_values, report
@@ -23,8 +24,9 @@ from garrison.planner.memory import EngineLimits, Precision, activation_bytes, b
 from garrison.planner.models import resolve_model
 from garrison.planner.search import Ask, Plan, evaluate, search
 from garrison.planner.simulate import SimEngine, Simulation
-from garrison.planner.step_time import Row, StepTimeModel, chunked_pairs, global_pairs
+from garrison.planner.step_time import Row, StepTimeModel, attended_keys
 from garrison.planner.workload import SLO, LengthDist, OpenLoop, Request, Workload, load_trace
+from garrison_workers.attention import causal_masks
 from garrison_workers.engine.config import EngineConfig
 from garrison_workers.engine.sequence import SamplingParams
 from garrison_workers.errors import GarrisonError, InvalidRequestError
@@ -110,19 +112,17 @@ def test_every_catalog_figure_names_its_source() -> None:
 # -- the time model's attention counts -------------------------------------------------------------------
 
 
-def brute_pairs(context: int, new: int, window: int | None) -> int:
-    total = 0
-    for position in range(context, context + new):
-        start = position // window * window if window else 0
-        total += position - start + 1
-    return total
-
-
 @pytest.mark.parametrize("context,new,window", [(0, 1, 16), (5, 40, 16), (16, 16, 16), (1000, 3000, 1024),
-                                                (8191, 2, 8192), (0, 700, 256)])
-def test_attention_pairs_against_brute_force(context: int, new: int, window: int) -> None:
-    assert chunked_pairs(context, new, window)[0] == brute_pairs(context, new, window)
-    assert global_pairs(context, new)[0] == brute_pairs(context, new, None)
+                                                (8191, 2, 8192), (0, 700, 256), (8192, 2048, 8192), (300, 1, 256)])
+def test_attended_keys_are_the_keys_of_the_engines_masks(context: int, new: int, window: int) -> None:
+    """The time model prices the rectangle of queries × keys the engine's masks span (it computes masked pairs
+    too): the same keys as `attention.causal_masks` gives the chunked-local and the global layers."""
+    positions = torch.arange(context, context + new)
+    global_mask, _, chunked_mask = causal_masks(positions, context + new, window, key_block=1 << 30)
+    assert global_mask is not None
+    assert attended_keys(context, new, None) == global_mask.shape[1]
+    assert attended_keys(context, new, window) == chunked_mask.shape[1]
+    assert chunked_mask.shape[0] == global_mask.shape[0] == new
 
 
 # -- the simulation follows the engine's own schedule --------------------------------------------------

@@ -254,10 +254,18 @@ def fit(points: list[Point], base: Hardware) -> tuple[Efficiency, list[dict[str,
         point.cost = StepTimeModel(point.model, base, Precision("fp32", "fp32"), Group("both", 1, 1),
                                    on_ray=False, key_block=point.key_block).cost(point.rows)
     matrix = [features(p.cost) for p in points if p.cost is not None]
-    coefficients = nnls(matrix, [p.seconds for p in points], [1 / p.seconds for p in points])
-    c = dict(zip(COEFFICIENTS, coefficients))
+    # Nothing runs faster than the measured peak and bandwidth: an inverse efficiency is at least 1, and with a
+    # measured GEMM curve (bare GEMMs over weights in DRAM; the engine's, on weights in cache, may run faster)
+    # its scale may lift no row count above the peak. Fitted as that floor plus a non-negative excess, the fit
+    # answers under the bounds the profile holds, rather than leaning on a term the profile cannot price so.
     curve = base.efficiency.gemm_curve
-    if curve and c["inv_gemm"] > 0:  # the engine's GEMMs against the bare ones: that scale goes into the curve
+    floor = {"inv_gemm": max(curve.values()) if curve else 1.0, "inv_gemm_small": 1.0, "inv_memory": 1.0,
+             "inv_attention": 1.0}
+    floors = [floor.get(name, 0.0) for name in COEFFICIENTS]
+    excess = [p.seconds - sum(f * x for f, x in zip(row, floors)) for p, row in zip(points, matrix)]
+    coefficients = nnls(matrix, excess, [1 / p.seconds for p in points])
+    c = {name: low + x for name, low, x in zip(COEFFICIENTS, floors, coefficients)}
+    if curve:  # the engine's GEMMs against the bare ones: that scale goes into the curve
         curve = {rows: share / c["inv_gemm"] for rows, share in curve.items()}
         c["inv_gemm"] = 1.0
     eff = Efficiency(gemm=_share(c["inv_gemm"]), gemm_small=_share(c["inv_gemm_small"]), gemm_curve=curve,
@@ -277,8 +285,8 @@ def fit(points: list[Point], base: Hardware) -> tuple[Efficiency, list[dict[str,
 
 
 def _share(inverse: float) -> float:
-    """An efficiency from its fitted inverse; a term the fit dropped (0) becomes 1 (its cost is in other terms)."""
-    return 1.0 if inverse <= 1.0 else 1.0 / inverse
+    """An efficiency from its fitted inverse (at least 1)."""
+    return 1.0 / max(1.0, inverse)
 
 
 # -- machine primitives -----------------------------------------------------------------------------

@@ -44,7 +44,7 @@ class StepCost:
     small_gemm_flops_s: float = 0.0  # the same for GEMMs of fewer tokens
     stream_bytes_s: float = 0.0  # weights and KV read / bandwidth
     attention_flops_s: float = 0.0  # attention FLOPs / peak
-    attention_pairs: float = 0.0  # (query, key, head) pairs on this rank
+    attention_pairs: float = 0.0  # (query, key, head) pairs on this rank, masked ones included
     blockwise_pairs: float = 0.0  # of those, on global layers over contexts longer than one key block
     spill_pairs: float = 0.0  # of those, in score tiles larger than the hardware's cache
     layers: int = 0
@@ -56,20 +56,12 @@ class StepCost:
     ops: list[tuple[float, float, str]] = field(default_factory=list)
 
 
-def chunked_pairs(context: int, new: int, window: int) -> tuple[int, int]:
-    """(query-key pairs, keys read) of `new` queries after `context` on a layer that attends within `window`."""
-    pairs, position, end = 0, context, context + new
-    while position < end:
-        start = position // window * window
-        stop = min(end, start + window)
-        first, last = position - start + 1, stop - start  # keys seen by the first and last query of this run
-        pairs += (first + last) * (stop - position) // 2
-        position = stop
-    return pairs, end - context // window * window
-
-
-def global_pairs(context: int, new: int) -> tuple[int, int]:
-    return new * context + new * (new + 1) // 2, context + new
+def attended_keys(context: int, new: int, window: int | None) -> int:
+    """Keys that `new` queries after `context` attend together, as the engine lays them out: on a chunked-local
+    layer from the first query's window start (`attention.causal_masks`), on a global layer from key 0, to the
+    last query. The engine computes every (query, key) pair of that rectangle, masked ones too (SDPA with an
+    explicit mask and the blockwise path skip nothing), so a prompt chunk costs queries × these keys."""
+    return context + new - (context // window * window if window else 0)
 
 
 SMALL_GEMM_TOKENS = 64  # GEMMs of fewer rows (decode batches, one expert's tokens) run at `Efficiency.gemm_small`
@@ -176,14 +168,12 @@ class StepTimeModel:
         q_heads, kv_heads = max(1, m.num_heads // tp), max(1, m.num_kv_heads // tp)
         pairs = keys = blockwise = spill = 0
         for row in rows:
-            if chunked:
-                p, k = chunked_pairs(row.context, row.new_tokens, m.attention_chunk_size or 1)
-            else:
-                p, k = global_pairs(row.context, row.new_tokens)
-                if row.context + row.new_tokens > self.key_block:
-                    blockwise += p
-                    tile = q_heads // kv_heads * row.new_tokens * self.key_block * 4
-                    spill += p if self.hw.cache_bytes and tile > self.hw.cache_bytes else 0
+            k = attended_keys(row.context, row.new_tokens, (m.attention_chunk_size or 1) if chunked else None)
+            p = row.new_tokens * k
+            if not chunked and row.context + row.new_tokens > self.key_block:
+                blockwise += p
+                tile = q_heads // kv_heads * row.new_tokens * self.key_block * 4
+                spill += p if self.hw.cache_bytes and tile > self.hw.cache_bytes else 0
             pairs, keys = pairs + p, keys + k
         flops_s = 4 * pairs * m.head_dim * q_heads / self.flops * layers
         bytes_s = keys * 2 * kv_heads * m.head_dim * self.kv_bytes / self.hw.hbm_bandwidth * layers
