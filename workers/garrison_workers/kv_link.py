@@ -104,9 +104,9 @@ class HandleLink:
     def __init__(self, source: Executor, dest: Executor, pace: ImportPace | None = None) -> None:
         self.source, self.dest, self.pace = source, dest, pace
 
-    def start(self, source_blocks: list[int], dest_blocks: list[int], num_tokens: int) -> "_HandleTransfer":
-        return _HandleTransfer(self.source.start_export_kv(source_blocks, num_tokens), self.dest, dest_blocks,
-                               num_tokens, self.pace)
+    def start(self, source_blocks: list[int], dest_blocks: list[int], num_tokens: int) -> "_ReleasingTransfer":
+        return _ReleasingTransfer(_HandleTransfer(self.source.start_export_kv(source_blocks, num_tokens), self.dest,
+                                                  dest_blocks, num_tokens, self.pace))
 
     def transfer(self, source_blocks: list[int], dest_blocks: list[int], num_tokens: int) -> None:
         self.start(source_blocks, dest_blocks, num_tokens).finish()
@@ -123,7 +123,7 @@ class _HandleTransfer:
         self.export, self.dest, self.dest_blocks, self.num_tokens = export, dest, dest_blocks, num_tokens
         self.pace = pace
         self.cancelled = False
-        self._handles: list[Any] | None = None
+        self.handles: list[Any] | None = None  # the export's, once it is done
         self._next = 0  # tokens whose import has started
         self._slice: tuple[PendingImport, int, int] | None = None  # the import in flight, its start and stop
         self._error: GarrisonError | None = None
@@ -157,9 +157,9 @@ class _HandleTransfer:
     def _start_slice(self, max_tokens: int) -> None:
         start, stop = self._next, min(self.num_tokens, self._next + max_tokens)
         try:
-            if self._handles is None:
-                self._handles = self.export.handles()
-            self._slice = (self.dest.start_import_kv(self.dest_blocks, self.num_tokens, self._handles, start, stop),
+            if self.handles is None:
+                self.handles = self.export.handles()
+            self._slice = (self.dest.start_import_kv(self.dest_blocks, self.num_tokens, self.handles, start, stop),
                            start, stop)
             self._next = stop
         except GarrisonError as err:
@@ -183,6 +183,27 @@ class _HandleTransfer:
         elif self.pace is not None:
             self.pace.observe_import(stop - start, seconds)
         return True
+
+
+class _ReleasingTransfer:
+    """An object-store transfer that, once over, lets the destination forget the payloads it has read (kept there
+    from one slice to the next)."""
+
+    def __init__(self, imports: _HandleTransfer) -> None:
+        self.imports = imports
+
+    def advance(self) -> bool:
+        return self.imports.advance()
+
+    def cancel(self) -> None:
+        self.imports.cancel()
+
+    def finish(self) -> None:
+        try:
+            self.imports.finish()
+        finally:
+            if self.imports.handles is not None:
+                self.imports.dest.drop_kv(self.imports.handles)
 
 
 class TorchChannel:

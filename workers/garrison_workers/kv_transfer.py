@@ -153,14 +153,25 @@ def _from_wire(wire: _Wire) -> KVPayload:
 class InProcessTransport:
     """The sender runs in the driver's process: the handle is the payload itself."""
 
+    def __init__(self) -> None:
+        # A sliced import receives the same handles once per slice: each is read from Ray's object store once (a
+        # read costs about a millisecond however small the slice, and the import pace took it for copy time,
+        # cutting 4k tokens into hundreds of slices) and kept until `release`.
+        self._received: dict[Any, KVPayload] = {}
+
     def send(self, payload: KVPayload, route: KVRoute | None = None) -> Any:
         return payload
 
     def receive(self, handles: list[Any]) -> list[KVPayload]:
-        return [_resolve(h) for h in handles]
+        for handle in handles:
+            if not isinstance(handle, KVPayload) and handle not in self._received:
+                self._received[handle] = _resolve(handle)
+        return [h if isinstance(h, KVPayload) else self._received[h] for h in handles]
 
     def release(self, handles: list[Any]) -> None:
-        pass
+        for handle in handles:
+            if not isinstance(handle, KVPayload):
+                self._received.pop(handle, None)
 
 
 class RayObjectStoreTransport(InProcessTransport):

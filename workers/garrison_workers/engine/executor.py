@@ -79,6 +79,10 @@ class Executor(Protocol):
         """`import_kv` without waiting (ranks in other processes import while the driver goes on)."""
         ...
 
+    def drop_kv(self, handles: list[Any]) -> None:
+        """Forget what this group holds for a transfer that is over (received payloads, staged KV)."""
+        ...
+
     def restart(self) -> None: ...
 
     def lost(self) -> WorkerLostError | None:
@@ -170,6 +174,9 @@ class LocalExecutor:
     def start_import_kv(self, block_table: list[int], num_tokens: int, handles: list[Any], start: int = 0,
                         stop: int | None = None) -> "DoneImport":
         return DoneImport(self.import_kv(block_table, num_tokens, handles, start, stop))
+
+    def drop_kv(self, handles: list[Any]) -> None:
+        self.transport.release(handles)
 
     def restart(self) -> None:
         self.runner = ModelRunner(self.model, self.num_blocks, self.config)  # a fresh, empty KV cache
