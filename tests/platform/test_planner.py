@@ -319,8 +319,11 @@ def test_a_measured_gemm_curve_prices_each_gemm_at_its_rows() -> None:
                          ).cost([Row(1, 10), Row(1, 20)])
     params = 2 * (4 * 64 * 64 + 3 * 64 * 128) + 512 * 64  # two layers' attention and MLP, the logits
     assert cost.gemm_flops_s == pytest.approx(2 * 2 * params / 50e9 / 0.2)  # 2 rows: the share at 2
-    kv_bytes = (11 + 21) * 2 * 2 * 32 * 4 * 2  # keys read (context + the new token), K and V, 2 heads, 2 layers
+    # the padded decode batch: both rows read the longest row's 21 keys (context + the new token), K and V, 2 heads,
+    # 2 layers
+    kv_bytes = (21 + 21) * 2 * 2 * 32 * 4 * 2
     assert cost.stream_bytes_s == pytest.approx(kv_bytes / 20e9)  # weights' reads are in the curve's rate
+    assert cost.decode_pairs == 2 * 21 * 2 * 2 and cost.attention_pairs == 0
     assert cost.segments == 0  # two decode rows join the padded decode batch
     mixed = StepTimeModel(model, hardware, Precision("fp32", "fp32"), Group("both", 1, 1), on_ray=False,
                           key_block=1024).cost([Row(1, 10), Row(64, 0), Row(1, 2000)])

@@ -40,9 +40,10 @@ from garrison.planner.memory import Precision
 from garrison.planner.step_time import Row, StepCost, StepTimeModel
 
 Progress = Callable[[str], None]
+LONG_DECODE = 768  # prompt tokens of the long-context decode points: within the default key block (1024)
 # The fitted coefficients, in the order of `features`.
-COEFFICIENTS = ("inv_gemm", "inv_gemm_small", "inv_memory", "inv_attention", "attention_pair_s", "blockwise_pair_s",
-                "spill_pair_s", "layer_overhead_s", "row_overhead_s", "segment_overhead_s", "expert_overhead_s",
+COEFFICIENTS = ("inv_gemm", "inv_gemm_small", "inv_memory", "inv_attention", "attention_pair_s", "decode_pair_s",
+                "blockwise_pair_s", "spill_pair_s", "layer_overhead_s", "row_overhead_s", "segment_overhead_s", "expert_overhead_s",
                 "step_overhead_s")
 
 
@@ -190,7 +191,9 @@ def engine_points(threads: int, quick: bool, progress: Progress, extra: list[Poi
     ]
     points: list[Point] = []
     for config, batches, prompt, chunk, key_block in plans:
-        decode_tokens = max(batches, default=0) * (128 + steps + 16)  # each decode batch's prompts and steps
+        # each decode batch's prompts and steps, and a batch of 8 over longer contexts (a decode row's keys cost
+        # what the decode kernel makes them cost: only contexts that differ tell it)
+        decode_tokens = max(max(batches, default=0) * (128 + steps + 16), 8 * (LONG_DECODE + steps + 16))
         engine_config = EngineConfig(num_kv_blocks=-(-(max(prompt, 200, decode_tokens) + 64) // 16) + 64,
                                      enable_prefix_caching=False,
                                      max_num_batched_tokens=chunk, attention_key_block=key_block)
@@ -198,6 +201,8 @@ def engine_points(threads: int, quick: bool, progress: Progress, extra: list[Poi
         progress(f"  calibrating on {_name(config)}")
         engine.generate([[3, 4, 5, 6] * 32], SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
         points += [decode_point(engine, config, batch, 128, steps) for batch in batches]
+        if batches:
+            points.append(decode_point(engine, config, 8, LONG_DECODE, steps))
         if batches:  # several prompts in one step: what a prefill segment costs beyond its tokens
             points += [batched_prefill_point(engine, config, n, chunk // 8) for n in (1, 4, 8)]
         if prompt:
@@ -211,7 +216,7 @@ def engine_points(threads: int, quick: bool, progress: Progress, extra: list[Poi
 def features(cost: StepCost) -> list[float]:
     attention_flops_s = sum(f for f, _, kind in cost.ops if kind == "attention")
     return [cost.gemm_flops_s, cost.small_gemm_flops_s, cost.stream_bytes_s, attention_flops_s, cost.attention_pairs,
-            cost.blockwise_pairs, cost.spill_pairs, float(cost.layers), float(cost.rows), float(cost.segments),
+            cost.decode_pairs, cost.blockwise_pairs, cost.spill_pairs, float(cost.layers), float(cost.rows), float(cost.segments),
             cost.experts, 1.0]
 
 
@@ -270,7 +275,7 @@ def fit(points: list[Point], base: Hardware) -> tuple[Efficiency, list[dict[str,
         c["inv_gemm"] = 1.0
     eff = Efficiency(gemm=_share(c["inv_gemm"]), gemm_small=_share(c["inv_gemm_small"]), gemm_curve=curve,
                      memory=_share(c["inv_memory"]), attention=_share(c["inv_attention"]),
-                     attention_pair_s=c["attention_pair_s"],
+                     attention_pair_s=c["attention_pair_s"], decode_pair_s=c["decode_pair_s"],
                      blockwise_pair_s=c["blockwise_pair_s"], spill_pair_s=c["spill_pair_s"], overlap="sum",
                      step_overhead_s=c["step_overhead_s"], layer_overhead_s=c["layer_overhead_s"],
                      row_overhead_s=c["row_overhead_s"], segment_overhead_s=c["segment_overhead_s"],

@@ -52,7 +52,10 @@ class Efficiency:
     gemm_curve: dict[int, float] = field(default_factory=dict)
     memory: float = 0.8  # of HBM bandwidth, for streaming weights and KV
     attention: float = 0.5  # of peak FLOPS, for attention's QK^T and PV
-    attention_pair_s: float = 0.0  # per (query, key, head) pair beyond its FLOPs (softmax on a CPU)
+    attention_pair_s: float = 0.0  # per (query, key, head) pair of a prefill segment beyond its FLOPs (softmax)
+    # per (query, key, head) pair of the padded decode batch (one query per sequence, keys gathered or read where
+    # they lie: another kernel, whose cost per key the prefill's does not tell)
+    decode_pair_s: float = 0.0
     # per pair of a global layer over a context longer than the engine's attention key block, which Garrison
     # attends block by block (online softmax, one key block per iteration) instead of in one fused kernel
     blockwise_pair_s: float = 0.0
@@ -78,7 +81,7 @@ class Efficiency:
             raise InvalidRequestError(f"invalid efficiency {self}: shares must be in (0, 1], overlap max or sum")
         if any(int(rows) < 1 or not share > 0 for rows, share in self.gemm_curve.items()):
             raise InvalidRequestError(f"invalid gemm_curve {self.gemm_curve}: rows >= 1 -> a share of peak > 0")
-        if min(self.attention_pair_s, self.blockwise_pair_s, self.spill_pair_s, self.step_overhead_s,
+        if min(self.attention_pair_s, self.decode_pair_s, self.blockwise_pair_s, self.spill_pair_s, self.step_overhead_s,
                self.layer_overhead_s, self.row_overhead_s, self.segment_overhead_s, self.expert_overhead_s,
                self.group_call_s, self.poll_s) < 0:
             raise InvalidRequestError(f"invalid efficiency {self}: overheads must be >= 0")

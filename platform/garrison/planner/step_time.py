@@ -44,7 +44,8 @@ class StepCost:
     small_gemm_flops_s: float = 0.0  # the same for GEMMs of fewer tokens
     stream_bytes_s: float = 0.0  # weights and KV read / bandwidth
     attention_flops_s: float = 0.0  # attention FLOPs / peak
-    attention_pairs: float = 0.0  # (query, key, head) pairs on this rank, masked ones included
+    attention_pairs: float = 0.0  # (query, key, head) pairs of prefill segments on this rank, masked ones included
+    decode_pairs: float = 0.0  # (query, key, head) pairs of the decode batch, padded to its longest context
     blockwise_pairs: float = 0.0  # of those, on global layers over contexts longer than one key block
     spill_pairs: float = 0.0  # of those, in score tiles larger than the hardware's cache
     layers: int = 0
@@ -92,8 +93,8 @@ class StepTimeModel:
         join = max if eff.overlap == "max" else (lambda a, b: a + b)
         share = {"gemm": eff.gemm, "small": eff.gemm_small, "attention": eff.attention}
         compute = sum(join(f / share[kind], b / eff.memory) for f, b, kind in cost.ops)
-        compute += (cost.attention_pairs * eff.attention_pair_s + cost.blockwise_pairs * eff.blockwise_pair_s
-                    + cost.spill_pairs * eff.spill_pair_s)
+        compute += (cost.attention_pairs * eff.attention_pair_s + cost.decode_pairs * eff.decode_pair_s
+                    + cost.blockwise_pairs * eff.blockwise_pair_s + cost.spill_pairs * eff.spill_pair_s)
         fixed = (cost.layers * eff.layer_overhead_s + cost.rows * eff.row_overhead_s
                  + cost.segments * eff.segment_overhead_s
                  + cost.experts * eff.expert_overhead_s)
@@ -105,10 +106,7 @@ class StepTimeModel:
 
     def cost(self, rows: list[Row]) -> StepCost:
         cost = StepCost(layers=self.model.num_layers, rows=len(rows))
-        # as the model runner lays rows out: one token within a key block joins the padded decode batch; any
-        # other row is a prefill segment of its own on every layer
-        cost.segments = self.model.num_layers * sum(
-            r.new_tokens > 1 or r.context + r.new_tokens > self.key_block for r in rows)
+        cost.segments = self.model.num_layers * sum(not self._decodes(r) for r in rows)
         tokens = sum(r.new_tokens for r in rows)
         if not tokens:
             return cost
@@ -166,23 +164,35 @@ class StepTimeModel:
             return
         m, tp = self.model, self.group.tp
         q_heads, kv_heads = max(1, m.num_heads // tp), max(1, m.num_kv_heads // tp)
-        pairs = keys = blockwise = spill = 0
+        window = (m.attention_chunk_size or 1) if chunked else None
+        # The padded decode batch: every one-token row within a key block reads as many keys as the longest does.
+        decode = [attended_keys(r.context, 1, window) for r in rows if self._decodes(r)]
+        decode_pairs = len(decode) * max(decode, default=0)
+        pairs, keys, blockwise, spill = 0, decode_pairs, 0, 0
         for row in rows:
-            k = attended_keys(row.context, row.new_tokens, (m.attention_chunk_size or 1) if chunked else None)
+            if self._decodes(row):
+                continue
+            k = attended_keys(row.context, row.new_tokens, window)
             p = row.new_tokens * k
             if not chunked and row.context + row.new_tokens > self.key_block:
                 blockwise += p
                 tile = q_heads // kv_heads * row.new_tokens * self.key_block * 4
                 spill += p if self.hw.cache_bytes and tile > self.hw.cache_bytes else 0
             pairs, keys = pairs + p, keys + k
-        flops_s = 4 * pairs * m.head_dim * q_heads / self.flops * layers
+        flops_s = 4 * (pairs + decode_pairs) * m.head_dim * q_heads / self.flops * layers
         bytes_s = keys * 2 * kv_heads * m.head_dim * self.kv_bytes / self.hw.hbm_bandwidth * layers
         cost.attention_flops_s += flops_s
         cost.stream_bytes_s += bytes_s
         cost.attention_pairs += pairs * q_heads * layers
+        cost.decode_pairs += decode_pairs * q_heads * layers
         cost.blockwise_pairs += blockwise * q_heads * layers
         cost.spill_pairs += spill * q_heads * layers
         cost.ops.append((flops_s, bytes_s, "attention"))
+
+    def _decodes(self, row: Row) -> bool:
+        """As the model runner lays rows out: one token within a key block joins the padded decode batch; any other
+        row is a prefill segment of its own on every layer."""
+        return row.new_tokens == 1 and row.context + 1 <= self.key_block
 
     def _comm(self, tokens: int) -> float:
         m, c, tp, ep = self.model, self.counts, self.group.tp, self.group.ep
