@@ -43,8 +43,8 @@ Progress = Callable[[str], None]
 LONG_DECODE = 768  # prompt tokens of the long-context decode points: within the default key block (1024)
 # The fitted coefficients, in the order of `features`.
 COEFFICIENTS = ("inv_gemm", "inv_gemm_small", "inv_memory", "inv_attention", "attention_pair_s", "decode_pair_s",
-                "blockwise_pair_s", "spill_pair_s", "layer_overhead_s", "row_overhead_s", "segment_overhead_s", "expert_overhead_s",
-                "step_overhead_s")
+                "blockwise_pair_s", "spill_pair_s", "layer_overhead_s", "row_overhead_s", "segment_overhead_s",
+                "expert_overhead_s", "step_overhead_s")
 
 
 @dataclass(slots=True)
@@ -216,8 +216,8 @@ def engine_points(threads: int, quick: bool, progress: Progress, extra: list[Poi
 def features(cost: StepCost) -> list[float]:
     attention_flops_s = sum(f for f, _, kind in cost.ops if kind == "attention")
     return [cost.gemm_flops_s, cost.small_gemm_flops_s, cost.stream_bytes_s, attention_flops_s, cost.attention_pairs,
-            cost.decode_pairs, cost.blockwise_pairs, cost.spill_pairs, float(cost.layers), float(cost.rows), float(cost.segments),
-            cost.experts, 1.0]
+            cost.decode_pairs, cost.blockwise_pairs, cost.spill_pairs, float(cost.layers), float(cost.rows),
+            float(cost.segments), cost.experts, 1.0]
 
 
 def nnls(rows: list[list[float]], targets: list[float], weights: list[float]) -> list[float]:

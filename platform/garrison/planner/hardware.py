@@ -81,9 +81,9 @@ class Efficiency:
             raise InvalidRequestError(f"invalid efficiency {self}: shares must be in (0, 1], overlap max or sum")
         if any(int(rows) < 1 or not share > 0 for rows, share in self.gemm_curve.items()):
             raise InvalidRequestError(f"invalid gemm_curve {self.gemm_curve}: rows >= 1 -> a share of peak > 0")
-        if min(self.attention_pair_s, self.decode_pair_s, self.blockwise_pair_s, self.spill_pair_s, self.step_overhead_s,
-               self.layer_overhead_s, self.row_overhead_s, self.segment_overhead_s, self.expert_overhead_s,
-               self.group_call_s, self.poll_s) < 0:
+        if min(self.attention_pair_s, self.decode_pair_s, self.blockwise_pair_s, self.spill_pair_s,
+               self.step_overhead_s, self.layer_overhead_s, self.row_overhead_s, self.segment_overhead_s,
+               self.expert_overhead_s, self.group_call_s, self.poll_s) < 0:
             raise InvalidRequestError(f"invalid efficiency {self}: overheads must be >= 0")
 
     def curve_share(self, rows: float) -> float:
