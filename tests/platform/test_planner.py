@@ -310,6 +310,8 @@ def test_plots_are_written(tmp_path: Path) -> None:
 def test_a_measured_gemm_curve_prices_each_gemm_at_its_rows() -> None:
     efficiency = Efficiency(overlap="sum", gemm_curve={4: 0.3, 1: 0.1})
     assert list(efficiency.gemm_curve) == [1, 4]
+    # a profile read back from JSON names its rows as strings: ordered as numbers all the same
+    assert list(Efficiency(gemm_curve={"16": 0.3, "128": 0.5, "2": 0.1}).gemm_curve) == [2, 16, 128]
     # linear in log2(rows) between points; below the first the time stays (share ~ rows); flat past the last
     assert [efficiency.curve_share(r) for r in (0.5, 1, 2, 4, 8)] == pytest.approx([0.05, 0.1, 0.2, 0.3, 0.3])
     link = Link(1e9, 1e-4)

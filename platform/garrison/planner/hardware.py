@@ -75,7 +75,8 @@ class Efficiency:
     calibrated: bool = False
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "gemm_curve", {int(k): float(v) for k, v in sorted(self.gemm_curve.items())})
+        # Sorted by rows as numbers: a profile read back from JSON has its rows as strings ("128" < "16").
+        object.__setattr__(self, "gemm_curve", dict(sorted((int(k), float(v)) for k, v in self.gemm_curve.items())))
         shares = (self.gemm, self.gemm_small, self.memory, self.attention)
         if not all(0 < s <= 1 for s in shares) or self.overlap not in ("max", "sum"):
             raise InvalidRequestError(f"invalid efficiency {self}: shares must be in (0, 1], overlap max or sum")
