@@ -213,6 +213,27 @@ def long_section(report: Report, model_dir: Path) -> tuple[list[Point], float, A
     return points, ttft, model
 
 
+def disagg_model_points(report: Report, model_dir: Path, quick: bool, threads: int) -> dict[int, list[Point]]:
+    """Steps of disagg.py's model alone, per thread count: a decode batch of 8 (its streams) at their shortest
+    and longest contexts, and a prompt prefilled in chunks of the workload's token budget. Calibration points:
+    the workload's queueing figures, which these steps make up, stay held out."""
+    workload = disagg.QUICK if quick else disagg.FULL
+    shortest = workload.stream_prompt_tokens
+    points: dict[int, list[Point]] = {}
+    with Measured(report, f"disagg.py's model: decode of 8, a 2k prompt in {workload.max_num_batched_tokens}-token "
+                          f"chunks (calibration) at {sorted({1, threads})} thread(s)"):
+        for count in sorted({1, threads}):
+            torch.set_num_threads(count)
+            engine = LLMEngine.from_path(model_dir, replace(workload.engine_config(), worker_threads=count))
+            model = engine.model_config
+            engine.generate([[3, 4, 5] * 50], SamplingParams(max_tokens=4, ignore_eos=True))
+            points[count] = [decode_point(engine, model, 8, context, 16 if quick else 48)
+                             for context in (shortest, shortest + workload.stream_tokens)]
+            points[count] += prefill_points(engine, model, 2048, workload.max_num_batched_tokens)
+            engine.shutdown()
+    return points
+
+
 def disagg_section(report: Report, model_dir: Path, raw: dict[str, Any], quick: bool, threads: int) -> disagg.Report:
     workload = disagg.QUICK if quick else disagg.FULL
     run = disagg.Report(machine_facts(), workload, quick, threads,
@@ -307,8 +328,9 @@ def predict_disagg(model: Any, two: Hardware, one: Hardware, workload: disagg.Wo
         nbytes = tokens * token_bytes
         return link.latency(2) + nbytes / link.bandwidth, nbytes / (one.hbm_bandwidth * one.efficiency.memory)
 
-    dis = Simulation(DisaggArrivals(workload)).run_disaggregated(prefill, [decode], handoff,
-                                                                 poll_s=one.efficiency.poll_s)
+    eff = one.efficiency
+    dis = Simulation(DisaggArrivals(workload)).run_disaggregated(prefill, [decode], handoff, poll_s=eff.poll_s,
+                                                                 export_s=eff.kv_export_s, fetch_s=eff.kv_fetch_s)
     return {"colocated": disagg_figures(col.records, workload), "disaggregated": disagg_figures(dis.records, workload)}
 
 
@@ -331,13 +353,14 @@ def run_benchmark(quick: bool, threads: int) -> Report:
         smol_points, smol_32, smol_config = smollm2_section(report, quick, threads)
         moe_point, moe_measured, moe_config = moe_section(report, moe_dir, quick)
         long_points, ttft_16k, long_config = long_section(report, long_dir)
+        disagg_points = disagg_model_points(report, disagg_dir, quick, threads)
         run = disagg_section(report, disagg_dir, raw, quick, threads)
     with Measured(report, f"calibration: `garrison plan calibrate` at {sorted({1, threads})} thread(s)"):
-        rank_points = [moe_point, *long_points]
+        rank_points = [moe_point, *long_points, *disagg_points[1]]
         one = calibrate(Path(tmp + "-1t.yaml"), threads=1, quick=quick, progress=progress,
                         extra_points=rank_points + (smol_points if threads == 1 else []))
         two = one if threads == 1 else calibrate(Path(tmp + f"-{threads}t.yaml"), threads=threads, quick=quick,
-                                                 progress=progress, extra_points=smol_points)
+                                                 progress=progress, extra_points=smol_points + disagg_points[threads])
     report.profiles = {f"{threads} threads": two.to_dict(), "1 thread": one.to_dict()}
     figs = report.figures
     figs.append(Figure("SmolLM2 decode tok/s, 32 concurrent", smol_32, predict_decode_rate(smol_config, two, 32, 64,

@@ -131,7 +131,7 @@ def test_attended_keys_are_the_keys_of_the_engines_masks(context: int, new: int,
 class OneSecondSteps:
     """A clock for the simulation in which every step lasts one second: token times are step numbers."""
 
-    def seconds(self, rows: list[object]) -> float:
+    def typical_seconds(self, rows: list[object]) -> float:
         return 1.0
 
 
@@ -170,6 +170,39 @@ def test_disaggregated_simulation_hands_every_request_over() -> None:
     assert all(r.token_times[1] - r.token_times[0] >= 1.0 for r in result.records)  # the handoff lies between
     assert prefill.block_manager.num_free_blocks == 64
     assert all(d.block_manager.num_free_blocks == 32 for d in decoders)
+
+
+def _disaggregated_token_times(requests: list[Request], export_s: float = 0.0, fetch_s: float = 0.0
+                               ) -> dict[str, list[float]]:
+    prefill = SimEngine.build(OneSecondSteps(), 64, 16, 8, 64)  # type: ignore[arg-type]
+    decoders = [SimEngine.build(OneSecondSteps(), 32, 16, 8, 64)]  # type: ignore[arg-type]
+    result = Simulation(OpenLoop(requests)).run_disaggregated(prefill, decoders, lambda n: (0.0, 0.0),
+                                                              export_s=export_s, fetch_s=fetch_s)
+    return {r.request.request_id: r.token_times for r in result.records}
+
+
+def test_a_prompt_prefilled_over_several_steps_with_nothing_else_to_do_is_finished() -> None:
+    # The scheduler splits the 64-token budget between the two prompts: both need a second prefill step, while
+    # nothing decodes and nothing else waits (the loop once stopped there, every request unfinished).
+    times = _disaggregated_token_times([Request(f"r{i}", 0.0, 40, 3) for i in range(2)])
+    assert times == {"r0": [2.0, 3.0, 4.0], "r1": [2.0, 3.0, 4.0]}
+
+
+def test_a_handoffs_export_holds_the_prefill_group_and_its_fetch_the_decode_loop() -> None:
+    requests = [Request("r0", 0.0, 40, 3), Request("r1", 0.0, 40, 3), Request("late", 2.5, 16, 2)]
+    base = _disaggregated_token_times(requests)
+    exported = _disaggregated_token_times(requests, export_s=10.0)
+    fetched = _disaggregated_token_times(requests, export_s=0.0, fetch_s=10.0)
+    assert base["late"][0] == 4.0  # arrives during the first decode step, prefilled in the next
+    # Both exports (10 s each, one after the other) run on the prefill group before its next step: the late
+    # prompt's, and each KV lands only once its own export is done.
+    assert exported["late"][0] == 2.0 + 10 + 10 + 1
+    assert exported["r0"][1] == 2.0 + 10 + 1 and exported["r1"][1] == 2.0 + 20 + 1
+    # The fetches are the loop's own time: both before the next decode step, and the loop sends no prefill step
+    # meanwhile (the late prompt waits for them too).
+    assert fetched["r0"][0] == base["r0"][0]
+    assert fetched["r0"][1] == fetched["r1"][1] == 2.0 + 10 + 10 + 1
+    assert fetched["late"][0] > fetched["r0"][1]
 
 
 # -- the search --------------------------------------------------------------------------------------
@@ -419,6 +452,9 @@ def test_a_fitted_profile_plans_like_a_catalog_entry(tmp_path: Path, capsys: pyt
         if errors[len(errors) // 2] < 0.5:
             break
     assert efficiency.calibrated and efficiency.overlap == "sum"
+    # a typical decode step runs longer than the fastest: the simulation adds what lies between (the median's)
+    excess = [p.typical - p.seconds for p in points if p.typical is not None]
+    assert len(excess) == 3 and min(excess) >= 0 and min(excess) <= efficiency.step_jitter_s <= max(excess)
     scale = efficiency.gemm_curve[16] / 0.3  # the fit's scale of the bare GEMMs, kept in the curve
     assert efficiency.gemm_curve == pytest.approx({1: 0.05 * scale, 16: 0.3 * scale})
     assert errors[len(errors) // 2] < 0.5  # the median step explained within 50%, even on a busy machine

@@ -31,6 +31,7 @@ from garrison_workers.engine.executor import LocalExecutor
 from garrison_workers.engine.llm_engine import LLMEngine
 from garrison_workers.engine.sequence import SamplingParams
 from garrison_workers.fusion import fuse_projections
+from garrison_workers.kv_transfer import KVPayload, RayObjectStoreTransport
 from garrison_workers.model import CausalLM
 from garrison_workers.worker_group import start_local_ray
 
@@ -49,7 +50,7 @@ COEFFICIENTS = ("inv_gemm", "inv_gemm_small", "inv_memory", "inv_attention", "at
 
 @dataclass(slots=True)
 class Point:
-    """One measured engine step: what it computed, and how long it took (median of repeats)."""
+    """One measured engine step: what it computed, and how long it took (the fastest of its repeats)."""
 
     label: str
     model: ModelConfig
@@ -57,6 +58,7 @@ class Point:
     seconds: float
     key_block: int = 1024  # the engine's attention key block when it was measured
     cost: StepCost | None = None
+    typical: float | None = None  # the median of its repeats, where there are many (decode points)
 
 
 # -- models built in memory -------------------------------------------------------------------------
@@ -125,7 +127,7 @@ def decode_point(engine: LLMEngine, config: ModelConfig, batch: int, prompt: int
         engine.abort_request(seq.request_id)
     context = prompt + 1 + steps // 2
     return Point(f"{_name(config)} decode batch {batch} context {prompt}", config, [Row(1, context)] * batch,
-                 min(times), engine.config.attention_key_block)
+                 min(times), engine.config.attention_key_block, typical=statistics.median(times))
 
 
 def prefill_points(engine: LLMEngine, config: ModelConfig, prompt: int, chunk: int, repeats: int = 2) -> list[Point]:
@@ -273,13 +275,17 @@ def fit(points: list[Point], base: Hardware) -> tuple[Efficiency, list[dict[str,
     if curve:  # the engine's GEMMs against the bare ones: that scale goes into the curve
         curve = {rows: share / c["inv_gemm"] for rows, share in curve.items()}
         c["inv_gemm"] = 1.0
+    # The fit prices a step's fastest run; a typical one (the median) runs longer by about the same time whatever
+    # the step (the interpreter, the allocator, other processes: 0.2-0.4 ms on this kind of machine).
+    jitter = [p.typical - p.seconds for p in points if p.typical is not None]
     eff = Efficiency(gemm=_share(c["inv_gemm"]), gemm_small=_share(c["inv_gemm_small"]), gemm_curve=curve,
                      memory=_share(c["inv_memory"]), attention=_share(c["inv_attention"]),
                      attention_pair_s=c["attention_pair_s"], decode_pair_s=c["decode_pair_s"],
                      blockwise_pair_s=c["blockwise_pair_s"], spill_pair_s=c["spill_pair_s"], overlap="sum",
                      step_overhead_s=c["step_overhead_s"], layer_overhead_s=c["layer_overhead_s"],
                      row_overhead_s=c["row_overhead_s"], segment_overhead_s=c["segment_overhead_s"],
-                     expert_overhead_s=c["expert_overhead_s"], calibrated=True)
+                     expert_overhead_s=c["expert_overhead_s"],
+                     step_jitter_s=max(0.0, statistics.median(jitter)) if jitter else 0.0, calibrated=True)
     fitted = replace(base, efficiency=eff)
     report = []
     for point in points:
@@ -403,9 +409,18 @@ def gloo_link(progress: Progress) -> tuple[Link, dict[str, Any]]:
     return Link(bandwidth, latency, per_rank), report
 
 
-def ray_costs(progress: Progress) -> tuple[float, float, Link, dict[str, Any]] | None:
-    """(Ray actor call round trip, a check of a call in flight, the object-store link a KV handoff takes,
-    measurements), None without Ray."""
+@dataclass(slots=True)
+class RayCosts:
+    call_s: float  # an actor call's round trip
+    poll_s: float  # a check, without waiting, of a call in flight
+    export_s: float  # a small KV export on the actor, as a rank runs it (the call, the gather, the put)
+    fetch_s: float  # what the driver spends on that handoff: starting the export, reading the payload, releasing it
+    link: Link  # the object store between an actor and the driver
+    measured: dict[str, Any]
+
+
+def ray_costs(progress: Progress) -> RayCosts | None:
+    """What Ray adds to a disaggregated replica's steps and KV handoffs; None without Ray."""
     try:
         import ray
     except ImportError:
@@ -421,11 +436,24 @@ def ray_costs(progress: Progress) -> tuple[float, float, Link, dict[str, Any]] |
             ray.shutdown()
 
 
-def _ray_measure(ray: Any) -> tuple[float, float, Link, dict[str, Any]]:
+HANDOFF_TOKENS = 128  # of the small KV export timed for a handoff's fixed costs (its bytes are the link's)
+
+
+def _ray_measure(ray: Any) -> RayCosts:
     @ray.remote(num_cpus=1)
     class Echo:
+        def __init__(self) -> None:
+            self.cache = torch.randn(4 * HANDOFF_TOKENS, 2, 64)  # a KV cache's slots: 2 KV heads of 64
+            self.transport = RayObjectStoreTransport()
+
         def step(self, chunks: list[Any]) -> torch.Tensor:
             return torch.zeros(len(chunks), 512)
+
+        def export_kv(self, tokens: int) -> Any:
+            """As a rank exports a sequence: its slots gathered from every layer's K and V, sent on the transport."""
+            slots = torch.randperm(self.cache.shape[0])[:tokens]
+            k = torch.stack([self.cache.index_select(0, slots) for _ in range(4)])
+            return self.transport.send(KVPayload(tokens, 0, k, k.clone()))
 
         def export(self, nbytes: int) -> list[Any]:
             return [ray.put(torch.ones(nbytes // 4))]
@@ -450,6 +478,18 @@ def _ray_measure(ray: Any) -> tuple[float, float, Link, dict[str, Any]]:
             ray.get(ray.get(actor.export.remote(nbytes))[0])
             best = min(best, time.perf_counter() - start)
         moves[nbytes] = best
+    transport, exports, fetches = RayObjectStoreTransport(), [], []
+    for _ in range(21):
+        start = time.perf_counter()
+        ref = actor.export_kv.remote(HANDOFF_TOKENS)
+        sent = time.perf_counter()
+        handle = ray.get(ref)
+        returned = time.perf_counter()
+        transport.receive([handle])
+        transport.release([handle])
+        exports.append(returned - start)
+        fetches.append(sent - start + time.perf_counter() - returned)
+    export_s, fetch_s = statistics.median(exports[1:]), statistics.median(fetches[1:])  # the first warms up
     pending = actor.wait.remote(2.0)
     polls = []
     for _ in range(50):
@@ -460,9 +500,10 @@ def _ray_measure(ray: Any) -> tuple[float, float, Link, dict[str, Any]]:
     small, large = moves[1 << 20], moves[32 << 20]
     bandwidth = (31 << 20) / max(large - small, 1e-6)
     latency = max(0.0, small - (1 << 20) / bandwidth)
-    return (statistics.median(calls), statistics.median(polls), Link(bandwidth, latency),
-            {"actor_call_s": statistics.median(calls), "poll_s": statistics.median(polls),
-             "object_store_s": {str(k): v for k, v in moves.items()}})
+    call_s, poll_s = statistics.median(calls), statistics.median(polls)
+    return RayCosts(call_s, poll_s, export_s, fetch_s, Link(bandwidth, latency),
+                    {"actor_call_s": call_s, "poll_s": poll_s, "kv_export_s": export_s, "kv_fetch_s": fetch_s,
+                     "object_store_s": {str(k): v for k, v in moves.items()}})
 
 
 # -- the profile ------------------------------------------------------------------------------------
@@ -489,8 +530,9 @@ def calibrate(out: Path, threads: int = 1, quick: bool = False, progress: Progre
     kv_link = None
     costs = ray_costs(progress) if with_ray else None
     if costs is not None:
-        call_s, poll_s, kv_link, ray_measured = costs
-        efficiency = replace(efficiency, group_call_s=call_s, poll_s=poll_s)
+        kv_link, ray_measured = costs.link, costs.measured
+        efficiency = replace(efficiency, group_call_s=costs.call_s, poll_s=costs.poll_s, kv_export_s=costs.export_s,
+                             kv_fetch_s=costs.fetch_s)
     hardware = replace(base, efficiency=efficiency, kv_link=kv_link, sources={
         "hbm_bandwidth": "measured: sum over a 256 MB fp32 tensor, best of 5",
         "flops": "measured: fp32 matmuls, best of three shapes",

@@ -72,6 +72,15 @@ class Efficiency:
     # per check, without waiting, whether a Ray call is done: a disaggregated replica checks its prefill step (and
     # each KV export still running) once per decode step
     poll_s: float = 0.0
+    # per KV handoff, the prefill group's time to write a sequence's KV out (a call on its ranks, between its
+    # steps: the next step waits for it), besides the bytes
+    kv_export_s: float = 0.0
+    # per KV handoff, what the decode side's loop spends on it besides copying the bytes in: starting the export,
+    # fetching the handles and the payload, releasing them
+    kv_fetch_s: float = 0.0
+    # what a typical step (the median) takes over the fastest, which the fit prices; the simulation runs typical
+    # steps (their percentiles are what users see)
+    step_jitter_s: float = 0.0
     calibrated: bool = False
 
     def __post_init__(self) -> None:
@@ -84,7 +93,8 @@ class Efficiency:
             raise InvalidRequestError(f"invalid gemm_curve {self.gemm_curve}: rows >= 1 -> a share of peak > 0")
         if min(self.attention_pair_s, self.decode_pair_s, self.blockwise_pair_s, self.spill_pair_s,
                self.step_overhead_s, self.layer_overhead_s, self.row_overhead_s, self.segment_overhead_s,
-               self.expert_overhead_s, self.group_call_s, self.poll_s) < 0:
+               self.expert_overhead_s, self.group_call_s, self.poll_s, self.kv_export_s, self.kv_fetch_s,
+               self.step_jitter_s) < 0:
             raise InvalidRequestError(f"invalid efficiency {self}: overheads must be >= 0")
 
     def curve_share(self, rows: float) -> float:

@@ -115,7 +115,7 @@ class SimEngine:
     def plan(self) -> tuple[ScheduledBatch, float]:
         batch = self.scheduler.schedule()
         rows = [Row(n, seq.num_computed_tokens, seq.num_computed_tokens + n == seq.num_tokens) for seq, n in batch.work]
-        return batch, self.step_model.seconds(rows) if rows else 0.0
+        return batch, self.step_model.typical_seconds(rows) if rows else 0.0
 
     @staticmethod
     def apply(batch: ScheduledBatch) -> list[Sequence]:
@@ -137,6 +137,7 @@ class _Handover:
     computed: int
     ready_s: float  # the KV has crossed the link
     import_left_s: float
+    fetched: bool = False  # the decode side has fetched the payload (its first slice)
 
 
 class Simulation:
@@ -146,7 +147,8 @@ class Simulation:
         self._order = itertools.count()
         self.records: dict[str, Record] = {}
         self.now, self.steps, self.preemptions = 0.0, 0, 0
-        self._poll_s = 0.0
+        self._poll_s, self._export_s, self._fetch_s = 0.0, 0.0, 0.0
+        self._prefill_free_s = 0.0  # disaggregated: when the prefill group is done with the exports sent to it
         self._push(arrivals.initial())
 
     # -- requests ---------------------------------------------------------------------------------
@@ -219,11 +221,14 @@ class Simulation:
     # -- disaggregated ----------------------------------------------------------------------------
 
     def run_disaggregated(self, prefill: SimEngine, decoders: list[SimEngine], handoff: Handoff,
-                          decoders_parallel: bool = True, poll_s: float = 0.0) -> SimResult:
+                          decoders_parallel: bool = True, poll_s: float = 0.0, export_s: float = 0.0,
+                          fetch_s: float = 0.0) -> SimResult:
         """`handoff(tokens)`: (seconds for a prompt's KV to cross the link, seconds to import it into the decode
         group's blocks). `decoders_parallel`: decode groups step at the same time (each on its own ranks).
-        `poll_s`: what checking a call in flight costs the loop (the prefill step, each export not yet done)."""
-        self._poll_s = poll_s
+        `poll_s`: what checking a call in flight costs the loop (the prefill step, each export not yet done).
+        `export_s`: a handoff's export on the prefill group, which its next step waits for; `fetch_s`: what a
+        handoff costs the loop besides its bytes (`Efficiency.kv_export_s`, `kv_fetch_s`)."""
+        self._poll_s, self._export_s, self._fetch_s = poll_s, export_s, fetch_s
         inflight: tuple[ScheduledBatch, float] | None = None
         handovers: list[_Handover] = []
         last_decode_s = 0.0
@@ -236,7 +241,7 @@ class Simulation:
                 batch, seconds = prefill.plan()
                 self.preemptions += len(batch.preempted)
                 if batch.work:
-                    inflight = (batch, self.now + seconds)
+                    inflight = (batch, max(self.now, self._prefill_free_s) + seconds)
                 elif prefill.scheduler.waiting and not prefill.scheduler.running and not batch.preempted:
                     self._refuse_unfittable(prefill)
                     continue
@@ -249,9 +254,9 @@ class Simulation:
                 inflight = None
             if idle and handovers and not outputs:
                 oldest = handovers.pop(0)
-                self.now = max(self.now, oldest.ready_s) + oldest.import_left_s
+                self.now = max(self.now, oldest.ready_s) + oldest.import_left_s + (0.0 if oldest.fetched else fetch_s)
                 self._complete(oldest)
-            elif idle and inflight is None and not handovers and not outputs and not prefill.scheduler.waiting:
+            elif idle and inflight is None and not handovers and not outputs and not prefill.scheduler.has_unfinished():
                 if not self._pending:
                     break
                 self.now = max(self.now, self._next_arrival())
@@ -266,7 +271,8 @@ class Simulation:
                 continue
             piece = min(handover.import_left_s, IMPORT_SHARE * last_decode_s or handover.import_left_s)
             handover.import_left_s -= piece
-            spent += piece
+            spent += piece + (0.0 if handover.fetched else self._fetch_s)
+            handover.fetched = True
             if handover.import_left_s <= 1e-12:
                 handovers.remove(handover)
                 self._complete(handover)
@@ -313,5 +319,7 @@ class Simulation:
                 seq.status = SequenceStatus.FINISHED
                 continue
             link_s, import_s = handoff(computed)
-            handovers.append(_Handover(seq, decoder, computed, self.now + link_s, import_s))
+            # Exports run on the prefill group one after another, before its next step.
+            self._prefill_free_s = max(self._prefill_free_s, self.now) + self._export_s
+            handovers.append(_Handover(seq, decoder, computed, self._prefill_free_s + link_s, import_s))
         return outputs
