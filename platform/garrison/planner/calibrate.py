@@ -364,18 +364,22 @@ def _collective_worker(rank: int, world: int, port: int, results: Any) -> None:
         for _ in range(3):
             dist.all_to_all_single(out, x)
         dist.barrier()
-        repeats = 20 if name == "small" else 5
-        start = time.perf_counter()
-        for _ in range(repeats):
+        # Each call timed alone, the median kept: a mean let one rank descheduled once (Ray's processes of the
+        # section before exiting) price every collective of the profile at several milliseconds.
+        times = []
+        for _ in range(21 if name == "small" else 7):
+            start = time.perf_counter()
             dist.all_to_all_single(out, x)
-        timings[name] = ((time.perf_counter() - start) / repeats, x.numel() * 4)
+            times.append(time.perf_counter() - start)
+        timings[name] = (statistics.median(times), x.numel() * 4)
     if rank == 0:
         results.put(timings)
     dist.destroy_process_group()
 
 
 def collectives(world: int) -> dict[str, tuple[float, int]]:
-    """Seconds of one gloo all_to_all_single with 1 KB and 4 MB per rank, between `world` processes."""
+    """Seconds of one gloo all_to_all_single with 1 KB and 4 MB per rank (the median call), between `world`
+    processes."""
     import socket
 
     import torch.multiprocessing as mp
