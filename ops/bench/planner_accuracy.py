@@ -6,12 +6,13 @@ Garrison issue 16. The planner's time model is calibrated on some measured point
 calibration did not see, which are measured in the same run:
 
 - calibration (`garrison.planner.calibrate`): fp32 GEMM peak and memory read bandwidth, gloo all-to-alls between
-  2 and 4 processes, a Ray actor call and tensors through the object store, engine steps of random models built
-  in memory (dense Llama h256 and h1024, a Llama 4 MoE), plus these measured steps: SmolLM2 decode at 1 and 8
-  concurrent requests, the tiny MoE of `moe_parallel.py` decoding 8 sequences at ep=1, and the tiny Llama 4 of
-  `long_context.py` prefilling a 6k-token prompt. One profile per thread count: 1 thread (a Ray rank, one side
-  of the disaggregated system, and by default SmolLM2 and the colocated engine too), and with `--threads 2`
-  a second one for SmolLM2 and the colocated engine on both cores;
+  2 and 4 processes, a Ray actor call, tensors through the object store and a small KV handoff, engine steps of
+  random models built in memory (dense Llama h256 and h1024, a Llama 4 MoE), plus these measured steps: SmolLM2
+  decode at 1 and 8 concurrent requests, the tiny MoE of `moe_parallel.py` decoding 8 sequences at ep=1, the
+  tiny Llama 4 of `long_context.py` prefilling a 6k-token prompt, and disagg.py's model alone (decoding 8
+  sequences at the streams' shortest and longest contexts, a 2k prompt in the workload's chunks). One profile
+  per thread count: 1 thread (a Ray rank, one side of the disaggregated system, and by default SmolLM2 and the
+  colocated engine too), and with `--threads 2` a second one for SmolLM2 and the colocated engine on both cores;
 - held out, predicted then measured: SmolLM2 decode tokens/s at 32 concurrent requests; the tiny MoE's decode
   step at ep=2 and ep=4 (Ray worker groups, gloo all-to-alls; 4 ranks share 2 cores); TTFT of a 16k-token
   prompt on the long-context model; and the workload of `disagg.py` (8 streams while 16k-64k prompts keep
@@ -23,7 +24,7 @@ Target (issue 16): within 20% each, queueing percentiles within 25%. A benchmark
 nothing about time (DESIGN.md, rule 9). The machine may be shared: each section prints the load average and the
 cores other processes kept busy meanwhile; step figures are the best of their repeats (others only ever slow
 a step down), queueing percentiles are what they are. Progress goes to stderr, so `--json` leaves stdout pure
-JSON. About 10 minutes on 2 quiet cores; `--quick` (disagg.py's 4k-8k workload, fewer points) about 4.
+JSON. About 5 minutes on 2 quiet cores; `--quick` (disagg.py's 4k-8k workload, fewer points) about 2.
 """
 
 from __future__ import annotations

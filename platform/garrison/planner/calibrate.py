@@ -21,6 +21,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -98,11 +99,11 @@ def random_engine(config: ModelConfig, engine_config: EngineConfig) -> LLMEngine
 # -- measuring engine steps ---------------------------------------------------------------------------
 
 
-def _timed_steps(engine: LLMEngine, steps: int) -> list[float]:
+def _timed_calls(call: Callable[[], object], repeats: int) -> list[float]:
     times = []
-    for _ in range(steps):
+    for _ in range(repeats):
         start = time.perf_counter()
-        engine.step()
+        call()
         times.append(time.perf_counter() - start)
     return times
 
@@ -117,7 +118,7 @@ def decode_point(engine: LLMEngine, config: ModelConfig, batch: int, prompt: int
     while any(seq.num_computed_tokens < seq.num_prompt_tokens for seq in engine.scheduler.running
               ) or engine.scheduler.waiting:
         engine.step()
-    times = _timed_steps(engine, steps)
+    times = _timed_calls(engine.step, steps)
     if len(engine.scheduler.running) != batch or engine.scheduler.waiting:
         # Too few KV blocks: the step ran fewer sequences than the point would claim (preempted or waiting).
         raise RuntimeError(f"calibration: a decode batch of {batch} ran {len(engine.scheduler.running)} sequences: "
@@ -275,8 +276,8 @@ def fit(points: list[Point], base: Hardware) -> tuple[Efficiency, list[dict[str,
     if curve:  # the engine's GEMMs against the bare ones: that scale goes into the curve
         curve = {rows: share / c["inv_gemm"] for rows, share in curve.items()}
         c["inv_gemm"] = 1.0
-    # The fit prices a step's fastest run; a typical one (the median) runs longer by about the same time whatever
-    # the step (the interpreter, the allocator, other processes: 0.2-0.4 ms on this kind of machine).
+    # The fit prices a step's fastest run; a typical one (the median) runs longer, by what the interpreter, the
+    # allocator and other processes add (tenths of a millisecond here), taken as the same for every step.
     jitter = [p.typical - p.seconds for p in points if p.typical is not None]
     eff = Efficiency(gemm=_share(c["inv_gemm"]), gemm_small=_share(c["inv_gemm_small"]), gemm_curve=curve,
                      memory=_share(c["inv_memory"]), attention=_share(c["inv_attention"]),
@@ -364,22 +365,20 @@ def _collective_worker(rank: int, world: int, port: int, results: Any) -> None:
         for _ in range(3):
             dist.all_to_all_single(out, x)
         dist.barrier()
-        # Each call timed alone, the median kept: a mean let one rank descheduled once (Ray's processes of the
-        # section before exiting) price every collective of the profile at several milliseconds.
-        times = []
-        for _ in range(21 if name == "small" else 7):
-            start = time.perf_counter()
-            dist.all_to_all_single(out, x)
-            times.append(time.perf_counter() - start)
-        timings[name] = (statistics.median(times), x.numel() * 4)
+        # Each call timed alone; the mean of all but the slowest tenth. A plain mean let one rank descheduled once
+        # (Ray's processes of the section before exiting) price every collective at several milliseconds; a median
+        # flips between the two modes of more ranks than cores (a call either finds every rank running, ~0.3 ms,
+        # or waits out a scheduler slice, ~4 ms), where the mean is what steps see.
+        times = sorted(_timed_calls(partial(dist.all_to_all_single, out, x), 60 if name == "small" else 10))
+        kept = times[:len(times) - len(times) // 10]
+        timings[name] = (statistics.fmean(kept), x.numel() * 4)
     if rank == 0:
         results.put(timings)
     dist.destroy_process_group()
 
 
 def collectives(world: int) -> dict[str, tuple[float, int]]:
-    """Seconds of one gloo all_to_all_single with 1 KB and 4 MB per rank (the median call), between `world`
-    processes."""
+    """Seconds of one gloo all_to_all_single with 1 KB and 4 MB per rank, between `world` processes."""
     import socket
 
     import torch.multiprocessing as mp
