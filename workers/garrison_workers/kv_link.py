@@ -185,9 +185,8 @@ class _HandleTransfer:
         return True
 
 
-class _ReleasingTransfer:
-    """An object-store transfer that, once over, lets the destination forget the payloads it has read (kept there
-    from one slice to the next)."""
+class _ImportsTransfer:
+    """A transfer whose slices are `imports`' own; subclasses say what its end releases."""
 
     def __init__(self, imports: _HandleTransfer) -> None:
         self.imports = imports
@@ -197,6 +196,11 @@ class _ReleasingTransfer:
 
     def cancel(self) -> None:
         self.imports.cancel()
+
+
+class _ReleasingTransfer(_ImportsTransfer):
+    """An object-store transfer that, once over, lets the destination forget the payloads it has read (kept there
+    from one slice to the next)."""
 
     def finish(self) -> None:
         try:
@@ -268,15 +272,10 @@ class _Posted:
         return [self.staged]
 
 
-class _ChannelTransfer:
+class _ChannelTransfer(_ImportsTransfer):
     def __init__(self, channel: TorchChannel, imports: _HandleTransfer, staged: StagedKV) -> None:
-        self.channel, self.imports, self.staged = channel, imports, staged
-
-    def advance(self) -> bool:
-        return self.imports.advance()
-
-    def cancel(self) -> None:
-        self.imports.cancel()
+        super().__init__(imports)
+        self.channel, self.staged = channel, staged
 
     def finish(self) -> None:
         try:
