@@ -428,7 +428,7 @@ def ray_costs(progress: Progress) -> RayCosts | None:
         import ray
     except ImportError:
         return None
-    progress("  Ray: an actor call's round trip and tensors through the object store")
+    progress("  Ray: an actor call's round trip, tensors through the object store, a small KV handoff")
     started = not ray.is_initialized()
     if started:
         start_local_ray(num_cpus=2)
