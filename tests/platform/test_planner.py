@@ -172,12 +172,12 @@ def test_disaggregated_simulation_hands_every_request_over() -> None:
     assert all(d.block_manager.num_free_blocks == 32 for d in decoders)
 
 
-def _disaggregated_token_times(requests: list[Request], export_s: float = 0.0, fetch_s: float = 0.0
-                               ) -> dict[str, list[float]]:
+def _disaggregated_token_times(requests: list[Request], export_s: float = 0.0, fetch_s: float = 0.0,
+                               send_s: float = 0.0) -> dict[str, list[float]]:
     prefill = SimEngine.build(OneSecondSteps(), 64, 16, 8, 64)  # type: ignore[arg-type]
     decoders = [SimEngine.build(OneSecondSteps(), 32, 16, 8, 64)]  # type: ignore[arg-type]
     result = Simulation(OpenLoop(requests)).run_disaggregated(prefill, decoders, lambda n: (0.0, 0.0),
-                                                              export_s=export_s, fetch_s=fetch_s)
+                                                              export_s=export_s, fetch_s=fetch_s, send_s=send_s)
     return {r.request.request_id: r.token_times for r in result.records}
 
 
@@ -188,7 +188,7 @@ def test_a_prompt_prefilled_over_several_steps_with_nothing_else_to_do_is_finish
     assert times == {"r0": [2.0, 3.0, 4.0], "r1": [2.0, 3.0, 4.0]}
 
 
-def test_a_handoffs_export_holds_the_prefill_group_and_its_fetch_the_decode_loop() -> None:
+def test_a_handoffs_export_holds_the_prefill_group_its_fetch_and_a_steps_send_the_decode_loop() -> None:
     requests = [Request("r0", 0.0, 40, 3), Request("r1", 0.0, 40, 3), Request("late", 2.5, 16, 2)]
     base = _disaggregated_token_times(requests)
     exported = _disaggregated_token_times(requests, export_s=10.0)
@@ -203,6 +203,9 @@ def test_a_handoffs_export_holds_the_prefill_group_and_its_fetch_the_decode_loop
     assert fetched["r0"][0] == base["r0"][0]
     assert fetched["r0"][1] == fetched["r1"][1] == 2.0 + 10 + 10 + 1
     assert fetched["late"][0] > fetched["r0"][1]
+    # Sending each prefill step (and reading its result) is the loop's time too: the two steps of r0 and r1.
+    sent = _disaggregated_token_times(requests, send_s=10.0)
+    assert sent["r0"][0] == sent["r1"][0] == base["r0"][0] + 2 * 10
 
 
 # -- the search --------------------------------------------------------------------------------------

@@ -415,6 +415,7 @@ def gloo_link(progress: Progress) -> tuple[Link, dict[str, Any]]:
 @dataclass(slots=True)
 class RayCosts:
     call_s: float  # an actor call's round trip
+    send_s: float  # the driver's own time in it: sending the call, reading the result
     poll_s: float  # a check, without waiting, of a call in flight
     export_s: float  # a small KV export on the actor, as a rank runs it (the call, the gather, the put)
     fetch_s: float  # what the driver spends on that handoff: starting the export, reading the payload, releasing it
@@ -467,11 +468,16 @@ def _ray_measure(ray: Any) -> RayCosts:
     actor = Echo.remote()
     chunks = [([1] * 8, 128, list(range(16)), True)] * 8
     ray.get(actor.step.remote(chunks))
-    calls = []
+    calls, sends = [], []
     for _ in range(30):
         start = time.perf_counter()
-        ray.get(actor.step.remote(chunks))
+        ref = actor.step.remote(chunks)
+        sent = time.perf_counter()
+        ray.wait([ref])
+        done = time.perf_counter()
+        ray.get(ref)
         calls.append(time.perf_counter() - start)
+        sends.append(sent - start + time.perf_counter() - done)
     moves = {}
     for nbytes in (1 << 20, 32 << 20):
         ray.get(ray.get(actor.export.remote(nbytes))[0])
@@ -503,9 +509,10 @@ def _ray_measure(ray: Any) -> RayCosts:
     small, large = moves[1 << 20], moves[32 << 20]
     bandwidth = (31 << 20) / max(large - small, 1e-6)
     latency = max(0.0, small - (1 << 20) / bandwidth)
-    call_s, poll_s = statistics.median(calls), statistics.median(polls)
-    return RayCosts(call_s, poll_s, export_s, fetch_s, Link(bandwidth, latency),
-                    {"actor_call_s": call_s, "poll_s": poll_s, "kv_export_s": export_s, "kv_fetch_s": fetch_s,
+    call_s, send_s, poll_s = statistics.median(calls), statistics.median(sends), statistics.median(polls)
+    return RayCosts(call_s, send_s, poll_s, export_s, fetch_s, Link(bandwidth, latency),
+                    {"actor_call_s": call_s, "send_s": send_s, "poll_s": poll_s, "kv_export_s": export_s,
+                     "kv_fetch_s": fetch_s,
                      "object_store_s": {str(k): v for k, v in moves.items()}})
 
 
@@ -534,8 +541,8 @@ def calibrate(out: Path, threads: int = 1, quick: bool = False, progress: Progre
     costs = ray_costs(progress) if with_ray else None
     if costs is not None:
         kv_link, ray_measured = costs.link, costs.measured
-        efficiency = replace(efficiency, group_call_s=costs.call_s, poll_s=costs.poll_s, kv_export_s=costs.export_s,
-                             kv_fetch_s=costs.fetch_s)
+        efficiency = replace(efficiency, group_call_s=costs.call_s, group_send_s=costs.send_s, poll_s=costs.poll_s,
+                             kv_export_s=costs.export_s, kv_fetch_s=costs.fetch_s)
     hardware = replace(base, efficiency=efficiency, kv_link=kv_link, sources={
         "hbm_bandwidth": "measured: sum over a 256 MB fp32 tensor, best of 5",
         "flops": "measured: fp32 matmuls, best of three shapes",

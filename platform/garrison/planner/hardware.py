@@ -69,6 +69,9 @@ class Efficiency:
     segment_overhead_s: float = 0.0
     expert_overhead_s: float = 0.0  # per routed expert a rank runs in a step (grouping, dispatch)
     group_call_s: float = 0.0  # per step of a disaggregated replica's group on Ray (remote call and result)
+    # the driver's own time in that round trip (sending the call, reading the result): the disaggregated loop can
+    # do nothing else meanwhile, so a prefill step sent costs the decode steps this much
+    group_send_s: float = 0.0
     # per check, without waiting, whether a Ray call is done: a disaggregated replica checks its prefill step (and
     # each KV export still running) once per decode step
     poll_s: float = 0.0
@@ -93,8 +96,8 @@ class Efficiency:
             raise InvalidRequestError(f"invalid gemm_curve {self.gemm_curve}: rows >= 1 -> a share of peak > 0")
         if min(self.attention_pair_s, self.decode_pair_s, self.blockwise_pair_s, self.spill_pair_s,
                self.step_overhead_s, self.layer_overhead_s, self.row_overhead_s, self.segment_overhead_s,
-               self.expert_overhead_s, self.group_call_s, self.poll_s, self.kv_export_s, self.kv_fetch_s,
-               self.step_jitter_s) < 0:
+               self.expert_overhead_s, self.group_call_s, self.group_send_s, self.poll_s, self.kv_export_s,
+               self.kv_fetch_s, self.step_jitter_s) < 0:
             raise InvalidRequestError(f"invalid efficiency {self}: overheads must be >= 0")
 
     def curve_share(self, rows: float) -> float:

@@ -222,12 +222,13 @@ class Simulation:
 
     def run_disaggregated(self, prefill: SimEngine, decoders: list[SimEngine], handoff: Handoff,
                           decoders_parallel: bool = True, poll_s: float = 0.0, export_s: float = 0.0,
-                          fetch_s: float = 0.0) -> SimResult:
+                          fetch_s: float = 0.0, send_s: float = 0.0) -> SimResult:
         """`handoff(tokens)`: (seconds for a prompt's KV to cross the link, seconds to import it into the decode
         group's blocks). `decoders_parallel`: decode groups step at the same time (each on its own ranks).
         `poll_s`: what checking a call in flight costs the loop (the prefill step, each export not yet done).
         `export_s`: a handoff's export on the prefill group, which its next step waits for; `fetch_s`: what a
-        handoff costs the loop besides its bytes (`Efficiency.kv_export_s`, `kv_fetch_s`)."""
+        handoff costs the loop besides its bytes (`Efficiency.kv_export_s`, `kv_fetch_s`); `send_s`: what sending a
+        prefill step and reading its result costs the loop (`Efficiency.group_send_s`)."""
         self._poll_s, self._export_s, self._fetch_s = poll_s, export_s, fetch_s
         inflight: tuple[ScheduledBatch, float] | None = None
         handovers: list[_Handover] = []
@@ -241,6 +242,7 @@ class Simulation:
                 batch, seconds = prefill.plan()
                 self.preemptions += len(batch.preempted)
                 if batch.work:
+                    self.now += send_s
                     inflight = (batch, max(self.now, self._prefill_free_s) + seconds)
                 elif prefill.scheduler.waiting and not prefill.scheduler.running and not batch.preempted:
                     self._refuse_unfittable(prefill)
