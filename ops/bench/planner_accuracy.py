@@ -329,10 +329,7 @@ def predict_disagg(model: Any, two: Hardware, one: Hardware, workload: disagg.Wo
         nbytes = tokens * token_bytes
         return link.latency(2) + nbytes / link.bandwidth, nbytes / (one.hbm_bandwidth * one.efficiency.memory)
 
-    eff = one.efficiency
-    dis = Simulation(DisaggArrivals(workload)).run_disaggregated(prefill, [decode], handoff, poll_s=eff.poll_s,
-                                                                 export_s=eff.kv_export_s, fetch_s=eff.kv_fetch_s,
-                                                                 send_s=eff.group_send_s)
+    dis = Simulation(DisaggArrivals(workload)).run_disaggregated(prefill, [decode], handoff, costs=one.efficiency)
     return {"colocated": disagg_figures(col.records, workload), "disaggregated": disagg_figures(dis.records, workload)}
 
 

@@ -150,8 +150,7 @@ def simulate(ask: Ask, layout: Layout, memory: dict[str, MemoryBreakdown]) -> Si
         return (link.latency(2) + nbytes / (link.bandwidth * link.efficiency),
                 nbytes / (ask.hardware.hbm_bandwidth * eff.memory))
 
-    return sim.run_disaggregated(prefill, decoders, handoff, poll_s=eff.poll_s, export_s=eff.kv_export_s,
-                                 fetch_s=eff.kv_fetch_s, send_s=eff.group_send_s)
+    return sim.run_disaggregated(prefill, decoders, handoff, costs=eff)
 
 
 def figures(ask: Ask, layout: Layout, result: SimResult) -> dict[str, float]:

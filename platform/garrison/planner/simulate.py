@@ -25,6 +25,7 @@ from garrison_workers.engine.block_manager import BlockManager
 from garrison_workers.engine.scheduler import ScheduledBatch, Scheduler
 from garrison_workers.engine.sequence import SamplingParams, Sequence, SequenceStatus
 
+from garrison.planner.hardware import Efficiency
 from garrison.planner.step_time import Row, StepTimeModel
 from garrison.planner.workload import Arrivals, Request
 
@@ -147,7 +148,7 @@ class Simulation:
         self._order = itertools.count()
         self.records: dict[str, Record] = {}
         self.now, self.steps, self.preemptions = 0.0, 0, 0
-        self._poll_s, self._export_s, self._fetch_s = 0.0, 0.0, 0.0
+        self._costs = Efficiency()
         self._prefill_free_s = 0.0  # disaggregated: when the prefill group is done with the exports sent to it
         self._push(arrivals.initial())
 
@@ -221,15 +222,14 @@ class Simulation:
     # -- disaggregated ----------------------------------------------------------------------------
 
     def run_disaggregated(self, prefill: SimEngine, decoders: list[SimEngine], handoff: Handoff,
-                          decoders_parallel: bool = True, poll_s: float = 0.0, export_s: float = 0.0,
-                          fetch_s: float = 0.0, send_s: float = 0.0) -> SimResult:
+                          decoders_parallel: bool = True, costs: Efficiency = Efficiency()) -> SimResult:
         """`handoff(tokens)`: (seconds for a prompt's KV to cross the link, seconds to import it into the decode
         group's blocks). `decoders_parallel`: decode groups step at the same time (each on its own ranks).
-        `poll_s`: what checking a call in flight costs the loop (the prefill step, each export not yet done).
-        `export_s`: a handoff's export on the prefill group, which its next step waits for; `fetch_s`: what a
-        handoff costs the loop besides its bytes (`Efficiency.kv_export_s`, `kv_fetch_s`); `send_s`: what sending a
-        prefill step and reading its result costs the loop (`Efficiency.group_send_s`)."""
-        self._poll_s, self._export_s, self._fetch_s = poll_s, export_s, fetch_s
+        `costs`: what the replica's loop and its prefill group pay besides steps and bytes: `poll_s` per check of a
+        call in flight (the prefill step, each export not yet done), `group_send_s` per prefill step sent,
+        `kv_export_s` per handoff on the prefill group (its next step waits), `kv_fetch_s` per handoff on the loop."""
+        self._costs = costs
+        poll_s, send_s, fetch_s = costs.poll_s, costs.group_send_s, costs.kv_fetch_s
         inflight: tuple[ScheduledBatch, float] | None = None
         handovers: list[_Handover] = []
         last_decode_s = 0.0
@@ -269,11 +269,11 @@ class Simulation:
         spent = 0.0
         for handover in list(handovers):
             if handover.ready_s > self.now:
-                spent += self._poll_s
+                spent += self._costs.poll_s
                 continue
             piece = min(handover.import_left_s, IMPORT_SHARE * last_decode_s or handover.import_left_s)
             handover.import_left_s -= piece
-            spent += piece + (0.0 if handover.fetched else self._fetch_s)
+            spent += piece + (0.0 if handover.fetched else self._costs.kv_fetch_s)
             handover.fetched = True
             if handover.import_left_s <= 1e-12:
                 handovers.remove(handover)
@@ -322,6 +322,6 @@ class Simulation:
                 continue
             link_s, import_s = handoff(computed)
             # Exports run on the prefill group one after another, before its next step.
-            self._prefill_free_s = max(self._prefill_free_s, self.now) + self._export_s
+            self._prefill_free_s = max(self._prefill_free_s, self.now) + self._costs.kv_export_s
             handovers.append(_Handover(seq, decoder, computed, self._prefill_free_s + link_s, import_s))
         return outputs
