@@ -383,6 +383,8 @@ def test_a_measured_gemm_curve_prices_each_gemm_at_its_rows() -> None:
     assert mixed.segments == 2 * 2  # a prompt's chunk and a decode past the key block: own attention calls, 2 layers
     with pytest.raises(InvalidRequestError, match="gemm_curve"):
         Efficiency(gemm_curve={0: 0.1})
+    with pytest.raises(InvalidRequestError, match=r"efficiency: kv_export_s=-1.0: times .* must be >= 0$"):
+        Efficiency(kv_export_s=-1.0)  # the field named, not the whole profile
 
 
 def test_nnls_recovers_non_negative_coefficients() -> None:

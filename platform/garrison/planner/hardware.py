@@ -94,11 +94,11 @@ class Efficiency:
             raise InvalidRequestError(f"invalid efficiency {self}: shares must be in (0, 1], overlap max or sum")
         if any(int(rows) < 1 or not share > 0 for rows, share in self.gemm_curve.items()):
             raise InvalidRequestError(f"invalid gemm_curve {self.gemm_curve}: rows >= 1 -> a share of peak > 0")
-        if min(self.attention_pair_s, self.decode_pair_s, self.blockwise_pair_s, self.spill_pair_s,
-               self.step_overhead_s, self.layer_overhead_s, self.row_overhead_s, self.segment_overhead_s,
-               self.expert_overhead_s, self.group_call_s, self.group_send_s, self.poll_s, self.kv_export_s,
-               self.kv_fetch_s, self.step_jitter_s) < 0:
-            raise InvalidRequestError(f"invalid efficiency {self}: overheads must be >= 0")
+        negative = [f"{f.name}={getattr(self, f.name)}" for f in fields(self)
+                    if f.name.endswith("_s") and getattr(self, f.name) < 0]
+        if negative:
+            raise InvalidRequestError(f"invalid efficiency: {', '.join(negative)}: times (the fields ending in _s) "
+                                      f"must be >= 0")
 
     def curve_share(self, rows: float) -> float:
         """`gemm_curve` at `rows`: linear in log2(rows) between measured points; below the first, a GEMM's time
