@@ -15,7 +15,8 @@ import torch
 import yaml
 from garrison.cli import main
 from garrison.planner import helm_values, report
-from garrison.planner.calibrate import decode_point, dense_llama, fit, nnls, prefill_points, random_engine
+from garrison.planner.calibrate import (EP_MODEL, Point, decode_point, dense_llama, ep_link, fit, moe_llama4,
+                                       moe_llama4_raw, nnls, prefill_points, random_engine, save_random_checkpoint)
 from garrison.planner.dtypes import WEIGHT_BYTES
 from garrison.planner.hardware import (CATALOG_FILE, Efficiency, Hardware, Link, load_catalog, resolve_hardware,
                                       save_profile)
@@ -487,6 +488,43 @@ def test_a_fitted_profile_plans_like_a_catalog_entry(tmp_path: Path, capsys: pyt
                  "--gpus", "2", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["calibrated"] and plan["best"] is not None
+
+
+def test_a_random_checkpoint_loads_as_the_model_calibration_steps_in_memory(tmp_path: Path) -> None:
+    """The checkpoint that calibration's Ray ranks load holds the same random model its in-memory engines run: the
+    engine loaded from the files generates the same tokens."""
+    raw = moe_llama4_raw(64, 4, 512)
+    save_random_checkpoint(raw, tmp_path)
+    config = EngineConfig(num_kv_blocks=64, enable_prefix_caching=False)
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    from garrison_workers.engine.llm_engine import LLMEngine
+
+    loaded = LLMEngine.from_path(tmp_path, config).generate([[3, 4, 5, 6, 7]], params)
+    in_memory = random_engine(moe_llama4(64, 4, 512), config).generate([[3, 4, 5, 6, 7]], params)
+    assert loaded[0].token_ids == in_memory[0].token_ids and len(loaded[0].token_ids) == 6
+
+
+def test_collectives_are_priced_by_what_the_ep_steps_pay_beyond_their_compute() -> None:
+    """Hand-made steps at ep=2 and ep=4: the fitted compute and bytes plus 1 ms and 3 ms for each of the step's
+    collectives (5 per MoE layer). The link gives back those costs; a step faster than its compute (noise) prices
+    its collectives at nothing rather than below it; one group size alone gives no link (calibration keeps the
+    idle processes' figure)."""
+    model = moe_llama4(*EP_MODEL)
+    base = Hardware("here", 8e9, 20e9, {"fp32": 50e9}, Link(1e9, 0.0), Link(1e9, 0.0), 2,
+                    efficiency=Efficiency(overlap="sum", layer_overhead_s=1e-4), time_shared=True)
+    rows = [Row(1, 136)] * 8
+    layers = sum(1 for i in range(model.num_layers) if model.is_moe_layer(i))
+    points = {}
+    for ep, per_call in ((2, 1e-3), (4, 3e-3)):
+        compute = StepTimeModel(model, base, Precision("fp32", "fp32"), Group("both", 1, ep)).seconds(rows)
+        points[ep] = Point(f"ep={ep}", model, rows, compute + 5 * layers * per_call)
+    link, measured = ep_link(points, base, 1e9)
+    assert link.latency(2) == pytest.approx(1e-3) and link.latency(4) == pytest.approx(3e-3)
+    assert link.bandwidth == 1e9 and measured["ep4"]["collectives"] == 5 * layers
+    points[2] = replace(points[2], seconds=points[2].seconds / 10)
+    _, measured = ep_link(points, base, 1e9)
+    assert measured["ep2"]["per_collective_s"] == 0.0 and measured["ep4"]["per_collective_s"] == pytest.approx(3e-3)
+    assert ep_link({2: points[2]}, base, 1e9) is None
 
 
 def _tiny_config(directory: Path) -> Path:

@@ -6,7 +6,8 @@ What it measures, with `threads` torch threads per rank (one rank is one "GPU" o
 2. engine steps of random models built in memory (a dense Llama, a Llama 4 MoE with chunked and global layers,
    and optionally a real model such as SmolLM2): decode batches, prefill chunks at growing contexts. The
    efficiencies and overheads of the time model are fitted to these steps (non-negative least squares);
-3. gloo collectives (all-reduce, all-to-all, all-gather) between 2 and 4 processes: latency and bandwidth;
+3. gloo all-to-alls between 2 and 4 processes (bandwidth) and, with Ray, the engine's own EP steps of a MoE at
+   ep=2 and ep=4 (Ray worker groups): what a collective costs inside a step, beyond the fitted compute;
 4. a Ray actor call's round trip (a worker group's step) and a tensor through Ray's object store (the KV
    handoff), when Ray is installed.
 
@@ -15,9 +16,11 @@ The profile is written as YAML with every measurement beside the fitted values.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -34,6 +37,7 @@ from garrison_workers.engine.sequence import SamplingParams
 from garrison_workers.fusion import fuse_projections
 from garrison_workers.kv_transfer import KVPayload, RayObjectStoreTransport
 from garrison_workers.model import CausalLM
+from garrison_workers.parallel.dims import ParallelDims
 from garrison_workers.worker_group import start_local_ray
 
 from garrison.planner.hardware import Efficiency, Hardware, Link, save_profile
@@ -72,25 +76,47 @@ def dense_llama(hidden: int, layers: int, intermediate: int, vocab: int = 8192) 
                                head_dim=head_dim, max_position_embeddings=65536, eos_token_id=2))
 
 
-def moe_llama4(hidden: int, experts: int, chunk: int, global_every: int = 2) -> ModelConfig:
+def moe_llama4_raw(hidden: int, experts: int, chunk: int, global_every: int = 2) -> dict[str, Any]:
+    """A Llama 4 MoE's config as a checkpoint's config.json holds it."""
     head_dim = 16 if hidden < 256 else 32
-    return from_hf_config(tiny_llama4(
+    return tiny_llama4(
         vocab_size=4096, hidden_size=hidden, intermediate_size=2 * hidden, intermediate_size_mlp=4 * hidden,
         num_hidden_layers=4, num_attention_heads=hidden // head_dim, num_key_value_heads=2, head_dim=head_dim,
         num_local_experts=experts, no_rope_layer_interval=global_every, attention_chunk_size=chunk,
-        floor_scale=chunk, max_position_embeddings=65536))
+        floor_scale=chunk, max_position_embeddings=65536)
+
+
+def moe_llama4(hidden: int, experts: int, chunk: int, global_every: int = 2) -> ModelConfig:
+    return from_hf_config(moe_llama4_raw(hidden, experts, chunk, global_every))
+
+
+def random_model(config: ModelConfig, dtype: torch.dtype = torch.float32) -> CausalLM:
+    """The real model over random weights, as a checkpoint would fill it (projections not yet stacked)."""
+    with torch.device("meta"):
+        model = CausalLM(config)
+    model = model.to_empty(device="cpu").to(dtype)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    return model
+
+
+def save_random_checkpoint(raw: dict[str, Any], directory: Path) -> None:
+    """A model of random weights as a checkpoint (config.json, model.safetensors) for ranks that load from files
+    (Ray worker groups): the model's parameter names are the checkpoint's."""
+    from safetensors.torch import save_file
+
+    model = random_model(from_hf_config(raw))
+    save_file({name: tensor.contiguous() for name, tensor in model.state_dict().items()},
+              str(directory / "model.safetensors"))
+    (directory / "config.json").write_text(json.dumps(raw))
 
 
 def random_engine(config: ModelConfig, engine_config: EngineConfig) -> LLMEngine:
     """An engine over random weights (no checkpoint): the real model, runner and scheduler, with its projections
     stacked as the loader stacks them (the steps must be those a loaded model takes)."""
-    with torch.device("meta"):
-        model = CausalLM(config)
-    model = model.to_empty(device="cpu").to(engine_config.dtype)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    model = random_model(config, engine_config.dtype)
     fuse_projections(model)
     num_blocks = engine_config.num_kv_blocks or 1
     return LLMEngine(LocalExecutor(model.eval(), num_blocks, engine_config), config, None, engine_config, num_blocks)
@@ -412,6 +438,72 @@ def gloo_link(progress: Progress) -> tuple[Link, dict[str, Any]]:
     return Link(bandwidth, latency, per_rank), report
 
 
+# The MoE whose steps at ep=2 and ep=4 price the collectives (the in-memory one of `engine_points`), and how many
+# collectives each of its MoE layers calls (ParallelMoE.forward: all-to-alls of the pair counts, the rows, the
+# expert ids and the rows back, then an all-gather), as `StepTimeModel._comm` prices them.
+EP_MODEL = (256, 8, 512)
+EP_SIZES = (2, 4)
+COLLECTIVES_PER_MOE_LAYER = 5
+
+
+def ep_points(threads: int, quick: bool, progress: Progress) -> dict[int, Point]:
+    """The engine's decode step of 8 sequences of `EP_MODEL` at each of `EP_SIZES`, its ranks Ray actors of
+    `threads` threads, by group size; none without Ray, or where Ray holds too few CPU slots for the largest."""
+    try:
+        import ray
+    except ImportError:
+        return {}
+    raw = moe_llama4_raw(*EP_MODEL)
+    config = EngineConfig(num_kv_blocks=512, max_num_batched_tokens=512, enable_prefix_caching=False,
+                          worker_threads=threads)
+    started = not ray.is_initialized()
+    if started:
+        start_local_ray(num_cpus=max(EP_SIZES))
+    elif ray.cluster_resources().get("CPU", 0) < max(EP_SIZES):
+        progress(f"  EP collectives: Ray holds fewer than {max(EP_SIZES)} CPU slots; priced from idle processes")
+        return {}
+    points = {}
+    try:
+        with tempfile.TemporaryDirectory(prefix="garrison-calibrate-") as tmp:
+            save_random_checkpoint(raw, Path(tmp))
+            for ep in EP_SIZES:
+                progress(f"  EP collectives: {_name(from_hf_config(raw))} decoding 8 at ep={ep} on Ray")
+                engine = LLMEngine.from_path(Path(tmp), config, ParallelDims(ep=ep))
+                try:
+                    engine.generate([[3, 4, 5, 6] * 32], SamplingParams(max_tokens=4, ignore_eos=True))
+                    point = decode_point(engine, engine.model_config, 8, 128, 4 if quick else 8)
+                finally:
+                    engine.shutdown()
+                point.label += f" ep={ep}"
+                points[ep] = point
+    finally:
+        if started:
+            ray.shutdown()
+    return points
+
+
+def ep_link(points: dict[int, Point], fitted: Hardware, bandwidth: float) -> tuple[Link, dict[str, Any]] | None:
+    """A collective's cost as the engine's EP steps pay it: each step's time beyond what the fitted profile gives
+    its compute and its bytes, per collective of the step. Inside a step the ranks reach each collective as their
+    own compute and the scheduler let them, and wait for the last; between idle processes an all-to-all tells
+    none of that (0.3 ms between 2 here, against about 1.2 ms in the engine's steps at ep=2). None without
+    points at two group sizes."""
+    if len(points) < 2:
+        return None
+    bytes_only = replace(fitted, nvlink=Link(bandwidth, 0.0), scaleout=Link(bandwidth, 0.0))
+    per_call, report = {}, {}
+    for ep, point in sorted(points.items()):
+        model = StepTimeModel(point.model, bytes_only, Precision("fp32", "fp32"), Group("both", 1, ep), on_ray=True)
+        calls = COLLECTIVES_PER_MOE_LAYER * model.counts.num_moe_layers
+        rest = model.seconds(point.rows)
+        per_call[ep] = max(0.0, point.seconds - rest) / calls
+        report[f"ep{ep}"] = {"step_s": point.seconds, "compute_and_bytes_s": rest, "collectives": calls,
+                             "per_collective_s": per_call[ep]}
+    (small, at_small), (large, at_large) = sorted(per_call.items())[0], sorted(per_call.items())[-1]
+    per_rank = max(0.0, (at_large - at_small) / (large - small))
+    return Link(bandwidth, max(0.0, at_small - per_rank * (small - 1)), per_rank), report
+
+
 @dataclass(slots=True)
 class RayCosts:
     call_s: float  # an actor call's round trip
@@ -536,6 +628,14 @@ def calibrate(out: Path, threads: int = 1, quick: bool = False, progress: Progre
                     description=f"this machine ({_cpu_name()}, {cores} cores): one rank = {threads} torch thread(s)")
     points = engine_points(threads, quick, progress, extra_points)
     efficiency, fit_report = fit(points, base)
+    ep_measured: dict[str, Any] = {}
+    in_steps = ep_link(ep_points(threads, quick, progress), replace(base, efficiency=efficiency),
+                       link.bandwidth) if with_ray else None
+    if in_steps is not None:
+        link, ep_measured = in_steps
+        base = replace(base, nvlink=link, scaleout=link)
+        progress(f"  collectives in the EP steps: {link.latency(2) * 1e3:.2f} ms at 2 ranks, "
+                 f"{link.latency(4) * 1e3:.2f} ms at 4")
     ray_measured: dict[str, Any] = {}
     kv_link = None
     costs = ray_costs(progress) if with_ray else None
@@ -548,12 +648,14 @@ def calibrate(out: Path, threads: int = 1, quick: bool = False, progress: Progre
         "flops": "measured: fp32 matmuls, best of three shapes",
         "gemm_curve": "measured: fp32 GEMMs of 1 to 256 rows over 512 MB of weights, scaled by the fit to the "
                       "engine's steps",
-        "nvlink": "measured: gloo all_to_all_single between 2 and 4 processes on this machine",
+        "nvlink": "measured: bandwidth from gloo all_to_all_single of 4 MB between 2 processes; the cost per call "
+                  "from the engine's own EP steps (a MoE at ep=2 and ep=4 on Ray, beyond the fitted compute), or "
+                  "without Ray from all_to_all_single between 2 and 4 idle processes",
         "efficiency": f"fitted to {len(points)} engine steps of random models (see measurements.fit)",
         "kv_link": "measured: tensors through Ray's object store between an actor and the driver"})
     measurements = {"threads": threads, "gemm_peak_flops": peak, "read_bandwidth": bandwidth, "gemm_curve": curve,
-                    "collectives": link_measured, "ray": ray_measured, "fit": fit_report,
-                    "load_average": list(os.getloadavg())}
+                    "collectives": {**link_measured, "in_ep_steps": ep_measured}, "ray": ray_measured,
+                    "fit": fit_report, "load_average": list(os.getloadavg())}
     save_profile(hardware, out, measurements)
     return hardware
 
