@@ -382,6 +382,8 @@ def test_a_measured_gemm_curve_prices_each_gemm_at_its_rows() -> None:
     mixed = StepTimeModel(model, hardware, Precision("fp32", "fp32"), Group("both", 1, 1), on_ray=False,
                           key_block=1024).cost([Row(1, 10), Row(64, 0), Row(1, 2000)])
     assert mixed.segments == 2 * 2  # a prompt's chunk and a decode past the key block: own attention calls, 2 layers
+    # only the decode past the key block is attended blockwise: its 2001 keys in 2 blocks of 1024, on both layers
+    assert mixed.key_blocks == 2 * 2 and mixed.blockwise_pairs == 2001 * 2 * 2
     with pytest.raises(InvalidRequestError, match="gemm_curve"):
         Efficiency(gemm_curve={0: 0.1})
     with pytest.raises(InvalidRequestError, match=r"efficiency: kv_export_s=-1.0: times .* must be >= 0$"):

@@ -49,8 +49,8 @@ Progress = Callable[[str], None]
 LONG_DECODE = 768  # prompt tokens of the long-context decode points: within the default key block (1024)
 # The fitted coefficients, in the order of `features`.
 COEFFICIENTS = ("inv_gemm", "inv_gemm_small", "inv_memory", "inv_attention", "attention_pair_s", "decode_pair_s",
-                "blockwise_pair_s", "spill_pair_s", "layer_overhead_s", "row_overhead_s", "segment_overhead_s",
-                "expert_overhead_s", "step_overhead_s")
+                "blockwise_pair_s", "spill_pair_s", "key_block_s", "layer_overhead_s", "row_overhead_s",
+                "segment_overhead_s", "expert_overhead_s", "step_overhead_s")
 
 
 @dataclass(slots=True)
@@ -236,6 +236,10 @@ def engine_points(threads: int, quick: bool, progress: Progress, extra: list[Poi
             points += [batched_prefill_point(engine, config, n, chunk // 8) for n in (1, 4, 8)]
         if prompt:
             points += prefill_points(engine, config, prompt, chunk)
+        if prompt > key_block and not batches:
+            # one sequence decoding past that prompt: a single query over many key blocks, where a block's fixed
+            # operations outweigh its pairs (a prefill chunk's do not tell them apart)
+            points.append(decode_point(engine, config, 1, prompt, steps))
     return points + list(extra or [])
 
 
@@ -245,8 +249,8 @@ def engine_points(threads: int, quick: bool, progress: Progress, extra: list[Poi
 def features(cost: StepCost) -> list[float]:
     attention_flops_s = sum(f for f, _, kind in cost.ops if kind == "attention")
     return [cost.gemm_flops_s, cost.small_gemm_flops_s, cost.stream_bytes_s, attention_flops_s, cost.attention_pairs,
-            cost.decode_pairs, cost.blockwise_pairs, cost.spill_pairs, float(cost.layers), float(cost.rows),
-            float(cost.segments), cost.experts, 1.0]
+            cost.decode_pairs, cost.blockwise_pairs, cost.spill_pairs, cost.key_blocks, float(cost.layers),
+            float(cost.rows), float(cost.segments), cost.experts, 1.0]
 
 
 def nnls(rows: list[list[float]], targets: list[float], weights: list[float]) -> list[float]:
@@ -308,7 +312,8 @@ def fit(points: list[Point], base: Hardware) -> tuple[Efficiency, list[dict[str,
     eff = Efficiency(gemm=_share(c["inv_gemm"]), gemm_small=_share(c["inv_gemm_small"]), gemm_curve=curve,
                      memory=_share(c["inv_memory"]), attention=_share(c["inv_attention"]),
                      attention_pair_s=c["attention_pair_s"], decode_pair_s=c["decode_pair_s"],
-                     blockwise_pair_s=c["blockwise_pair_s"], spill_pair_s=c["spill_pair_s"], overlap="sum",
+                     blockwise_pair_s=c["blockwise_pair_s"], spill_pair_s=c["spill_pair_s"],
+                     key_block_s=c["key_block_s"], overlap="sum",
                      step_overhead_s=c["step_overhead_s"], layer_overhead_s=c["layer_overhead_s"],
                      row_overhead_s=c["row_overhead_s"], segment_overhead_s=c["segment_overhead_s"],
                      expert_overhead_s=c["expert_overhead_s"],

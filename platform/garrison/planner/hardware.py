@@ -61,6 +61,7 @@ class Efficiency:
     blockwise_pair_s: float = 0.0
     # per blockwise pair whose score tile (query rows × key block, fp32) does not fit `Hardware.cache_bytes`
     spill_pair_s: float = 0.0
+    key_block_s: float = 0.0  # per iteration of that blockwise path (a key block of one segment on one layer)
     overlap: str = "max"
     step_overhead_s: float = 0.0  # per engine step: scheduling, metadata, sampling
     layer_overhead_s: float = 0.0  # per layer and step: kernel launches, framework dispatch

@@ -48,6 +48,9 @@ class StepCost:
     decode_pairs: float = 0.0  # (query, key, head) pairs of the decode batch, padded to its longest context
     blockwise_pairs: float = 0.0  # of those, on global layers over contexts longer than one key block
     spill_pairs: float = 0.0  # of those, in score tiles larger than the hardware's cache
+    # iterations of the blockwise path: one key block of one segment on one global layer (a dozen small operations
+    # each, whatever the queries: a decode row over a long context pays them for a single query)
+    key_blocks: float = 0.0
     layers: int = 0
     rows: int = 0
     segments: int = 0  # layers × rows attended as prefill segments (each its own attention call, gathers, mask)
@@ -99,7 +102,8 @@ class StepTimeModel:
         share = {"gemm": eff.gemm, "small": eff.gemm_small, "attention": eff.attention}
         compute = sum(join(f / share[kind], b / eff.memory) for f, b, kind in cost.ops)
         compute += (cost.attention_pairs * eff.attention_pair_s + cost.decode_pairs * eff.decode_pair_s
-                    + cost.blockwise_pairs * eff.blockwise_pair_s + cost.spill_pairs * eff.spill_pair_s)
+                    + cost.blockwise_pairs * eff.blockwise_pair_s + cost.spill_pairs * eff.spill_pair_s
+                    + cost.key_blocks * eff.key_block_s)
         fixed = (cost.layers * eff.layer_overhead_s + cost.rows * eff.row_overhead_s
                  + cost.segments * eff.segment_overhead_s
                  + cost.experts * eff.expert_overhead_s)
@@ -173,7 +177,7 @@ class StepTimeModel:
         # The padded decode batch: every one-token row within a key block reads as many keys as the longest does.
         decode = [attended_keys(r.context, 1, window) for r in rows if self._decodes(r)]
         decode_pairs = len(decode) * max(decode, default=0)
-        pairs, keys, blockwise, spill = 0, decode_pairs, 0, 0
+        pairs, keys, blockwise, spill, blocks = 0, decode_pairs, 0, 0, 0
         for row in rows:
             if self._decodes(row):
                 continue
@@ -181,6 +185,7 @@ class StepTimeModel:
             p = row.new_tokens * k
             if not chunked and row.context + row.new_tokens > self.key_block:
                 blockwise += p
+                blocks += -(-(row.context + row.new_tokens) // self.key_block)
                 tile = q_heads // kv_heads * row.new_tokens * self.key_block * 4
                 spill += p if self.hw.cache_bytes and tile > self.hw.cache_bytes else 0
             pairs, keys = pairs + p, keys + k
@@ -192,6 +197,7 @@ class StepTimeModel:
         cost.decode_pairs += decode_pairs * q_heads * layers
         cost.blockwise_pairs += blockwise * q_heads * layers
         cost.spill_pairs += spill * q_heads * layers
+        cost.key_blocks += blocks * layers
         cost.ops.append((flops_s, bytes_s, "attention"))
 
     def _decodes(self, row: Row) -> bool:
