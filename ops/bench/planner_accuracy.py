@@ -6,7 +6,7 @@ Garrison issue 16. The planner's time model is calibrated on some measured point
 calibration did not see, which are measured in the same run:
 
 - calibration (`garrison.planner.calibrate`): fp32 GEMM peak and memory read bandwidth, gloo all-to-alls between
-  2 and 4 processes, a Ray actor call, tensors through the object store and a small KV handoff, engine steps of
+  2 and 4 processes, a MoE's EP steps at ep=2 and ep=4 on Ray (a collective's cost inside a step), a Ray actor call, tensors through the object store and a small KV handoff, engine steps of
   random models built in memory (dense Llama h256 and h1024, a Llama 4 MoE), plus these measured steps: SmolLM2
   decode at 1 and 8 concurrent requests, the tiny MoE of `moe_parallel.py` decoding 8 sequences at ep=1, the
   tiny Llama 4 of `long_context.py` prefilling a 6k-token prompt, and disagg.py's model alone (decoding 8
@@ -24,7 +24,8 @@ Target (issue 16): within 20% each, queueing percentiles within 25%. A benchmark
 nothing about time (DESIGN.md, rule 9). The machine may be shared: each section prints the load average and the
 cores other processes kept busy meanwhile; step figures are the best of their repeats (others only ever slow
 a step down), queueing percentiles are what they are. Progress goes to stderr, so `--json` leaves stdout pure
-JSON. About 5 minutes on 2 quiet cores; `--quick` (disagg.py's 4k-8k workload, fewer points) about 2.
+JSON. 5-11 minutes on 2 quiet cores, as fast as the host; `--quick` (disagg.py's 4k-8k workload, fewer points)
+about 2.
 """
 
 from __future__ import annotations
