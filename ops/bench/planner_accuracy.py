@@ -5,14 +5,15 @@
 Garrison issue 16. The planner's time model is calibrated on some measured points, then predicts others the
 calibration did not see, which are measured in the same run:
 
-- calibration (`garrison.planner.calibrate`): fp32 GEMM peak and memory read bandwidth, gloo all-to-alls between
-  2 and 4 processes, a MoE's EP steps at ep=2 and ep=4 on Ray (a collective's cost inside a step), a Ray actor call, tensors through the object store and a small KV handoff, engine steps of
-  random models built in memory (dense Llama h256 and h1024, a Llama 4 MoE), plus these measured steps: SmolLM2
-  decode at 1 and 8 concurrent requests, the tiny MoE of `moe_parallel.py` decoding 8 sequences at ep=1, the
-  tiny Llama 4 of `long_context.py` prefilling a 6k-token prompt, and disagg.py's model alone (decoding 8
-  sequences at the streams' shortest and longest contexts, a 2k prompt in the workload's chunks). One profile
-  per thread count: 1 thread (a Ray rank, one side of the disaggregated system, and by default SmolLM2 and the
-  colocated engine too), and with `--threads 2` a second one for SmolLM2 and the colocated engine on both cores;
+- calibration (`garrison.planner.calibrate`): fp32 GEMM peak and memory read bandwidth, gloo all-to-alls between 2
+  and 4 processes, a MoE's EP steps at ep=2 and ep=4 on Ray (a collective's cost inside a step), a Ray actor call,
+  tensors through the object store and a small KV handoff, engine steps of random models built in memory (dense
+  Llama h256 and h1024, a Llama 4 MoE), plus these measured steps: SmolLM2 decode at 1 and 8 concurrent requests,
+  the tiny MoE of `moe_parallel.py` decoding 8 sequences at ep=1, the tiny Llama 4 of `long_context.py` prefilling a
+  6k-token prompt, and disagg.py's model alone (decoding 8 sequences at the streams' shortest and longest contexts,
+  a 2k prompt in the workload's chunks). One profile per thread count: 1 thread (a Ray rank, one side of the
+  disaggregated system, and by default SmolLM2 and the colocated engine too), and with `--threads 2` a second one
+  for SmolLM2 and the colocated engine on both cores;
 - held out, predicted then measured: SmolLM2 decode tokens/s at 32 concurrent requests; the tiny MoE's decode
   step at ep=2 and ep=4 (Ray worker groups, gloo all-to-alls; 4 ranks share 2 cores); TTFT of a 16k-token
   prompt on the long-context model; and the workload of `disagg.py` (8 streams while 16k-64k prompts keep
