@@ -11,9 +11,9 @@ calibration did not see, which are measured in the same run:
   Llama h256 and h1024, a Llama 4 MoE), plus these measured steps: SmolLM2 decode at 1 and 8 concurrent requests,
   the tiny MoE of `moe_parallel.py` decoding 8 sequences at ep=1, the tiny Llama 4 of `long_context.py` prefilling a
   6k-token prompt, and disagg.py's model alone (decoding 8 sequences at the streams' shortest and longest contexts,
-  a 2k prompt in the workload's chunks). One profile per thread count: 1 thread (a Ray rank, one side of the
-  disaggregated system, and by default SmolLM2 and the colocated engine too), and with `--threads 2` a second one
-  for SmolLM2 and the colocated engine on both cores;
+  a 2k prompt in the workload's chunks, 2 and 4 of the streams' prompts in one step). One profile per thread count:
+  1 thread (a Ray rank, one side of the disaggregated system, and by default SmolLM2 and the colocated engine too),
+  and with `--threads 2` a second one for SmolLM2 and the colocated engine on both cores;
 - held out, predicted then measured: SmolLM2 decode tokens/s at 32 concurrent requests; the tiny MoE's decode
   step at ep=2 and ep=4 (Ray worker groups, gloo all-to-alls; 4 ranks share 2 cores); TTFT of a 16k-token
   prompt on the long-context model; and the workload of `disagg.py` (8 streams while 16k-64k prompts keep
@@ -49,7 +49,7 @@ import disagg
 import torch
 from _common import finite_or_none, fmt_load, machine_facts, progress, save_random_llama4
 from garrison.model_refs import resolve_model
-from garrison.planner.calibrate import Point, calibrate, decode_point, prefill_points
+from garrison.planner.calibrate import Point, batched_prefill_point, calibrate, decode_point, prefill_points
 from garrison.planner.hardware import Hardware
 from garrison.planner.layout import Group
 from garrison.planner.memory import Precision
@@ -218,13 +218,14 @@ def long_section(report: Report, model_dir: Path) -> tuple[list[Point], float, A
 
 def disagg_model_points(report: Report, model_dir: Path, quick: bool, threads: int) -> dict[int, list[Point]]:
     """Steps of disagg.py's model alone, per thread count: a decode batch of 8 (its streams) at their shortest
-    and longest contexts, and a prompt prefilled in chunks of the workload's token budget. Calibration points:
+    and longest contexts, a prompt prefilled in chunks of the workload's token budget, and 2 and 4 of the streams'
+    prompts prefilled in one step. Calibration points:
     the workload's queueing figures, which these steps make up, stay held out."""
     workload = disagg.QUICK if quick else disagg.FULL
     shortest = workload.stream_prompt_tokens
     points: dict[int, list[Point]] = {}
     with Measured(report, f"disagg.py's model: decode of 8, a 2k prompt in {workload.max_num_batched_tokens}-token "
-                          f"chunks (calibration) at {sorted({1, threads})} thread(s)"):
+                          f"chunks, 2 and 4 prompts in a step (calibration) at {sorted({1, threads})} thread(s)"):
         for count in sorted({1, threads}):
             torch.set_num_threads(count)
             engine = LLMEngine.from_path(model_dir, replace(workload.engine_config(), worker_threads=count))
@@ -233,6 +234,8 @@ def disagg_model_points(report: Report, model_dir: Path, quick: bool, threads: i
             points[count] = [decode_point(engine, model, 8, context, 16 if quick else 48)
                              for context in (shortest, shortest + workload.stream_tokens)]
             points[count] += prefill_points(engine, model, 2048, workload.max_num_batched_tokens)
+            # several of the streams' prompts in one step, each a prefill segment of its own
+            points[count] += [batched_prefill_point(engine, model, n, workload.stream_prompt_tokens) for n in (2, 4)]
             engine.shutdown()
     return points
 
