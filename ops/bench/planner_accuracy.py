@@ -361,10 +361,13 @@ def run_benchmark(quick: bool, threads: int) -> Report:
         run = disagg_section(report, disagg_dir, raw, quick, threads)
     with Measured(report, f"calibration: `garrison plan calibrate` at {sorted({1, threads})} thread(s)"):
         rank_points = [moe_point, *long_points, *disagg_points[1]]
-        one = calibrate(Path(tmp + "-1t.yaml"), threads=1, quick=quick, progress=progress,
+        # kept after the run (beside the temporary directory): each with every measurement and the fit's residuals
+        profiles = {count: Path(f"{tmp}-{count}t.yaml") for count in sorted({1, threads})}
+        one = calibrate(profiles[1], threads=1, quick=quick, progress=progress,
                         extra_points=rank_points + (smol_points if threads == 1 else []))
-        two = one if threads == 1 else calibrate(Path(tmp + f"-{threads}t.yaml"), threads=threads, quick=quick,
+        two = one if threads == 1 else calibrate(profiles[threads], threads=threads, quick=quick,
                                                  progress=progress, extra_points=smol_points + disagg_points[threads])
+        progress("profiles written: " + ", ".join(str(path) for path in profiles.values()))
     report.profiles = {f"{threads} threads": two.to_dict(), "1 thread": one.to_dict()}
     figs = report.figures
     figs.append(Figure("SmolLM2 decode tok/s, 32 concurrent", smol_32, predict_decode_rate(smol_config, two, 32, 64,
