@@ -233,9 +233,10 @@ def disagg_model_points(report: Report, model_dir: Path, quick: bool, threads: i
             engine.generate([[3, 4, 5] * 50], SamplingParams(max_tokens=4, ignore_eos=True))
             points[count] = [decode_point(engine, model, 8, context, 16 if quick else 48)
                              for context in (shortest, shortest + workload.stream_tokens)]
-            points[count] += prefill_points(engine, model, 2048, workload.max_num_batched_tokens)
+            points[count] += prefill_points(engine, model, 2048, workload.max_num_batched_tokens, repeats=4)
             # several of the streams' prompts in one step, each a prefill segment of its own
-            points[count] += [batched_prefill_point(engine, model, n, workload.stream_prompt_tokens) for n in (2, 4)]
+            points[count] += [batched_prefill_point(engine, model, n, workload.stream_prompt_tokens, repeats=8)
+                              for n in (2, 4)]
             engine.shutdown()
     return points
 
@@ -326,7 +327,8 @@ def predict_disagg(model: Any, two: Hardware, one: Hardware, workload: disagg.Wo
     colocated = SimEngine.build(StepTimeModel(model, two, FP32, Group("both", 1, 1), on_ray=False), blocks, *limits)
     col = Simulation(DisaggArrivals(workload)).run_colocated(colocated)
     prefill = SimEngine.build(StepTimeModel(model, one, FP32, Group("prefill", 1, 1), on_ray=True), blocks, *limits)
-    decode = SimEngine.build(StepTimeModel(model, one, FP32, Group("decode", 1, 1), on_ray=False), blocks, *limits)
+    decode = SimEngine.build(StepTimeModel(model, one, FP32, Group("decode", 1, 1), on_ray=False), blocks, *limits,
+                             seed=1)
     link = one.kv_link or one.nvlink
     token_bytes = model.kv_bytes_per_token(4)
 

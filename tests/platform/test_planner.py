@@ -24,7 +24,7 @@ from garrison.planner.layout import Group, Layout
 from garrison.planner.memory import EngineLimits, Precision, activation_bytes, breakdown
 from garrison.planner.models import resolve_model
 from garrison.planner.search import Ask, Plan, evaluate, search
-from garrison.planner.simulate import SimEngine, Simulation
+from garrison.planner.simulate import SimEngine, Simulation, StepSpread
 from garrison.planner.step_time import Row, StepTimeModel, attended_keys
 from garrison.planner.workload import SLO, LengthDist, OpenLoop, Request, Workload, load_trace
 from garrison_workers.attention import causal_masks
@@ -130,10 +130,41 @@ def test_attended_keys_are_the_keys_of_the_engines_masks(context: int, new: int,
 
 
 class OneSecondSteps:
-    """A clock for the simulation in which every step lasts one second: token times are step numbers."""
+    """A clock for the simulation in which every step's fastest run lasts one second: without a calibrated spread,
+    token times are step numbers."""
 
-    def typical_seconds(self, rows: list[object]) -> float:
+    def __init__(self, efficiency: Efficiency = Efficiency()) -> None:
+        link = Link(1e9, 0.0)
+        self.hw = Hardware("clock", 1e9, 1e9, {"fp32": 1e9}, link, link, 1, efficiency=efficiency)
+
+    def seconds(self, rows: list[object]) -> float:
         return 1.0
+
+
+def test_a_steps_spread_is_drawn_from_calibrated_steps_of_about_its_length() -> None:
+    # a short point (1 ms, its repeats up to 0.2 ms over it) and a long one (100 ms, up to 20 ms over)
+    efficiency = Efficiency(step_excess=[[0.001, 0.0, 0.0001, 0.0002], [0.1, 0.0, 0.02]])
+    spread = StepSpread(efficiency, seed=3)
+    short = [spread.draw(0.0012) for _ in range(200)]
+    long = [spread.draw(0.08) for _ in range(200)]
+    assert 0 <= min(short) and max(short) <= 0.0002 and max(short) > 0.00015
+    assert 0 <= min(long) and max(long) <= 0.02 and sum(long) / len(long) == pytest.approx(0.01, rel=0.2)
+    assert max(spread.draw(10.0) for _ in range(50)) > 0.01  # beyond every point: the nearest one's
+    again = StepSpread(efficiency, seed=3)
+    assert [again.draw(0.0012) for _ in range(200)] == short  # seeded: a plan is reproducible
+    assert {StepSpread(Efficiency(step_jitter_s=0.004)).draw(t) for t in (0.001, 1.0)} == {0.004}  # an old profile
+
+
+def test_the_simulations_tpot_tail_is_made_of_the_calibrated_slow_steps() -> None:
+    # Three of four repeats ran at their fastest, one a full second slower: interpolated between them, a third
+    # of the steps run slower, by up to a second. One request decoding alone: its gaps are its steps.
+    clock = OneSecondSteps(Efficiency(step_excess=[[1.0, 0.0, 0.0, 0.0, 1.0]]))
+    result = Simulation(OpenLoop([Request("r", 0.0, 16, 400)])).run_colocated(
+        SimEngine.build(clock, 64, 16, 4, 64))  # type: ignore[arg-type]
+    gaps = sorted(result.gaps())
+    assert gaps[len(gaps) // 2] == pytest.approx(1.0)  # the median step: its fastest
+    assert 1.85 < gaps[int(len(gaps) * 0.99)] <= 2.0  # the p99: nearly the slowest repeat
+    assert 0.25 < sum(g > 1.0 for g in gaps) / len(gaps) < 0.42
 
 
 def test_simulation_reproduces_the_engines_schedule_step_for_step() -> None:
@@ -475,9 +506,12 @@ def test_a_fitted_profile_plans_like_a_catalog_entry(tmp_path: Path, capsys: pyt
         if errors[len(errors) // 2] < 0.5:
             break
     assert efficiency.calibrated and efficiency.overlap == "sum"
-    # a typical decode step runs longer than the fastest: the simulation adds what lies between (the median's)
-    excess = [p.typical - p.seconds for p in points if p.typical is not None]
-    assert len(excess) == 3 and min(excess) >= 0 and min(excess) <= efficiency.step_jitter_s <= max(excess)
+    # every repeat's excess over its point's fastest, kept per point for the simulation to draw from
+    repeated = [p for p in points if len(p.times) > 1]
+    assert len(repeated) == 3 and all(p.seconds == min(p.times) for p in points)
+    assert efficiency.step_excess == [[p.seconds, *(t - p.seconds for t in p.times)] for p in repeated]
+    pooled = [x for point in efficiency.step_excess for x in point[1:]]
+    assert min(pooled) == 0 and min(pooled) <= efficiency.step_jitter_s <= max(pooled)
     scale = efficiency.gemm_curve[16] / 0.3  # the fit's scale of the bare GEMMs, kept in the curve
     assert efficiency.gemm_curve == pytest.approx({1: 0.05 * scale, 16: 0.3 * scale})
     assert errors[len(errors) // 2] < 0.5  # the median step explained within 50%, even on a busy machine

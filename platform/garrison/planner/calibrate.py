@@ -23,7 +23,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -63,7 +63,7 @@ class Point:
     seconds: float
     key_block: int = 1024  # the engine's attention key block when it was measured
     cost: StepCost | None = None
-    typical: float | None = None  # the median of its repeats, where there are many (decode points)
+    times: list[float] = field(default_factory=list)  # every repeat, the fastest (`seconds`) among them
 
 
 # -- models built in memory -------------------------------------------------------------------------
@@ -154,13 +154,13 @@ def decode_point(engine: LLMEngine, config: ModelConfig, batch: int, prompt: int
         engine.abort_request(seq.request_id)
     context = prompt + 1 + steps // 2
     return Point(f"{_name(config)} decode batch {batch} context {prompt}", config, [Row(1, context)] * batch,
-                 min(times), engine.config.attention_key_block, typical=statistics.median(times))
+                 min(times), engine.config.attention_key_block, times=times)
 
 
 def prefill_points(engine: LLMEngine, config: ModelConfig, prompt: int, chunk: int, repeats: int = 2) -> list[Point]:
     """One prompt prefilled `chunk` tokens per step (the engine's token budget): a point per step at its context,
     the fastest of `repeats` runs of the same prompt."""
-    best: dict[int, float] = {}
+    runs: dict[int, list[float]] = {}
     for run in range(repeats):
         engine.add_request(f"p{prompt}-{chunk}-{run}-{time.monotonic_ns()}", [3 + j % 50 for j in range(prompt)],
                            SamplingParams(max_tokens=1))
@@ -168,10 +168,10 @@ def prefill_points(engine: LLMEngine, config: ModelConfig, prompt: int, chunk: i
         while engine.has_unfinished_requests():
             start = time.perf_counter()
             engine.step()
-            best[context] = min(best.get(context, math.inf), time.perf_counter() - start)
+            runs.setdefault(context, []).append(time.perf_counter() - start)
             context += min(chunk, prompt - context)
     return [Point(f"{_name(config)} prefill {min(chunk, prompt - c)} at {c}", config, [Row(min(chunk, prompt - c), c)],
-                  seconds, engine.config.attention_key_block) for c, seconds in sorted(best.items())]
+                  min(times), engine.config.attention_key_block, times=times) for c, times in sorted(runs.items())]
 
 
 def batched_prefill_point(engine: LLMEngine, config: ModelConfig, prompts: int, length: int, repeats: int = 3
@@ -180,18 +180,18 @@ def batched_prefill_point(engine: LLMEngine, config: ModelConfig, prompts: int, 
     `repeats` runs."""
     if prompts * length > engine.config.max_num_batched_tokens:
         raise ValueError(f"{prompts} prompts of {length} tokens exceed the step's token budget")
-    best = math.inf
+    times = []
     for run in range(repeats):
         for i in range(prompts):
             engine.add_request(f"b{prompts}-{length}-{run}-{i}-{time.monotonic_ns()}",
                                [3 + (i * 11 + j) % 50 for j in range(length)], SamplingParams(max_tokens=1))
         start = time.perf_counter()
         engine.step()
-        best = min(best, time.perf_counter() - start)
+        times.append(time.perf_counter() - start)
         while engine.has_unfinished_requests():
             engine.step()
-    return Point(f"{_name(config)} prefill {prompts} prompts of {length}", config, [Row(length, 0)] * prompts, best,
-                 engine.config.attention_key_block)
+    return Point(f"{_name(config)} prefill {prompts} prompts of {length}", config, [Row(length, 0)] * prompts,
+                 min(times), engine.config.attention_key_block, times=times)
 
 
 def _name(config: ModelConfig) -> str:
@@ -306,9 +306,10 @@ def fit(points: list[Point], base: Hardware) -> tuple[Efficiency, list[dict[str,
     if curve:  # the engine's GEMMs against the bare ones: that scale goes into the curve
         curve = {rows: share / c["inv_gemm"] for rows, share in curve.items()}
         c["inv_gemm"] = 1.0
-    # The fit prices a step's fastest run; a typical one (the median) runs longer, by what the interpreter, the
-    # allocator and other processes add (tenths of a millisecond here), taken as the same for every step.
-    jitter = [p.typical - p.seconds for p in points if p.typical is not None]
+    # The fit prices a step's fastest run; the others ran longer, by what the interpreter, the allocator, other
+    # processes and the hypervisor added: kept per point, for the simulation to draw from (`step_excess`).
+    repeated = [p for p in points if len(p.times) > 1]
+    jitter = [t - p.seconds for p in repeated for t in p.times]
     eff = Efficiency(gemm=_share(c["inv_gemm"]), gemm_small=_share(c["inv_gemm_small"]), gemm_curve=curve,
                      memory=_share(c["inv_memory"]), attention=_share(c["inv_attention"]),
                      attention_pair_s=c["attention_pair_s"], decode_pair_s=c["decode_pair_s"],
@@ -317,7 +318,9 @@ def fit(points: list[Point], base: Hardware) -> tuple[Efficiency, list[dict[str,
                      step_overhead_s=c["step_overhead_s"], layer_overhead_s=c["layer_overhead_s"],
                      row_overhead_s=c["row_overhead_s"], segment_overhead_s=c["segment_overhead_s"],
                      expert_overhead_s=c["expert_overhead_s"],
-                     step_jitter_s=max(0.0, statistics.median(jitter)) if jitter else 0.0, calibrated=True)
+                     step_jitter_s=max(0.0, statistics.median(jitter)) if jitter else 0.0,
+                     step_excess=[[p.seconds, *(max(0.0, t - p.seconds) for t in p.times)] for p in repeated],
+                     calibrated=True)
     fitted = replace(base, efficiency=eff)
     report = []
     for point in points:

@@ -82,9 +82,13 @@ class Efficiency:
     # per KV handoff, what the decode side's loop spends on it besides copying the bytes in: starting the export,
     # fetching the handles and the payload, releasing them
     kv_fetch_s: float = 0.0
-    # what a typical step (the median) takes over the fastest, which the fit prices; the simulation runs typical
-    # steps (their percentiles are what users see)
+    # what a typical step (the median) takes over the fastest, which the fit prices, pooled over every repeated
+    # step; the simulation adds it to each step where calibration kept no `step_excess`
     step_jitter_s: float = 0.0
+    # Per measured point: its fastest step (seconds), then what each of its repeats took over that. Short steps
+    # and long ones spread differently (a stall of a few milliseconds doubles a decode step, and hides within a
+    # long prefill's own repeats), so the simulation draws a step's excess from the points of about its length.
+    step_excess: list[list[float]] = field(default_factory=list)
     calibrated: bool = False
 
     def __post_init__(self) -> None:
@@ -95,6 +99,10 @@ class Efficiency:
             raise InvalidRequestError(f"invalid efficiency {self}: shares must be in (0, 1], overlap max or sum")
         if any(int(rows) < 1 or not share > 0 for rows, share in self.gemm_curve.items()):
             raise InvalidRequestError(f"invalid gemm_curve {self.gemm_curve}: rows >= 1 -> a share of peak > 0")
+        if any(not point or point[0] <= 0 or min(point) < 0 for point in self.step_excess):
+            raise InvalidRequestError("invalid step_excess: each point is its fastest step (> 0 s), then excesses "
+                                      "(>= 0 s)")
+        object.__setattr__(self, "step_excess", [[float(x) for x in point] for point in self.step_excess])
         negative = [f"{f.name}={getattr(self, f.name)}" for f in fields(self)
                     if f.name.endswith("_s") and getattr(self, f.name) < 0]
         if negative:

@@ -3,7 +3,9 @@
 Each engine of the replica is the engine's real `Scheduler` over a real `BlockManager` (prefix caching off: a
 planned workload has no shared prefixes); only the step's duration comes from the time model, on a simulated
 clock. So TTFT and TPOT percentiles come from the policy the engine runs: continuous batching, chunked prefill
-under the token budget, the chunk cap that leaves room for waiting prompts, preemption when blocks run out.
+under the token budget, the chunk cap that leaves room for waiting prompts, preemption when blocks run out. A
+step lasts its fastest run plus an excess drawn from what calibration's repeated steps of about its length took
+over theirs (`StepSpread`): a p99 TPOT is made of the slow steps, not of the typical one.
 
 Colocated: one engine; each step is scheduled, lasts what the time model says, and its tokens appear at its end.
 
@@ -15,9 +17,11 @@ a slice per decode step (each slice about a quarter of a decode step, as the eng
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import itertools
 import math
+import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -96,18 +100,57 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
+class StepSpread:
+    """What a step takes over its fastest run, drawn (seeded: a plan is reproducible) from what calibration's
+    repeated steps of about its length took over theirs: within a factor of 2 of its fastest, else the nearest
+    point's. Without such points, every step takes `step_jitter_s` more."""
+
+    WINDOW = 2.0
+
+    def __init__(self, efficiency: Efficiency, seed: int = 0) -> None:
+        points = sorted((p[0], p[1:]) for p in efficiency.step_excess if len(p) > 1)
+        self._fastest = [fastest for fastest, _ in points]
+        self._excesses = [excesses for _, excesses in points]
+        self._jitter = efficiency.step_jitter_s
+        self._rng = random.Random(seed)
+        self._pools: dict[int, list[float]] = {}
+
+    def draw(self, fastest: float) -> float:
+        if not self._fastest or fastest <= 0:
+            return self._jitter
+        pool = self._pool(fastest)
+        position = self._rng.random() * (len(pool) - 1)
+        low = math.floor(position)
+        return pool[low] + (pool[min(low + 1, len(pool) - 1)] - pool[low]) * (position - low)
+
+    def _pool(self, fastest: float) -> list[float]:
+        key = round(math.log2(fastest) * 8)  # an eighth of an octave: steps that close share a pool
+        if key not in self._pools:
+            at = 2.0 ** (key / 8)
+            low = bisect.bisect_left(self._fastest, at / self.WINDOW)
+            high = bisect.bisect_right(self._fastest, at * self.WINDOW)
+            if low == high:  # none within the window: the nearest point, in ratio
+                nearest = min(range(len(self._fastest)), key=lambda i: abs(math.log(self._fastest[i] / at)))
+                low, high = nearest, nearest + 1
+            self._pools[key] = sorted(x for excesses in self._excesses[low:high] for x in excesses)
+        return self._pools[key]
+
+
 @dataclass(slots=True)
 class SimEngine:
     """One engine of the replica: the real scheduler and block manager, and the time model of its group."""
 
     step_model: StepTimeModel
     scheduler: Scheduler
+    spread: StepSpread
 
     @classmethod
     def build(cls, step_model: StepTimeModel, num_blocks: int, block_size: int, max_num_seqs: int,
-              max_num_batched_tokens: int) -> SimEngine:
+              max_num_batched_tokens: int, seed: int = 0) -> SimEngine:
+        """`seed`: of the steps' spread (give each engine of a replica its own)."""
         blocks = BlockManager(num_blocks, block_size, enable_prefix_caching=False)
-        return cls(step_model, Scheduler(blocks, max_num_seqs, max_num_batched_tokens))
+        return cls(step_model, Scheduler(blocks, max_num_seqs, max_num_batched_tokens),
+                   StepSpread(step_model.hw.efficiency, seed))
 
     @property
     def block_manager(self) -> BlockManager:
@@ -116,7 +159,10 @@ class SimEngine:
     def plan(self) -> tuple[ScheduledBatch, float]:
         batch = self.scheduler.schedule()
         rows = [Row(n, seq.num_computed_tokens, seq.num_computed_tokens + n == seq.num_tokens) for seq, n in batch.work]
-        return batch, self.step_model.typical_seconds(rows) if rows else 0.0
+        if not rows:
+            return batch, 0.0
+        fastest = self.step_model.seconds(rows)
+        return batch, fastest + self.spread.draw(fastest)
 
     @staticmethod
     def apply(batch: ScheduledBatch) -> list[Sequence]:

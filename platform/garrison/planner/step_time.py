@@ -89,12 +89,8 @@ class StepTimeModel:
     # -- the step ---------------------------------------------------------------------------------
 
     def seconds(self, rows: list[Row]) -> float:
-        """The step's fastest run (what calibration fits)."""
+        """The step's fastest run (what calibration fits; the simulation adds the machine's spread to it)."""
         return self.combine(self.cost(rows))
-
-    def typical_seconds(self, rows: list[Row]) -> float:
-        """The step as it typically runs (the simulation's): its fastest run and the machine's jitter."""
-        return self.seconds(rows) + self.hw.efficiency.step_jitter_s
 
     def combine(self, cost: StepCost) -> float:
         eff, hw = self.hw.efficiency, self.hw
