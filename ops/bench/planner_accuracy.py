@@ -326,9 +326,11 @@ def predict_disagg(model: Any, two: Hardware, one: Hardware, workload: disagg.Wo
     blocks, limits = workload.num_kv_blocks, (workload.block_size, 64, workload.max_num_batched_tokens)
     colocated = SimEngine.build(StepTimeModel(model, two, FP32, Group("both", 1, 1), on_ray=False), blocks, *limits)
     col = Simulation(DisaggArrivals(workload)).run_colocated(colocated)
-    prefill = SimEngine.build(StepTimeModel(model, one, FP32, Group("prefill", 1, 1), on_ray=True), blocks, *limits)
+    # the replica's two groups share this host's cores: their steps spread as calibration's inside such a replica
+    prefill = SimEngine.build(StepTimeModel(model, one, FP32, Group("prefill", 1, 1), on_ray=True), blocks, *limits,
+                              replica=True)
     decode = SimEngine.build(StepTimeModel(model, one, FP32, Group("decode", 1, 1), on_ray=False), blocks, *limits,
-                             seed=1)
+                             seed=1, replica=True)
     link = one.kv_link or one.nvlink
     token_bytes = model.kv_bytes_per_token(4)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 from dataclasses import replace
 from pathlib import Path
@@ -15,8 +16,9 @@ import torch
 import yaml
 from garrison.cli import main
 from garrison.planner import helm_values, report
-from garrison.planner.calibrate import (EP_MODEL, Point, decode_point, dense_llama, ep_link, fit, moe_llama4,
-                                       moe_llama4_raw, nnls, prefill_points, random_engine, save_random_checkpoint)
+from garrison.planner.calibrate import (EP_MODEL, Point, decode_point, dense_llama, ep_link, fit,
+                                       moe_llama4, moe_llama4_raw, nnls, prefill_points, random_engine,
+                                       replica_points, save_random_checkpoint, step_excess)
 from garrison.planner.dtypes import WEIGHT_BYTES
 from garrison.planner.hardware import (CATALOG_FILE, Efficiency, Hardware, Link, load_catalog, resolve_hardware,
                                       save_profile)
@@ -153,6 +155,27 @@ def test_a_steps_spread_is_drawn_from_calibrated_steps_of_about_its_length() -> 
     again = StepSpread(efficiency, seed=3)
     assert [again.draw(0.0012) for _ in range(200)] == short  # seeded: a plan is reproducible
     assert {StepSpread(Efficiency(step_jitter_s=0.004)).draw(t) for t in (0.001, 1.0)} == {0.004}  # an old profile
+    # a disaggregated replica on a time-shared host draws from the steps timed inside such a replica
+    both = Efficiency(step_excess=[[1.0, 0.0]], replica_step_excess=[[1.0, 0.5]])
+    assert StepSpread(both, replica=True).draw(1.0) == 0.5 and StepSpread(both).draw(1.0) == 0.0
+    assert StepSpread(Efficiency(step_excess=[[1.0, 0.0]]), replica=True).draw(1.0) == 0.0  # none timed there
+
+
+def test_a_decode_batch_is_timed_inside_a_disaggregated_replica_on_ray() -> None:
+    """Calibration runs a real replica (prefill group on Ray, decode group here) and keeps its decode steps of 8;
+    Ray is shut down after, and the decode group's observer saw only steps it ran."""
+    import ray
+
+    lines: list[str] = []
+    points = replica_points(1, quick=True, progress=lines.append)
+    if (os.cpu_count() or 1) < 2:
+        assert points == []
+        return
+    assert len(points) == len(lines) == 1 and not ray.is_initialized()
+    (point,) = points
+    assert point.rows == [Row(1, 128 + 1 + 8)] * 8 and point.label.endswith("in a disaggregated replica")
+    assert len(point.times) >= 20 and point.seconds > 0 and all(t > 0 for t in point.times)
+    assert step_excess(points) == [[point.seconds, *(max(0.0, t - point.seconds) for t in point.times)]]
 
 
 def test_the_simulations_tpot_tail_is_made_of_the_calibrated_slow_steps() -> None:

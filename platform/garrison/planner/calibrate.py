@@ -16,6 +16,7 @@ The profile is written as YAML with every measurement beside the fitted values.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -243,6 +244,88 @@ def engine_points(threads: int, quick: bool, progress: Progress, extra: list[Poi
     return points + list(extra or [])
 
 
+# -- steps inside a disaggregated replica ----------------------------------------------------------
+
+
+def replica_points(threads: int, quick: bool, progress: Progress) -> list[Point]:
+    """A decode batch of 8 timed alone, then inside a disaggregated replica on this host: the same model's decode
+    group (in this process) stepping 8 streams whose requests keep ending and arriving (so their prompts keep
+    being prefilled and handed over) while its prefill group (a Ray rank) prefills 4k-token prompts one after
+    another. The point's `seconds` is the fastest alone and `times` the replica's steps of 8. With every core
+    taken, what else the host runs (Ray's threads in both processes, the kernel's workers freeing the object
+    store's pages) preempts a rank where an idle core had absorbed it: steps a few milliseconds long show it in
+    their tail (here a p99 several milliseconds over the fastest, against under one alone). Empty without Ray or
+    without two rank slots."""
+    try:
+        import ray
+    except ImportError:
+        return []
+    from garrison_workers.engine.disagg import DisaggregatedEngine
+
+    if (os.cpu_count() or 1) // threads < 2:
+        return []
+    torch.set_num_threads(threads)
+    raw = moe_llama4_raw(64, 16, 512)
+    config = EngineConfig(num_kv_blocks=1200, max_num_batched_tokens=512, enable_prefix_caching=False,
+                          worker_threads=threads)
+    started = not ray.is_initialized()
+    with tempfile.TemporaryDirectory(prefix="garrison-replica-") as tmp:
+        save_random_checkpoint(raw, Path(tmp))
+        alone_engine = LLMEngine.from_path(tmp, config)
+        alone_engine.generate([[3, 4, 5, 6] * 32], SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
+        alone = decode_point(alone_engine, alone_engine.model_config, 8, 128, 16 if quick else 48)
+        alone_engine.shutdown()
+        if started:
+            start_local_ray(num_cpus=2)
+        engines = []
+        try:
+            engines = [LLMEngine.from_path(tmp, config, ParallelDims(), role="prefill", on_ray=True),
+                       LLMEngine.from_path(tmp, config, ParallelDims(), role="decode", on_ray=False)]
+            times = _replica_decode_steps(DisaggregatedEngine(engines[0], [engines[1]]), 3.0 if quick else 8.0)
+        finally:
+            for engine in engines:
+                engine.shutdown()
+            if started:
+                ray.shutdown()
+    if not times:
+        return []
+    point = replace(alone, label=f"{alone.label} in a disaggregated replica", times=times)
+    progress(f"  {point.label}: median {statistics.median(times) * 1e3:.2f} ms, slowest {max(times) * 1e3:.2f} "
+             f"against {statistics.median(alone.times) * 1e3:.2f} and {max(alone.times) * 1e3:.2f} alone")
+    return [point]
+
+
+def _replica_decode_steps(engine: Any, seconds: float, streams: int = 8) -> list[float]:
+    """Run the replica for `seconds`; the seconds of each decode step that ran all `streams` rows."""
+    times: list[float] = []
+
+    def observe(rows: int, step_s: float) -> None:
+        if rows == streams:
+            times.append(step_s)
+
+    engine.decode_step_observer = observe
+    stream, long = SamplingParams(max_tokens=48, ignore_eos=True), SamplingParams(max_tokens=2, ignore_eos=True)
+    arrived = itertools.count()
+
+    def add(kind: str, length: int, params: SamplingParams) -> None:
+        n = next(arrived)
+        engine.add_request(f"{kind}-{n}", [3 + (n * 7 + j) % 50 for j in range(length)], params)
+
+    for _ in range(streams):
+        add("stream", 128, stream)
+    add("long", 4096, long)
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        for out in engine.step():
+            if out.finished:  # the next request of that stream, or the next long prompt, arrives at once
+                add(*(("stream", 128, stream) if out.request_id.startswith("stream") else ("long", 4096, long)))
+    for n in range(next(arrived)):
+        engine.abort_request(f"stream-{n}") or engine.abort_request(f"long-{n}")
+    while engine.has_unfinished_requests():
+        engine.step()
+    return times
+
+
 # -- fitting ----------------------------------------------------------------------------------------
 
 
@@ -319,7 +402,7 @@ def fit(points: list[Point], base: Hardware) -> tuple[Efficiency, list[dict[str,
                      row_overhead_s=c["row_overhead_s"], segment_overhead_s=c["segment_overhead_s"],
                      expert_overhead_s=c["expert_overhead_s"],
                      step_jitter_s=max(0.0, statistics.median(jitter)) if jitter else 0.0,
-                     step_excess=[[p.seconds, *(max(0.0, t - p.seconds) for t in p.times)] for p in repeated],
+                     step_excess=step_excess(repeated),
                      calibrated=True)
     fitted = replace(base, efficiency=eff)
     report = []
@@ -328,6 +411,11 @@ def fit(points: list[Point], base: Hardware) -> tuple[Efficiency, list[dict[str,
                                   on_ray=False, key_block=point.key_block).seconds(point.rows)
         report.append({"point": point.label, "measured_s": point.seconds, "fitted_s": predicted})
     return eff, report
+
+
+def step_excess(points: list[Point]) -> list[list[float]]:
+    """Per point: its fastest step, then what each of its repeats took over that."""
+    return [[p.seconds, *(max(0.0, t - p.seconds) for t in p.times)] for p in points if len(p.times) > 1]
 
 
 def _share(inverse: float) -> float:
@@ -644,6 +732,9 @@ def calibrate(out: Path, threads: int = 1, quick: bool = False, progress: Progre
         base = replace(base, nvlink=link, scaleout=link)
         progress(f"  collectives in the EP steps: {link.latency(2) * 1e3:.2f} ms at 2 ranks, "
                  f"{link.latency(4) * 1e3:.2f} ms at 4")
+    if with_ray:
+        progress("  a decode batch inside a disaggregated replica (its prefill group computing, KV moving)")
+        efficiency = replace(efficiency, replica_step_excess=step_excess(replica_points(threads, quick, progress)))
     ray_measured: dict[str, Any] = {}
     kv_link = None
     costs = ray_costs(progress) if with_ray else None
@@ -659,7 +750,8 @@ def calibrate(out: Path, threads: int = 1, quick: bool = False, progress: Progre
         "nvlink": "measured: bandwidth from gloo all_to_all_single of 4 MB between 2 processes; the cost per call "
                   "from the engine's own EP steps (a MoE at ep=2 and ep=4 on Ray, beyond the fitted compute), or "
                   "without Ray from all_to_all_single between 2 and 4 idle processes",
-        "efficiency": f"fitted to {len(points)} engine steps of random models (see measurements.fit)",
+        "efficiency": f"fitted to {len(points)} engine steps of random models (see measurements.fit); the steps' "
+                      "spread from their repeats, alone and inside a disaggregated replica",
         "kv_link": "measured: tensors through Ray's object store between an actor and the driver"})
     measurements = {"threads": threads, "gemm_peak_flops": peak, "read_bandwidth": bandwidth, "gemm_curve": curve,
                     "collectives": {**link_measured, "in_ep_steps": ep_measured}, "ray": ray_measured,

@@ -89,6 +89,9 @@ class Efficiency:
     # and long ones spread differently (a stall of a few milliseconds doubles a decode step, and hides within a
     # long prefill's own repeats), so the simulation draws a step's excess from the points of about its length.
     step_excess: list[list[float]] = field(default_factory=list)
+    # The same for a decode group's steps timed inside a disaggregated replica on this host (a calibrated,
+    # time-shared one: its prefill group computing and KV moving on the same cores), for such replicas' steps.
+    replica_step_excess: list[list[float]] = field(default_factory=list)
     calibrated: bool = False
 
     def __post_init__(self) -> None:
@@ -99,10 +102,12 @@ class Efficiency:
             raise InvalidRequestError(f"invalid efficiency {self}: shares must be in (0, 1], overlap max or sum")
         if any(int(rows) < 1 or not share > 0 for rows, share in self.gemm_curve.items()):
             raise InvalidRequestError(f"invalid gemm_curve {self.gemm_curve}: rows >= 1 -> a share of peak > 0")
-        if any(not point or point[0] <= 0 or min(point) < 0 for point in self.step_excess):
-            raise InvalidRequestError("invalid step_excess: each point is its fastest step (> 0 s), then excesses "
-                                      "(>= 0 s)")
-        object.__setattr__(self, "step_excess", [[float(x) for x in point] for point in self.step_excess])
+        for name in ("step_excess", "replica_step_excess"):
+            points = getattr(self, name)
+            if any(not point or point[0] <= 0 or min(point) < 0 for point in points):
+                raise InvalidRequestError(f"invalid {name}: each point is its fastest step (> 0 s), then excesses "
+                                          "(>= 0 s)")
+            object.__setattr__(self, name, [[float(x) for x in point] for point in points])
         negative = [f"{f.name}={getattr(self, f.name)}" for f in fields(self)
                     if f.name.endswith("_s") and getattr(self, f.name) < 0]
         if negative:

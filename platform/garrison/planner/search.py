@@ -118,12 +118,14 @@ def sim_blocks(ask: Ask, group: Group, mem: MemoryBreakdown, limits: EngineLimit
     return max(1, min(fit, most))
 
 
-def engine_for(ask: Ask, group: Group, mem: MemoryBreakdown, seed: int = 0) -> SimEngine:
+def engine_for(ask: Ask, layout: Layout, group: Group, mem: MemoryBreakdown, seed: int = 0) -> SimEngine:
     limits = ask.prefill_limits if group.role == "prefill" else ask.decode_limits
     model = StepTimeModel(ask.model, ask.hardware, ask.precision, group, on_ray=True, imbalance=ask.imbalance,
                           key_block=limits.attention_key_block)
+    # On a time-shared host a disaggregated replica's groups share the cores: its steps spread as measured there
+    replica = ask.hardware.time_shared and layout.is_disaggregated
     return SimEngine.build(model, sim_blocks(ask, group, mem, limits), limits.block_size, limits.max_num_seqs,
-                           limits.max_num_batched_tokens, seed)
+                           limits.max_num_batched_tokens, seed, replica)
 
 
 def handoff_link(hardware: Hardware, layout: Layout) -> Link:
@@ -137,9 +139,9 @@ def simulate(ask: Ask, layout: Layout, memory: dict[str, MemoryBreakdown]) -> Si
     arrivals = ask.workload.arrivals(layout.replicas)
     sim = Simulation(arrivals)
     if not layout.is_disaggregated:
-        return sim.run_colocated(engine_for(ask, layout.decode, memory["both"]))
-    prefill = engine_for(ask, layout.prefill, memory["prefill"])
-    decoders = [engine_for(ask, g, memory["decode"], seed) for seed, g in enumerate(layout.groups[1:], start=1)]
+        return sim.run_colocated(engine_for(ask, layout, layout.decode, memory["both"]))
+    prefill = engine_for(ask, layout, layout.prefill, memory["prefill"])
+    decoders = [engine_for(ask, layout, g, memory["decode"], seed) for seed, g in enumerate(layout.groups[1:], 1)]
     link = handoff_link(ask.hardware, layout)
     kv_token = 2 * ask.model.num_kv_heads * ask.model.head_dim * ask.model.num_layers * prefill.step_model.kv_bytes
     ranks = min(layout.prefill.tp, layout.decode.tp)

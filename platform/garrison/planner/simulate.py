@@ -103,12 +103,15 @@ def percentile(values: list[float], q: float) -> float:
 class StepSpread:
     """What a step takes over its fastest run, drawn (seeded: a plan is reproducible) from what calibration's
     repeated steps of about its length took over theirs: within a factor of 2 of its fastest, else the nearest
-    point's. Without such points, every step takes `step_jitter_s` more."""
+    point's. Without such points, every step takes `step_jitter_s` more. `replica`: a disaggregated replica on a
+    time-shared host, whose steps spread as calibration's decode steps inside such a replica did."""
 
     WINDOW = 2.0
 
-    def __init__(self, efficiency: Efficiency, seed: int = 0) -> None:
-        points = sorted((p[0], p[1:]) for p in efficiency.step_excess if len(p) > 1)
+    def __init__(self, efficiency: Efficiency, seed: int = 0, replica: bool = False) -> None:
+        measured = efficiency.replica_step_excess if replica and efficiency.replica_step_excess else \
+            efficiency.step_excess
+        points = sorted((p[0], p[1:]) for p in measured if len(p) > 1)
         self._fastest = [fastest for fastest, _ in points]
         self._excesses = [excesses for _, excesses in points]
         self._jitter = efficiency.step_jitter_s
@@ -146,11 +149,11 @@ class SimEngine:
 
     @classmethod
     def build(cls, step_model: StepTimeModel, num_blocks: int, block_size: int, max_num_seqs: int,
-              max_num_batched_tokens: int, seed: int = 0) -> SimEngine:
-        """`seed`: of the steps' spread (give each engine of a replica its own)."""
+              max_num_batched_tokens: int, seed: int = 0, replica: bool = False) -> SimEngine:
+        """`seed`: of the steps' spread (give each engine of a replica its own); `replica`: see `StepSpread`."""
         blocks = BlockManager(num_blocks, block_size, enable_prefix_caching=False)
         return cls(step_model, Scheduler(blocks, max_num_seqs, max_num_batched_tokens),
-                   StepSpread(step_model.hw.efficiency, seed))
+                   StepSpread(step_model.hw.efficiency, seed, replica))
 
     @property
     def block_manager(self) -> BlockManager:

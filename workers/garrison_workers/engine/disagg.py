@@ -19,6 +19,7 @@ decoded from half a cache, and neither side keeps its blocks. An aborted transfe
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,6 +60,9 @@ class DisaggregatedEngine:
         self._links = {decoder: _link(prefill, decoder, self._paces[decoder]) for decoder in decoders}
         self._prefill_step: Any = None  # the prefill engine's step in flight, kept across step() calls
         self._handovers: list[_Handover] = []
+        # called after each decode step with its rows (every decode group's) and seconds: what a replica's decode
+        # steps take while its prefill group computes and KV moves (metrics, the planner's calibration)
+        self.decode_step_observer: Callable[[int, float], None] | None = None
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     salt: bytes = b"") -> None:
@@ -103,6 +107,8 @@ class DisaggregatedEngine:
         for decoder, step in zip(self.decoders, decode_steps):
             if step is not None:
                 self._paces[decoder].observe_step(step_s)
+        if self.decode_step_observer is not None and not all(step is None for step in decode_steps):
+            self.decode_step_observer(sum(len(step.work) for step in decode_steps if step is not None), step_s)
         prefill_step = self._prefill_step
         idle = all(step is None for step in decode_steps)
         if prefill_step is not None and (prefill_step.done() or (idle and not self._handovers)):
