@@ -6,7 +6,8 @@ Garrison issue 16. The planner's time model is calibrated on some measured point
 calibration did not see, which are measured in the same run:
 
 - calibration (`garrison.planner.calibrate`): fp32 GEMM peak and memory read bandwidth, gloo all-to-alls between 2
-  and 4 processes, a MoE's EP steps at ep=2 and ep=4 on Ray (a collective's cost inside a step), a Ray actor call,
+  and 4 processes, a MoE's EP steps at ep=2 and ep=4 on Ray (a collective's cost inside a step), a decode batch
+  inside a disaggregated replica of that MoE (the steps' spread there), a Ray actor call,
   tensors through the object store and a small KV handoff, engine steps of random models built in memory (dense
   Llama h256 and h1024, a Llama 4 MoE), plus these measured steps: SmolLM2 decode at 1 and 8 concurrent requests,
   the tiny MoE of `moe_parallel.py` decoding 8 sequences at ep=1, the tiny Llama 4 of `long_context.py` prefilling a
