@@ -22,6 +22,10 @@ calibration did not see, which are measured in the same run:
   the streams' first requests and TTFT of each long prompt. The queueing figures come from the planner's
   discrete-event simulation, which drives the engine's own Scheduler and BlockManager.
 
+The machine's speed is probed three times, the same two steps of disagg.py's model timed before the workload,
+after it and after calibration: how far the machine the figures ran on was from the one calibrated (on a shared
+2-core VM it drifts by tens of percent within minutes).
+
 Target (issue 16): within 20% each, queueing percentiles within 25%. A benchmark prints figures; it asserts
 nothing about time (DESIGN.md, rule 9). The machine may be shared: each section prints the load average and the
 cores other processes kept busy meanwhile; step figures are the best of their repeats (others only ever slow
@@ -39,6 +43,7 @@ import json
 import math
 import os
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -103,10 +108,20 @@ class Section:
 
 
 @dataclass(slots=True)
+class Probe:
+    """The machine's speed at one moment: the same two steps of disagg.py's model, timed again."""
+
+    when: str
+    decode_median_s: float  # a decode batch of 8 at context 128, median of its steps
+    prefill_s: float  # a 512-token chunk at context 0, fastest of 3
+
+
+@dataclass(slots=True)
 class Report:
     quick: bool
     figures: list[Figure] = field(default_factory=list)
     sections: list[Section] = field(default_factory=list)
+    probes: list[Probe] = field(default_factory=list)
     profiles: dict[str, Any] = field(default_factory=dict)
 
 
@@ -242,6 +257,19 @@ def disagg_model_points(report: Report, model_dir: Path, quick: bool, threads: i
     return points
 
 
+def probe(report: Report, model_dir: Path, when: str) -> None:
+    """This machine's speed drifts by tens of percent within minutes: the same steps timed before the workload,
+    after it and after calibration say how far the machine the figures ran on was from the one calibrated."""
+    torch.set_num_threads(1)
+    engine = LLMEngine.from_path(model_dir, replace(disagg.FULL.engine_config(), worker_threads=1))
+    model = engine.model_config
+    engine.generate([[3, 4, 5] * 50], SamplingParams(max_tokens=4, ignore_eos=True))
+    decode = decode_point(engine, model, 8, 128, 48)
+    prefill = prefill_points(engine, model, 512, 512, repeats=3)[0]
+    engine.shutdown()
+    report.probes.append(Probe(when, statistics.median(decode.times), prefill.seconds))
+
+
 def disagg_section(report: Report, model_dir: Path, raw: dict[str, Any], quick: bool, threads: int) -> disagg.Report:
     workload = disagg.QUICK if quick else disagg.FULL
     run = disagg.Report(machine_facts(), workload, quick, threads,
@@ -363,16 +391,20 @@ def run_benchmark(quick: bool, threads: int) -> Report:
         moe_point, moe_measured, moe_config = moe_section(report, moe_dir, quick)
         long_points, ttft_16k, long_config = long_section(report, long_dir)
         disagg_points = disagg_model_points(report, disagg_dir, quick, threads)
+        probe(report, disagg_dir, "before the workload")
         run = disagg_section(report, disagg_dir, raw, quick, threads)
-    with Measured(report, f"calibration: `garrison plan calibrate` at {sorted({1, threads})} thread(s)"):
-        rank_points = [moe_point, *long_points, *disagg_points[1]]
-        # kept after the run (beside the temporary directory): each with every measurement and the fit's residuals
-        profiles = {count: Path(f"{tmp}-{count}t.yaml") for count in sorted({1, threads})}
-        one = calibrate(profiles[1], threads=1, quick=quick, progress=progress,
-                        extra_points=rank_points + (smol_points if threads == 1 else []))
-        two = one if threads == 1 else calibrate(profiles[threads], threads=threads, quick=quick,
-                                                 progress=progress, extra_points=smol_points + disagg_points[threads])
-        progress("profiles written: " + ", ".join(str(path) for path in profiles.values()))
+        probe(report, disagg_dir, "after the workload")
+        with Measured(report, f"calibration: `garrison plan calibrate` at {sorted({1, threads})} thread(s)"):
+            rank_points = [moe_point, *long_points, *disagg_points[1]]
+            # kept after the run (beside the temporary directory): every measurement and the fit's residuals
+            profiles = {count: Path(f"{tmp}-{count}t.yaml") for count in sorted({1, threads})}
+            one = calibrate(profiles[1], threads=1, quick=quick, progress=progress,
+                            extra_points=rank_points + (smol_points if threads == 1 else []))
+            two = one if threads == 1 else calibrate(profiles[threads], threads=threads, quick=quick,
+                                                     progress=progress,
+                                                     extra_points=smol_points + disagg_points[threads])
+            progress("profiles written: " + ", ".join(str(path) for path in profiles.values()))
+        probe(report, disagg_dir, "after calibration")
     report.profiles = {f"{threads} threads": two.to_dict(), "1 thread": one.to_dict()}
     figs = report.figures
     figs.append(Figure("SmolLM2 decode tok/s, 32 concurrent", smol_32, predict_decode_rate(smol_config, two, 32, 64,
@@ -402,6 +434,14 @@ def render(report: Report) -> str:
     for s in report.sections:
         lines.append(f"{s.name[:91]:<92}{s.seconds:>8.0f}{fmt_load(s.load_start):>18}{fmt_load(s.load_end):>18}"
                      f"{s.others_cores:>8.2f}")
+    if report.probes:
+        first = report.probes[0]
+        lines += ["", "the machine's speed: disagg.py's model, the same steps timed again (x: against the first)",
+                  f"{'when':<24}{'decode of 8, median ms':>26}{'512-token chunk ms':>22}"]
+        for p in report.probes:
+            decode, prefill = p.decode_median_s / first.decode_median_s, p.prefill_s / first.prefill_s
+            lines.append(f"{p.when:<24}{p.decode_median_s * 1e3:>18.2f} x{decode:<6.2f}{p.prefill_s * 1e3:>14.2f} "
+                         f"x{prefill:.2f}")
     lines += ["", f"{'held-out figure':<58}{'measured':>12}{'predicted':>12}{'error':>9}{'target':>8}  within"]
     for f in report.figures:
         lines.append(f"{f.name:<58}{f.measured:>12.4g}{f.predicted:>12.4g}{f.error:>+9.1%}{f.target:>8.0%}  "
@@ -424,6 +464,7 @@ def main() -> int:
     if args.json:
         print(json.dumps(finite_or_none({"quick": report.quick, "figures": [f.to_dict() for f in report.figures],
                                          "sections": [asdict(s) for s in report.sections],
+                                         "probes": [asdict(p) for p in report.probes],
                                          "profiles": report.profiles}), indent=2, default=str))
     else:
         print(render(report))

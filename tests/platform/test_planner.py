@@ -159,6 +159,9 @@ def test_a_steps_spread_is_drawn_from_calibrated_steps_of_about_its_length() -> 
     both = Efficiency(step_excess=[[1.0, 0.0]], replica_step_excess=[[1.0, 0.5]])
     assert StepSpread(both, replica=True).draw(1.0) == 0.5 and StepSpread(both).draw(1.0) == 0.0
     assert StepSpread(Efficiency(step_excess=[[1.0, 0.0]]), replica=True).draw(1.0) == 0.0  # none timed there
+    for bad in ([[0.0, 0.1]], [[0.01, -0.001]], [[]]):  # a point is its fastest (> 0), then excesses (>= 0)
+        with pytest.raises(InvalidRequestError, match="step_excess"):
+            Efficiency(step_excess=bad)
 
 
 def test_a_decode_batch_is_timed_inside_a_disaggregated_replica_on_ray() -> None:

@@ -254,7 +254,7 @@ def replica_points(threads: int, quick: bool, progress: Progress) -> list[Point]
     another. The point's `seconds` is the fastest alone and `times` the replica's steps of 8. With every core
     taken, what else the host runs (Ray's threads in both processes, the kernel's workers freeing the object
     store's pages) preempts a rank where an idle core had absorbed it: steps a few milliseconds long show it in
-    their tail (here a p99 several milliseconds over the fastest, against under one alone). Empty without Ray or
+    their tail (here a p99 9 ms over the fastest, where alone the slowest was 3 ms over). Empty without Ray or
     without two rank slots."""
     try:
         import ray
@@ -320,7 +320,8 @@ def _replica_decode_steps(engine: Any, seconds: float, streams: int = 8) -> list
             if out.finished:  # the next request of that stream, or the next long prompt, arrives at once
                 add(*(("stream", 128, stream) if out.request_id.startswith("stream") else ("long", 4096, long)))
     for n in range(next(arrived)):
-        engine.abort_request(f"stream-{n}") or engine.abort_request(f"long-{n}")
+        for kind in ("stream", "long"):
+            engine.abort_request(f"{kind}-{n}")
     while engine.has_unfinished_requests():
         engine.step()
     return times
