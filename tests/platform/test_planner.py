@@ -165,8 +165,9 @@ def test_a_steps_spread_is_drawn_from_calibrated_steps_of_about_its_length() -> 
 
 
 def test_a_decode_batch_is_timed_inside_a_disaggregated_replica_on_ray() -> None:
-    """Calibration runs a real replica (prefill group on Ray, decode group here) and keeps its decode steps of 8;
-    Ray is shut down after, and the decode group's observer saw only steps it ran."""
+    """Calibration runs a real replica (prefill group on Ray, decode group here, streams ending and arriving) and
+    keeps its decode steps of all 8 streams, priced against the same batch's fastest step alone; Ray is shut down
+    after."""
     import ray
 
     lines: list[str] = []
