@@ -91,10 +91,12 @@ class SimResult:
 
 def percentile(values: list[float], q: float) -> float:
     """Linear interpolation between closest ranks (numpy's default); NaN for no values."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    position = (len(ordered) - 1) * q / 100
+    return _quantile(sorted(values), q / 100) if values else math.nan
+
+
+def _quantile(ordered: list[float], share: float) -> float:
+    """`ordered` (sorted, not empty) at `share` in [0, 1], interpolated between closest ranks."""
+    position = (len(ordered) - 1) * share
     low = math.floor(position)
     high = min(low + 1, len(ordered) - 1)
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
@@ -121,10 +123,7 @@ class StepSpread:
     def draw(self, fastest: float) -> float:
         if not self._fastest or fastest <= 0:
             return self._jitter
-        pool = self._pool(fastest)
-        position = self._rng.random() * (len(pool) - 1)
-        low = math.floor(position)
-        return pool[low] + (pool[min(low + 1, len(pool) - 1)] - pool[low]) * (position - low)
+        return _quantile(self._pool(fastest), self._rng.random())
 
     def _pool(self, fastest: float) -> list[float]:
         key = round(math.log2(fastest) * 8)  # an eighth of an octave: steps that close share a pool
