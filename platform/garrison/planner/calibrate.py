@@ -23,7 +23,8 @@ import os
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -32,6 +33,7 @@ from typing import Any
 import torch
 from garrison_workers.config import ModelConfig, from_hf_config, tiny_llama4
 from garrison_workers.engine.config import EngineConfig
+from garrison_workers.engine.disagg import DisaggregatedEngine
 from garrison_workers.engine.executor import LocalExecutor
 from garrison_workers.engine.llm_engine import LLMEngine
 from garrison_workers.engine.sequence import SamplingParams
@@ -256,37 +258,30 @@ def replica_points(threads: int, quick: bool, progress: Progress) -> list[Point]
     store's pages) preempts a rank where an idle core had absorbed it: steps a few milliseconds long show it in
     their tail (here a p99 9 ms over the fastest, where alone the slowest was 3 ms over). Empty without Ray or
     without two rank slots."""
-    try:
-        import ray
-    except ImportError:
-        return []
-    from garrison_workers.engine.disagg import DisaggregatedEngine
-
     if (os.cpu_count() or 1) // threads < 2:
         return []
     torch.set_num_threads(threads)
     raw = moe_llama4_raw(64, 16, 512)
     config = EngineConfig(num_kv_blocks=1200, max_num_batched_tokens=512, enable_prefix_caching=False,
                           worker_threads=threads)
-    started = not ray.is_initialized()
+    times: list[float] = []
     with tempfile.TemporaryDirectory(prefix="garrison-replica-") as tmp:
         save_random_checkpoint(raw, Path(tmp))
         alone_engine = LLMEngine.from_path(tmp, config)
         alone_engine.generate([[3, 4, 5, 6] * 32], SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
         alone = decode_point(alone_engine, alone_engine.model_config, 8, 128, 16 if quick else 48)
         alone_engine.shutdown()
-        if started:
-            start_local_ray(num_cpus=2)
-        engines = []
-        try:
-            engines = [LLMEngine.from_path(tmp, config, ParallelDims(), role="prefill", on_ray=True),
-                       LLMEngine.from_path(tmp, config, ParallelDims(), role="decode", on_ray=False)]
-            times = _replica_decode_steps(DisaggregatedEngine(engines[0], [engines[1]]), 3.0 if quick else 8.0)
-        finally:
-            for engine in engines:
-                engine.shutdown()
-            if started:
-                ray.shutdown()
+        with _ray_slots(2, progress, "the replica's decode steps") as usable:
+            engines: list[LLMEngine] = []
+            try:
+                if usable:
+                    engines = [LLMEngine.from_path(tmp, config, ParallelDims(), role="prefill", on_ray=True),
+                               LLMEngine.from_path(tmp, config, ParallelDims(), role="decode", on_ray=False)]
+                    times = _replica_decode_steps(DisaggregatedEngine(engines[0], [engines[1]]),
+                                                  3.0 if quick else 8.0)
+            finally:
+                for engine in engines:
+                    engine.shutdown()
     if not times:
         return []
     point = replace(alone, label=f"{alone.label} in a disaggregated replica", times=times)
@@ -295,7 +290,7 @@ def replica_points(threads: int, quick: bool, progress: Progress) -> list[Point]
     return [point]
 
 
-def _replica_decode_steps(engine: Any, seconds: float, streams: int = 8) -> list[float]:
+def _replica_decode_steps(engine: DisaggregatedEngine, seconds: float, streams: int = 8) -> list[float]:
     """Run the replica for `seconds`; the seconds of each decode step that ran all `streams` rows."""
     times: list[float] = []
 
@@ -543,24 +538,38 @@ EP_SIZES = (2, 4)
 COLLECTIVES_PER_MOE_LAYER = 5
 
 
-def ep_points(threads: int, quick: bool, progress: Progress) -> dict[int, Point]:
-    """The engine's decode step of 8 sequences of `EP_MODEL` at each of `EP_SIZES`, its ranks Ray actors of
-    `threads` threads, by group size; none without Ray, or where Ray holds too few CPU slots for the largest."""
+@contextmanager
+def _ray_slots(cpus: int, progress: Progress, what: str) -> Iterator[bool]:
+    """Ray with at least `cpus` CPU slots for a measurement: started here (and shut down after) where none runs;
+    False, said to `progress`, where Ray is missing or the running one holds fewer slots."""
     try:
         import ray
     except ImportError:
-        return {}
+        yield False
+        return
+    if ray.is_initialized():
+        enough = ray.cluster_resources().get("CPU", 0) >= cpus
+        if not enough:
+            progress(f"  {what}: Ray holds fewer than {cpus} CPU slots; not measured")
+        yield enough
+        return
+    start_local_ray(num_cpus=max(cpus, 2))  # room for a rank besides the driver, as every measurement here needs
+    try:
+        yield True
+    finally:
+        ray.shutdown()
+
+
+def ep_points(threads: int, quick: bool, progress: Progress) -> dict[int, Point]:
+    """The engine's decode step of 8 sequences of `EP_MODEL` at each of `EP_SIZES`, its ranks Ray actors of
+    `threads` threads, by group size; none without Ray, or where Ray holds too few CPU slots for the largest."""
     raw = moe_llama4_raw(*EP_MODEL)
     config = EngineConfig(num_kv_blocks=512, max_num_batched_tokens=512, enable_prefix_caching=False,
                           worker_threads=threads)
-    started = not ray.is_initialized()
-    if started:
-        start_local_ray(num_cpus=max(EP_SIZES))
-    elif ray.cluster_resources().get("CPU", 0) < max(EP_SIZES):
-        progress(f"  EP collectives: Ray holds fewer than {max(EP_SIZES)} CPU slots; priced from idle processes")
-        return {}
     points = {}
-    try:
+    with _ray_slots(max(EP_SIZES), progress, "EP collectives (priced from idle processes)") as usable:
+        if not usable:
+            return {}
         with tempfile.TemporaryDirectory(prefix="garrison-calibrate-") as tmp:
             save_random_checkpoint(raw, Path(tmp))
             for ep in EP_SIZES:
@@ -573,9 +582,6 @@ def ep_points(threads: int, quick: bool, progress: Progress) -> dict[int, Point]
                     engine.shutdown()
                 point.label += f" ep={ep}"
                 points[ep] = point
-    finally:
-        if started:
-            ray.shutdown()
     return points
 
 
@@ -614,19 +620,13 @@ class RayCosts:
 
 def ray_costs(progress: Progress) -> RayCosts | None:
     """What Ray adds to a disaggregated replica's steps and KV handoffs; None without Ray."""
-    try:
-        import ray
-    except ImportError:
-        return None
     progress("  Ray: an actor call's round trip, tensors through the object store, a small KV handoff")
-    started = not ray.is_initialized()
-    if started:
-        start_local_ray(num_cpus=2)
-    try:
+    with _ray_slots(1, progress, "Ray's costs") as usable:
+        if not usable:
+            return None
+        import ray
+
         return _ray_measure(ray)
-    finally:
-        if started:
-            ray.shutdown()
 
 
 HANDOFF_TOKENS = 128  # of the small KV export timed for a handoff's fixed costs (its bytes are the link's)
