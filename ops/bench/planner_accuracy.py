@@ -12,7 +12,10 @@ calibration did not see, which are measured in the same run:
   Llama h256 and h1024, a Llama 4 MoE), plus these measured steps: SmolLM2 decode at 1 and 8 concurrent requests,
   the tiny MoE of `moe_parallel.py` decoding 8 sequences at ep=1, the tiny Llama 4 of `long_context.py` prefilling a
   6k-token prompt, and disagg.py's model alone (decoding 8 sequences at the streams' shortest and longest contexts,
-  a 2k prompt in the workload's chunks, 2 and 4 of the streams' prompts in one step). One profile per thread count:
+  an 8k prompt (2k with --quick) in the workload's chunks, 2 and 4 of the streams' prompts in one step). The fit
+  is one set of efficiencies for all of these; each measured model's own steps are kept beside it
+  (`Efficiency.own_steps`, what `garrison plan calibrate --model` keeps) and price that model's steps in the
+  predictions, the ratio of its nearest measured step carried to longer ones. One profile per thread count:
   1 thread (a Ray rank, one side of the disaggregated system, and by default SmolLM2 and the colocated engine too),
   and with `--threads 2` a second one for SmolLM2 and the colocated engine on both cores;
 - held out, predicted then measured: SmolLM2 decode tokens/s at 32 concurrent requests; the tiny MoE's decode
@@ -240,7 +243,9 @@ def disagg_model_points(report: Report, model_dir: Path, quick: bool, threads: i
     workload = disagg.QUICK if quick else disagg.FULL
     shortest = workload.stream_prompt_tokens
     points: dict[int, list[Point]] = {}
-    with Measured(report, f"disagg.py's model: decode of 8, a 2k prompt in {workload.max_num_batched_tokens}-token "
+    prompt = 2048 if quick else 8192  # half the shortest long prompt's context: the rest stays unseen
+    with Measured(report, f"disagg.py's model: decode of 8, a {prompt // 1024}k prompt in "
+                          f"{workload.max_num_batched_tokens}-token "
                           f"chunks, 2 and 4 prompts in a step (calibration) at {sorted({1, threads})} thread(s)"):
         for count in sorted({1, threads}):
             torch.set_num_threads(count)
@@ -249,7 +254,7 @@ def disagg_model_points(report: Report, model_dir: Path, quick: bool, threads: i
             engine.generate([[3, 4, 5] * 50], SamplingParams(max_tokens=4, ignore_eos=True))
             points[count] = [decode_point(engine, model, 8, context, 16 if quick else 48)
                              for context in (shortest, shortest + workload.stream_tokens)]
-            points[count] += prefill_points(engine, model, 2048, workload.max_num_batched_tokens, repeats=4)
+            points[count] += prefill_points(engine, model, prompt, workload.max_num_batched_tokens, repeats=4)
             # several of the streams' prompts in one step, each a prefill segment of its own
             points[count] += [batched_prefill_point(engine, model, n, workload.stream_prompt_tokens, repeats=8)
                               for n in (2, 4)]

@@ -16,15 +16,15 @@ import torch
 import yaml
 from garrison.cli import main
 from garrison.planner import helm_values, report
-from garrison.planner.calibrate import (EP_MODEL, Point, decode_point, dense_llama, ep_link, fit,
-                                       moe_llama4, moe_llama4_raw, nnls, prefill_points, random_engine,
+from garrison.planner.calibrate import (EP_MODEL, Point, decode_point, dense_llama, ep_link, fit, model_points,
+                                       moe_llama4, moe_llama4_raw, nnls, own_steps, prefill_points, random_engine,
                                        replica_points, save_random_checkpoint, step_excess)
 from garrison.planner.dtypes import WEIGHT_BYTES
 from garrison.planner.hardware import (CATALOG_FILE, Efficiency, Hardware, Link, load_catalog, resolve_hardware,
                                       save_profile)
 from garrison.planner.layout import Group, Layout
 from garrison.planner.memory import EngineLimits, Precision, activation_bytes, breakdown
-from garrison.planner.models import resolve_model
+from garrison.planner.models import model_key, resolve_model
 from garrison.planner.search import Ask, Plan, evaluate, search
 from garrison.planner.simulate import SimEngine, Simulation, StepSpread
 from garrison.planner.step_time import Row, StepTimeModel, attended_keys
@@ -551,6 +551,83 @@ def test_a_fitted_profile_plans_like_a_catalog_entry(tmp_path: Path, capsys: pyt
                  "--gpus", "2", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["calibrated"] and plan["best"] is not None
+
+
+def test_a_models_own_steps_price_its_steps_where_the_fit_misses_them() -> None:
+    model, other = dense_llama(64, 2, 128, vocab=512), dense_llama(64, 4, 128, vocab=512)
+    key = model_key(model)
+    assert key.startswith("llama h64 L2 ") and key != model_key(other)
+    assert model_key(replace(model, rope_theta=1e6, eos_token_ids=(7,))) == key  # what a step computes, no more
+    # its decode steps: the fit priced 1 ms where 1.5 ran, and 4 ms where 5 ran
+    eff = Efficiency(own_steps={key: {"decode": [[0.004, 0.005], [0.001, 0.0015]]}})
+    assert eff.own_steps[key]["decode"] == [[0.001, 0.0015], [0.004, 0.005]]  # in order of the fit's price
+    assert eff.own_ratio(key, "decode", 0.0005) == 1.5  # shorter than any: the shortest's ratio
+    assert eff.own_ratio(key, "decode", 0.002) == pytest.approx(1.375)  # halfway in log(s): 1.5 to 1.25
+    assert eff.own_ratio(key, "decode", 0.004) == 1.25
+    assert eff.own_ratio(key, "decode", 0.008) == 1.25  # longer than any: the longest's
+    assert eff.own_ratio(key, "prefill", 0.002) == eff.own_ratio("llama h1 L1 0", "decode", 0.002) == 1.0
+    for bad in ({key: {"mixed": [[0.001, 0.001]]}}, {key: {"decode": [[0.001]]}}, {key: {"decode": [[0.0, 1.0]]}}):
+        with pytest.raises(InvalidRequestError, match="own_steps"):
+            Efficiency(own_steps=bad)
+    # In a plan: the rank's part of this model's decode steps takes the ratio; collectives, other models and
+    # prefill steps keep the fit's price.
+    link = Link(1e9, 1e-3)
+    plain = Hardware("here", 8e9, 20e9, {"fp32": 50e9}, link, link, 8, efficiency=Efficiency(overlap="sum"))
+    decode, prefill = [Row(1, 100)] * 4, [Row(64, 0)]
+    fp32 = Precision("fp32", "fp32")
+    ep2 = StepTimeModel(model, plain, fp32, Group("both", 1, 2))
+    rank = ep2.seconds(decode) - ep2.cost(decode).comm_s
+    own = replace(plain, efficiency=Efficiency(overlap="sum", own_steps={key: {"decode": [[rank, 2 * rank]]}}))
+    assert StepTimeModel(model, own, fp32, Group("both", 1, 2)).seconds(decode) == pytest.approx(
+        ep2.seconds(decode) + rank)
+    for m, rows in ((other, decode), (model, prefill)):
+        assert StepTimeModel(m, own, fp32, Group("both", 1, 1)).seconds(rows) == StepTimeModel(
+            m, plain, fp32, Group("both", 1, 1)).seconds(rows)
+
+
+def test_calibrating_with_a_models_own_steps_plans_them_as_they_ran(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    """`plan calibrate --model`'s steps on a real checkpoint: beside the fit, they price that model's own steps at
+    what they measured, round-trip through the profile, and the plan says it used them."""
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    save_random_checkpoint(moe_llama4_raw(64, 4, 512), model_dir)
+    lines: list[str] = []
+    points = model_points(model_dir, threads=1, quick=True, progress=lines.append)
+    config = points[0].model
+    assert lines == [f"  {model_key(config)}: its own steps"]
+    assert {p.label.split(" ", 3)[3] for p in points} >= {"decode batch 1 context 128", "decode batch 8 context 128",
+                                                          "prefill 512 at 0", "prefill 512 at 512"}
+    link = Link(1e9, 1e-4)
+    base = Hardware("here", 8e9, 20e9, {"fp32": 50e9}, link, link, 2, time_shared=True,
+                    efficiency=Efficiency(overlap="sum", gemm_curve={1: 0.05, 16: 0.3}))
+    efficiency, _ = fit(points, base)
+    table = own_steps(points, replace(base, efficiency=efficiency))
+    assert set(table) == {model_key(config)} and set(table[model_key(config)]) == {"decode", "prefill"}
+    hardware = replace(base, efficiency=replace(efficiency, own_steps=table))
+    prices = [fitted for kind in table[model_key(config)].values() for fitted, _ in kind]
+    checked = 0
+    for point in points:
+        def priced(hw: Hardware) -> float:
+            return StepTimeModel(config, hw, Precision("fp32", "fp32"), Group("both", 1, 1), on_ray=False,
+                                 key_block=point.key_block).seconds(point.rows)
+
+        if prices.count(priced(replace(base, efficiency=efficiency))) == 1:  # steps alike share the first's ratio
+            assert priced(hardware) == pytest.approx(point.seconds, rel=1e-9)
+            checked += 1
+    assert checked >= len(points) - 2
+    profile = tmp_path / "here.yaml"
+    save_profile(hardware, profile, {})
+    assert resolve_hardware(str(profile)) == hardware
+    ask = ["--hardware", str(profile), "--concurrency", "2", "--prompt-tokens", "64", "--output-tokens", "4",
+           "--num-requests", "4", "--tpot-slo", "10", "--gpus", "1", "--json"]
+    assert main(["plan", "--model", str(model_dir), *ask]) == 0
+    assert json.loads(capsys.readouterr().out)["own_steps"] is True
+    assert main(["plan", "--model", str(_tiny_config(tmp_path)), *ask]) == 0
+    assert json.loads(capsys.readouterr().out)["own_steps"] is False
+    # a model that is not there is refused before the minutes of a calibration
+    assert main(["plan", "calibrate", "--out", str(tmp_path / "p.yaml"), "--model", "no-such-model"]) == 1
+    assert "no model named 'no-such-model'" in capsys.readouterr().err and not (tmp_path / "p.yaml").exists()
 
 
 def test_a_random_checkpoint_loads_as_the_model_calibration_steps_in_memory(tmp_path: Path) -> None:

@@ -39,6 +39,7 @@ from garrison_workers.engine.llm_engine import LLMEngine
 from garrison_workers.engine.sequence import SamplingParams
 from garrison_workers.fusion import fuse_projections
 from garrison_workers.kv_transfer import KVPayload, RayObjectStoreTransport
+from garrison_workers.loader import ModelLocation
 from garrison_workers.model import CausalLM
 from garrison_workers.parallel.dims import ParallelDims
 from garrison_workers.worker_group import start_local_ray
@@ -46,7 +47,8 @@ from garrison_workers.worker_group import start_local_ray
 from garrison.planner.hardware import Efficiency, Hardware, Link, save_profile
 from garrison.planner.layout import Group
 from garrison.planner.memory import Precision
-from garrison.planner.step_time import Row, StepCost, StepTimeModel
+from garrison.planner.models import model_key
+from garrison.planner.step_time import Row, StepCost, StepTimeModel, step_kind
 
 Progress = Callable[[str], None]
 LONG_DECODE = 768  # prompt tokens of the long-context decode points: within the default key block (1024)
@@ -223,27 +225,55 @@ def engine_points(threads: int, quick: bool, progress: Progress, extra: list[Poi
     ]
     points: list[Point] = []
     for config, batches, prompt, chunk, key_block in plans:
-        # each decode batch's prompts and steps, and a batch of 8 over longer contexts (a decode row's keys cost
-        # what the decode kernel makes them cost: only contexts that differ tell it)
-        decode_tokens = max(max(batches, default=0) * (128 + steps + 16), 8 * (LONG_DECODE + steps + 16))
-        engine_config = EngineConfig(num_kv_blocks=-(-(max(prompt, 200, decode_tokens) + 64) // 16) + 64,
-                                     enable_prefix_caching=False,
-                                     max_num_batched_tokens=chunk, attention_key_block=key_block)
-        engine = random_engine(config, engine_config)
+        engine = random_engine(config, steps_engine_config(batches, prompt, chunk, key_block, steps))
         progress(f"  calibrating on {_name(config)}")
-        engine.generate([[3, 4, 5, 6] * 32], SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
-        points += [decode_point(engine, config, batch, 128, steps) for batch in batches]
-        if batches:
-            points.append(decode_point(engine, config, 8, LONG_DECODE, steps))
-        if batches:  # several prompts in one step: what a prefill segment costs beyond its tokens
-            points += [batched_prefill_point(engine, config, n, chunk // 8) for n in (1, 4, 8)]
-        if prompt:
-            points += prefill_points(engine, config, prompt, chunk)
-        if prompt > key_block and not batches:
-            # one sequence decoding past that prompt: a single query over many key blocks, where a block's fixed
-            # operations outweigh its pairs (a prefill chunk's do not tell them apart)
-            points.append(decode_point(engine, config, 1, prompt, steps))
+        points += engine_steps(engine, config, batches, prompt, steps)
     return points + list(extra or [])
+
+
+def steps_engine_config(batches: tuple[int, ...], prompt: int, chunk: int, key_block: int, steps: int
+                        ) -> EngineConfig:
+    """An engine with KV blocks for `engine_steps`' decode batches and prompt, `chunk` tokens per step."""
+    decode_tokens = max(max(batches, default=0) * (128 + steps + 16), 8 * (LONG_DECODE + steps + 16))
+    return EngineConfig(num_kv_blocks=-(-(max(prompt, 200, decode_tokens) + 64) // 16) + 64,
+                        enable_prefix_caching=False, max_num_batched_tokens=chunk, attention_key_block=key_block)
+
+
+def engine_steps(engine: LLMEngine, config: ModelConfig, batches: tuple[int, ...], prompt: int, steps: int
+                 ) -> list[Point]:
+    """Each decode batch at a 128-token context and a batch of 8 over longer ones (a decode row's keys cost what
+    the decode kernel makes them cost: only contexts that differ tell it), 1, 4 and 8 prompts in one step, and a
+    prompt prefilled in the engine's chunks."""
+    chunk, key_block = engine.config.max_num_batched_tokens, engine.config.attention_key_block
+    engine.generate([[3, 4, 5, 6] * 32], SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
+    points = [decode_point(engine, config, batch, 128, steps) for batch in batches]
+    if batches:
+        points.append(decode_point(engine, config, 8, LONG_DECODE, steps))
+        # several prompts in one step: what a prefill segment costs beyond its tokens
+        points += [batched_prefill_point(engine, config, n, chunk // 8) for n in (1, 4, 8)]
+    if prompt:
+        points += prefill_points(engine, config, prompt, chunk)
+    if prompt > key_block and not batches:
+        # one sequence decoding past that prompt: a single query over many key blocks, where a block's fixed
+        # operations outweigh its pairs (a prefill chunk's do not tell them apart)
+        points.append(decode_point(engine, config, 1, prompt, steps))
+    return points
+
+
+def model_points(location: ModelLocation, threads: int, quick: bool, progress: Progress) -> list[Point]:
+    """A model's own steps (`garrison plan calibrate --model`), as `engine_steps` times a built-in model's:
+    decode batches of 1 and 8, prompts prefilled together and one prefilled in 512-token chunks. Calibration keeps
+    them beside the fit (`Efficiency.own_steps`), and plans for this model price its steps from them."""
+    torch.set_num_threads(threads)
+    steps, prompt = (4, 1024) if quick else (8, 2048)
+    engine = LLMEngine.from_path(location, replace(steps_engine_config((1, 8), prompt, 512, 1024, steps),
+                                                   worker_threads=threads))
+    config = engine.model_config
+    progress(f"  {model_key(config)}: its own steps")
+    try:
+        return engine_steps(engine, config, (1, 8), prompt, steps)
+    finally:
+        engine.shutdown()
 
 
 # -- steps inside a disaggregated replica ----------------------------------------------------------
@@ -407,6 +437,17 @@ def fit(points: list[Point], base: Hardware) -> tuple[Efficiency, list[dict[str,
                                   on_ray=False, key_block=point.key_block).seconds(point.rows)
         report.append({"point": point.label, "measured_s": point.seconds, "fitted_s": predicted})
     return eff, report
+
+
+def own_steps(points: list[Point], fitted: Hardware) -> dict[str, dict[str, list[list[float]]]]:
+    """Per model of `points` (`model_key`) and kind of step: [fitted, measured] seconds of each of its steps."""
+    table: dict[str, dict[str, list[list[float]]]] = {}
+    for point in points:
+        model = StepTimeModel(point.model, fitted, Precision("fp32", "fp32"), Group("both", 1, 1), on_ray=False,
+                              key_block=point.key_block)
+        kind = step_kind(model.cost(point.rows))
+        table.setdefault(model.key, {}).setdefault(kind, []).append([model.seconds(point.rows), point.seconds])
+    return table
 
 
 def step_excess(points: list[Point]) -> list[list[float]]:
@@ -725,6 +766,9 @@ def calibrate(out: Path, threads: int = 1, quick: bool = False, progress: Progre
                     description=f"this machine ({_cpu_name()}, {cores} cores): one rank = {threads} torch thread(s)")
     points = engine_points(threads, quick, progress, extra_points)
     efficiency, fit_report = fit(points, base)
+    # the caller's models' own steps, priced by the fit just made (and so without their own ratios)
+    fitted = replace(base, efficiency=efficiency)
+    efficiency = replace(efficiency, own_steps=own_steps(list(extra_points or []), fitted))
     ep_measured: dict[str, Any] = {}
     in_steps = ep_link(ep_points(threads, quick, progress), replace(base, efficiency=efficiency),
                        link.bandwidth) if with_ray else None

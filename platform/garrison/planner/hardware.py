@@ -16,6 +16,7 @@ import yaml
 from garrison_workers.errors import InvalidRequestError
 
 CATALOG_FILE = Path(__file__).with_name("catalog.yaml")
+STEP_KINDS = {"decode", "prefill"}
 
 
 @dataclass(slots=True, frozen=True)
@@ -92,6 +93,11 @@ class Efficiency:
     # The same for a decode group's steps timed inside a disaggregated replica on this host (a calibrated,
     # time-shared one: its prefill group computing and KV moving on the same cores), for such replicas' steps.
     replica_step_excess: list[list[float]] = field(default_factory=list)
+    # Models whose own steps calibration timed (`garrison plan calibrate --model`), by `models.model_key`: per
+    # kind of step ("decode": one-token rows only; "prefill": any prefill segment), [fitted, measured] seconds of
+    # each. The fit is one set of efficiencies for every model it saw, and misses any one model's steps by 10-40%
+    # either way on a CPU; a plan for a model measured here prices its steps through these (`own_ratio`).
+    own_steps: dict[str, dict[str, list[list[float]]]] = field(default_factory=dict)
     calibrated: bool = False
 
     def __post_init__(self) -> None:
@@ -108,11 +114,38 @@ class Efficiency:
                 raise InvalidRequestError(f"invalid {name}: each point is its fastest step (> 0 s), then excesses "
                                           "(>= 0 s)")
             object.__setattr__(self, name, [[float(x) for x in point] for point in points])
+        for key, kinds in self.own_steps.items():
+            if not set(kinds) <= STEP_KINDS or any(len(p) != 2 or min(p) <= 0 for steps in kinds.values()
+                                                   for p in steps):
+                raise InvalidRequestError(f"invalid own_steps of {key!r}: kinds {sorted(STEP_KINDS)}, each a list "
+                                          "of [fitted, measured] seconds (> 0)")
+        object.__setattr__(self, "own_steps", {key: {kind: sorted([float(x) for x in p] for p in steps)
+                                                     for kind, steps in kinds.items()}
+                                               for key, kinds in self.own_steps.items()})
         negative = [f"{f.name}={getattr(self, f.name)}" for f in fields(self)
                     if f.name.endswith("_s") and getattr(self, f.name) < 0]
         if negative:
             raise InvalidRequestError(f"invalid efficiency: {', '.join(negative)}: times (the fields ending in _s) "
                                       f"must be >= 0")
+
+    def own_ratio(self, key: str, kind: str, fitted_s: float) -> float:
+        """Measured over fitted time of model `key`'s own steps of `kind` at a step the fit prices at `fitted_s`:
+        linear in log(seconds) between its measured steps, the nearest one's beyond them: the fit's shape, scaled
+        as this model ran (disagg.py's model's 512-token chunks ran 0.82-0.89x the fit's price at 8k tokens of
+        context here, and 0.80-0.87x at 60k). 1 for a model or kind not measured."""
+        steps = self.own_steps.get(key, {}).get(kind)
+        if not steps:
+            return 1.0
+        (first, first_measured), (last, last_measured) = steps[0], steps[-1]
+        if fitted_s <= first:
+            return first_measured / first
+        if fitted_s >= last:
+            return last_measured / last
+        for (low, low_measured), (high, high_measured) in zip(steps, steps[1:]):
+            if fitted_s <= high and high > low:
+                t = math.log(fitted_s / low) / math.log(high / low)
+                return low_measured / low + t * (high_measured / high - low_measured / low)
+        return last_measured / last
 
     def curve_share(self, rows: float) -> float:
         """`gemm_curve` at `rows`: linear in log2(rows) between measured points; below the first, a GEMM's time

@@ -3,6 +3,7 @@ parameters each part of it has, which is what the memory and time models divide 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +38,21 @@ def resolve_model(ref: str, store: Store | None = None, key_provider: KeyProvide
     if path.is_file() and path.suffix == ".json":
         return path.parent.name or path.stem, _from_json(path)
     return ref, _from_model_ref(ref, store, key_provider)
+
+
+# What a step's cost depends on; two configs alike in these are one model to the time model (names, token ids,
+# norms' epsilon and RoPE's base do not change what a step computes).
+_SHAPE_FIELDS = ("architecture", "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                 "intermediate_size", "intermediate_size_mlp", "num_experts", "num_experts_per_tok", "moe_layers",
+                 "rope_layers", "attention_chunk_size", "tie_word_embeddings")
+
+
+def model_key(model: ModelConfig) -> str:
+    """A model's shape as a short readable key ("llama4 h5120 L48 3f9c0a1b2d"): how a profile names the models
+    whose own steps it measured, so a plan for the same shape finds them."""
+    shape = json.dumps({name: getattr(model, name) for name in _SHAPE_FIELDS}, sort_keys=True)
+    digest = hashlib.sha256(shape.encode()).hexdigest()[:10]
+    return f"{model.architecture} h{model.hidden_size} L{model.num_layers} {digest}"
 
 
 def _from_json(path: Path) -> ModelConfig:

@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 from garrison.planner.memory import MemoryBreakdown
+from garrison.planner.models import model_key
 from garrison.planner.search import Candidate, Plan
 
 GB = 1e9
@@ -25,6 +26,8 @@ def header(plan: Plan) -> list[str]:
     ask, hw = plan.ask, plan.ask.hardware
     calibrated = "calibrated on this hardware" if hw.efficiency.calibrated else (
         "uncalibrated catalog defaults (run `garrison plan calibrate` on the node and pass its profile)")
+    if own_steps(plan):
+        calibrated += ", steps priced from this model's own (`plan calibrate --model`)"
     return [
         (f"model      {ask.model_name}: weights {ask.precision.weights}, KV {ask.precision.kv} "
          f"({ask.kv_layout} KV layout)"),
@@ -33,6 +36,11 @@ def header(plan: Plan) -> list[str]:
         f"workload   {ask.workload.describe()}; longest context {ask.max_context:,} tokens",
         f"SLO        {ask.slo.describe()}; budget {ask.gpu_budget} GPUs",
     ]
+
+
+def own_steps(plan: Plan) -> bool:
+    """Whether the profile timed this model's own steps (`Efficiency.own_steps`), which then price its steps."""
+    return model_key(plan.ask.model) in plan.ask.hardware.efficiency.own_steps
 
 
 def memory_line(role: str, mem: MemoryBreakdown) -> str:
@@ -107,6 +115,7 @@ def to_json(plan: Plan) -> dict[str, Any]:
         info["best_in_budget"] = candidate_json(plan, info["best_in_budget"])  # type: ignore[arg-type]
     return {
         "model": ask.model_name, "hardware": ask.hardware.name, "calibrated": ask.hardware.efficiency.calibrated,
+        "own_steps": own_steps(plan),
         "precision": {"weights": ask.precision.weights, "kv": ask.precision.kv}, "kv_layout": ask.kv_layout,
         "workload": ask.workload.describe(), "max_context": ask.max_context, "gpu_budget": ask.gpu_budget,
         "slo": {"ttft_s": ask.slo.ttft_s, "tpot_s": ask.slo.tpot_s, "percentile": ask.slo.percentile},

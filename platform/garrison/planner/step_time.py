@@ -22,7 +22,7 @@ from garrison.planner.dtypes import COMPUTE_DTYPE, kv_bytes, weight_bytes
 from garrison.planner.hardware import Hardware, Link
 from garrison.planner.layout import Group
 from garrison.planner.memory import Precision
-from garrison.planner.models import param_counts
+from garrison.planner.models import model_key, param_counts
 
 
 @dataclass(slots=True, frozen=True)
@@ -60,6 +60,11 @@ class StepCost:
     ops: list[tuple[float, float, str]] = field(default_factory=list)
 
 
+def step_kind(cost: StepCost) -> str:
+    """"prefill" for a step with any prefill segment (the engine's per-row attention calls), else "decode"."""
+    return "prefill" if cost.segments else "decode"
+
+
 def attended_keys(context: int, new: int, window: int | None) -> int:
     """Keys that `new` queries after `context` attend together, as the engine lays them out: on a chunked-local
     layer from the first query's window start (`attention.causal_masks`), on a global layer from key 0, to the
@@ -80,6 +85,7 @@ class StepTimeModel:
         self.on_ray, self.imbalance, self.key_block = on_ray, imbalance, key_block
         self.num_global = sum(not model.is_chunked_layer(i) for i in range(model.num_layers))
         self.counts = param_counts(model)
+        self.key = model_key(model)
         self.flops = hardware.peak_flops(COMPUTE_DTYPE[precision.weights])
         self.w_bytes, self.kv_bytes = weight_bytes(precision.weights), kv_bytes(precision.kv)
         self.act_bytes = 4.0 if precision.weights == "fp32" else 2.0
@@ -107,7 +113,10 @@ class StepTimeModel:
         # A colocated group's steps overlap (the engine's async scheduling): the call's round trip is hidden behind
         # the step before. A disaggregated replica's groups run one step after the other and pay it.
         call = eff.group_call_s if self.on_ray and self.group.role != "both" else 0.0
-        return (compute + fixed) * share + cost.comm_s + eff.step_overhead_s + call
+        # where calibration timed this model's own steps, the rank's part as they ran (collectives and calls are
+        # measured apart)
+        own = eff.own_ratio(self.key, step_kind(cost), compute + fixed + eff.step_overhead_s)
+        return ((compute + fixed) * share + eff.step_overhead_s) * own + cost.comm_s + call
 
     def cost(self, rows: list[Row]) -> StepCost:
         cost = StepCost(layers=self.model.num_layers, rows=len(rows))
