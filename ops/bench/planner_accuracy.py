@@ -6,7 +6,8 @@ Garrison issue 16. The planner's time model is calibrated on some measured point
 calibration did not see, which are measured in the same run:
 
 - calibration (`garrison.planner.calibrate`): fp32 GEMM peak and memory read bandwidth, gloo all-to-alls between 2
-  and 4 processes, a MoE's EP steps at ep=2 and ep=4 on Ray (a collective's cost inside a step), a decode batch
+  and 4 processes, a MoE's EP steps at ep=2 and ep=4 on Ray (a collective's cost inside a step; timed right after
+  the held-out EP steps, on their Ray, rather than minutes later with the rest), a decode batch
   inside a disaggregated replica of that MoE (the steps' spread there), a Ray actor call,
   tensors through the object store and a small KV handoff, engine steps of random models built in memory (dense
   Llama h256 and h1024, a Llama 4 MoE), plus these measured steps: SmolLM2 decode at 1 and 8 concurrent requests,
@@ -58,7 +59,8 @@ import disagg
 import torch
 from _common import finite_or_none, fmt_load, machine_facts, progress, save_random_llama4
 from garrison.model_refs import resolve_model
-from garrison.planner.calibrate import Point, batched_prefill_point, calibrate, decode_point, prefill_points
+from garrison.planner.calibrate import (Point, batched_prefill_point, calibrate, decode_point, ep_points,
+                                       prefill_points)
 from garrison.planner.hardware import Hardware
 from garrison.planner.layout import Group
 from garrison.planner.memory import Precision
@@ -185,12 +187,14 @@ def smollm2_section(report: Report, quick: bool, threads: int) -> tuple[list[Poi
     return points, measured, config
 
 
-def moe_section(report: Report, model_dir: Path, quick: bool) -> tuple[Point, dict[int, float], Any]:
+def moe_section(report: Report, model_dir: Path, quick: bool
+                ) -> tuple[Point, dict[int, float], Any, dict[int, Point]]:
     import ray
 
     steps = 6 if quick else 16
     config = EngineConfig(block_size=16, num_kv_blocks=1024, max_num_batched_tokens=256, enable_prefix_caching=False)
-    with Measured(report, "tiny MoE decode of 8: ep=1 (calibration, 1 thread), ep=2 and ep=4 (held out, Ray)"):
+    with Measured(report, "tiny MoE decode of 8: ep=1 (calibration, 1 thread), ep=2 and ep=4 (held out, Ray); "
+                          "calibration's EP steps"):
         torch.set_num_threads(1)
         engine = LLMEngine.from_path(model_dir, config)
         model = engine.model_config
@@ -205,9 +209,13 @@ def moe_section(report: Report, model_dir: Path, quick: bool) -> tuple[Point, di
                 engine.generate([[3, 4, 5] * 20], SamplingParams(max_tokens=4, ignore_eos=True))
                 measured[ep] = decode_point(engine, model, 8, 128, steps).seconds
                 engine.shutdown()
+            # calibration's own EP steps (what a collective costs inside a step) on the same Ray, minutes nearer
+            # these than the rest of calibration: 4 ranks sharing 2 cores wait for each other by what the
+            # machine's speed of the moment lets them
+            ep_steps = ep_points(1, quick, progress)
         finally:
             ray.shutdown()
-    return calibration, measured, model
+    return calibration, measured, model, ep_steps
 
 
 def long_section(report: Report, model_dir: Path) -> tuple[list[Point], float, Any]:
@@ -393,7 +401,7 @@ def run_benchmark(quick: bool, threads: int) -> Report:
         save_random_llama4(long_dir, 0, **LONG_OVERRIDES)
         raw = disagg.save_model(disagg_dir)
         smol_points, smol_32, smol_config = smollm2_section(report, quick, threads)
-        moe_point, moe_measured, moe_config = moe_section(report, moe_dir, quick)
+        moe_point, moe_measured, moe_config, ep_steps = moe_section(report, moe_dir, quick)
         long_points, ttft_16k, long_config = long_section(report, long_dir)
         disagg_points = disagg_model_points(report, disagg_dir, quick, threads)
         probe(report, disagg_dir, "before the workload")
@@ -404,7 +412,7 @@ def run_benchmark(quick: bool, threads: int) -> Report:
             # kept after the run (beside the temporary directory): every measurement and the fit's residuals
             profiles = {count: Path(f"{tmp}-{count}t.yaml") for count in sorted({1, threads})}
             one = calibrate(profiles[1], threads=1, quick=quick, progress=progress,
-                            extra_points=rank_points + (smol_points if threads == 1 else []))
+                            extra_points=rank_points + (smol_points if threads == 1 else []), ep_steps=ep_steps)
             two = one if threads == 1 else calibrate(profiles[threads], threads=threads, quick=quick,
                                                      progress=progress,
                                                      extra_points=smol_points + disagg_points[threads])

@@ -750,7 +750,10 @@ def _ray_measure(ray: Any) -> RayCosts:
 
 
 def calibrate(out: Path, threads: int = 1, quick: bool = False, progress: Progress = print,
-              extra_points: list[Point] | None = None, with_ray: bool = True) -> Hardware:
+              extra_points: list[Point] | None = None, with_ray: bool = True,
+              ep_steps: dict[int, Point] | None = None) -> Hardware:
+    """`extra_points`: steps of the models to plan (kept as their own steps too); `ep_steps`: `ep_points` measured
+    by the caller (next to what it compares them with, on a machine whose speed drifts), else measured here."""
     progress(f"calibrating this machine with {threads} torch thread(s) per rank")
     peak, bandwidth = gemm_peak_flops(threads, quick), read_bandwidth(threads)
     progress(f"  GEMM peak {peak / 1e9:.1f} GFLOP/s, read bandwidth {bandwidth / 1e9:.1f} GB/s")
@@ -770,8 +773,9 @@ def calibrate(out: Path, threads: int = 1, quick: bool = False, progress: Progre
     fitted = replace(base, efficiency=efficiency)
     efficiency = replace(efficiency, own_steps=own_steps(list(extra_points or []), fitted))
     ep_measured: dict[str, Any] = {}
-    in_steps = ep_link(ep_points(threads, quick, progress), replace(base, efficiency=efficiency),
-                       link.bandwidth) if with_ray else None
+    if ep_steps is None and with_ray:
+        ep_steps = ep_points(threads, quick, progress)
+    in_steps = ep_link(ep_steps or {}, replace(base, efficiency=efficiency), link.bandwidth)
     if in_steps is not None:
         link, ep_measured = in_steps
         base = replace(base, nvlink=link, scaleout=link)
