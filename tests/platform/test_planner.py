@@ -564,7 +564,7 @@ def test_a_models_own_steps_price_its_steps_where_the_fit_misses_them() -> None:
     assert eff.own_ratio(key, "decode", 0.0005) == 1.5  # shorter than any: the shortest's ratio
     assert eff.own_ratio(key, "decode", 0.002) == pytest.approx(1.375)  # halfway in log(s): 1.5 to 1.25
     assert eff.own_ratio(key, "decode", 0.004) == 1.25
-    assert eff.own_ratio(key, "decode", 0.008) == 1.25  # longer than any: the longest's
+    assert eff.own_ratio(key, "decode", 0.008) == pytest.approx(1.125)  # longer: the 1 ms the longest took over
     assert eff.own_ratio(key, "prefill", 0.002) == eff.own_ratio("llama h1 L1 0", "decode", 0.002) == 1.0
     for bad in ({key: {"mixed": [[0.001, 0.001]]}}, {key: {"decode": [[0.001]]}}, {key: {"decode": [[0.0, 1.0]]}}):
         with pytest.raises(InvalidRequestError, match="own_steps"):
