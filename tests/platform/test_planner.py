@@ -569,18 +569,21 @@ def test_a_models_own_steps_price_its_steps_where_the_fit_misses_them() -> None:
     for bad in ({key: {"mixed": [[0.001, 0.001]]}}, {key: {"decode": [[0.001]]}}, {key: {"decode": [[0.0, 1.0]]}}):
         with pytest.raises(InvalidRequestError, match="own_steps"):
             Efficiency(own_steps=bad)
-    # In a plan: the rank's part of this model's decode steps takes the ratio; collectives, other models and
-    # prefill steps keep the fit's price.
+    # In a plan: the rank's part of this model's decode steps takes the ratio; collectives (EP's all-to-alls),
+    # other models and prefill steps keep the fit's price.
+    moe = moe_llama4(64, 4, 512)
     link = Link(1e9, 1e-3)
     plain = Hardware("here", 8e9, 20e9, {"fp32": 50e9}, link, link, 8, efficiency=Efficiency(overlap="sum"))
     decode, prefill = [Row(1, 100)] * 4, [Row(64, 0)]
     fp32 = Precision("fp32", "fp32")
-    ep2 = StepTimeModel(model, plain, fp32, Group("both", 1, 2))
-    rank = ep2.seconds(decode) - ep2.cost(decode).comm_s
-    own = replace(plain, efficiency=Efficiency(overlap="sum", own_steps={key: {"decode": [[rank, 2 * rank]]}}))
-    assert StepTimeModel(model, own, fp32, Group("both", 1, 2)).seconds(decode) == pytest.approx(
-        ep2.seconds(decode) + rank)
-    for m, rows in ((other, decode), (model, prefill)):
+    ep2 = StepTimeModel(moe, plain, fp32, Group("both", 1, 2))
+    comm = ep2.cost(decode).comm_s
+    rank = ep2.seconds(decode) - comm
+    assert comm > 0.005  # 5 collectives per MoE layer at 1 ms each
+    own = replace(plain, efficiency=Efficiency(overlap="sum",
+                                               own_steps={model_key(moe): {"decode": [[rank, 2 * rank]]}}))
+    assert StepTimeModel(moe, own, fp32, Group("both", 1, 2)).seconds(decode) == pytest.approx(2 * rank + comm)
+    for m, rows in ((other, decode), (moe, prefill)):
         assert StepTimeModel(m, own, fp32, Group("both", 1, 1)).seconds(rows) == StepTimeModel(
             m, plain, fp32, Group("both", 1, 1)).seconds(rows)
 
