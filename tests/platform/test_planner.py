@@ -16,9 +16,10 @@ import torch
 import yaml
 from garrison.cli import main
 from garrison.planner import helm_values, report
-from garrison.planner.calibrate import (EP_MODEL, Point, decode_point, dense_llama, ep_link, fit, model_points,
-                                       moe_llama4, moe_llama4_raw, nnls, own_steps, prefill_points, random_engine,
-                                       replica_points, save_random_checkpoint, step_excess)
+from garrison.planner.calibrate import (EP_MODEL, REPLICA_MODEL, Point, decode_point, dense_llama, ep_link, fit,
+                                       model_points, moe_llama4, moe_llama4_raw, nnls, own_steps, prefill_points,
+                                       random_engine, replica_points, replica_prefill_excess, save_random_checkpoint,
+                                       step_excess)
 from garrison.planner.dtypes import WEIGHT_BYTES
 from garrison.planner.hardware import (CATALOG_FILE, Efficiency, Hardware, Link, load_catalog, resolve_hardware,
                                       save_profile)
@@ -166,20 +167,34 @@ def test_a_steps_spread_is_drawn_from_calibrated_steps_of_about_its_length() -> 
 
 def test_a_decode_batch_is_timed_inside_a_disaggregated_replica_on_ray() -> None:
     """Calibration runs a real replica (prefill group on Ray, decode group here, streams ending and arriving) and
-    keeps its decode steps of all 8 streams, priced against the same batch's fastest step alone; Ray is shut down
-    after."""
+    keeps its decode steps of all 8 streams, priced against the same batch's fastest step alone, and its prefill
+    group's steps, priced with the exports its ranks ran before them; Ray is shut down after."""
     import ray
 
     lines: list[str] = []
-    points = replica_points(1, quick=True, progress=lines.append)
+    points, prefill_steps = replica_points(1, quick=True, progress=lines.append)
     if (os.cpu_count() or 1) < 2:
-        assert points == []
+        assert points == prefill_steps == []
         return
     assert len(points) == len(lines) == 1 and not ray.is_initialized()
     (point,) = points
     assert point.rows == [Row(1, 128 + 1 + 8)] * 8 and point.label.endswith("in a disaggregated replica")
     assert len(point.times) >= 20 and point.seconds > 0 and all(t > 0 for t in point.times)
     assert step_excess(points) == [[point.seconds, *(max(0.0, t - point.seconds) for t in point.times)]]
+    # The prefill group's steps: the 4k prompts' 512-token chunks and the streams' 128-token prompts, each step
+    # as long as its ranks took, with the KV exports they ran first (the streams' prompts are handed over).
+    assert len(prefill_steps) >= 10 and all(step.seconds > 0 for step in prefill_steps)
+    chunks = {(row.new_tokens, row.context) for step in prefill_steps for row in step.rows}
+    assert {(512, 0), (512, 512), (128, 0)} <= chunks and sum(step.exports for step in prefill_steps) >= 8
+    model = moe_llama4(*REPLICA_MODEL)
+    link = Link(1e9, 1e-4)
+    priced_by = Hardware("here", 8e9, 20e9, {"fp32": 50e9}, link, link, 2, time_shared=True,
+                         efficiency=Efficiency(overlap="sum", group_call_s=1e-3, kv_export_s=2e-3))
+    excess = replica_prefill_excess(prefill_steps, model, priced_by)
+    step, (price, over) = prefill_steps[0], excess[0]
+    expected = StepTimeModel(model, priced_by, Precision("fp32", "fp32"), Group("prefill", 1, 1)).seconds(
+        step.rows) + step.exports * 2e-3
+    assert price == pytest.approx(expected) and over == pytest.approx(max(0.0, step.seconds - expected))
 
 
 def test_the_simulations_tpot_tail_is_made_of_the_calibrated_slow_steps() -> None:

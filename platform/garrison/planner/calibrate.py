@@ -22,6 +22,7 @@ import math
 import os
 import statistics
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -216,7 +217,7 @@ def engine_points(threads: int, quick: bool, progress: Progress, extra: list[Poi
     plans: list[tuple[ModelConfig, tuple[int, ...], int, int, int]] = [
         (dense_llama(64, 2, 128, vocab=512), (1, 8, 32), 0, 512, 1024),
         (dense_llama(64, 8, 128, vocab=512), (1, 8, 32), 0, 512, 1024),
-        (moe_llama4(64, 16, 512), (1, 8, 32), 0, 512, 1024),
+        (moe_llama4(*REPLICA_MODEL), (1, 8, 32), 0, 512, 1024),
         (dense_llama(256, 4, 1024), (1, 8), longest, 512, 1024),
         (moe_llama4(256, 8, 512), (1, 8), longest, 512, 1024),
         (dense_llama(1024, 4, 4096), (1, 8), 1024, 512, 1024),
@@ -279,22 +280,36 @@ def model_points(location: ModelLocation, threads: int, quick: bool, progress: P
 # -- steps inside a disaggregated replica ----------------------------------------------------------
 
 
-def replica_points(threads: int, quick: bool, progress: Progress) -> list[Point]:
+REPLICA_MODEL = (64, 16, 512)  # the disaggregated replica's: a tiny MoE of `engine_points`, whose steps the fit has
+
+
+@dataclass(slots=True)
+class PrefillStep:
+    """A prefill group's step inside a disaggregated replica, as its ranks ran it."""
+
+    rows: list[Row]
+    exports: int  # KV exports sent to the group just before it: its ranks run calls in order, these first
+    seconds: float  # from the call sent to every rank's result ready
+
+
+def replica_points(threads: int, quick: bool, progress: Progress) -> tuple[list[Point], list[PrefillStep]]:
     """A decode batch of 8 timed alone, then inside a disaggregated replica on this host: the same model's decode
     group (in this process) stepping 8 streams whose requests keep ending and arriving (so their prompts keep
     being prefilled and handed over) while its prefill group (a Ray rank) prefills 4k-token prompts one after
     another. The point's `seconds` is the fastest alone and `times` the replica's steps of 8. With every core
     taken, what else the host runs (Ray's threads in both processes, the kernel's workers freeing the object
     store's pages) preempts a rank where an idle core had absorbed it: steps a few milliseconds long show it in
-    their tail (here a p99 9 ms over the fastest, where alone the slowest was 3 ms over). Empty without Ray or
-    without two rank slots."""
+    their tail (here a p99 9 ms over the fastest, where alone the slowest was 3 ms over). The prefill group's
+    steps are timed too (`replica_prefill_excess` prices them): the streams' first tokens wait on them, and
+    there a step priced 15-19 ms came back after 19-38 ms. Empty without Ray or without two rank slots."""
     if (os.cpu_count() or 1) // threads < 2:
-        return []
+        return [], []
     torch.set_num_threads(threads)
-    raw = moe_llama4_raw(64, 16, 512)
+    raw = moe_llama4_raw(*REPLICA_MODEL)
     config = EngineConfig(num_kv_blocks=1200, max_num_batched_tokens=512, enable_prefix_caching=False,
                           worker_threads=threads)
     times: list[float] = []
+    prefill_steps: list[PrefillStep] = []
     with tempfile.TemporaryDirectory(prefix="garrison-replica-") as tmp:
         save_random_checkpoint(raw, Path(tmp))
         alone_engine = LLMEngine.from_path(tmp, config)
@@ -307,17 +322,60 @@ def replica_points(threads: int, quick: bool, progress: Progress) -> list[Point]
                 if usable:
                     engines = [LLMEngine.from_path(tmp, config, ParallelDims(), role="prefill", on_ray=True),
                                LLMEngine.from_path(tmp, config, ParallelDims(), role="decode", on_ray=False)]
-                    times = _replica_decode_steps(DisaggregatedEngine(engines[0], [engines[1]]),
-                                                  3.0 if quick else 8.0)
+                    replica = DisaggregatedEngine(engines[0], [engines[1]])
+                    _time_prefill_steps(engines[0].executor, prefill_steps)
+                    times = _replica_decode_steps(replica, 3.0 if quick else 8.0)
             finally:
                 for engine in engines:
                     engine.shutdown()
     if not times:
-        return []
+        return [], []
     point = replace(alone, label=f"{alone.label} in a disaggregated replica", times=times)
     progress(f"  {point.label}: median {statistics.median(times) * 1e3:.2f} ms, slowest {max(times) * 1e3:.2f} "
-             f"against {statistics.median(alone.times) * 1e3:.2f} and {max(alone.times) * 1e3:.2f} alone")
-    return [point]
+             f"against {statistics.median(alone.times) * 1e3:.2f} and {max(alone.times) * 1e3:.2f} alone; "
+             f"{len(prefill_steps)} prefill steps timed")
+    return [point], list(prefill_steps)
+
+
+def _time_prefill_steps(group: Any, steps: list[PrefillStep]) -> None:
+    """Time each step of a prefill worker group on Ray from the call sent to its ranks' results ready (a thread
+    waits on the step's refs: the replica's loop only looks once per decode step), and count the KV exports sent
+    before it. Instance attributes shadow the group's methods."""
+    import ray
+
+    submit, start_export = group.submit, group.start_export_kv
+    exports = [0]
+
+    def timed_submit(chunks: list[Any]) -> Any:
+        sent = time.perf_counter()
+        pending = submit(chunks)
+        rows = [Row(len(chunk.token_ids), chunk.start, chunk.draw is not None) for chunk in chunks]
+        before, exports[0] = exports[0], 0
+
+        def wait() -> None:
+            try:
+                ready, _ = ray.wait(pending.refs, num_returns=len(pending.refs), timeout=60)
+            except Exception:  # Ray shut down under a step: nothing to time  # noqa: BLE001
+                return
+            if len(ready) == len(pending.refs):
+                steps.append(PrefillStep(rows, before, time.perf_counter() - sent))
+
+        threading.Thread(target=wait, daemon=True).start()
+        return pending
+
+    def counted_export(*args: Any) -> Any:
+        exports[0] += 1
+        return start_export(*args)
+
+    group.submit, group.start_export_kv = timed_submit, counted_export
+
+
+def replica_prefill_excess(steps: list[PrefillStep], model: ModelConfig, hardware: Hardware) -> list[list[float]]:
+    """Per prefill step timed inside the replica (`step_excess`'s form): its price (the step on a prefill group
+    on Ray, and the exports its ranks ran first) and what it took over that."""
+    step_model = StepTimeModel(model, hardware, Precision("fp32", "fp32"), Group("prefill", 1, 1), on_ray=True)
+    priced = [step_model.seconds(step.rows) + step.exports * hardware.efficiency.kv_export_s for step in steps]
+    return [[price, max(0.0, step.seconds - price)] for step, price in zip(steps, priced) if step.rows]
 
 
 def _replica_decode_steps(engine: DisaggregatedEngine, seconds: float, streams: int = 8) -> list[float]:
@@ -781,9 +839,6 @@ def calibrate(out: Path, threads: int = 1, quick: bool = False, progress: Progre
         base = replace(base, nvlink=link, scaleout=link)
         progress(f"  collectives in the EP steps: {link.latency(2) * 1e3:.2f} ms at 2 ranks, "
                  f"{link.latency(4) * 1e3:.2f} ms at 4")
-    if with_ray:
-        progress("  a decode batch inside a disaggregated replica (its prefill group computing, KV moving)")
-        efficiency = replace(efficiency, replica_step_excess=step_excess(replica_points(threads, quick, progress)))
     ray_measured: dict[str, Any] = {}
     kv_link = None
     costs = ray_costs(progress) if with_ray else None
@@ -791,6 +846,16 @@ def calibrate(out: Path, threads: int = 1, quick: bool = False, progress: Progre
         kv_link, ray_measured = costs.link, costs.measured
         efficiency = replace(efficiency, group_call_s=costs.call_s, group_send_s=costs.send_s, poll_s=costs.poll_s,
                              kv_export_s=costs.export_s, kv_fetch_s=costs.fetch_s)
+    if with_ray:
+        progress("  a disaggregated replica's steps (its prefill group computing, KV moving)")
+        decode_points, prefill_steps = replica_points(threads, quick, progress)
+        # its prefill steps priced as that model ran alone (its own steps in the fit) with the costs just measured
+        replica_model = from_hf_config(moe_llama4_raw(*REPLICA_MODEL))
+        alone = own_steps([p for p in points if model_key(p.model) == model_key(replica_model)],
+                          replace(base, efficiency=efficiency))
+        priced_by = replace(base, efficiency=replace(efficiency, own_steps=alone))
+        efficiency = replace(efficiency, replica_step_excess=step_excess(decode_points) + replica_prefill_excess(
+            prefill_steps, replica_model, priced_by))
     hardware = replace(base, efficiency=efficiency, kv_link=kv_link, sources={
         "hbm_bandwidth": "measured: sum over a 256 MB fp32 tensor, best of 5",
         "flops": "measured: fp32 matmuls, best of three shapes",
