@@ -7,8 +7,8 @@ calibration did not see, which are measured in the same run:
 
 - calibration (`garrison.planner.calibrate`): fp32 GEMM peak and memory read bandwidth, gloo all-to-alls between 2
   and 4 processes, a MoE's EP steps at ep=2 and ep=4 on Ray (a collective's cost inside a step; timed right after
-  the held-out EP steps, on their Ray, rather than minutes later with the rest), a decode batch
-  inside a disaggregated replica of that MoE (the steps' spread there), a Ray actor call,
+  the held-out EP steps, on their Ray, rather than minutes later with the rest), a disaggregated replica of
+  that MoE (its decode and prefill groups' steps: how they spread there), a Ray actor call,
   tensors through the object store and a small KV handoff, engine steps of random models built in memory (dense
   Llama h256 and h1024, a Llama 4 MoE), plus these measured steps: SmolLM2 decode at 1 and 8 concurrent requests,
   the tiny MoE of `moe_parallel.py` decoding 8 sequences at ep=1, the tiny Llama 4 of `long_context.py` prefilling a
