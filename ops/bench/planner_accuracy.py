@@ -24,7 +24,8 @@ calibration did not see, which are measured in the same run:
   step at ep=2 and ep=4 (Ray worker groups, gloo all-to-alls; 4 ranks share 2 cores); TTFT of a 16k-token
   prompt on the long-context model; and the workload of `disagg.py` (8 streams while 16k-64k prompts keep
   arriving, colocated on `--threads` threads and disaggregated on 1 + 1): p50/p99 TPOT of the streams, p50/p99 TTFT of
-  the streams' first requests and TTFT of each long prompt. The queueing figures come from the planner's
+  the streams' first requests (over disagg.py's 8 starts of the phase, the simulation's over as many seeds) and
+  TTFT of each long prompt. The queueing figures come from the planner's
   discrete-event simulation, which drives the engine's own Scheduler and BlockManager.
 
 The machine's speed is probed three times, the same two steps of disagg.py's model timed before the workload,
@@ -350,8 +351,24 @@ class DisaggArrivals:
         return self.longs_done == len(self.w.long_prompt_tokens)
 
 
-def disagg_figures(records: list[Any], workload: disagg.Workload) -> dict[str, Any]:
-    """The same figures as disagg.py's loaded phase, from simulated (or measured) token times."""
+class DisaggStart(DisaggArrivals):
+    """disagg.py's loaded phase's start alone: over once every stream has its first token."""
+
+    def __init__(self, workload: disagg.Workload) -> None:
+        super().__init__(workload)
+        self.first_tokens = 0
+
+    def on_first_token(self, request: Request, now: float) -> list[Request]:
+        self.first_tokens += request.request_id.startswith("stream-")
+        return []
+
+    def done(self) -> bool:
+        return self.first_tokens == self.w.num_streams
+
+
+def disagg_figures(records: list[Any], workload: disagg.Workload, starts: list[Any]) -> dict[str, Any]:
+    """The same figures as disagg.py's loaded phase, from simulated token times; `starts`: the records of the
+    phase's start simulated alone, as often as disagg.py times it besides the phase's own."""
     by_id = {r.request.request_id: r for r in records}
     first = [f"stream-{i}-{i + 1}" for i in range(workload.num_streams)]
     decoding_from = max(by_id[r].token_times[0] for r in first)
@@ -359,21 +376,17 @@ def disagg_figures(records: list[Any], workload: disagg.Workload) -> dict[str, A
     until = max(r.token_times[-1] for r in longs)
     gaps = [b - a for r in records if r.request.request_id.startswith("stream")
             for a, b in itertools.pairwise(r.token_times) if a >= decoding_from and b <= until]
-    stream_ttft = [by_id[r].ttft for r in first]
+    stream_ttft = [by_id[r].ttft for r in first] + [r.ttft for records in starts for r in records
+                                                    if r.request.request_id in first]
     return {"tpot_p50_s": percentile(gaps, 50), "tpot_p99_s": percentile(gaps, 99),
             "stream_ttft_p50_s": percentile(stream_ttft, 50), "stream_ttft_p99_s": percentile(stream_ttft, 99),
             "long_ttft_s": {r.request.prompt_tokens: r.ttft for r in longs}}
 
 
 def predict_disagg(model: Any, two: Hardware, one: Hardware, workload: disagg.Workload) -> dict[str, dict[str, Any]]:
+    """Each system's loaded phase, and its start alone `workload.starts - 1` times more, each with its own draws of
+    the steps' spread."""
     blocks, limits = workload.num_kv_blocks, (workload.block_size, 64, workload.max_num_batched_tokens)
-    colocated = SimEngine.build(StepTimeModel(model, two, FP32, Group("both", 1, 1), on_ray=False), blocks, *limits)
-    col = Simulation(DisaggArrivals(workload)).run_colocated(colocated)
-    # the replica's two groups share this host's cores: their steps spread as calibration's inside such a replica
-    prefill = SimEngine.build(StepTimeModel(model, one, FP32, Group("prefill", 1, 1), on_ray=True), blocks, *limits,
-                              replica=True)
-    decode = SimEngine.build(StepTimeModel(model, one, FP32, Group("decode", 1, 1), on_ray=False), blocks, *limits,
-                             seed=1, replica=True)
     link = one.kv_link or one.nvlink
     token_bytes = model.kv_bytes_per_token(4)
 
@@ -381,8 +394,24 @@ def predict_disagg(model: Any, two: Hardware, one: Hardware, workload: disagg.Wo
         nbytes = tokens * token_bytes
         return link.latency(2) + nbytes / link.bandwidth, nbytes / (one.hbm_bandwidth * one.efficiency.memory)
 
-    dis = Simulation(DisaggArrivals(workload)).run_disaggregated(prefill, [decode], handoff, costs=one.efficiency)
-    return {"colocated": disagg_figures(col.records, workload), "disaggregated": disagg_figures(dis.records, workload)}
+    def colocated(arrivals: DisaggArrivals, seed: int) -> list[Any]:
+        engine = SimEngine.build(StepTimeModel(model, two, FP32, Group("both", 1, 1), on_ray=False), blocks, *limits,
+                                 seed=seed)
+        return Simulation(arrivals).run_colocated(engine).records
+
+    def disaggregated(arrivals: DisaggArrivals, seed: int) -> list[Any]:
+        # the replica's two groups share this host's cores: their steps spread as calibration's inside such a replica
+        prefill = SimEngine.build(StepTimeModel(model, one, FP32, Group("prefill", 1, 1), on_ray=True), blocks,
+                                  *limits, seed=seed, replica=True)
+        decode = SimEngine.build(StepTimeModel(model, one, FP32, Group("decode", 1, 1), on_ray=False), blocks,
+                                 *limits, seed=seed + 1, replica=True)
+        return Simulation(arrivals).run_disaggregated(prefill, [decode], handoff, costs=one.efficiency).records
+
+    figures = {}
+    for system, run in (("colocated", colocated), ("disaggregated", disaggregated)):
+        starts = [run(DisaggStart(workload), 2 * k) for k in range(1, workload.starts)]
+        figures[system] = disagg_figures(run(DisaggArrivals(workload), 0), workload, starts)
+    return figures
 
 
 def measured_disagg(run: disagg.Report, system: str) -> dict[str, Any]:
