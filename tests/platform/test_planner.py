@@ -7,6 +7,8 @@ import json
 import math
 import os
 import random
+import re
+import statistics
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,10 +18,10 @@ import torch
 import yaml
 from garrison.cli import main
 from garrison.planner import helm_values, report
-from garrison.planner.calibrate import (EP_MODEL, REPLICA_MODEL, Point, decode_point, dense_llama, ep_link, fit,
-                                       model_points, moe_llama4, moe_llama4_raw, nnls, own_steps, prefill_points,
-                                       random_engine, replica_points, replica_prefill_excess, save_random_checkpoint,
-                                       step_excess)
+from garrison.planner.calibrate import (EP_MODEL, REPLICA_MODEL, REPLICA_WINDOWS, Point, decode_point, dense_llama,
+                                       ep_link, fit, model_points, moe_llama4, moe_llama4_raw, nnls, own_steps,
+                                       prefill_points, random_engine, replica_points, replica_prefill_excess,
+                                       save_random_checkpoint, step_excess)
 from garrison.planner.dtypes import WEIGHT_BYTES
 from garrison.planner.hardware import (CATALOG_FILE, Efficiency, Hardware, Link, load_catalog, resolve_hardware,
                                       save_profile)
@@ -181,6 +183,10 @@ def test_a_decode_batch_is_timed_inside_a_disaggregated_replica_on_ray() -> None
     assert point.rows == [Row(1, 128 + 1 + 8)] * 8 and point.label.endswith("in a disaggregated replica")
     assert len(point.times) >= 20 and point.seconds > 0 and all(t > 0 for t in point.times)
     assert step_excess(points) == [[point.seconds, *(max(0.0, t - point.seconds) for t in point.times)]]
+    # Timed over REPLICA_WINDOWS windows: the calmest (lowest median decode step) is what it keeps.
+    medians = [float(m) for m in re.search(r"windows of ([0-9., ]+)\)", lines[0]).group(1).split(", ")]
+    assert len(medians) == REPLICA_WINDOWS and f"median {min(medians):.2f} ms" in lines[0]
+    assert f"median {statistics.median(point.times) * 1e3:.2f} ms" in lines[0]
     # The prefill group's steps: the 4k prompts' 512-token chunks and the streams' 128-token prompts, each step
     # as long as its ranks took, with the KV exports they ran first (the streams' prompts are handed over).
     assert len(prefill_steps) >= 10 and all(step.seconds > 0 for step in prefill_steps)
