@@ -282,7 +282,7 @@ def model_points(location: ModelLocation, threads: int, quick: bool, progress: P
 
 REPLICA_MODEL = (64, 16, 512)  # the disaggregated replica's: a tiny MoE of `engine_points`, whose steps the fit has
 # The replica is timed over this many windows and the calmest kept (the lowest median decode step): a spell of
-# another tenant's load in one window (here once a median 36% over the other runs') is not the replica's own
+# load in one window (here once a median 6.74 ms, against 5.0-5.8 in five other runs) is not the replica's own
 # spread, and load only ever slows steps down, as `decode_point` keeps the fastest step.
 REPLICA_WINDOWS = 2
 
