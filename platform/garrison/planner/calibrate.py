@@ -328,10 +328,11 @@ def replica_points(threads: int, quick: bool, progress: Progress) -> tuple[list[
                     engines = [LLMEngine.from_path(tmp, config, ParallelDims(), role="prefill", on_ray=True),
                                LLMEngine.from_path(tmp, config, ParallelDims(), role="decode", on_ray=False)]
                     replica = DisaggregatedEngine(engines[0], [engines[1]])
-                    _time_prefill_steps(engines[0].executor, prefill_steps)
+                    settle = _time_prefill_steps(engines[0].executor, prefill_steps)
                     for window in range(REPLICA_WINDOWS):
                         first = len(prefill_steps)
                         decode_s = _replica_decode_steps(replica, 3.0 if quick else 8.0, window)
+                        settle()  # the window's last steps are recorded before the next window's start
                         if decode_s:
                             windows.append((decode_s, prefill_steps[first:]))
             finally:
@@ -348,14 +349,16 @@ def replica_points(threads: int, quick: bool, progress: Progress) -> tuple[list[
     return [point], kept
 
 
-def _time_prefill_steps(group: Any, steps: list[PrefillStep]) -> None:
+def _time_prefill_steps(group: Any, steps: list[PrefillStep]) -> Callable[[], None]:
     """Time each step of a prefill worker group on Ray from the call sent to its ranks' results ready (a thread
     waits on the step's refs: the replica's loop only looks once per decode step), and count the KV exports sent
-    before it. Instance attributes shadow the group's methods."""
+    before it. Instance attributes shadow the group's methods. Returns what waits for the steps sent so far to be
+    recorded."""
     import ray
 
     submit, start_export = group.submit, group.start_export_kv
     exports = [0]
+    waiting: list[threading.Thread] = []
 
     def timed_submit(chunks: list[Any]) -> Any:
         sent = time.perf_counter()
@@ -371,14 +374,20 @@ def _time_prefill_steps(group: Any, steps: list[PrefillStep]) -> None:
             if len(ready) == len(pending.refs):
                 steps.append(PrefillStep(rows, before, time.perf_counter() - sent))
 
-        threading.Thread(target=wait, daemon=True).start()
+        waiting.append(threading.Thread(target=wait, daemon=True))
+        waiting[-1].start()
         return pending
 
     def counted_export(*args: Any) -> Any:
         exports[0] += 1
         return start_export(*args)
 
+    def settle() -> None:
+        while waiting:
+            waiting.pop().join()
+
     group.submit, group.start_export_kv = timed_submit, counted_export
+    return settle
 
 
 def replica_prefill_excess(steps: list[PrefillStep], model: ModelConfig, hardware: Hardware) -> list[list[float]]:
