@@ -30,7 +30,7 @@ from garrison.planner.memory import EngineLimits, Precision, activation_bytes, b
 from garrison.planner.models import model_key, resolve_model
 from garrison.planner.search import Ask, Plan, evaluate, search
 from garrison.planner.simulate import SimEngine, Simulation, StepSpread
-from garrison.planner.step_time import Row, StepTimeModel, attended_keys
+from garrison.planner.step_time import Row, StepTimeModel, attended_keys, step_kind
 from garrison.planner.workload import SLO, LengthDist, OpenLoop, Request, Workload, load_trace
 from garrison_workers.attention import causal_masks
 from garrison_workers.engine.config import EngineConfig
@@ -463,6 +463,10 @@ def test_a_measured_gemm_curve_prices_each_gemm_at_its_rows() -> None:
     assert mixed.segments == 2 * 2  # a prompt's chunk and a decode past the key block: own attention calls, 2 layers
     # only the decode past the key block is attended blockwise: its 2001 keys in 2 blocks of 1024, on both layers
     assert mixed.key_blocks == 2 * 2 and mixed.blockwise_pairs == 2001 * 2 * 2
+    # own steps are kept by kind: decode rows only, prefill segments within a key block, any past one
+    within = StepTimeModel(model, hardware, Precision("fp32", "fp32"), Group("both", 1, 1), on_ray=False,
+                           key_block=1024).cost([Row(1, 10), Row(512, 512)])
+    assert (step_kind(cost), step_kind(within), step_kind(mixed)) == ("decode", "prefill", "blockwise")
     with pytest.raises(InvalidRequestError, match="gemm_curve"):
         Efficiency(gemm_curve={0: 0.1})
     with pytest.raises(InvalidRequestError, match=r"efficiency: kv_export_s=-1.0: times .* must be >= 0$"):
@@ -587,6 +591,18 @@ def test_a_models_own_steps_price_its_steps_where_the_fit_misses_them() -> None:
     assert eff.own_ratio(key, "decode", 0.004) == 1.25
     assert eff.own_ratio(key, "decode", 0.008) == pytest.approx(1.125)  # longer: the 1 ms the longest took over
     assert eff.own_ratio(key, "prefill", 0.002) == eff.own_ratio("llama h1 L1 0", "decode", 0.002) == 1.0
+    # Four or more steps of a kind: above the longest, the rest of the fit's growth at the slope they show. Chunks
+    # the fit priced 10-40 ms ran 0.5 ms + 0.8x that (least squares: slope 0.8), so a step priced 100 ms takes the
+    # longest's 32.5 ms and 0.8 of the 60 ms more; 3 steps are too few, and the seconds are carried.
+    chunks = [[f, 0.0005 + 0.8 * f] for f in (0.01, 0.02, 0.03, 0.04)]
+    sloped = Efficiency(own_steps={key: {"blockwise": chunks, "prefill": chunks[:3]}})
+    assert sloped.own_ratio(key, "blockwise", 0.1) * 0.1 == pytest.approx(0.0325 + 0.8 * 0.06)
+    assert sloped.own_ratio(key, "prefill", 0.1) * 0.1 == pytest.approx(0.0245 + 0.07)
+    # a steep slope from a few noisy steps is held to 1.5x the fit's growth
+    steep = Efficiency(own_steps={key: {"prefill": [[f, 3 * f] for f in (0.01, 0.02, 0.03, 0.04)]}})
+    assert steep.own_ratio(key, "prefill", 0.1) * 0.1 == pytest.approx(0.12 + 1.5 * 0.06)
+    # a model timed without blockwise steps (or a profile from before they were kept apart): its prefill steps
+    assert steep.own_ratio(key, "blockwise", 0.1) == steep.own_ratio(key, "prefill", 0.1)
     for bad in ({key: {"mixed": [[0.001, 0.001]]}}, {key: {"decode": [[0.001]]}}, {key: {"decode": [[0.0, 1.0]]}}):
         with pytest.raises(InvalidRequestError, match="own_steps"):
             Efficiency(own_steps=bad)

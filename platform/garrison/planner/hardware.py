@@ -16,7 +16,11 @@ import yaml
 from garrison_workers.errors import InvalidRequestError
 
 CATALOG_FILE = Path(__file__).with_name("catalog.yaml")
-STEP_KINDS = {"decode", "prefill"}
+STEP_KINDS = {"decode", "prefill", "blockwise"}  # `step_time.step_kind`
+# Own steps of one kind a slope is drawn from (`Efficiency.own_ratio`): three or fewer are too few to tell a model's
+# growth from one noisy step. The slope stays within OWN_SLOPE_BOUNDS of the fit's for the same reason.
+OWN_SLOPE_STEPS = 4
+OWN_SLOPE_BOUNDS = (0.5, 1.5)
 
 
 @dataclass(slots=True, frozen=True)
@@ -94,9 +98,10 @@ class Efficiency:
     # time-shared one: its prefill group computing and KV moving on the same cores), for such replicas' steps.
     replica_step_excess: list[list[float]] = field(default_factory=list)
     # Models whose own steps calibration timed (`garrison plan calibrate --model`), by `models.model_key`: per
-    # kind of step ("decode": one-token rows only; "prefill": any prefill segment), [fitted, measured] seconds of
-    # each. The fit is one set of efficiencies for every model it saw, and misses any one model's steps by 10-40%
-    # either way on a CPU; a plan for a model measured here prices its steps through these (`own_ratio`).
+    # kind of step (`step_time.step_kind`: "decode", one-token rows only; "prefill", any prefill segment;
+    # "blockwise", one attending past a key block), [fitted, measured] seconds of each. The fit is one set of
+    # efficiencies for every model it saw, and misses any one model's steps by 10-40% either way on a CPU; a plan
+    # for a model measured here prices its steps through these (`own_ratio`).
     own_steps: dict[str, dict[str, list[list[float]]]] = field(default_factory=dict)
     calibrated: bool = False
 
@@ -130,20 +135,27 @@ class Efficiency:
 
     def own_ratio(self, key: str, kind: str, fitted_s: float) -> float:
         """Measured over fitted time of model `key`'s own steps of `kind` at a step the fit prices at `fitted_s`:
-        linear in log(seconds) between its measured steps, the shortest one's below them; above the longest, the
-        seconds it took beyond the fit are carried, not its ratio, so the fit decides steps far longer than any
-        measured (a decode batch of 32 from batches of 8, a chunk over 64k tokens from chunks over 2k). Carrying
-        the ratio instead had put a model's miss at 2k where it did not hold at 64k: over eight runs' profiles
-        re-priced, 128 of 176 held-out figures within target that way, 146 this way, 141 by the fit alone.
-        1 for a model or kind not measured."""
-        steps = self.own_steps.get(key, {}).get(kind)
+        linear in log(seconds) between its measured steps, the shortest one's below them. Above the longest, the
+        step takes what the longest took plus the rest of the fit's growth at the slope the model's own steps
+        show (measured against fitted seconds, least squares over the kind's steps; with fewer than
+        OWN_SLOPE_STEPS of them, slope 1: the seconds the longest took beyond the fit are carried), so a chunk over
+        64k tokens is priced from chunks up to 8k by how this model's steps grew there. Carrying the ratio instead
+        had put a model's miss at 2k where it did not hold at 64k (over eight runs' profiles re-priced, 128 of 176
+        held-out figures within target that way, 146 carrying the seconds); carrying the seconds left the
+        disaggregation workload's long prompts priced high, the more so the longer (colocated TTFT mean +5.0% at
+        16k to +15.1% at 64k over eight runs; its blockwise chunks' own steps grew 0.81-0.94x as fast as the fit
+        in all fifteen runs), which the slope takes out (re-priced: +2.1% to +3.5%, and the colocated TPOT p99
+        from a mean +12.4% and worst +26.6% to -0.8% and -17.3%). A "blockwise" step of a model with none of its own is
+        priced by its "prefill" steps. 1 for a model or kind not measured."""
+        kinds = self.own_steps.get(key, {})
+        steps = kinds.get(kind) or (kinds.get("prefill") if kind == "blockwise" else None)
         if not steps:
             return 1.0
         (first, first_measured), (last, last_measured) = steps[0], steps[-1]
         if fitted_s <= first:
             return first_measured / first
         if fitted_s >= last:
-            return 1.0 + (last_measured - last) / fitted_s
+            return (last_measured + _own_slope(steps) * (fitted_s - last)) / fitted_s
         for (low, low_measured), (high, high_measured) in zip(steps, steps[1:]):
             if fitted_s <= high and high > low:
                 t = math.log(fitted_s / low) / math.log(high / low)
@@ -163,6 +175,19 @@ class Efficiency:
                 t = math.log2(rows / low) / math.log2(high / low)
                 return low_share + t * (high_share - low_share)
         return points[-1][1]
+
+
+def _own_slope(steps: list[list[float]]) -> float:
+    """Measured seconds against fitted seconds over a model's own steps: how much of the fit's growth it shows."""
+    if len(steps) < OWN_SLOPE_STEPS:
+        return 1.0
+    fitted_mean = sum(f for f, _ in steps) / len(steps)
+    measured_mean = sum(m for _, m in steps) / len(steps)
+    spread = sum((f - fitted_mean) ** 2 for f, _ in steps)
+    if spread <= 0:
+        return 1.0
+    slope = sum((f - fitted_mean) * (m - measured_mean) for f, m in steps) / spread
+    return min(max(slope, OWN_SLOPE_BOUNDS[0]), OWN_SLOPE_BOUNDS[1])
 
 
 @dataclass(slots=True, frozen=True)

@@ -61,8 +61,12 @@ class StepCost:
 
 
 def step_kind(cost: StepCost) -> str:
-    """"prefill" for a step with any prefill segment (the engine's per-row attention calls), else "decode"."""
-    return "prefill" if cost.segments else "decode"
+    """"decode" for a step of one-token rows only; with any prefill segment (the engine's per-row attention calls)
+    "blockwise" where a global layer attends past a key block (the engine's other attention path, whose cost per
+    key a model's steps within one block do not tell), else "prefill"."""
+    if not cost.segments:
+        return "decode"
+    return "blockwise" if cost.blockwise_pairs else "prefill"
 
 
 def attended_keys(context: int, new: int, window: int | None) -> int:
