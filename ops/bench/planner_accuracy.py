@@ -16,7 +16,8 @@ calibration did not see, which are measured in the same run:
   an 8k prompt (2k with --quick) in the workload's chunks, 2 and 4 of the streams' prompts in one step). The fit
   is one set of efficiencies for all of these; each measured model's own steps are kept beside it
   (`Efficiency.own_steps`, what `garrison plan calibrate --model` keeps) and price that model's steps in the
-  predictions through the measured/fitted ratio of the nearest of them (`Efficiency.own_ratio`). One profile per
+  predictions through the measured/fitted ratio of the nearest of them of the same kind, beyond the longest
+  through the slope of measured on fitted seconds they show (`Efficiency.own_ratio`). One profile per
   thread count:
   1 thread (a Ray rank, one side of the disaggregated system, and by default SmolLM2 and the colocated engine too),
   and with `--threads 2` a second one for SmolLM2 and the colocated engine on both cores;
