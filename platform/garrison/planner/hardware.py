@@ -146,9 +146,9 @@ class Efficiency:
         16k to +15.1% at 64k over eight runs; its blockwise chunks' own steps grew 0.81-0.94x as fast as the fit
         in all fifteen runs), which the slope takes out (re-priced: +2.1% to +3.5%, and the colocated TPOT p99
         from a mean +12.4% and worst +26.6% to -0.8% and -17.3%). It trades that bias for one calibration's slope
-        (0.77-1.12 over twenty-one runs): re-priced, both ways leave 16 of those runs with every TPOT and
-        long-prompt TTFT of that workload within target. A "blockwise" step of a model with none of its own is
-        priced by its "prefill" steps. 1 for a model or kind not measured."""
+        (0.77-1.12 over twenty-two runs): re-priced, the slope leaves 16 of those runs with every TPOT and
+        long-prompt TTFT of that workload within target, carrying the seconds 17. A "blockwise" step of a model
+        with none of its own is priced by its "prefill" steps. 1 for a model or kind not measured."""
         kinds = self.own_steps.get(key, {})
         steps = kinds.get(kind) or (kinds.get("prefill") if kind == "blockwise" else None)
         if not steps:
