@@ -297,16 +297,16 @@ class PrefillStep:
 
 
 def replica_points(threads: int, quick: bool, progress: Progress) -> tuple[list[Point], list[PrefillStep]]:
-    """A decode batch of 8 timed alone, then inside a disaggregated replica on this host: the same model's decode
-    group (in this process) stepping 8 streams whose requests keep ending and arriving (so their prompts keep
-    being prefilled and handed over) while its prefill group (a Ray rank) prefills 4k-token prompts one after
-    another. The point's `seconds` is the fastest alone and `times` the replica's steps of 8, from the calmest of
-    `REPLICA_WINDOWS` windows (its prefill steps with them). With every core
-    taken, what else the host runs (Ray's threads in both processes, the kernel's workers freeing the object
-    store's pages) preempts a rank where an idle core had absorbed it: steps a few milliseconds long show it in
-    their tail (here a p99 9 ms over the fastest, where alone the slowest was 3 ms over). The prefill group's
-    steps are timed too (`replica_prefill_excess` prices them): the streams' first tokens wait on them, and
-    there a step priced 15-19 ms came back after 19-38 ms. Empty without Ray or without two rank slots."""
+    """A decode batch of 8 timed alone, then inside a disaggregated replica on this host: the same model's decode group
+    (in this process) stepping 8 streams whose requests keep ending and arriving (so their prompts keep being
+    prefilled and handed over) while its prefill group (a Ray rank) prefills 4k-token prompts one after another. The
+    point's `seconds` is the fastest alone and `times` the replica's steps of 8, from the calmest of
+    `REPLICA_WINDOWS` windows (its prefill steps with them). With every core taken, what else the host runs (Ray's
+    threads in both processes, the kernel's workers freeing the object store's pages) preempts a rank where an idle
+    core had absorbed it: steps a few milliseconds long show it in their tail (here a p99 9 ms over the fastest,
+    where alone the slowest was 3 ms over). The prefill group's steps are timed too (`replica_prefill_excess` prices
+    them): the streams' first tokens wait on them, and there a step priced 15-19 ms came back after 19-38 ms. Empty
+    without Ray or without two rank slots."""
     if (os.cpu_count() or 1) // threads < 2:
         return [], []
     torch.set_num_threads(threads)

@@ -8,6 +8,7 @@ profile measured on that GPU replaces them: every plan says which kind it used.
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -137,18 +138,14 @@ class Efficiency:
         """Measured over fitted time of model `key`'s own steps of `kind` at a step the fit prices at `fitted_s`:
         linear in log(seconds) between its measured steps, the shortest one's below them. Above the longest, the
         step takes what the longest took plus the rest of the fit's growth at the slope the model's own steps
-        show (measured against fitted seconds, least squares over the kind's steps; with fewer than
-        OWN_SLOPE_STEPS of them, slope 1: the seconds the longest took beyond the fit are carried), so a chunk over
-        64k tokens is priced from chunks up to 8k by how this model's steps grew there. Carrying the ratio instead
-        had put a model's miss at 2k where it did not hold at 64k (over eight runs' profiles re-priced, 128 of 176
-        held-out figures within target that way, 146 carrying the seconds); carrying the seconds left the
-        disaggregation workload's long prompts priced high, the more so the longer (colocated TTFT mean +5.0% at
-        16k to +15.1% at 64k over eight runs; its blockwise chunks' own steps grew 0.81-0.94x as fast as the fit
-        in all fifteen runs), which the slope takes out (re-priced: +2.1% to +3.5%, and the colocated TPOT p99
-        from a mean +12.4% and worst +26.6% to -0.8% and -17.3%). It trades that bias for one calibration's slope
-        (0.77-1.12 over twenty-two runs): re-priced, the slope leaves 16 of those runs with every TPOT and
-        long-prompt TTFT of that workload within target, carrying the seconds 17. A "blockwise" step of a model
-        with none of its own is priced by its "prefill" steps. 1 for a model or kind not measured."""
+        show (measured on fitted seconds, least squares over the kind's steps; with fewer than OWN_SLOPE_STEPS of
+        them, slope 1: the seconds the longest took beyond the fit are carried), so a chunk over 64k tokens is
+        priced from chunks up to 8k by how this model's steps grew there. Carrying the ratio instead had put a
+        model's miss at 2k where it did not hold at 64k; carrying the seconds kept the fit's slope, which priced
+        disagg.py's long prompts high, the more so the longer (its blockwise chunks grew 0.77-1.12x as fast as the
+        fit over twenty-two runs; the figures, and what each way gave, in ops/docs/planner/README.md). A
+        "blockwise" step of a model with none of its own is priced by its "prefill" steps. 1 for a model or kind
+        not measured."""
         kinds = self.own_steps.get(key, {})
         steps = kinds.get(kind) or (kinds.get("prefill") if kind == "blockwise" else None)
         if not steps:
@@ -183,12 +180,10 @@ def _own_slope(steps: list[list[float]]) -> float:
     """Measured seconds against fitted seconds over a model's own steps: how much of the fit's growth it shows."""
     if len(steps) < OWN_SLOPE_STEPS:
         return 1.0
-    fitted_mean = sum(f for f, _ in steps) / len(steps)
-    measured_mean = sum(m for _, m in steps) / len(steps)
-    spread = sum((f - fitted_mean) ** 2 for f, _ in steps)
-    if spread <= 0:
+    try:
+        slope = statistics.linear_regression([f for f, _ in steps], [m for _, m in steps]).slope
+    except statistics.StatisticsError:  # every step priced alike: no growth to compare
         return 1.0
-    slope = sum((f - fitted_mean) * (m - measured_mean) for f, m in steps) / spread
     return min(max(slope, OWN_SLOPE_BOUNDS[0]), OWN_SLOPE_BOUNDS[1])
 
 
