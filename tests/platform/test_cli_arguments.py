@@ -148,3 +148,25 @@ def test_unparseable_tls_files_are_refused_not_aborted_on(sandbox: Path) -> None
     assert done.returncode == 0, done.stdout + done.stderr[-2000:]
     lines = done.stdout.splitlines()
     assert len(lines) == len(cases) and all(line.startswith("1 garrison: error: ") for line in lines), lines
+
+
+def _parsers(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...],
+                                                                                              argparse.ArgumentParser]]:
+    """Every parser of the command, those with subcommands included (`plan` has options of its own)."""
+    yield prefix, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _parsers(sub, prefix + (name,))
+
+
+@pytest.mark.parametrize("command", sorted(dict(_parsers(build_parser()))), ids=" ".join)
+def test_help_states_each_default_once_and_only_where_there_is_one(command: tuple[str, ...]) -> None:
+    parser = dict(_parsers(build_parser()))[command]
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        text = formatter._expand_help(action) if action.help else ""
+        assert text.count("default") <= 1, (action.option_strings, text)
+        assert not text.endswith(("(default: None)", "(default: False)", "(default: [])")), (
+            action.option_strings, text)
+    assert "Traceback" not in parser.format_help()

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from garrison.cli.output import HelpFormatter
 from garrison.cli.store_options import add_kek_options, add_store_option, provider_from_args, store_from_args
 from garrison.model_refs import resolve_model
 from garrison_workers.engine.llm_engine import EngineConfig, LLMEngine
@@ -22,7 +23,7 @@ def register(commands: Any) -> None:
         description="Load a model (HF directory, .gguf file, a model of the encrypted store, or a bundled name "
                     "such as 'smollm2') and generate a completion on this machine. Without a GPU it runs on CPU "
                     "in float32.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     parser.add_argument("--model", required=True,
                         help="HF model directory, .gguf file, name of a model in the store, or bundled model name")
     add_store_option(parser)

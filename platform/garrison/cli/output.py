@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import sys
@@ -10,6 +11,17 @@ from typing import Any
 
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """`--help` with each option's default where it tells something: not for flags, options without one, or
+    help that already says what the default is (argparse's own formatter appends "(default: None)" to those)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in text or action.default == []:
+            return text
+        return super()._get_help_string(action)
 
 
 def to_dict(message: Message) -> dict[str, Any]:

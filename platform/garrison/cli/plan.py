@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 from garrison_workers.errors import InvalidRequestError, LayoutError
 
+from garrison.cli.output import HelpFormatter
 from garrison.cli.store_options import add_kek_options, add_store_option, provider_from_args, store_from_args
 from garrison.planner import helm_values, report
 from garrison.planner.hardware import resolve_hardware
@@ -33,7 +34,7 @@ def register(commands: Any) -> None:
                     "each with the engine's own scheduler, and print the best by goodput per GPU, the Pareto front "
                     "and why the others fail. Subcommands: `calibrate` (measure this machine), `memory` (memory "
                     "and longest context per layout).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     _model_options(parser)
     load = parser.add_argument_group("workload (one of --rate, --concurrency, --trace)")
     load.add_argument("--rate", type=float, help="requests per second across the deployment (Poisson arrivals)")
@@ -42,11 +43,13 @@ def register(commands: Any) -> None:
     load.add_argument("--prompt-tokens", default="2048", help="N, uniform:LOW:HIGH or lognormal:MEDIAN:SIGMA")
     load.add_argument("--output-tokens", default="256", help="N, uniform:LOW:HIGH or lognormal:MEDIAN:SIGMA")
     load.add_argument("--num-requests", type=int, default=300, help="requests simulated per layout")
-    load.add_argument("--seed", type=int, default=0)
+    load.add_argument("--seed", type=int, default=0,
+                      help="of the simulated arrivals and lengths (same seed, same plan)")
     slo = parser.add_argument_group("SLOs and budget")
     slo.add_argument("--ttft-slo", type=float, help="time to first token, seconds")
     slo.add_argument("--tpot-slo", type=float, help="time per output token (a request's mean), seconds")
-    slo.add_argument("--slo-percentile", type=float, default=99.0)
+    slo.add_argument("--slo-percentile", type=float, default=99.0,
+                     help="the percentile of TTFT and TPOT that must meet the SLOs")
     slo.add_argument("--gpus", type=int, required=False, help="GPU budget (default: one node)")
     slo.add_argument("--max-context", type=int, help="longest context to support (default: the workload's)")
     slo.add_argument("--imbalance", type=float, default=1.2,
@@ -61,13 +64,13 @@ def register(commands: Any) -> None:
     parser.set_defaults(run=run)
     sub = parser.add_subparsers(dest="plan_command", metavar="SUBCOMMAND")
     memory = sub.add_parser("memory", help="memory per GPU and longest context of each layout of --gpus GPUs",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                            formatter_class=HelpFormatter)
     _model_options(memory)
     memory.add_argument("--gpus", type=int, help="GPUs per layout (default: one node)")
     memory.add_argument("--json", action="store_true")
     memory.set_defaults(run=run_memory)
     calibrate = sub.add_parser("calibrate", help="measure this machine with the real engine and write a profile",
-                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                               formatter_class=HelpFormatter)
     calibrate.add_argument("--out", type=Path, required=True, help="profile file to write (YAML)")
     calibrate.add_argument("--threads", type=int, default=1, help="torch threads of one rank (one 'GPU' here)")
     calibrate.add_argument("--quick", action="store_true", help="fewer points (a smoke test, less accurate)")
