@@ -7,14 +7,14 @@ import json
 from typing import Any
 
 import torch
-
-from garrison.cli.output import HelpFormatter
-from garrison.cli.store_options import add_kek_options, add_store_option, provider_from_args, store_from_args
-from garrison.model_refs import resolve_model
 from garrison_workers.engine.llm_engine import EngineConfig, LLMEngine
 from garrison_workers.engine.sequence import SamplingParams
 from garrison_workers.errors import InvalidRequestError
 from garrison_workers.parallel.dims import ParallelDims
+
+from garrison.cli.output import HelpFormatter
+from garrison.cli.store_options import add_kek_options, add_store_option, provider_from_args, store_from_args
+from garrison.model_refs import resolve_model
 
 
 def register(commands: Any) -> None:

@@ -10,11 +10,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import yaml
 from garrison_workers.errors import InvalidRequestError, LayoutError
+from tqdm import tqdm
 
 from garrison.cli.output import HelpFormatter
 from garrison.cli.store_options import add_kek_options, add_store_option, provider_from_args, store_from_args
@@ -139,8 +141,13 @@ def build_ask(args: argparse.Namespace) -> Ask:
                budget, context, args.kv_layout, limits, limits, args.imbalance, not args.no_disaggregation)
 
 
+def _progress_bar(layouts: list[Layout]) -> Iterable[Layout]:
+    """On a terminal only: stderr carries nothing else a script would read, but a log needs no bar."""
+    return tqdm(layouts, desc="simulating layouts", unit="layout", file=sys.stderr, disable=None, leave=False)
+
+
 def run(args: argparse.Namespace) -> int:
-    plan = search(build_ask(args))
+    plan = search(build_ask(args), _progress_bar)
     if args.helm_values is not None:
         if plan.best is None:
             raise InvalidRequestError("no layout within the budget meets the ask, so there are no Helm values to "

@@ -9,6 +9,7 @@ own scheduling policy on the time model's clock.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from garrison_workers.config import ModelConfig
@@ -236,8 +237,10 @@ def _replica_counts(most: int) -> list[int]:
     return [c for c in counts if c >= 1]
 
 
-def search(ask: Ask) -> Plan:
-    candidates = [evaluate(ask, layout) for layout in layouts(ask, ask.gpu_budget)]
+def search(ask: Ask, progress: Callable[[list[Layout]], Iterable[Layout]] = iter) -> Plan:
+    """Every layout of the budget evaluated; `progress` wraps them as they are (the CLI's progress bar: a search
+    of many layouts simulates for minutes)."""
+    candidates = [evaluate(ask, layout) for layout in progress(layouts(ask, ask.gpu_budget))]
     meeting = [c for c in candidates if c.meets]
     best = max(meeting, key=lambda c: (c.figures["goodput_per_gpu"], -c.layout.gpus), default=None)
     plan = Plan(ask, candidates, best, pareto_front(candidates))
