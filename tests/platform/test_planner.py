@@ -336,6 +336,14 @@ def test_an_impossible_budget_says_memory_fails_first_and_how_many_gpus_would_do
     assert "NO LAYOUT" in report.table(plan)
 
 
+def test_where_nothing_fits_the_gpus_named_meet_the_slos_too() -> None:
+    """The GPUs that would hold the model are simulated as well: 16 H100s hold Maverick, but no number of them
+    reaches a TPOT of 10 us, so the plan names none rather than 16."""
+    plan = search(ask("maverick", "H100-SXM", budget=4, tpot=1e-5))
+    assert plan.impossible["fails_first"] == "memory" and plan.impossible["gpus_needed"] is None
+    assert "more replicas do not help" in report.table(plan)
+
+
 def test_an_unreachable_tpot_says_which_slo_fails_and_that_more_gpus_do_not_help() -> None:
     plan = search(ask(tpot=1e-5, budget=4))
     assert plan.best is None

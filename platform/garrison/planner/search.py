@@ -264,13 +264,14 @@ def pareto_front(candidates: list[Candidate]) -> list[Candidate]:
 
 def impossible(ask: Ask, candidates: list[Candidate]) -> dict[str, object]:
     """No layout in the budget meets the SLOs: what fails first, the best the budget buys, and the GPUs that
-    would meet them (the best shape replicated further), or why more GPUs cannot help."""
+    would meet them (the best shape replicated further; where nothing fits, the smallest layout that does,
+    simulated and replicated likewise), or why more GPUs cannot help."""
     simulated = [c for c in candidates if c.figures]
     if not simulated:
         closest = min(candidates, key=lambda c: max(m.weights + m.activations for m in c.memory.values()),
                       default=None)  # the least short of memory
         return {"fails_first": "memory", "reason": closest.failure if closest else "no layout fits the budget",
-                "best_in_budget": None, "gpus_needed": min_gpus_for_memory(ask)}
+                "best_in_budget": None, "gpus_needed": gpus_to_fit_and_meet(ask)}
     closest = min(simulated, key=lambda c: max(ratio_over_slo(ask, c.figures).values(), default=0.0))
     ratios = ratio_over_slo(ask, closest.figures)
     first = max(ratios, key=lambda k: ratios[k]) if ratios else "capacity"
@@ -296,11 +297,14 @@ def gpus_to_meet(ask: Ask, layout: Layout) -> int | None:
     return None
 
 
-def min_gpus_for_memory(ask: Ask) -> int | None:
+def gpus_to_fit_and_meet(ask: Ask) -> int | None:
+    """The GPUs of the smallest colocated layout whose memory holds the ask, replicated until the SLOs hold: the
+    fit alone would name GPUs that then miss a TPOT they can never reach."""
     for gpus in (1, 2, 4, 8, 16, 32, 64, 128):
         for tp, ep in group_shapes(ask.model, ask.hardware, gpus):
-            if tp * ep == gpus and memory_failure(ask, Layout.colocated(tp, ep))[1] is None:
-                return gpus
+            layout = Layout.colocated(tp, ep)
+            if tp * ep == gpus and memory_failure(ask, layout)[1] is None:
+                return gpus if evaluate(ask, layout).meets else gpus_to_meet(ask, layout)
     return None
 
 
