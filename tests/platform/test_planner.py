@@ -373,6 +373,18 @@ def test_helm_values_of_the_best_layout_match_the_chart_layout(tmp_path: Path, c
     assert model["engine"]["kv_cache_bytes"] == int(printed["best"]["memory_per_gpu"]["both"]["kv_cache"])
 
 
+def test_an_impossible_ask_with_helm_values_still_shows_the_plan_and_writes_no_file(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "values.yaml"
+    code = main(["plan", "--model", "maverick", "--hardware", "H100-SXM", "--rate", "2", "--ttft-slo", "5",
+                 "--gpus", "4", "--plots", str(tmp_path / "plots"), "--helm-values", str(out)])
+    printed = capsys.readouterr()
+    assert code == 1 and not out.exists()
+    assert "NO LAYOUT of at most 4 GPUs" in printed.out and "GPUs that would meet it" in printed.out
+    assert "no Helm values written" in printed.err and "no ttft.png" in printed.err  # nothing fits in 4 GPUs
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["memory.png", "pareto.png"]
+
+
 def test_disaggregated_values_name_both_roles() -> None:
     the_ask = ask()
     candidate = evaluate(the_ask, Layout.disaggregated((4, 1), (2, 2), num_decode=2))

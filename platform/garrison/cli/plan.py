@@ -148,21 +148,23 @@ def _progress_bar(layouts: list[Layout]) -> Iterable[Layout]:
 
 def run(args: argparse.Namespace) -> int:
     plan = search(build_ask(args), _progress_bar)
-    if args.helm_values is not None:
-        if plan.best is None:
-            raise InvalidRequestError("no layout within the budget meets the ask, so there are no Helm values to "
-                                      "write; see the plan without --helm-values for what would")
-        values = helm_values.values(plan, args.source or args.model)
-        args.helm_values.write_text(yaml.safe_dump(values, sort_keys=False))
     if args.plots is not None:
         from garrison.planner import plots
 
-        plots.write_all(plan, args.plots)
+        if len(plots.write_all(plan, args.plots)) < 3:
+            print(f"garrison: no ttft.png in {args.plots}: no layout within the budget fits in memory, so there is "
+                  "no TTFT curve to draw", file=sys.stderr)
     if args.json:
         json.dump(report.to_json(plan), sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
         print(report.table(plan))
+    if args.helm_values is not None:  # after the plan, so a refusal still shows what the budget would need
+        if plan.best is None:
+            raise InvalidRequestError(f"no Helm values written to {args.helm_values}: no layout within the budget "
+                                      "meets the ask (the plan above says what would)")
+        values = helm_values.values(plan, args.source or args.model)
+        args.helm_values.write_text(yaml.safe_dump(values, sort_keys=False))
     return 0
 
 

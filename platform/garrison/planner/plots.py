@@ -57,6 +57,11 @@ def pareto(plan: Plan, path: Path) -> Path:
         b = plan.best.figures
         ax.scatter([b["tokens_per_s_per_user"]], [b["tokens_per_s_per_gpu"]], s=160, facecolors="none",
                    edgecolors="tab:red", label=f"best: {plan.best.layout.describe()}")
+    if not points:  # every layout failed on memory: say so rather than draw empty axes around zero
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.text(0.5, 0.5, "no layout within the budget fits in memory:\nnothing was simulated (see memory.png)",
+                ha="center", va="center", fontsize=11)
     ax.set_xlabel("tokens/s per user (1 / mean TPOT)")
     ax.set_ylabel("tokens/s per GPU")
     ax.set_title(f"{plan.ask.model_name} on {plan.ask.hardware.name}: layouts within {plan.ask.gpu_budget} GPUs")
