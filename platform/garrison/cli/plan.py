@@ -151,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
     if args.plots is not None:
         from garrison.planner import plots
 
-        if len(plots.write_all(plan, args.plots)) < 3:
+        if "ttft.png" not in {path.name for path in plots.write_all(plan, args.plots)}:
             print(f"garrison: no ttft.png in {args.plots}: no layout within the budget fits in memory, so there is "
                   "no TTFT curve to draw", file=sys.stderr)
     if args.json:
