@@ -252,6 +252,28 @@ def test_disaggregated_simulation_hands_every_request_over() -> None:
     assert all(d.block_manager.num_free_blocks == 32 for d in decoders)
 
 
+def test_a_disaggregated_simulation_parks_what_the_decode_blocks_cannot_take_yet() -> None:
+    """As the engine (`DisaggregatedEngine._hand_over_parked`): decode blocks for two sequences at a time, ten
+    arriving together, and every one finishes, each waiting in the prefill group's blocks for its turn; a
+    prompt no decode group could ever hold fails with the reason."""
+    model = OneSecondSteps()
+    prefill = SimEngine.build(model, 64, 16, 8, 64)  # type: ignore[arg-type]
+    decoders = [SimEngine.build(model, 8, 16, 8, 64)]  # type: ignore[arg-type]
+    requests = [Request(f"r{i}", 0.0, 40 + i, 5) for i in range(10)]  # 3-4 blocks each with their output
+    result = Simulation(OpenLoop(requests)).run_disaggregated(prefill, decoders, lambda n: (0.0, 0.0))
+    assert all(r.finished and r.failed is None for r in result.records)
+    decoding = [(r.token_times[1], r.token_times[-1]) for r in result.records]  # first to last decode step
+    assert max(sum(a <= start <= b for a, b in decoding) for start, _ in decoding) == 2  # never 3 at once
+    assert prefill.block_manager.num_free_blocks == 64 and decoders[0].block_manager.num_free_blocks == 8
+
+    prefill = SimEngine.build(model, 64, 16, 8, 256)  # type: ignore[arg-type]
+    decoders = [SimEngine.build(model, 8, 16, 8, 64)]  # type: ignore[arg-type]
+    result = Simulation(OpenLoop([Request("big", 0.0, 200, 5)])).run_disaggregated(prefill, decoders,
+                                                                                    lambda n: (0.0, 0.0))
+    assert result.records[0].failed == "no decode group has KV blocks for it"
+    assert prefill.block_manager.num_free_blocks == 64
+
+
 def _disaggregated_token_times(requests: list[Request], export_s: float = 0.0, fetch_s: float = 0.0,
                                send_s: float = 0.0) -> dict[str, list[float]]:
     prefill = SimEngine.build(OneSecondSteps(), 64, 16, 8, 64)  # type: ignore[arg-type]

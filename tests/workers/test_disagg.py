@@ -95,6 +95,41 @@ def test_disaggregated_matches_colocated_smollm2(smollm2_path: Path) -> None:
         shutdown(engine)
 
 
+def test_a_prefilled_sequence_waits_for_decode_blocks_rather_than_fail(tiny_moe: Path) -> None:
+    """Decode blocks for the longest sequence alone: the others prefilled meanwhile wait, their KV in the prefill
+    group's blocks, and go over as decode steps free blocks (failing them, as this once did with UNAVAILABLE,
+    threw their prefill away). Every request ends with the colocated engine's tokens; no block stays held."""
+    batch = prompts(512, count=6)
+    expected = run(LLMEngine.from_path(tiny_moe, CONFIG), batch)
+    longest = max(len(p) for p in batch) + PARAMS.max_tokens
+    small = replace(CONFIG, num_kv_blocks=-(-longest // CONFIG.block_size) + 1)
+    assert sum(-(-(len(p) + PARAMS.max_tokens) // CONFIG.block_size) for p in batch) > small.num_kv_blocks
+    engine = DisaggregatedEngine(LLMEngine.from_path(tiny_moe, CONFIG, role="prefill"),
+                                 [LLMEngine.from_path(tiny_moe, small, role="decode")])
+    try:
+        assert run(engine, batch) == expected
+        assert_no_blocks_held(engine)
+        # aborted while it waits: its prefill blocks are freed, the others go on as before
+        for i, prompt in enumerate(batch):
+            engine.add_request(f"again{i}", prompt, PARAMS)
+        tokens: dict[str, list[int]] = {}
+        aborted = None
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                assert out.error is None, out.error
+                tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+            if aborted is None and engine.waiting_for_decode:
+                aborted = engine.waiting_for_decode[0]
+                assert engine.abort_request(aborted) and aborted not in engine.waiting_for_decode
+        assert aborted is not None
+        assert aborted not in tokens or len(tokens[aborted]) < PARAMS.max_tokens
+        assert {k: v for k, v in tokens.items() if k != aborted} == {
+            f"again{i}": expected[f"r{i}"] for i in range(len(batch)) if f"again{i}" != aborted}
+        assert_no_blocks_held(engine)
+    finally:
+        shutdown(engine)
+
+
 def test_streams_keep_decoding_while_a_prefill_step_is_in_flight(tiny_moe: Path) -> None:
     """A prefill group on its own Ray actor: decode steps do not wait for its chunks, and a request
     aborted while its chunk is being computed frees its blocks on both sides."""

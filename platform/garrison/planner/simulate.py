@@ -280,6 +280,7 @@ class Simulation:
         poll_s, send_s, fetch_s = costs.poll_s, costs.group_send_s, costs.kv_fetch_s
         inflight: tuple[ScheduledBatch, float] | None = None
         handovers: list[_Handover] = []
+        parked: list[Sequence] = []  # prefilled, their KV in the prefill group's blocks until a decode group has room
         last_decode_s = 0.0
         while not self.arrivals.done() and not self._over():
             self._admit(prefill)
@@ -298,15 +299,18 @@ class Simulation:
             decode_s, outputs = self._decode_steps(decoders, decoders_parallel)
             idle = decode_s == 0.0
             last_decode_s = decode_s or last_decode_s
+            self._hand_over_parked(prefill, decoders, parked, handovers, handoff)
             if inflight is not None and (inflight[1] <= self.now or (idle and not handovers)):
                 self.now = max(self.now, inflight[1])
-                outputs += self._finish_prefill(prefill, decoders, inflight[0], handovers, handoff)
+                outputs += self._finish_prefill(prefill, inflight[0], parked)
+                self._hand_over_parked(prefill, decoders, parked, handovers, handoff)
                 inflight = None
             if idle and handovers and not outputs:
                 oldest = handovers.pop(0)
                 self.now = max(self.now, oldest.ready_s) + oldest.import_left_s + (0.0 if oldest.fetched else fetch_s)
                 self._complete(oldest)
-            elif idle and inflight is None and not handovers and not outputs and not prefill.scheduler.has_unfinished():
+            elif (idle and inflight is None and not handovers and not parked and not outputs
+                  and not prefill.scheduler.has_unfinished()):
                 if not self._pending:
                     break
                 self.now = max(self.now, self._next_arrival())
@@ -351,25 +355,37 @@ class Simulation:
                 outputs += 1
         return elapsed, outputs
 
-    def _finish_prefill(self, prefill: SimEngine, decoders: list[SimEngine], batch: ScheduledBatch,
-                        handovers: list[_Handover], handoff: Handoff) -> int:
+    def _finish_prefill(self, prefill: SimEngine, batch: ScheduledBatch, parked: list[Sequence]) -> int:
         self.steps += 1
         outputs = 0
         for seq in prefill.apply(batch):
             outputs += 1
-            if self._token(prefill, seq):
-                continue
-            prefill.scheduler.running.remove(seq)  # as LLMEngine's prefill role: held for its handoff
-            computed = seq.num_computed_tokens
-            prefill.block_manager.free(seq)
+            if not self._token(prefill, seq):
+                prefill.scheduler.running.remove(seq)  # as LLMEngine's prefill role: held for its handoff
+                parked.append(seq)
+        return outputs
+
+    def _hand_over_parked(self, prefill: SimEngine, decoders: list[SimEngine], parked: list[Sequence],
+                          handovers: list[_Handover], handoff: Handoff) -> None:
+        """As `DisaggregatedEngine._hand_over_parked`: oldest first, while a decode group has blocks for the next;
+        the rest keep their prefill blocks and wait. One no decode group could hold even empty fails."""
+        while parked:
+            seq, computed = parked[0], parked[0].num_computed_tokens
             decoder = max(decoders, key=lambda d: d.block_manager.num_free_blocks)
-            seq.block_table, seq.num_hashed_blocks, seq.num_computed_tokens = [], 0, 0
-            if not decoder.block_manager.ensure_slots(seq, computed + 1):
+            needed = decoder.block_manager.blocks_needed(computed + 1)
+            if needed > decoder.block_manager.num_free_blocks:
+                if any(d.block_manager.blocks_needed(computed + 1) <= d.block_manager.num_blocks for d in decoders):
+                    return  # decode steps will free blocks
                 self.records[seq.request_id].failed = "no decode group has KV blocks for it"
                 seq.status = SequenceStatus.FINISHED
+                prefill.block_manager.free(seq)
+                parked.pop(0)
                 continue
+            parked.pop(0)
+            prefill.block_manager.free(seq)
+            seq.block_table, seq.num_hashed_blocks, seq.num_computed_tokens = [], 0, 0
+            decoder.block_manager.ensure_slots(seq, computed + 1)
             link_s, import_s = handoff(computed)
             # Exports run on the prefill group one after another, before its next step.
             self._prefill_free_s = max(self._prefill_free_s, self.now) + self._costs.kv_export_s
             handovers.append(_Handover(seq, decoder, computed, self._prefill_free_s + link_s, import_s))
-        return outputs

@@ -14,6 +14,9 @@ run while the decode groups keep stepping: each step moves every transfer on by 
 slice of tokens imported in about a quarter of a decode step) and completes those that are done; the
 sequence decodes from the next step. A transfer that fails ends that request with an error; nothing is
 decoded from half a cache, and neither side keeps its blocks. An aborted transfer imports no more slices.
+A prefilled sequence that no decode group has blocks for yet waits, its KV kept in the prefill group's blocks
+(so that group admits fewer prompts meanwhile: the replica's backpressure), and goes over, oldest first, once
+decode steps have freed enough: failing it would throw away its prefill, minutes of it for a long prompt.
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ class DisaggregatedEngine:
         self._links = {decoder: _link(prefill, decoder, self._paces[decoder]) for decoder in decoders}
         self._prefill_step: Any = None  # the prefill engine's step in flight, kept across step() calls
         self._handovers: list[_Handover] = []
+        self._parked: list[Sequence] = []  # prefilled, waiting for a decode group with blocks for them
         # called after each decode step with its rows (every decode group's) and seconds: what a replica's decode
         # steps take while its prefill group computes and KV moves (metrics, the planner's calibration)
         self.decode_step_observer: Callable[[int, float], None] | None = None
@@ -90,8 +94,13 @@ class DisaggregatedEngine:
         """Request ids whose KV is on its way to a decode engine."""
         return [h.seq.request_id for h in self._handovers if not h.aborted]
 
+    @property
+    def waiting_for_decode(self) -> list[str]:
+        """Request ids prefilled and waiting, their KV in the prefill group's blocks, for a decode group's."""
+        return [seq.request_id for seq in self._parked if not seq.is_finished]
+
     def has_unfinished_requests(self) -> bool:
-        return self._prefill_step is not None or bool(self._handovers) or any(
+        return self._prefill_step is not None or bool(self._handovers) or bool(self._parked) or any(
             e.has_unfinished_requests() or e.handoffs for e in (self.prefill, *self.decoders))
 
     def step(self) -> list[RequestOutput]:
@@ -103,6 +112,7 @@ class DisaggregatedEngine:
         began = time.perf_counter()
         decode_steps = [decoder.begin_step() for decoder in self.decoders]
         outputs += [out for decoder, step in zip(self.decoders, decode_steps) for out in decoder.finish_step(step)]
+        outputs += self._hand_over_parked()  # into the blocks these steps freed
         step_s = time.perf_counter() - began
         for decoder, step in zip(self.decoders, decode_steps):
             if step is not None:
@@ -158,9 +168,24 @@ class DisaggregatedEngine:
 
     def _finish_prefill(self, prefill_step: Any) -> list[RequestOutput]:
         outputs = self.prefill.finish_step(prefill_step)
-        for seq in self.prefill.take_handoffs():
-            if not seq.is_finished:  # aborted while waiting for its handoff
+        self._parked += self.prefill.take_handoffs()
+        return outputs + self._hand_over_parked()
+
+    def _hand_over_parked(self) -> list[RequestOutput]:
+        """Hand prefilled sequences over, oldest first, while a decode group has blocks for the next one; the rest
+        wait in the prefill group's blocks. One that no decode group could hold even empty is handed over to
+        fail there, with the reason."""
+        outputs: list[RequestOutput] = []
+        while self._parked:
+            seq = self._parked[0]
+            if not seq.is_finished:  # else aborted, or failed with the prefill group, while it waited
+                live = [(d.block_manager, d.block_manager.blocks_needed(seq.num_computed_tokens + 1))
+                        for d in self.decoders if d.failure is None]
+                could = any(needed <= blocks.num_blocks for blocks, needed in live)
+                if could and not any(needed <= blocks.num_free_blocks for blocks, needed in live):
+                    break  # decode steps will free blocks
                 outputs += self._hand_over(seq)
+            self._parked.pop(0)
         return outputs
 
     def _hand_over(self, seq: Sequence) -> list[RequestOutput]:
