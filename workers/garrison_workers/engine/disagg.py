@@ -112,13 +112,13 @@ class DisaggregatedEngine:
         began = time.perf_counter()
         decode_steps = [decoder.begin_step() for decoder in self.decoders]
         outputs += [out for decoder, step in zip(self.decoders, decode_steps) for out in decoder.finish_step(step)]
-        outputs += self._hand_over_parked()  # into the blocks these steps freed
         step_s = time.perf_counter() - began
         for decoder, step in zip(self.decoders, decode_steps):
             if step is not None:
                 self._paces[decoder].observe_step(step_s)
         if self.decode_step_observer is not None and not all(step is None for step in decode_steps):
             self.decode_step_observer(sum(len(step.work) for step in decode_steps if step is not None), step_s)
+        outputs += self._hand_over_parked()  # into the blocks these steps freed
         prefill_step = self._prefill_step
         idle = all(step is None for step in decode_steps)
         if prefill_step is not None and (prefill_step.done() or (idle and not self._handovers)):
