@@ -749,6 +749,37 @@ def test_collectives_are_priced_by_what_the_ep_steps_pay_beyond_their_compute() 
     assert ep_link({2: points[2]}, base, 1e9) is None
 
 
+def test_ranks_at_once_stretch_a_time_shared_groups_compute_and_not_its_collectives() -> None:
+    """Measured per group size (2 and 4 ranks); a size between takes the one below, one rank none. The EP step's
+    compute grows by the stretch, its collectives do not, and the link fitted to EP steps whose compute ran
+    stretched gives back their collectives' cost (unstretched, it would call part of that compute collectives)."""
+    eff = Efficiency(overlap="sum", layer_overhead_s=1e-4, rank_stretch={"4": 1.2, "2": 1.5})
+    assert [eff.stretch(n) for n in (1, 2, 3, 4, 8)] == [1.0, 1.5, 1.5, 1.2, 1.2]
+    for bad in ({1: 1.2}, {2: 0.9}):
+        with pytest.raises(InvalidRequestError, match="rank_stretch"):
+            Efficiency(rank_stretch=bad)
+    model = moe_llama4(*EP_MODEL)
+    plain = Hardware("here", 8e9, 20e9, {"fp32": 50e9}, Link(1e9, 1e-3), Link(1e9, 1e-3), 2,
+                     efficiency=Efficiency(overlap="sum", layer_overhead_s=1e-4), time_shared=True)
+    stretched = replace(plain, efficiency=eff)
+    rows = [Row(1, 136)] * 8
+    for ep, factor in ((2, 1.5), (4, 1.2)):
+        before = StepTimeModel(model, plain, Precision("fp32", "fp32"), Group("both", 1, ep))
+        after = StepTimeModel(model, stretched, Precision("fp32", "fp32"), Group("both", 1, ep))
+        comm = before.cost(rows).comm_s
+        assert comm > 0 and after.cost(rows).comm_s == comm
+        assert after.seconds(rows) - comm == pytest.approx(factor * (before.seconds(rows) - comm))
+    no_latency = replace(stretched, nvlink=Link(1e9, 0.0), scaleout=Link(1e9, 0.0))
+    layers = sum(1 for i in range(model.num_layers) if model.is_moe_layer(i))
+    points = {ep: Point(f"ep={ep}", model, rows, StepTimeModel(model, no_latency, Precision("fp32", "fp32"),
+                                                               Group("both", 1, ep)).seconds(rows)
+                        + 5 * layers * per_call) for ep, per_call in ((2, 1e-3), (4, 3e-3))}
+    link, _ = ep_link(points, stretched, 1e9)
+    assert link.latency(2) == pytest.approx(1e-3) and link.latency(4) == pytest.approx(3e-3)
+    unstretched, _ = ep_link(points, plain, 1e9)
+    assert unstretched.latency(2) > 1.05e-3
+
+
 def _tiny_config(directory: Path) -> Path:
     from garrison_workers.config import tiny_llama4
 

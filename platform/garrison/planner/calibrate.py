@@ -681,7 +681,15 @@ def _ray_slots(cpus: int, progress: Progress, what: str) -> Iterator[bool]:
         ray.shutdown()
 
 
-def ep_points(threads: int, quick: bool, progress: Progress) -> dict[int, Point]:
+@dataclass(slots=True)
+class EPSteps:
+    """The engine's EP steps by group size, and `Efficiency.rank_stretch` measured on the same Ray beside them."""
+
+    points: dict[int, Point] = field(default_factory=dict)
+    stretch: dict[int, float] = field(default_factory=dict)
+
+
+def ep_points(threads: int, quick: bool, progress: Progress) -> EPSteps:
     """The engine's decode step of 8 sequences of `EP_MODEL` at each of `EP_SIZES`, its ranks Ray actors of
     `threads` threads, by group size; none without Ray, or where Ray holds too few CPU slots for the largest."""
     raw = moe_llama4_raw(*EP_MODEL)
@@ -690,7 +698,12 @@ def ep_points(threads: int, quick: bool, progress: Progress) -> dict[int, Point]
     points = {}
     with _ray_slots(max(EP_SIZES), progress, "EP collectives (priced from idle processes)") as usable:
         if not usable:
-            return {}
+            return EPSteps()
+        import ray
+
+        stretch = _rank_stretch(ray, threads, EP_SIZES, 3 if quick else 5)
+        progress("  ranks at once against one alone (beyond sharing the cores): "
+                 + ", ".join(f"{n}: x{f:.2f}" for n, f in stretch.items()))
         with tempfile.TemporaryDirectory(prefix="garrison-calibrate-") as tmp:
             save_random_checkpoint(raw, Path(tmp))
             for ep in EP_SIZES:
@@ -703,7 +716,41 @@ def ep_points(threads: int, quick: bool, progress: Progress) -> dict[int, Point]
                     engine.shutdown()
                 point.label += f" ep={ep}"
                 points[ep] = point
-    return points
+    return EPSteps(points, stretch)
+
+
+def _rank_stretch(ray: Any, threads: int, sizes: tuple[int, ...], rounds: int) -> dict[int, float]:
+    """Per group size n: a fixed chain of decode-sized GEMMs (8 rows over 32 MB of weights, as a rank's step
+    reads them) in n Ray actors at once against one alone, over n / devices where n exceeds them: the best of
+    `rounds` of each, alone and together taken in turn so that a drift of the machine's speed hits both."""
+
+    @ray.remote(num_cpus=0.01)
+    class Rank:
+        def __init__(self) -> None:
+            torch.set_num_threads(threads)
+            self.weights = [torch.randn(512, 2048) for _ in range(8)]
+            self.x = torch.randn(8, 512)
+
+        def chain(self, reps: int) -> float:
+            began = time.perf_counter()
+            for _ in range(reps):
+                for w in self.weights:
+                    self.x = (self.x @ w)[:, :512].mul(0.01).contiguous()
+            return time.perf_counter() - began
+
+    ranks = [Rank.remote() for _ in range(max(sizes))]
+    ray.get([r.chain.remote(2) for r in ranks])
+    devices = max(1, (os.cpu_count() or 1) // threads)
+    stretch = {}
+    for n in sizes:
+        alone, together = [], []
+        for _ in range(rounds):
+            alone.append(ray.get(ranks[0].chain.remote(30)))
+            together.append(max(ray.get([r.chain.remote(30) for r in ranks[:n]])))
+        stretch[n] = max(1.0, min(together) / min(alone) / max(1.0, n / devices))
+    for rank in ranks:
+        ray.kill(rank)
+    return stretch
 
 
 def ep_link(points: dict[int, Point], fitted: Hardware, bandwidth: float) -> tuple[Link, dict[str, Any]] | None:
@@ -831,7 +878,7 @@ def _ray_measure(ray: Any) -> RayCosts:
 
 def calibrate(out: Path, threads: int = 1, quick: bool = False, progress: Progress = print,
               extra_points: list[Point] | None = None, with_ray: bool = True,
-              ep_steps: dict[int, Point] | None = None) -> Hardware:
+              ep_steps: EPSteps | None = None) -> Hardware:
     """`extra_points`: steps of the models to plan (kept as their own steps too); `ep_steps`: `ep_points` measured
     by the caller (next to what it compares them with, on a machine whose speed drifts), else measured here."""
     progress(f"calibrating this machine with {threads} torch thread(s) per rank")
@@ -855,7 +902,10 @@ def calibrate(out: Path, threads: int = 1, quick: bool = False, progress: Progre
     ep_measured: dict[str, Any] = {}
     if ep_steps is None and with_ray:
         ep_steps = ep_points(threads, quick, progress)
-    in_steps = ep_link(ep_steps or {}, replace(base, efficiency=efficiency), link.bandwidth)
+    ep_steps = ep_steps or EPSteps()
+    # the collectives are what the EP steps took beyond their ranks' compute, that compute stretched as measured
+    efficiency = replace(efficiency, rank_stretch=ep_steps.stretch)
+    in_steps = ep_link(ep_steps.points, replace(base, efficiency=efficiency), link.bandwidth)
     if in_steps is not None:
         link, ep_measured = in_steps
         base = replace(base, nvlink=link, scaleout=link)
@@ -886,11 +936,13 @@ def calibrate(out: Path, threads: int = 1, quick: bool = False, progress: Progre
         "nvlink": "measured: bandwidth from gloo all_to_all_single of 4 MB between 2 processes; the cost per call "
                   "from the engine's own EP steps (a MoE at ep=2 and ep=4 on Ray, beyond the fitted compute), or "
                   "without Ray from all_to_all_single between 2 and 4 idle processes",
+        "rank_stretch": "measured: a chain of decode-sized GEMMs in 2 and 4 Ray actors at once against one alone",
         "efficiency": f"fitted to {len(points)} engine steps of random models (see measurements.fit); the steps' "
                       "spread from their repeats, alone and inside a disaggregated replica",
         "kv_link": "measured: tensors through Ray's object store between an actor and the driver"})
     measurements = {"threads": threads, "gemm_peak_flops": peak, "read_bandwidth": bandwidth, "gemm_curve": curve,
-                    "collectives": {**link_measured, "in_ep_steps": ep_measured}, "ray": ray_measured,
+                    "collectives": {**link_measured, "in_ep_steps": ep_measured},
+                    "rank_stretch": ep_steps.stretch, "ray": ray_measured,
                     "fit": fit_report, "load_average": list(os.getloadavg())}
     save_profile(hardware, out, measurements)
     return hardware

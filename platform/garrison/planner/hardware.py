@@ -104,11 +104,18 @@ class Efficiency:
     # efficiencies for every model it saw, and misses any one model's steps by 10-40% either way on a CPU; a plan
     # for a model measured here prices its steps through these (`own_ratio`).
     own_steps: dict[str, dict[str, list[list[float]]]] = field(default_factory=dict)
+    # A time-shared host (a calibrated CPU): ranks stepping at once -> how much longer a rank's compute takes
+    # than alone, beyond sharing the devices (ranks / devices). On this 2-core VM two ranks at once ran a fixed
+    # GEMM chain 1.2-1.5x as long as one alone, which the EP steps had put down to their collectives.
+    rank_stretch: dict[int, float] = field(default_factory=dict)
     calibrated: bool = False
 
     def __post_init__(self) -> None:
         # Sorted by rows as numbers: a profile read back from JSON has its rows as strings ("128" < "16").
         object.__setattr__(self, "gemm_curve", dict(sorted((int(k), float(v)) for k, v in self.gemm_curve.items())))
+        object.__setattr__(self, "rank_stretch", dict(sorted((int(k), float(v)) for k, v in self.rank_stretch.items())))
+        if any(ranks < 2 or not stretch >= 1 for ranks, stretch in self.rank_stretch.items()):
+            raise InvalidRequestError(f"invalid rank_stretch {self.rank_stretch}: ranks >= 2 -> a factor >= 1")
         shares = (self.gemm, self.gemm_small, self.memory, self.attention)
         if not all(0 < s <= 1 for s in shares) or self.overlap not in ("max", "sum"):
             raise InvalidRequestError(f"invalid efficiency {self}: shares must be in (0, 1], overlap max or sum")
@@ -160,6 +167,11 @@ class Efficiency:
                 t = math.log(fitted_s / low) / math.log(high / low)
                 return low_measured / low + t * (high_measured / high - low_measured / low)
         return last_measured / last
+
+    def stretch(self, ranks: int) -> float:
+        """`rank_stretch` at `ranks`: that of the largest group size measured up to it; 1 for one rank."""
+        measured = [factor for size, factor in self.rank_stretch.items() if size <= ranks]  # sorted by size
+        return measured[-1] if measured else 1.0
 
     def curve_share(self, rows: float) -> float:
         """`gemm_curve` at `rows`: linear in log2(rows) between measured points; below the first, a GEMM's time

@@ -113,7 +113,7 @@ class StepTimeModel:
         fixed = (cost.layers * eff.layer_overhead_s + cost.rows * eff.row_overhead_s
                  + cost.segments * eff.segment_overhead_s
                  + cost.experts * eff.expert_overhead_s)
-        share = max(1.0, self.group.gpus / hw.gpus_per_node) if hw.time_shared else 1.0
+        share = max(1.0, self.group.gpus / hw.gpus_per_node) * eff.stretch(self.group.gpus) if hw.time_shared else 1.0
         # A colocated group's steps overlap (the engine's async scheduling): the call's round trip is hidden behind
         # the step before. A disaggregated replica's groups run one step after the other and pay it.
         call = eff.group_call_s if self.on_ray and self.group.role != "both" else 0.0
