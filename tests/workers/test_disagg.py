@@ -15,7 +15,7 @@ from conftest import save_tiny_llama4
 from garrison_workers.engine.disagg import DisaggregatedEngine
 from garrison_workers.engine.llm_engine import EngineConfig, LLMEngine
 from garrison_workers.engine.sequence import SamplingParams
-from garrison_workers.errors import ContextLengthError, LayoutError
+from garrison_workers.errors import ContextLengthError, LayoutError, WorkerLostError
 from garrison_workers.faults import Fault
 from garrison_workers.kv_link import TorchChannel
 from garrison_workers.kv_transfer import KVPayload, KVTransferError, assemble_heads
@@ -126,6 +126,33 @@ def test_a_prefilled_sequence_waits_for_decode_blocks_rather_than_fail(tiny_moe:
         assert {k: v for k, v in tokens.items() if k != aborted} == {
             f"again{i}": expected[f"r{i}"] for i in range(len(batch)) if f"again{i}" != aborted}
         assert_no_blocks_held(engine)
+    finally:
+        shutdown(engine)
+
+
+def test_sequences_waiting_for_a_lost_decode_group_fail_cleanly_and_free_their_prefill_blocks(tiny_moe: Path) -> None:
+    """The decode group is lost (as the replica's supervisor marks it) while prefilled sequences wait for its
+    blocks: each ends with a retryable error rather than waiting on a group that is gone, and the prefill
+    group's blocks come back."""
+    batch = prompts(512, count=6)
+    longest = max(len(p) for p in batch) + PARAMS.max_tokens
+    small = replace(CONFIG, num_kv_blocks=-(-longest // CONFIG.block_size) + 1)
+    engine = DisaggregatedEngine(LLMEngine.from_path(tiny_moe, CONFIG, role="prefill"),
+                                 [LLMEngine.from_path(tiny_moe, small, role="decode")])
+    try:
+        for i, prompt in enumerate(batch):
+            engine.add_request(f"r{i}", prompt, PARAMS)
+        outputs = []
+        while not engine.waiting_for_decode:
+            outputs += engine.step()
+        waiting = set(engine.waiting_for_decode)
+        outputs += engine.decoders[0].fail_all(WorkerLostError("decode rank lost (test)"))
+        while engine.has_unfinished_requests():
+            outputs += engine.step()
+        failed = {out.request_id: str(out.error) for out in outputs if out.finish_reason == "error"}
+        assert waiting <= set(failed)
+        assert all("no decode group of this replica is serving; retry" in failed[r] for r in waiting)
+        assert engine.prefill.block_manager.num_free_blocks == engine.prefill.block_manager.num_blocks
     finally:
         shutdown(engine)
 

@@ -106,7 +106,7 @@ class Efficiency:
     own_steps: dict[str, dict[str, list[list[float]]]] = field(default_factory=dict)
     # A time-shared host (a calibrated CPU): ranks stepping at once -> how much longer a rank's compute takes
     # than alone, beyond sharing the devices (ranks / devices). On this 2-core VM two ranks at once ran a fixed
-    # GEMM chain 1.1-1.6x as long as one alone, which the EP steps had put down to their collectives.
+    # GEMM chain 1.0-1.6x as long as one alone, which the EP steps had put down to their collectives.
     rank_stretch: dict[int, float] = field(default_factory=dict)
     calibrated: bool = False
 
