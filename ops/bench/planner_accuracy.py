@@ -6,9 +6,9 @@ Garrison issue 16. The planner's time model is calibrated on some measured point
 calibration did not see, which are measured in the same run:
 
 - calibration (`garrison.planner.calibrate`): fp32 GEMM peak and memory read bandwidth, gloo all-to-alls between 2
-  and 4 processes, a MoE's EP steps at ep=2 and ep=4 on Ray (a collective's cost inside a step, beyond the ranks'
-  compute stretched as 2 and 4 ranks at once stretch it; timed right after the held-out EP steps, on their Ray,
-  rather than minutes later with the rest), a disaggregated replica of
+  and 4 processes, two MoEs' decode steps alone and at ep=2 and ep=4 on Ray (the line through them: how much 2
+  and 4 ranks at once stretch a rank's compute, and a collective's cost inside a step; timed right after the
+  held-out EP steps, on their Ray, rather than minutes later with the rest), a disaggregated replica of
   that MoE (its decode and prefill groups' steps: how they spread there), a Ray actor call,
   tensors through the object store and a small KV handoff, engine steps of random models built in memory (dense
   Llama h256 and h1024, a Llama 4 MoE), plus these measured steps: SmolLM2 decode at 1 and 8 concurrent requests,
@@ -213,9 +213,9 @@ def moe_section(report: Report, model_dir: Path, quick: bool
                 engine.generate([[3, 4, 5] * 20], SamplingParams(max_tokens=4, ignore_eos=True))
                 measured[ep] = decode_point(engine, model, 8, 128, steps).seconds
                 engine.shutdown()
-            # calibration's own EP steps (what a collective costs inside a step) on the same Ray, minutes nearer
-            # these than the rest of calibration: 4 ranks sharing 2 cores wait for each other by what the
-            # machine's speed of the moment lets them
+            # calibration's own EP steps (the ranks' stretch, what a collective costs inside a step) on the same
+            # Ray, minutes nearer these than the rest of calibration: 4 ranks sharing 2 cores wait for each other
+            # by what the machine's speed of the moment lets them
             ep_steps = ep_points(1, quick, progress)
         finally:
             ray.shutdown()

@@ -18,10 +18,10 @@ import torch
 import yaml
 from garrison.cli import main
 from garrison.planner import helm_values, report
-from garrison.planner.calibrate import (EP_MODEL, REPLICA_MODEL, REPLICA_WINDOWS, Point, decode_point, dense_llama,
-                                       ep_link, fit, model_points, moe_llama4, moe_llama4_raw, nnls, own_steps,
-                                       prefill_points, random_engine, replica_points, replica_prefill_excess,
-                                       save_random_checkpoint, step_excess)
+from garrison.planner.calibrate import (EP_MODELS, REPLICA_MODEL, REPLICA_WINDOWS, EPSteps, Point, decode_point,
+                                       dense_llama, ep_link, fit, model_points, moe_llama4, moe_llama4_raw, nnls,
+                                       own_steps, prefill_points, random_engine, replica_points,
+                                       replica_prefill_excess, save_random_checkpoint, step_excess)
 from garrison.planner.dtypes import WEIGHT_BYTES
 from garrison.planner.hardware import (CATALOG_FILE, Efficiency, Hardware, Link, load_catalog, resolve_hardware,
                                       save_profile)
@@ -726,39 +726,59 @@ def test_a_random_checkpoint_loads_as_the_model_calibration_steps_in_memory(tmp_
     assert loaded[0].token_ids == in_memory[0].token_ids and len(loaded[0].token_ids) == 6
 
 
-def test_collectives_are_priced_by_what_the_ep_steps_pay_beyond_their_compute() -> None:
-    """Hand-made steps at ep=2 and ep=4: the fitted compute and bytes plus 1 ms and 3 ms for each of the step's
-    collectives (5 per MoE layer). The link gives back those costs; a step faster than its compute (noise) prices
-    its collectives at nothing rather than below it; one group size alone gives no link (calibration keeps the
-    idle processes' figure)."""
-    model = moe_llama4(*EP_MODEL)
+def test_ep_steps_of_two_models_give_the_ranks_stretch_and_the_collectives_cost() -> None:
+    """Hand-made steps of the two EP models: alone, 1.3x and 0.8x what the fit gives them; at ep=2 and ep=4 their
+    compute as it ran alone stretched 1.8x and 1.1x (beyond 4 ranks sharing 2 cores), plus 0.3 ms and 0.9 ms for
+    each of the step's collectives (5 per MoE layer). The fit gives back both; priced with them, each step comes
+    back as measured. Steps that would need ranks at once to run faster than alone give a stretch of 1, not below;
+    one model alone gives no link (calibration keeps the idle processes' figure)."""
+    fp32 = Precision("fp32", "fp32")
+    models = [moe_llama4(*spec) for spec in EP_MODELS]
     base = Hardware("here", 8e9, 20e9, {"fp32": 50e9}, Link(1e9, 0.0), Link(1e9, 0.0), 2,
-                    efficiency=Efficiency(overlap="sum", layer_overhead_s=1e-4), time_shared=True)
+                    efficiency=Efficiency(overlap="sum", layer_overhead_s=1e-4, step_overhead_s=2e-4),
+                    time_shared=True)
     rows = [Row(1, 136)] * 8
-    layers = sum(1 for i in range(model.num_layers) if model.is_moe_layer(i))
-    points = {}
-    for ep, per_call in ((2, 1e-3), (4, 3e-3)):
-        compute = StepTimeModel(model, base, Precision("fp32", "fp32"), Group("both", 1, ep)).seconds(rows)
-        points[ep] = Point(f"ep={ep}", model, rows, compute + 5 * layers * per_call)
-    link, measured = ep_link(points, base, 1e9)
-    assert link.latency(2) == pytest.approx(1e-3) and link.latency(4) == pytest.approx(3e-3)
-    assert link.bandwidth == 1e9 and measured["ep4"]["collectives"] == 5 * layers
-    points[2] = replace(points[2], seconds=points[2].seconds / 10)
-    _, measured = ep_link(points, base, 1e9)
-    assert measured["ep2"]["per_collective_s"] == 0.0 and measured["ep4"]["per_collective_s"] == pytest.approx(3e-3)
-    assert ep_link({2: points[2]}, base, 1e9) is None
+    alone = [Point(f"alone {i}", model, rows, ratio * StepTimeModel(model, base, fp32, Group("both", 1, 1),
+                                                                     on_ray=False).seconds(rows))
+             for i, (model, ratio) in enumerate(zip(models, (1.3, 0.8)))]
+    as_alone = replace(base, efficiency=replace(base.efficiency, own_steps=own_steps(alone, base)))
+
+    def steps(stretch: dict[int, float], per_call: dict[int, float]) -> EPSteps:
+        points = {}
+        for ep in (2, 4):
+            points[ep] = []
+            for model in models:
+                step = StepTimeModel(model, as_alone, fp32, Group("both", 1, ep))
+                compute, rest = step.parts(step.cost(rows))
+                calls = 5 * sum(1 for i in range(model.num_layers) if model.is_moe_layer(i))
+                points[ep].append(Point(f"ep={ep}", model, rows, stretch[ep] * compute + rest + calls * per_call[ep]))
+        return EPSteps(alone, points)
+
+    link, stretch, measured = ep_link(steps({2: 1.8, 4: 1.1}, {2: 3e-4, 4: 9e-4}), base, 1e9)
+    assert stretch == {2: pytest.approx(1.8), 4: pytest.approx(1.1)}
+    assert link.latency(2) == pytest.approx(3e-4) and link.latency(4) == pytest.approx(9e-4)
+    assert measured["ep4"]["per_collective_s"] == pytest.approx(9e-4) and len(measured["ep2"]["steps"]) == 2
+    fitted = replace(as_alone, nvlink=link, scaleout=link,
+                     efficiency=replace(as_alone.efficiency, rank_stretch=stretch))
+    for ep, points in steps({2: 1.8, 4: 1.1}, {2: 3e-4, 4: 9e-4}).points.items():
+        for point in points:
+            priced = StepTimeModel(point.model, fitted, fp32, Group("both", 1, ep)).seconds(rows)
+            assert priced == pytest.approx(point.seconds)
+    _, stretch, _ = ep_link(steps({2: 0.5, 4: 0.6}, {2: 3e-4, 4: 9e-4}), base, 1e9)
+    assert stretch == {2: 1.0, 4: 1.0}
+    assert ep_link(EPSteps(alone[:1], {ep: points[:1] for ep, points in
+                                       steps({2: 1.8, 4: 1.1}, {2: 3e-4, 4: 9e-4}).points.items()}), base, 1e9) is None
 
 
 def test_ranks_at_once_stretch_a_time_shared_groups_compute_and_not_its_collectives() -> None:
-    """Measured per group size (2 and 4 ranks); a size between takes the one below, one rank none. The EP step's
-    compute grows by the stretch, its collectives do not, and the link fitted to EP steps whose compute ran
-    stretched gives back their collectives' cost (unstretched, it would call part of that compute collectives)."""
+    """Per group size (2 and 4 ranks); a size between takes the one below, one rank none. The EP step's compute
+    grows by the stretch, its collectives do not."""
     eff = Efficiency(overlap="sum", layer_overhead_s=1e-4, rank_stretch={"4": 1.2, "2": 1.5})
     assert [eff.stretch(n) for n in (1, 2, 3, 4, 8)] == [1.0, 1.5, 1.5, 1.2, 1.2]
     for bad in ({1: 1.2}, {2: 0.9}):
         with pytest.raises(InvalidRequestError, match="rank_stretch"):
             Efficiency(rank_stretch=bad)
-    model = moe_llama4(*EP_MODEL)
+    model = moe_llama4(*EP_MODELS[0])
     plain = Hardware("here", 8e9, 20e9, {"fp32": 50e9}, Link(1e9, 1e-3), Link(1e9, 1e-3), 2,
                      efficiency=Efficiency(overlap="sum", layer_overhead_s=1e-4), time_shared=True)
     stretched = replace(plain, efficiency=eff)
@@ -769,15 +789,6 @@ def test_ranks_at_once_stretch_a_time_shared_groups_compute_and_not_its_collecti
         comm = before.cost(rows).comm_s
         assert comm > 0 and after.cost(rows).comm_s == comm
         assert after.seconds(rows) - comm == pytest.approx(factor * (before.seconds(rows) - comm))
-    no_latency = replace(stretched, nvlink=Link(1e9, 0.0), scaleout=Link(1e9, 0.0))
-    layers = sum(1 for i in range(model.num_layers) if model.is_moe_layer(i))
-    points = {ep: Point(f"ep={ep}", model, rows, StepTimeModel(model, no_latency, Precision("fp32", "fp32"),
-                                                               Group("both", 1, ep)).seconds(rows)
-                        + 5 * layers * per_call) for ep, per_call in ((2, 1e-3), (4, 3e-3))}
-    link, _ = ep_link(points, stretched, 1e9)
-    assert link.latency(2) == pytest.approx(1e-3) and link.latency(4) == pytest.approx(3e-3)
-    unstretched, _ = ep_link(points, plain, 1e9)
-    assert unstretched.latency(2) > 1.05e-3
 
 
 def _tiny_config(directory: Path) -> Path:

@@ -651,10 +651,11 @@ def gloo_link(progress: Progress) -> tuple[Link, dict[str, Any]]:
     return Link(bandwidth, latency, per_rank), report
 
 
-# The MoE whose steps at ep=2 and ep=4 price the collectives (the in-memory one of `engine_points`), and how many
-# collectives each of its MoE layers calls (ParallelMoE.forward: all-to-alls of the pair counts, the rows, the
-# expert ids and the rows back, then an all-gather), as `StepTimeModel._comm` prices them.
-EP_MODEL = (256, 8, 512)
+# The MoEs whose steps alone and at ep=2 and ep=4 price a time-shared group (`ep_link`): the second has about three
+# times the first's compute, so that the line through their steps at a group size tells the ranks' compute from the
+# collectives. How many collectives each MoE layer calls (ParallelMoE.forward: all-to-alls of the pair counts, the
+# rows, the expert ids and the rows back, then an all-gather), as `StepTimeModel._comm` prices them.
+EP_MODELS = ((256, 8, 512), (768, 8, 512))
 EP_SIZES = (2, 4)
 COLLECTIVES_PER_MOE_LAYER = 5
 
@@ -683,96 +684,87 @@ def _ray_slots(cpus: int, progress: Progress, what: str) -> Iterator[bool]:
 
 @dataclass(slots=True)
 class EPSteps:
-    """The engine's EP steps by group size, and `Efficiency.rank_stretch` measured on the same Ray beside them."""
+    """The decode steps of `EP_MODELS` alone (one process) and at each group size on Ray (by size, in the models'
+    order), taken together: the machine's speed drifts by tens of percent within minutes."""
 
-    points: dict[int, Point] = field(default_factory=dict)
-    stretch: dict[int, float] = field(default_factory=dict)
+    alone: list[Point] = field(default_factory=list)
+    points: dict[int, list[Point]] = field(default_factory=dict)
 
 
 def ep_points(threads: int, quick: bool, progress: Progress) -> EPSteps:
-    """The engine's decode step of 8 sequences of `EP_MODEL` at each of `EP_SIZES`, its ranks Ray actors of
-    `threads` threads, by group size; none without Ray, or where Ray holds too few CPU slots for the largest."""
-    raw = moe_llama4_raw(*EP_MODEL)
+    """The engine's decode step of 8 sequences of each of `EP_MODELS`, alone at `threads` threads and at each of
+    `EP_SIZES` with its ranks Ray actors of `threads` threads; none without Ray, or where Ray holds too few CPU slots
+    for the largest."""
     config = EngineConfig(num_kv_blocks=512, max_num_batched_tokens=512, enable_prefix_caching=False,
                           worker_threads=threads)
-    points = {}
     with _ray_slots(max(EP_SIZES), progress, "EP collectives (priced from idle processes)") as usable:
         if not usable:
             return EPSteps()
-        import ray
-
-        stretch = _rank_stretch(ray, threads, EP_SIZES, 3 if quick else 5)
-        progress("  ranks at once against one alone (beyond sharing the cores): "
-                 + ", ".join(f"{n}: x{f:.2f}" for n, f in stretch.items()))
+        torch.set_num_threads(threads)
         with tempfile.TemporaryDirectory(prefix="garrison-calibrate-") as tmp:
-            save_random_checkpoint(raw, Path(tmp))
-            for ep in EP_SIZES:
-                progress(f"  EP collectives: {_name(from_hf_config(raw))} decoding 8 at ep={ep} on Ray")
-                engine = LLMEngine.from_path(Path(tmp), config, ParallelDims(ep=ep))
-                try:
-                    engine.generate([[3, 4, 5, 6] * 32], SamplingParams(max_tokens=4, ignore_eos=True))
-                    point = decode_point(engine, engine.model_config, 8, 128, 4 if quick else 8)
-                finally:
-                    engine.shutdown()
-                point.label += f" ep={ep}"
-                points[ep] = point
-    return EPSteps(points, stretch)
+            directories = []
+            for hidden, experts, chunk in EP_MODELS:
+                directory = Path(tmp) / f"moe-{hidden}-{experts}"
+                directory.mkdir()
+                save_random_checkpoint(moe_llama4_raw(hidden, experts, chunk), directory)
+                directories.append(directory)
+            alone = [_ep_step(directory, config, 1, quick, progress) for directory in directories]
+            points = {ep: [_ep_step(directory, config, ep, quick, progress) for directory in directories]
+                      for ep in EP_SIZES}
+    return EPSteps(alone, points)
 
 
-def _rank_stretch(ray: Any, threads: int, sizes: tuple[int, ...], rounds: int) -> dict[int, float]:
-    """Per group size n: a fixed chain of decode-sized GEMMs (8 rows over 32 MB of weights, as a rank's step
-    reads them) in n Ray actors at once against one alone, over n / devices where n exceeds them: the best of
-    `rounds` of each, alone and together taken in turn so that a drift of the machine's speed hits both."""
-
-    @ray.remote(num_cpus=0.01)
-    class Rank:
-        def __init__(self) -> None:
-            torch.set_num_threads(threads)
-            self.weights = [torch.randn(512, 2048) for _ in range(8)]
-            self.x = torch.randn(8, 512)
-
-        def chain(self, reps: int) -> float:
-            began = time.perf_counter()
-            for _ in range(reps):
-                for w in self.weights:
-                    self.x = (self.x @ w)[:, :512].mul(0.01).contiguous()
-            return time.perf_counter() - began
-
-    ranks = [Rank.remote() for _ in range(max(sizes))]
-    ray.get([r.chain.remote(2) for r in ranks])
-    devices = max(1, (os.cpu_count() or 1) // threads)
-    stretch = {}
-    for n in sizes:
-        alone, together = [], []
-        for _ in range(rounds):
-            alone.append(ray.get(ranks[0].chain.remote(30)))
-            together.append(max(ray.get([r.chain.remote(30) for r in ranks[:n]])))
-        stretch[n] = max(1.0, min(together) / min(alone) / max(1.0, n / devices))
-    for rank in ranks:
-        ray.kill(rank)
-    return stretch
+def _ep_step(directory: Path, config: EngineConfig, ep: int, quick: bool, progress: Progress) -> Point:
+    engine = LLMEngine.from_path(directory, config, ParallelDims(ep=ep)) if ep > 1 else \
+        LLMEngine.from_path(directory, config)
+    try:
+        where = f"at ep={ep} on Ray" if ep > 1 else "alone"
+        progress(f"  EP steps: {_name(engine.model_config)} decoding 8 {where}")
+        engine.generate([[3, 4, 5, 6] * 32], SamplingParams(max_tokens=4, ignore_eos=True))
+        point = decode_point(engine, engine.model_config, 8, 128, 4 if quick else 8)
+    finally:
+        engine.shutdown()
+    point.label += f" ep={ep}"
+    return point
 
 
-def ep_link(points: dict[int, Point], fitted: Hardware, bandwidth: float) -> tuple[Link, dict[str, Any]] | None:
-    """A collective's cost as the engine's EP steps pay it: each step's time beyond what the fitted profile gives
-    its compute and its bytes, per collective of the step. Inside a step the ranks reach each collective as their
-    own compute and the scheduler let them, and wait for the last; between idle processes an all-to-all tells
-    none of that (0.3 ms between 2 here, against about 1.2 ms in the engine's steps at ep=2). None without
-    points at two group sizes."""
-    if len(points) < 2:
+def ep_link(steps: EPSteps, fitted: Hardware, bandwidth: float) -> tuple[Link, dict[int, float], dict[str, Any]] | None:
+    """How a time-shared group's EP steps run, from `ep_points`: at each group size, each model's step is its
+    compute as it ran alone (the fitted profile's, through its own step alone) times a stretch, plus its
+    collectives' bytes, plus a cost per collective; the line through the models' steps gives both, shared by
+    every model (least squares, neither below what it can be: a stretch of 1, a cost of 0). The stretch is what
+    ranks stepping at once cost each other's compute beyond sharing the cores (here 1.6-2.3x at 2 ranks on 2
+    cores: the driver, gloo's and Ray's threads want the same cores); the cost per collective is what the ranks
+    wait at each, reaching it as their compute and the scheduler let them (0.3 ms between 2 idle processes here,
+    about 1 ms inside the engine's steps at ep=2). Returns the link (its latency by group size), the stretch by
+    group size and what was fitted; None without two models at two group sizes."""
+    sizes = sorted(ep for ep, points in steps.points.items() if len(points) >= 2)
+    if len(sizes) < 2 or len(steps.alone) < 2:
         return None
-    bytes_only = replace(fitted, nvlink=Link(bandwidth, 0.0), scaleout=Link(bandwidth, 0.0))
-    per_call, report = {}, {}
-    for ep, point in sorted(points.items()):
-        model = StepTimeModel(point.model, bytes_only, Precision("fp32", "fp32"), Group("both", 1, ep), on_ray=True)
-        calls = COLLECTIVES_PER_MOE_LAYER * model.counts.num_moe_layers
-        rest = model.seconds(point.rows)
-        per_call[ep] = max(0.0, point.seconds - rest) / calls
-        report[f"ep{ep}"] = {"step_s": point.seconds, "compute_and_bytes_s": rest, "collectives": calls,
-                             "per_collective_s": per_call[ep]}
+    # each model's step as it ran alone against the fit's, which prices its compute at ep through `own_ratio`
+    alone = own_steps(steps.alone, replace(fitted, efficiency=replace(fitted.efficiency, own_steps={})))
+    priced = replace(fitted, nvlink=Link(bandwidth, 0.0), scaleout=Link(bandwidth, 0.0),
+                     efficiency=replace(fitted.efficiency, own_steps=alone, rank_stretch={}))
+    per_call, stretch, report = {}, {}, {}
+    for ep in sizes:
+        compute, rest, calls, measured = [], [], [], []
+        for point in steps.points[ep]:
+            model = StepTimeModel(point.model, priced, Precision("fp32", "fp32"), Group("both", 1, ep), on_ray=True)
+            stretched, others = model.parts(model.cost(point.rows))
+            compute.append(stretched)
+            rest.append(others)
+            calls.append(COLLECTIVES_PER_MOE_LAYER * model.counts.num_moe_layers)
+            measured.append(point.seconds)
+        # fitted as a stretch of 1 plus a non-negative excess: ranks at once never run faster than one alone
+        beyond = [m - r - c for m, r, c in zip(measured, rest, compute)]
+        excess, per_call[ep] = nnls([[c, n] for c, n in zip(compute, calls)], beyond, [1.0 / m for m in measured])
+        stretch[ep] = 1.0 + excess
+        report[f"ep{ep}"] = {"steps": [{"model": _name(p.model), "step_s": m, "compute_alone_s": c, "collectives": n}
+                                       for p, m, c, n in zip(steps.points[ep], measured, compute, calls)],
+                             "stretch": stretch[ep], "per_collective_s": per_call[ep]}
     (small, at_small), (large, at_large) = sorted(per_call.items())[0], sorted(per_call.items())[-1]
     per_rank = max(0.0, (at_large - at_small) / (large - small))
-    return Link(bandwidth, max(0.0, at_small - per_rank * (small - 1)), per_rank), report
+    return Link(bandwidth, max(0.0, at_small - per_rank * (small - 1)), per_rank), stretch, report
 
 
 @dataclass(slots=True)
@@ -902,15 +894,14 @@ def calibrate(out: Path, threads: int = 1, quick: bool = False, progress: Progre
     ep_measured: dict[str, Any] = {}
     if ep_steps is None and with_ray:
         ep_steps = ep_points(threads, quick, progress)
-    ep_steps = ep_steps or EPSteps()
-    # the collectives are what the EP steps took beyond their ranks' compute, that compute stretched as measured
-    efficiency = replace(efficiency, rank_stretch=ep_steps.stretch)
-    in_steps = ep_link(ep_steps.points, replace(base, efficiency=efficiency), link.bandwidth)
+    in_steps = ep_link(ep_steps or EPSteps(), replace(base, efficiency=efficiency), link.bandwidth)
+    stretch: dict[int, float] = {}
     if in_steps is not None:
-        link, ep_measured = in_steps
+        link, stretch, ep_measured = in_steps
+        efficiency = replace(efficiency, rank_stretch=stretch)
         base = replace(base, nvlink=link, scaleout=link)
-        progress(f"  collectives in the EP steps: {link.latency(2) * 1e3:.2f} ms at 2 ranks, "
-                 f"{link.latency(4) * 1e3:.2f} ms at 4")
+        progress(f"  EP steps: collectives {link.latency(2) * 1e3:.2f} ms at 2 ranks, {link.latency(4) * 1e3:.2f} ms "
+                 "at 4; ranks at once against one alone " + ", ".join(f"{n}: x{f:.2f}" for n, f in stretch.items()))
     ray_measured: dict[str, Any] = {}
     kv_link = None
     costs = ray_costs(progress) if with_ray else None
@@ -934,15 +925,15 @@ def calibrate(out: Path, threads: int = 1, quick: bool = False, progress: Progre
         "gemm_curve": "measured: fp32 GEMMs of 1 to 256 rows over 512 MB of weights, scaled by the fit to the "
                       "engine's steps",
         "nvlink": "measured: bandwidth from gloo all_to_all_single of 4 MB between 2 processes; the cost per call "
-                  "from the engine's own EP steps (a MoE at ep=2 and ep=4 on Ray, beyond the fitted compute), or "
+                  "from the engine's own EP steps (two MoEs at ep=2 and ep=4 on Ray, beyond their compute), or "
                   "without Ray from all_to_all_single between 2 and 4 idle processes",
-        "rank_stretch": "measured: a chain of decode-sized GEMMs in 2 and 4 Ray actors at once against one alone",
+        "rank_stretch": "fitted: the engine's EP steps of two MoEs at ep=2 and ep=4 against their steps alone",
         "efficiency": f"fitted to {len(points)} engine steps of random models (see measurements.fit); the steps' "
                       "spread from their repeats, alone and inside a disaggregated replica",
         "kv_link": "measured: tensors through Ray's object store between an actor and the driver"})
     measurements = {"threads": threads, "gemm_peak_flops": peak, "read_bandwidth": bandwidth, "gemm_curve": curve,
                     "collectives": {**link_measured, "in_ep_steps": ep_measured},
-                    "rank_stretch": ep_steps.stretch, "ray": ray_measured,
+                    "rank_stretch": stretch, "ray": ray_measured,
                     "fit": fit_report, "load_average": list(os.getloadavg())}
     save_profile(hardware, out, measurements)
     return hardware

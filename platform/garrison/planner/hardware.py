@@ -105,8 +105,9 @@ class Efficiency:
     # for a model measured here prices its steps through these (`own_ratio`).
     own_steps: dict[str, dict[str, list[list[float]]]] = field(default_factory=dict)
     # A time-shared host (a calibrated CPU): ranks stepping at once -> how much longer a rank's compute takes
-    # than alone, beyond sharing the devices (ranks / devices). On this 2-core VM two ranks at once ran a fixed
-    # GEMM chain 1.0-1.6x as long as one alone, which the EP steps had put down to their collectives.
+    # than alone, beyond sharing the devices (ranks / devices), fitted to the engine's EP steps of two models
+    # (`calibrate.ep_link`). Priced as collectives instead, it left a model with more compute than calibration's
+    # short by the stretch of its extra compute.
     rank_stretch: dict[int, float] = field(default_factory=dict)
     calibrated: bool = False
 

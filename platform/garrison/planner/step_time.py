@@ -104,6 +104,12 @@ class StepTimeModel:
         return self.combine(self.cost(rows))
 
     def combine(self, cost: StepCost) -> float:
+        stretched, rest = self.parts(cost)
+        return stretched * (self.hw.efficiency.stretch(self.group.gpus) if self.hw.time_shared else 1.0) + rest
+
+    def parts(self, cost: StepCost) -> tuple[float, float]:
+        """The step's seconds as (the ranks' compute, which ranks stepping at once on a time-shared host stretch by
+        `Efficiency.stretch`; the rest: step overhead, collectives, the group's call)."""
         eff, hw = self.hw.efficiency, self.hw
         join = max if eff.overlap == "max" else (lambda a, b: a + b)
         share = {"gemm": eff.gemm, "small": eff.gemm_small, "attention": eff.attention}
@@ -114,14 +120,14 @@ class StepTimeModel:
         fixed = (cost.layers * eff.layer_overhead_s + cost.rows * eff.row_overhead_s
                  + cost.segments * eff.segment_overhead_s
                  + cost.experts * eff.expert_overhead_s)
-        share = max(1.0, self.group.gpus / hw.gpus_per_node) * eff.stretch(self.group.gpus) if hw.time_shared else 1.0
+        devices = max(1.0, self.group.gpus / hw.gpus_per_node) if hw.time_shared else 1.0
         # A colocated group's steps overlap (the engine's async scheduling): the call's round trip is hidden behind
         # the step before. A disaggregated replica's groups run one step after the other and pay it.
         call = eff.group_call_s if self.on_ray and self.group.role != "both" else 0.0
         # where calibration timed this model's own steps, the rank's part as they ran (collectives and calls are
         # measured apart)
         own = eff.own_ratio(self.key, step_kind(cost), compute + fixed + eff.step_overhead_s)
-        return ((compute + fixed) * share + eff.step_overhead_s) * own + cost.comm_s + call
+        return (compute + fixed) * devices * own, eff.step_overhead_s * own + cost.comm_s + call
 
     def cost(self, rows: list[Row]) -> StepCost:
         cost = StepCost(layers=self.model.num_layers, rows=len(rows))
