@@ -742,7 +742,8 @@ def ep_link(steps: EPSteps, fitted: Hardware, bandwidth: float) -> tuple[Link, d
     if len(sizes) < 2 or len(steps.alone) < 2:
         return None
     # each model's step as it ran alone against the fit's, which prices its compute at ep through `own_ratio`
-    alone = own_steps(steps.alone, replace(fitted, efficiency=replace(fitted.efficiency, own_steps={})))
+    unpriced = replace(fitted, efficiency=replace(fitted.efficiency, own_steps={}))
+    alone = own_steps(steps.alone, unpriced)
     priced = replace(fitted, nvlink=Link(bandwidth, 0.0), scaleout=Link(bandwidth, 0.0),
                      efficiency=replace(fitted.efficiency, own_steps=alone, rank_stretch={}))
     per_call, stretch, report = {}, {}, {}
@@ -759,9 +760,14 @@ def ep_link(steps: EPSteps, fitted: Hardware, bandwidth: float) -> tuple[Link, d
         beyond = [m - r - c for m, r, c in zip(measured, rest, compute)]
         excess, per_call[ep] = nnls([[c, n] for c, n in zip(compute, calls)], beyond, [1.0 / m for m in measured])
         stretch[ep] = 1.0 + excess
-        report[f"ep{ep}"] = {"steps": [{"model": _name(p.model), "step_s": m, "compute_alone_s": c, "collectives": n}
+        # compute: as each model ran alone, over the cores its ranks share, before the stretch
+        report[f"ep{ep}"] = {"steps": [{"model": _name(p.model), "step_s": m, "compute_unstretched_s": c,
+                                        "collectives": n}
                                        for p, m, c, n in zip(steps.points[ep], measured, compute, calls)],
                              "stretch": stretch[ep], "per_collective_s": per_call[ep]}
+    report["alone"] = [{"model": _name(p.model), "step_s": p.seconds,
+                        "fitted_s": StepTimeModel(p.model, unpriced, Precision("fp32", "fp32"), Group("both", 1, 1),
+                                                  on_ray=False).seconds(p.rows)} for p in steps.alone]
     (small, at_small), (large, at_large) = sorted(per_call.items())[0], sorted(per_call.items())[-1]
     per_rank = max(0.0, (at_large - at_small) / (large - small))
     return Link(bandwidth, max(0.0, at_small - per_rank * (small - 1)), per_rank), stretch, report
