@@ -728,10 +728,11 @@ def test_a_random_checkpoint_loads_as_the_model_calibration_steps_in_memory(tmp_
 
 def test_ep_steps_of_two_models_give_the_ranks_stretch_and_the_collectives_cost() -> None:
     """Hand-made steps of the two EP models: alone, 1.3x and 0.8x what the fit gives them; at ep=2 and ep=4 their
-    compute as it ran alone stretched 1.8x and 1.1x (beyond 4 ranks sharing 2 cores), plus 0.3 ms and 0.9 ms for
-    each of the step's collectives (5 per MoE layer). The fit gives back both; priced with them, each step comes
-    back as measured. Steps that would need ranks at once to run faster than alone give a stretch of 1, not below;
-    one model alone gives no link (calibration keeps the idle processes' figure)."""
+    compute as it ran alone stretched 1.8x and 1.1x (beyond 4 ranks sharing 2 cores), plus 0.3 ms and 1.2 ms for
+    each of the step's collectives (5 per MoE layer: growing faster than the ranks, as on this machine). The fit
+    gives back both; priced with them, each step comes back as measured. Steps that would need ranks at once to run
+    faster than alone give a stretch of 1, not below; one model alone gives no link (calibration keeps the idle
+    processes' figure). A link whose 2-rank collective would cost less than nothing is refused."""
     fp32 = Precision("fp32", "fp32")
     models = [moe_llama4(*spec) for spec in EP_MODELS]
     base = Hardware("here", 8e9, 20e9, {"fp32": 50e9}, Link(1e9, 0.0), Link(1e9, 0.0), 2,
@@ -754,20 +755,23 @@ def test_ep_steps_of_two_models_give_the_ranks_stretch_and_the_collectives_cost(
                 points[ep].append(Point(f"ep={ep}", model, rows, stretch[ep] * compute + rest + calls * per_call[ep]))
         return EPSteps(alone, points)
 
-    link, stretch, measured = ep_link(steps({2: 1.8, 4: 1.1}, {2: 3e-4, 4: 9e-4}), base, 1e9)
+    link, stretch, measured = ep_link(steps({2: 1.8, 4: 1.1}, {2: 3e-4, 4: 1.2e-3}), base, 1e9)
     assert stretch == {2: pytest.approx(1.8), 4: pytest.approx(1.1)}
-    assert link.latency(2) == pytest.approx(3e-4) and link.latency(4) == pytest.approx(9e-4)
-    assert measured["ep4"]["per_collective_s"] == pytest.approx(9e-4) and len(measured["ep2"]["steps"]) == 2
+    assert link.latency(2) == pytest.approx(3e-4) and link.latency(4) == pytest.approx(1.2e-3)
+    assert link.latency(1) == 0.0 and link.latency(8) == pytest.approx(3e-4 + 6 * 4.5e-4)
+    assert measured["ep4"]["per_collective_s"] == pytest.approx(1.2e-3) and len(measured["ep2"]["steps"]) == 2
     fitted = replace(as_alone, nvlink=link, scaleout=link,
                      efficiency=replace(as_alone.efficiency, rank_stretch=stretch))
-    for ep, points in steps({2: 1.8, 4: 1.1}, {2: 3e-4, 4: 9e-4}).points.items():
+    for ep, points in steps({2: 1.8, 4: 1.1}, {2: 3e-4, 4: 1.2e-3}).points.items():
         for point in points:
             priced = StepTimeModel(point.model, fitted, fp32, Group("both", 1, ep)).seconds(rows)
             assert priced == pytest.approx(point.seconds)
     _, stretch, _ = ep_link(steps({2: 0.5, 4: 0.6}, {2: 3e-4, 4: 9e-4}), base, 1e9)
     assert stretch == {2: 1.0, 4: 1.0}
-    assert ep_link(EPSteps(alone[:1], {ep: points[:1] for ep, points in
-                                       steps({2: 1.8, 4: 1.1}, {2: 3e-4, 4: 9e-4}).points.items()}), base, 1e9) is None
+    one_model = {ep: points[:1] for ep, points in steps({2: 1.8, 4: 1.1}, {2: 3e-4, 4: 1.2e-3}).points.items()}
+    assert ep_link(EPSteps(alone[:1], one_model), base, 1e9) is None
+    with pytest.raises(InvalidRequestError, match="invalid link"):
+        Link(1e9, -2e-4, 1e-4)
 
 
 def test_ranks_at_once_stretch_a_time_shared_groups_compute_and_not_its_collectives() -> None:

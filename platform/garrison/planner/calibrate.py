@@ -770,7 +770,7 @@ def ep_link(steps: EPSteps, fitted: Hardware, bandwidth: float) -> tuple[Link, d
                                                   on_ray=False).seconds(p.rows)} for p in steps.alone]
     (small, at_small), (large, at_large) = sorted(per_call.items())[0], sorted(per_call.items())[-1]
     per_rank = max(0.0, (at_large - at_small) / (large - small))
-    return Link(bandwidth, max(0.0, at_small - per_rank * (small - 1)), per_rank), stretch, report
+    return Link(bandwidth, at_small - per_rank * (small - 1), per_rank), stretch, report
 
 
 @dataclass(slots=True)

@@ -30,16 +30,22 @@ class Link:
     (`latency_s` + `latency_per_rank_s` per rank beyond the first)."""
 
     bandwidth: float  # bytes/s
+    # A collective has 2 ranks at least: `latency_s` is the line through the costs at 2 and more ranks taken back to
+    # one, and may be below 0 where the cost grows faster than in proportion to the ranks (calibrated on a CPU, 4
+    # ranks sharing 2 cores: 0.4-0.7 ms a collective at 2 ranks, 2.1-3.0 at 4). Held at 0 there, it had priced 2
+    # ranks at up to 1.7x what they were measured to pay.
     latency_s: float
     latency_per_rank_s: float = 0.0
     efficiency: float = 1.0  # of `bandwidth` a collective's payload reaches
 
     def __post_init__(self) -> None:
-        if self.bandwidth <= 0 or self.latency_s < 0 or self.latency_per_rank_s < 0 or not 0 < self.efficiency <= 1:
-            raise InvalidRequestError(f"invalid link {self}: need bandwidth > 0, latencies >= 0, 0 < efficiency <= 1")
+        if (self.bandwidth <= 0 or self.latency(2) < 0 or self.latency_per_rank_s < 0
+                or not 0 < self.efficiency <= 1):
+            raise InvalidRequestError(f"invalid link {self}: need bandwidth > 0, latencies >= 0 from 2 ranks, "
+                                      "0 < efficiency <= 1")
 
     def latency(self, ranks: int) -> float:
-        return self.latency_s + self.latency_per_rank_s * max(0, ranks - 1)
+        return self.latency_s + self.latency_per_rank_s * (ranks - 1) if ranks > 1 else 0.0
 
 
 @dataclass(slots=True, frozen=True)
