@@ -33,7 +33,7 @@ class Link:
     # A collective has 2 ranks at least: `latency_s` is the line through the costs at 2 and more ranks taken back to
     # one, and may be below 0 where the cost grows faster than in proportion to the ranks (calibrated on a CPU, 4
     # ranks sharing 2 cores: 0.4-0.7 ms a collective at 2 ranks, 2.1-3.0 at 4). Held at 0 there, it had priced 2
-    # ranks at up to 1.7x what they were measured to pay.
+    # ranks at up to 2.3x what they were measured to pay.
     latency_s: float
     latency_per_rank_s: float = 0.0
     efficiency: float = 1.0  # of `bandwidth` a collective's payload reaches

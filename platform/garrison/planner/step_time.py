@@ -9,7 +9,7 @@ combine and an all-gather. MoE: each EP rank routes 1/ep of the step's tokens; t
 `imbalance` times the mean share of (token, expert) pairs, and reads the weights of each local expert that
 some token chose. Fixed costs per step, layer, sequence, prefill segment and expert come from calibration; a
 calibrated profile prices each GEMM at the rate measured for its row count, and on a time-shared host (a CPU)
-a group's ranks share its devices and stretch each other's compute as calibration measured.
+a group's ranks share its devices and stretch each other's compute as calibration fitted to its EP steps.
 """
 
 from __future__ import annotations
