@@ -733,11 +733,12 @@ def ep_link(steps: EPSteps, fitted: Hardware, bandwidth: float) -> tuple[Link, d
     compute as it ran alone (the fitted profile's, through its own step alone) times a stretch, plus its
     collectives' bytes, plus a cost per collective; the line through the models' steps gives both, shared by
     every model (least squares, neither below what it can be: a stretch of 1, a cost of 0). The stretch is what
-    ranks stepping at once cost each other's compute beyond sharing the cores (here 1.6-2.3x at 2 ranks on 2
-    cores: the driver, gloo's and Ray's threads want the same cores); the cost per collective is what the ranks
-    wait at each, reaching it as their compute and the scheduler let them (0.3 ms between 2 idle processes here,
-    about 1 ms inside the engine's steps at ep=2). Returns the link (its latency by group size), the stretch by
-    group size and what was fitted; None without two models at two group sizes."""
+    ranks stepping at once cost each other's compute beyond sharing the cores (here 1.4-1.9x at 2 ranks on 2
+    cores, where a GEMM chain in idle actors ran 1.1-1.3x: the driver, gloo's and Ray's threads want the same
+    cores); the cost per collective is what the ranks wait at each, reaching it as their compute and the scheduler
+    let them (0.3 ms between 2 idle processes here, 0.4-1.0 ms inside the engine's steps at ep=2). Returns the link
+    (its latency by group size), the stretch by group size and what was fitted; None without two models at two
+    group sizes."""
     sizes = sorted(ep for ep, points in steps.points.items() if len(points) >= 2)
     if len(sizes) < 2 or len(steps.alone) < 2:
         return None
