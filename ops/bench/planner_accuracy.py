@@ -7,14 +7,15 @@ calibration did not see, which are measured in the same run:
 
 - calibration (`garrison.planner.calibrate`): fp32 GEMM peak and memory read bandwidth, gloo all-to-alls between 2
   and 4 processes, two MoEs' decode steps alone and at ep=2 and ep=4 on Ray (the line through them: how much 2
-  and 4 ranks at once stretch a rank's compute, and a collective's cost inside a step; timed right after the
-  held-out EP steps, on their Ray, rather than minutes later with the rest), a disaggregated replica of
+  and 4 ranks at once stretch a rank's compute, and a collective's cost inside a step; timed in turns with the
+  held-out MoE's steps, on their Ray, rather than minutes later with the rest), a disaggregated replica of
   that MoE (its decode and prefill groups' steps: how they spread there), a Ray actor call,
   tensors through the object store and a small KV handoff, engine steps of random models built in memory (dense
   Llama h256 and h1024, a Llama 4 MoE), plus these measured steps: SmolLM2 decode at 1 and 8 concurrent requests,
   the tiny MoE of `moe_parallel.py` decoding 8 sequences at ep=1, the tiny Llama 4 of `long_context.py` prefilling a
-  6k-token prompt, and disagg.py's model alone (decoding 8 sequences at the streams' shortest and longest contexts,
-  an 8k prompt (2k with --quick) in the workload's chunks, 2 and 4 of the streams' prompts in one step). The fit
+  6k-token prompt in the engine's 2k chunks, and disagg.py's model alone (decoding 8 sequences at the streams'
+  shortest and longest contexts, an 8k prompt (2k with --quick) in the workload's chunks, 2 and 4 of the streams'
+  prompts in one step). The fit
   is one set of efficiencies for all of these; each measured model's own steps are kept beside it
   (`Efficiency.own_steps`, what `garrison plan calibrate --model` keeps) and price that model's steps in the
   predictions through the measured/fitted ratio of the nearest of them of the same kind, beyond the longest
@@ -63,8 +64,8 @@ import disagg
 import torch
 from _common import finite_or_none, fmt_load, machine_facts, progress, save_random_llama4
 from garrison.model_refs import resolve_model
-from garrison.planner.calibrate import (Point, batched_prefill_point, calibrate, decode_point, ep_points,
-                                       prefill_points)
+from garrison.planner.calibrate import (EP_MODELS, EP_SIZES, EPSteps, Point, batched_prefill_point, calibrate,
+                                       decode_point, ep_points, prefill_points)
 from garrison.planner.hardware import Hardware
 from garrison.planner.layout import Group
 from garrison.planner.memory import Precision
@@ -74,7 +75,6 @@ from garrison.planner.workload import OpenLoop, Request
 from garrison_workers.config import from_hf_config
 from garrison_workers.engine.llm_engine import EngineConfig, LLMEngine
 from garrison_workers.engine.sequence import SamplingParams
-from garrison_workers.parallel.dims import ParallelDims
 from garrison_workers.worker_group import start_local_ray
 
 FP32 = Precision("fp32", "fp32")
@@ -192,48 +192,34 @@ def smollm2_section(report: Report, quick: bool, threads: int) -> tuple[list[Poi
 
 
 def moe_section(report: Report, model_dir: Path, quick: bool
-                ) -> tuple[Point, dict[int, float], Any, dict[int, Point]]:
+                ) -> tuple[Point, dict[int, float], Any, EPSteps]:
     import ray
 
-    steps = 6 if quick else 16
-    config = EngineConfig(block_size=16, num_kv_blocks=1024, max_num_batched_tokens=256, enable_prefix_caching=False)
-    with Measured(report, "tiny MoE decode of 8: ep=1 (calibration, 1 thread), ep=2 and ep=4 (held out, Ray); "
-                          "calibration's EP steps"):
-        torch.set_num_threads(1)
-        engine = LLMEngine.from_path(model_dir, config)
-        model = engine.model_config
-        engine.generate([[3, 4, 5] * 20], SamplingParams(max_tokens=4, ignore_eos=True))
-        calibration = decode_point(engine, model, 8, 128, steps)
-        engine.shutdown()
-        start_local_ray(4)
-        measured = {}
+    with Measured(report, "tiny MoE decode of 8: ep=1 (calibration, 1 thread), ep=2 and ep=4 (held out, Ray), in "
+                          "turns with calibration's EP steps"):
+        # in the same rounds as calibration's two MoEs (the ranks' stretch, what a collective costs inside a
+        # step): 4 ranks sharing 2 cores wait for each other by what the machine's speed of the moment lets them
+        start_local_ray(max(EP_SIZES) * (len(EP_MODELS) + 1))
         try:
-            for ep in (2, 4):
-                engine = LLMEngine.from_path(model_dir, config, ParallelDims(ep=ep))
-                engine.generate([[3, 4, 5] * 20], SamplingParams(max_tokens=4, ignore_eos=True))
-                measured[ep] = decode_point(engine, model, 8, 128, steps).seconds
-                engine.shutdown()
-            # calibration's own EP steps (the ranks' stretch, what a collective costs inside a step) on the same
-            # Ray, minutes nearer these than the rest of calibration: 4 ranks sharing 2 cores wait for each other
-            # by what the machine's speed of the moment lets them
-            ep_steps = ep_points(1, quick, progress)
+            steps, held = ep_points(1, quick, progress, models=[model_dir]).split(len(EP_MODELS))
         finally:
             ray.shutdown()
-    return calibration, measured, model, ep_steps
+    return held.alone[0], {ep: points[0].seconds for ep, points in held.points.items()}, held.alone[0].model, steps
 
 
 def long_section(report: Report, model_dir: Path) -> tuple[list[Point], float, Any]:
     config = EngineConfig(block_size=16, num_kv_blocks=(16_384 + 64) // 16 + 8, max_num_batched_tokens=LONG_CHUNK,
                           attention_key_block=LONG_KEY_BLOCK, enable_prefix_caching=False)
-    with Measured(report, "long-context model: 6k prompt in 1k chunks (calibration), 16k TTFT (held out, best of 2);"
+    with Measured(report, "long-context model: 6k prompt in 2k chunks (calibration), 16k TTFT (held out, best of 2);"
                           " 1 thread"):
         torch.set_num_threads(1)
         engine = LLMEngine.from_path(model_dir, config)
         model = engine.model_config
         engine.generate([[3, 4, 5] * 100], SamplingParams(max_tokens=2, ignore_eos=True))
-        calib_engine = LLMEngine.from_path(model_dir, replace(config, max_num_batched_tokens=1024))
-        points = prefill_points(calib_engine, model, 6144, 1024)
-        calib_engine.shutdown()
+        # in the engine's own chunks, as the 16k prompt runs: its first three chunks, the five past 6k unseen (in
+        # 1k chunks, the 2k chunks' every token was priced by the fit's growth, which differs between calibrations
+        # on a machine whose speed drifts: one set of steps priced 25% apart by twenty runs' profiles, against 13%)
+        points = prefill_points(engine, model, 6144, LONG_CHUNK)
         rng = random.Random(1)
         prompt = [rng.randrange(3, model.vocab_size) for _ in range(16_384)]
         ttft = math.inf

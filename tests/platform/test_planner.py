@@ -11,13 +11,14 @@ import re
 import statistics
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import jsonschema
 import pytest
 import torch
 import yaml
 from garrison.cli import main
-from garrison.planner import helm_values, report
+from garrison.planner import calibrate, helm_values, report
 from garrison.planner.calibrate import (EP_MODELS, REPLICA_MODEL, REPLICA_WINDOWS, EPSteps, Point, decode_point,
                                        dense_llama, ep_link, fit, model_points, moe_llama4, moe_llama4_raw, nnls,
                                        own_steps, prefill_points, random_engine, replica_points,
@@ -772,6 +773,35 @@ def test_ep_steps_of_two_models_give_the_ranks_stretch_and_the_collectives_cost(
     assert ep_link(EPSteps(alone[:1], one_model), base, 1e9) is None
     with pytest.raises(InvalidRequestError, match="invalid link"):
         Link(1e9, -2e-4, 1e-4)
+
+
+def test_ep_steps_of_several_models_are_timed_in_turns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every model's engine at a group size takes its steps in rounds, one model after the other, so that a slow
+    spell of the machine reaches them alike; each model's point keeps every round's steps and the fastest. The
+    caller's models follow calibration's, and `split` parts them again."""
+    directories = []
+    for hidden in (64, 96):
+        directories.append(tmp_path / f"moe-{hidden}")
+        directories[-1].mkdir()
+        save_random_checkpoint(moe_llama4_raw(hidden, 4, 512), directories[-1])
+    order: list[int] = []
+
+    def timed(engine: Any, config: Any, *args: Any) -> Point:
+        order.append(config.hidden_size)
+        return decode_point(engine, config, *args)
+
+    monkeypatch.setattr(calibrate, "decode_point", timed)
+    config = EngineConfig(num_kv_blocks=256, max_num_batched_tokens=512, enable_prefix_caching=False)
+    points = calibrate._ep_rounds(directories, config, 1, True, lambda line: None)
+    assert order == [64, 96, 64, 96]  # two rounds (quick), the models in turn
+    assert [p.model.hidden_size for p in points] == [64, 96]
+    for point in points:
+        assert len(point.times) == 6 and point.seconds == min(point.times) and point.label.endswith(" ep=1")
+        assert point.rows == [Row(1, 128 + 1 + 1)] * 8
+    steps = EPSteps(points, {2: points[::-1]})
+    ours, theirs = steps.split(1)
+    assert ours.alone == points[:1] and ours.points == {2: points[1:]}
+    assert theirs.alone == points[1:] and theirs.points == {2: points[:1]}
 
 
 def test_ranks_at_once_stretch_a_time_shared_groups_compute_and_not_its_collectives() -> None:

@@ -24,7 +24,7 @@ import statistics
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -690,14 +690,29 @@ class EPSteps:
     alone: list[Point] = field(default_factory=list)
     points: dict[int, list[Point]] = field(default_factory=dict)
 
+    def split(self, count: int) -> tuple[EPSteps, EPSteps]:
+        """The first `count` models' steps, and the others'."""
+        return (EPSteps(self.alone[:count], {ep: points[:count] for ep, points in self.points.items()}),
+                EPSteps(self.alone[count:], {ep: points[count:] for ep, points in self.points.items()}))
 
-def ep_points(threads: int, quick: bool, progress: Progress) -> EPSteps:
-    """The engine's decode step of 8 sequences of each of `EP_MODELS`, alone at `threads` threads and at each of
-    `EP_SIZES` with its ranks Ray actors of `threads` threads; none without Ray, or where Ray holds too few CPU slots
-    for the largest."""
+
+# Rounds in which every model's engine at one group size takes a few decode steps in turn: a slow spell of the
+# machine then reaches each model's repeats alike, rather than whichever model was being timed. The benchmark's
+# held-out MoE, its steps timed before calibration's, came out +12.7% and +8.8% at ep=2 and ep=4 on average over six
+# repeats (sd 8.8 and 4.3; one fit pricing them all); timed in turns with them, +3.5% and -4.0% over five (sd 6.0
+# and 2.7).
+EP_ROUNDS, EP_ROUND_STEPS = 4, 4
+
+
+def ep_points(threads: int, quick: bool, progress: Progress, models: Sequence[Path] = ()) -> EPSteps:
+    """The engine's decode step of 8 sequences of each of `EP_MODELS`, then of each MoE checkpoint in `models`
+    (the caller's, timed in the same rounds), alone at `threads` threads and at each of `EP_SIZES` with its ranks
+    Ray actors of `threads` threads; none without Ray, or where Ray holds too few CPU slots for every model's
+    engine at the largest size at once."""
     config = EngineConfig(num_kv_blocks=512, max_num_batched_tokens=512, enable_prefix_caching=False,
                           worker_threads=threads)
-    with _ray_slots(max(EP_SIZES), progress, "EP collectives (priced from idle processes)") as usable:
+    slots = max(EP_SIZES) * (len(EP_MODELS) + len(models))
+    with _ray_slots(slots, progress, "EP collectives (priced from idle processes)") as usable:
         if not usable:
             return EPSteps()
         torch.set_num_threads(threads)
@@ -708,24 +723,38 @@ def ep_points(threads: int, quick: bool, progress: Progress) -> EPSteps:
                 directory.mkdir()
                 save_random_checkpoint(moe_llama4_raw(hidden, experts, chunk), directory)
                 directories.append(directory)
-            alone = [_ep_step(directory, config, 1, quick, progress) for directory in directories]
-            points = {ep: [_ep_step(directory, config, ep, quick, progress) for directory in directories]
-                      for ep in EP_SIZES}
+            directories += models
+            alone = _ep_rounds(directories, config, 1, quick, progress)
+            points = {ep: _ep_rounds(directories, config, ep, quick, progress) for ep in EP_SIZES}
     return EPSteps(alone, points)
 
 
-def _ep_step(directory: Path, config: EngineConfig, ep: int, quick: bool, progress: Progress) -> Point:
-    engine = LLMEngine.from_path(directory, config, ParallelDims(ep=ep)) if ep > 1 else \
-        LLMEngine.from_path(directory, config)
+def _ep_rounds(directories: list[Path], config: EngineConfig, ep: int, quick: bool, progress: Progress
+               ) -> list[Point]:
+    """Each model's decode step of 8 at group size `ep`: every model's engine started, then `EP_ROUNDS` rounds of
+    a few steps of each in turn; the fastest over its rounds."""
+    rounds, steps = (2, 3) if quick else (EP_ROUNDS, EP_ROUND_STEPS)
+    engines: list[LLMEngine] = []
     try:
+        for directory in directories:
+            engines.append(LLMEngine.from_path(directory, config, ParallelDims(ep=ep)) if ep > 1 else
+                           LLMEngine.from_path(directory, config))
+            engines[-1].generate([[3, 4, 5, 6] * 32], SamplingParams(max_tokens=4, ignore_eos=True))
         where = f"at ep={ep} on Ray" if ep > 1 else "alone"
-        progress(f"  EP steps: {_name(engine.model_config)} decoding 8 {where}")
-        engine.generate([[3, 4, 5, 6] * 32], SamplingParams(max_tokens=4, ignore_eos=True))
-        point = decode_point(engine, engine.model_config, 8, 128, 4 if quick else 8)
+        progress(f"  EP steps {where}: " + ", ".join(_name(e.model_config) for e in engines)
+                 + f" decoding 8, {rounds} rounds of {steps} steps in turn")
+        runs: list[list[Point]] = [[] for _ in engines]
+        for _ in range(rounds):
+            for engine, run in zip(engines, runs):
+                run.append(decode_point(engine, engine.model_config, 8, 128, steps))
     finally:
-        engine.shutdown()
-    point.label += f" ep={ep}"
-    return point
+        for engine in engines:
+            engine.shutdown()
+    merged = []
+    for run in runs:
+        times = [t for point in run for t in point.times]
+        merged.append(replace(run[0], label=f"{run[0].label} ep={ep}", seconds=min(times), times=times))
+    return merged
 
 
 def ep_link(steps: EPSteps, fitted: Hardware, bandwidth: float) -> tuple[Link, dict[int, float], dict[str, Any]] | None:
