@@ -9,7 +9,8 @@ calibration did not see, which are measured in the same run:
   and 4 processes, two MoEs' decode steps alone and at ep=2 and ep=4 on Ray (the line through them: how much 2
   and 4 ranks at once stretch a rank's compute, and a collective's cost inside a step; timed in turns with the
   held-out MoE's steps, on their Ray, rather than minutes later with the rest), a disaggregated replica of
-  that MoE (its decode and prefill groups' steps: how they spread there), a Ray actor call,
+  that MoE (its decode and prefill groups' steps: how they spread there; timed right after disagg.py's workload,
+  whose disaggregated figures draw from it), a Ray actor call,
   tensors through the object store and a small KV handoff, engine steps of random models built in memory (dense
   Llama h256 and h1024, a Llama 4 MoE), plus these measured steps: SmolLM2 decode at 1 and 8 concurrent requests,
   the tiny MoE of `moe_parallel.py` decoding 8 sequences at ep=1, the tiny Llama 4 of `long_context.py` prefilling a
@@ -65,7 +66,7 @@ import torch
 from _common import finite_or_none, fmt_load, machine_facts, progress, save_random_llama4
 from garrison.model_refs import resolve_model
 from garrison.planner.calibrate import (EP_MODELS, EP_SIZES, EPSteps, Point, batched_prefill_point, calibrate,
-                                       decode_point, ep_points, prefill_points)
+                                       decode_point, ep_points, prefill_points, replica_points)
 from garrison.planner.hardware import Hardware
 from garrison.planner.layout import Group
 from garrison.planner.memory import Precision
@@ -434,13 +435,18 @@ def run_benchmark(quick: bool, threads: int) -> Report:
         disagg_points = disagg_model_points(report, disagg_dir, quick, threads)
         probe(report, disagg_dir, "before the workload")
         run = disagg_section(report, disagg_dir, raw, quick, threads)
+        # the spread of a replica's steps, which the disaggregated figures draw from, timed next to them rather than
+        # minutes later at the end of calibration: a slower spell there had priced two runs' figures up to 53% high
+        with Measured(report, "calibration: a disaggregated replica's steps (its prefill group computing, KV moving)"):
+            replica = replica_points(1, quick, progress)
         probe(report, disagg_dir, "after the workload")
         with Measured(report, f"calibration: `garrison plan calibrate` at {sorted({1, threads})} thread(s)"):
             rank_points = [moe_point, *long_points, *disagg_points[1]]
             # kept after the run (beside the temporary directory): every measurement and the fit's residuals
             profiles = {count: Path(f"{tmp}-{count}t.yaml") for count in sorted({1, threads})}
             one = calibrate(profiles[1], threads=1, quick=quick, progress=progress,
-                            extra_points=rank_points + (smol_points if threads == 1 else []), ep_steps=ep_steps)
+                            extra_points=rank_points + (smol_points if threads == 1 else []), ep_steps=ep_steps,
+                            replica_steps=replica)
             two = one if threads == 1 else calibrate(profiles[threads], threads=threads, quick=quick,
                                                      progress=progress,
                                                      extra_points=smol_points + disagg_points[threads])

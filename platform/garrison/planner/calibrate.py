@@ -906,9 +906,11 @@ def _ray_measure(ray: Any) -> RayCosts:
 
 def calibrate(out: Path, threads: int = 1, quick: bool = False, progress: Progress = print,
               extra_points: list[Point] | None = None, with_ray: bool = True,
-              ep_steps: EPSteps | None = None) -> Hardware:
-    """`extra_points`: steps of the models to plan (kept as their own steps too); `ep_steps`: `ep_points` measured
-    by the caller (next to what it compares them with, on a machine whose speed drifts), else measured here."""
+              ep_steps: EPSteps | None = None,
+              replica_steps: tuple[list[Point], list[PrefillStep]] | None = None) -> Hardware:
+    """`extra_points`: steps of the models to plan (kept as their own steps too); `ep_steps` and `replica_steps`:
+    `ep_points` and `replica_points` measured by the caller (next to what it compares them with, on a machine whose
+    speed drifts), else measured here."""
     progress(f"calibrating this machine with {threads} torch thread(s) per rank")
     peak, bandwidth = gemm_peak_flops(threads, quick), read_bandwidth(threads)
     progress(f"  GEMM peak {peak / 1e9:.1f} GFLOP/s, read bandwidth {bandwidth / 1e9:.1f} GB/s")
@@ -946,8 +948,10 @@ def calibrate(out: Path, threads: int = 1, quick: bool = False, progress: Progre
         efficiency = replace(efficiency, group_call_s=costs.call_s, group_send_s=costs.send_s, poll_s=costs.poll_s,
                              kv_export_s=costs.export_s, kv_fetch_s=costs.fetch_s)
     if with_ray:
-        progress("  a disaggregated replica's steps (its prefill group computing, KV moving)")
-        decode_points, prefill_steps = replica_points(threads, quick, progress)
+        if replica_steps is None:
+            progress("  a disaggregated replica's steps (its prefill group computing, KV moving)")
+            replica_steps = replica_points(threads, quick, progress)
+        decode_points, prefill_steps = replica_steps
         # its prefill steps priced as that model ran alone (its own steps in the fit) with the costs just measured
         replica_model = from_hf_config(moe_llama4_raw(*REPLICA_MODEL))
         alone = own_steps([p for p in points if model_key(p.model) == model_key(replica_model)],
