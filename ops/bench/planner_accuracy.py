@@ -9,8 +9,8 @@ calibration did not see, which are measured in the same run:
   and 4 processes, two MoEs' decode steps alone and at ep=2 and ep=4 on Ray (the line through them: how much 2
   and 4 ranks at once stretch a rank's compute, and a collective's cost inside a step; timed in turns with the
   held-out MoE's steps, on their Ray, rather than minutes later with the rest), a disaggregated replica of
-  that MoE (its decode and prefill groups' steps: how they spread there; timed right after disagg.py's workload,
-  whose disaggregated figures draw from it), a Ray actor call,
+  that MoE (its decode and prefill groups' steps: how they spread there; timed just before disagg.py's
+  disaggregated run and just after, whose figures draw from it), a Ray actor call,
   tensors through the object store and a small KV handoff, engine steps of random models built in memory (dense
   Llama h256 and h1024, a Llama 4 MoE), plus these measured steps: SmolLM2 decode at 1 and 8 concurrent requests,
   the tiny MoE of `moe_parallel.py` decoding 8 sequences at ep=1, the tiny Llama 4 of `long_context.py` prefilling a
@@ -65,8 +65,8 @@ import disagg
 import torch
 from _common import finite_or_none, fmt_load, machine_facts, progress, save_random_llama4
 from garrison.model_refs import resolve_model
-from garrison.planner.calibrate import (EP_MODELS, EP_SIZES, EPSteps, Point, batched_prefill_point, calibrate,
-                                       decode_point, ep_points, prefill_points, replica_points)
+from garrison.planner.calibrate import (EP_MODELS, EP_SIZES, EPSteps, Point, PrefillStep, batched_prefill_point,
+                                       calibrate, decode_point, ep_points, prefill_points, replica_points)
 from garrison.planner.hardware import Hardware
 from garrison.planner.layout import Group
 from garrison.planner.memory import Precision
@@ -275,15 +275,23 @@ def probe(report: Report, model_dir: Path, when: str) -> None:
     report.probes.append(Probe(when, statistics.median(decode.times), prefill.seconds))
 
 
-def disagg_section(report: Report, model_dir: Path, raw: dict[str, Any], quick: bool, threads: int) -> disagg.Report:
+def disagg_section(report: Report, model_dir: Path, raw: dict[str, Any], quick: bool, threads: int
+                   ) -> tuple[disagg.Report, tuple[list[Point], list[PrefillStep]]]:
+    """disagg.py's workload, and calibration's replica (`replica_points`) timed just before its disaggregated run
+    and just after, both kept: the spread of a replica's steps, which the disaggregated figures draw from, timed
+    next to them. Timed once at the end of calibration, minutes later, a slower machine there had priced two runs'
+    figures up to 53% high; timed once right after the run, a machine faster by then priced a third's 25% low."""
     workload = disagg.QUICK if quick else disagg.FULL
     run = disagg.Report(machine_facts(), workload, quick, threads,
                         disagg.engine_config_dict(workload.engine_config()), raw)
-    with Measured(report, f"disagg.py workload: colocated ({threads} thread(s)), disaggregated (1 + 1)"):
+    with Measured(report, f"disagg.py workload: colocated ({threads} thread(s)), disaggregated (1 + 1); calibration's "
+                          "replica just before and after the disaggregated run"):
         disagg.colocated_run(run, model_dir, raw["vocab_size"])
         gc.collect()
+        before = replica_points(1, quick, progress)
         disagg.disaggregated_run(run, model_dir, raw["vocab_size"])
-    return run
+        after = replica_points(1, quick, progress)
+    return run, (before[0] + after[0], before[1] + after[1])
 
 
 # -- predicting ------------------------------------------------------------------------------------
@@ -434,11 +442,7 @@ def run_benchmark(quick: bool, threads: int) -> Report:
         long_points, ttft_16k, long_config = long_section(report, long_dir)
         disagg_points = disagg_model_points(report, disagg_dir, quick, threads)
         probe(report, disagg_dir, "before the workload")
-        run = disagg_section(report, disagg_dir, raw, quick, threads)
-        # the spread of a replica's steps, which the disaggregated figures draw from, timed next to them rather than
-        # minutes later at the end of calibration: a slower spell there had priced two runs' figures up to 53% high
-        with Measured(report, "calibration: a disaggregated replica's steps (its prefill group computing, KV moving)"):
-            replica = replica_points(1, quick, progress)
+        run, replica = disagg_section(report, disagg_dir, raw, quick, threads)
         probe(report, disagg_dir, "after the workload")
         with Measured(report, f"calibration: `garrison plan calibrate` at {sorted({1, threads})} thread(s)"):
             rank_points = [moe_point, *long_points, *disagg_points[1]]
