@@ -672,7 +672,8 @@ def _ray_slots(cpus: int, progress: Progress, what: str) -> Iterator[bool]:
     if ray.is_initialized():
         enough = ray.cluster_resources().get("CPU", 0) >= cpus
         if not enough:
-            progress(f"  {what}: Ray holds fewer than {cpus} CPU slots; not measured")
+            progress(f"  {what}: Ray holds fewer than {cpus} CPU slots; not measured (run calibration without a "
+                     f"Ray of its caller's, or give that one {cpus} or more: slots are logical, `--num-cpus`)")
         yield enough
         return
     start_local_ray(num_cpus=max(cpus, 2))  # room for a rank besides the driver, as every measurement here needs
