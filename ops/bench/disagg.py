@@ -21,9 +21,10 @@ arriving (and, disaggregated, being prefilled and handed over) whether or not lo
 
 Figures: p50/p99 time per output token (TPOT: gaps between consecutive tokens of a stream's request
 while long prompts are arriving) and time to first token (TTFT) of the streams and of each long prompt
-(the streams' first requests, timed over 8 starts of the loaded phase: its own, and 7 just before it on
-the idle engine, each stopped once every stream has its first token, since one start's TTFTs are one
-draw of when a few prefill steps came back);
+(the streams' first requests, timed over 16 starts of the loaded phase: its own, and 15 alone on the idle
+engine, five before the baseline, five just before the loaded phase and five after it, each stopped once
+every stream has its first token, since one start's TTFTs are one draw of when a few prefill steps came
+back, and starts back to back all fall within a second or two of a host whose speed drifts);
 the same streams with no long prompt arriving, for 20 s of steady state (the baseline: thousands of
 steps, so its p99 is not a handful of samples); the ratio disaggregated p99
 TPOT / baseline p99 TPOT (issue 4's target: at most 1.5x); how long the disaggregated steps that
@@ -103,8 +104,9 @@ class Workload:
     # Steady-state seconds of the baseline: long enough that its p99 rests on thousands of steps, as under load.
     baseline_s: float = 20.0
     # The streams' first tokens while long prompts arrive are timed over this many starts (the loaded phase's own
-    # and the rest just before it): one start's 8 values are one draw of when a few prefill steps came back.
-    starts: int = 8
+    # and the rest alone on the idle engine, spread over the run: `start_groups`): one start's 8 values are one
+    # draw of when a few prefill steps came back.
+    starts: int = 16
     block_size: int = 16
     max_num_batched_tokens: int = 512
     seed: int = 0
@@ -355,32 +357,70 @@ def baseline_phase(system: str, engine: Engine, workload: Workload, vocab_size: 
     return phase
 
 
-def first_tokens(engine: Engine, workload: Workload, long_prompt: list[int], vocab_size: int, tag: int) -> list[float]:
-    """The loaded phase's start alone: the first long prompt and then the streams arrive at an idle engine; stopped
-    (everything aborted and drained) once every stream has its first token. Returns the streams' TTFTs."""
-    driver = Driver(engine)
-    long_id = f"start-{tag}-long"
-    driver.add(long_id, long_prompt, SamplingParams(max_tokens=workload.long_new_tokens, ignore_eos=True))
-    streams = Streams(driver, workload, vocab_size, tag=2, prefix=f"start-{tag}")
-    driver.run_until(lambda: all(driver.trace.tokens.get(r) for r in streams.first))
-    engine.abort_request(long_id)
-    streams.stop()
-    driver.run_until(lambda: not engine.has_unfinished_requests())
-    return [driver.trace.ttft(request_id) for request_id in streams.first]
+def long_prompts(workload: Workload, vocab_size: int) -> list[tuple[str, list[int]]]:
+    """The loaded phase's long prompts, in order of arrival: (request id, tokens)."""
+    rng = random.Random(workload.seed * 1000 + 2)
+    return [(f"long-{i}", random_prompt(rng, n, vocab_size)) for i, n in enumerate(workload.long_prompt_tokens)]
+
+
+def start_groups(workload: Workload) -> tuple[range, range, range]:
+    """The tags of the loaded phase's start timed alone (`workload.starts - 1` of them), in three groups: before the
+    baseline, just before the loaded phase, just after it. Back to back, every start fell within one or two
+    seconds of a host whose speed drifts by a fifth within minutes: the streams' TTFT was a snapshot of one
+    moment (in one run p50 56 and p99 122 ms, where 72 starts on one engine minutes later, taken in three runs of
+    24, came to 46 and 92, with 8 of them drawn at random 43-48 and 85-99 in nine draws of ten)."""
+    others = workload.starts - 1
+    cuts = [1 + round(others * k / 3) for k in range(4)]
+    return range(cuts[0], cuts[1]), range(cuts[1], cuts[2]), range(cuts[2], cuts[3])
+
+
+def idle_starts(engine: Engine, workload: Workload, long_prompt: list[int], vocab_size: int, tags: range
+                ) -> list[float]:
+    """The loaded phase's start alone, once per tag: the first long prompt and then the streams arrive at an idle
+    engine; stopped (everything aborted and drained) once every stream has its first token. Returns the streams'
+    TTFTs."""
+    ttfts = []
+    for tag in tags:
+        driver = Driver(engine)
+        long_id = f"start-{tag}-long"
+        driver.add(long_id, long_prompt, SamplingParams(max_tokens=workload.long_new_tokens, ignore_eos=True))
+        streams = Streams(driver, workload, vocab_size, tag=2, prefix=f"start-{tag}")
+        driver.run_until(lambda: all(driver.trace.tokens.get(r) for r in streams.first))
+        engine.abort_request(long_id)
+        streams.stop()
+        driver.run_until(lambda: not engine.has_unfinished_requests())
+        ttfts += [driver.trace.ttft(request_id) for request_id in streams.first]
+    return ttfts
+
+
+def both_phases(system: str, engine: Engine, workload: Workload, vocab_size: int,
+                before_load: Callable[[], None] = lambda: None) -> tuple[Phase, Phase, list[float]]:
+    """The baseline, then the loaded phase (`before_load` called between them), with the loaded phase's start timed
+    alone `workload.starts - 1` times around them (`start_groups`): its streams' TTFTs are over every start.
+
+    Returns both phases and the end time of every step of the loaded phase's window (for the step anatomy of the
+    disaggregated run)."""
+    early, just_before, late = start_groups(workload)
+    first_long = long_prompts(workload, vocab_size)[0][1]
+    start_ttfts = idle_starts(engine, workload, first_long, vocab_size, early)
+    progress(f"{system}: baseline (streams alone)")
+    baseline = baseline_phase(system, engine, workload, vocab_size)
+    before_load()
+    start_ttfts += idle_starts(engine, workload, first_long, vocab_size, just_before)
+    progress(f"{system}: long prompts arriving")
+    loaded, step_ends = loaded_phase(system, engine, workload, vocab_size)
+    loaded.stream_ttft_s += start_ttfts + idle_starts(engine, workload, first_long, vocab_size, late)
+    return baseline, loaded, step_ends
 
 
 def loaded_phase(system: str, engine: Engine, workload: Workload, vocab_size: int) -> tuple[Phase, list[float]]:
-    """Long prompts keep arriving; the streams arrive just after the first one and decode meanwhile. First, the
-    phase's start alone, `workload.starts - 1` times: the streams' TTFTs are timed over every start.
+    """Long prompts keep arriving; the streams arrive just after the first one and decode meanwhile.
 
     Returns the phase and the end time of every step (for the step anatomy of the disaggregated run).
     """
     phase, cpu, start = Phase(system, loaded=True), CpuWindow(), time.perf_counter()
-    rng = random.Random(workload.seed * 1000 + 2)
-    longs = [(f"long-{i}", random_prompt(rng, n, vocab_size)) for i, n in enumerate(workload.long_prompt_tokens)]
+    longs = long_prompts(workload, vocab_size)
     long_params = SamplingParams(max_tokens=workload.long_new_tokens, ignore_eos=True)
-    start_ttfts = [ttft for tag in range(1, workload.starts)
-                   for ttft in first_tokens(engine, workload, longs[0][1], vocab_size, tag)]
 
     driver = Driver(engine)
     trace = driver.trace
@@ -400,7 +440,6 @@ def loaded_phase(system: str, engine: Engine, workload: Workload, vocab_size: in
 
     until = max(trace.tokens[r][-1] for r, _ in longs)
     streams.measure(phase, until)
-    phase.stream_ttft_s += start_ttfts
     phase.long_ttft_s = {len(prompt): trace.ttft(request_id) for request_id, prompt in longs}
     phase.wall_s, phase.others_cores = time.perf_counter() - start, cpu.others_cores()
     phase.steps = len(step_ends)
@@ -564,11 +603,8 @@ def colocated_run(report: Report, model_dir: Path, vocab_size: int) -> None:
     report.load_s["colocated"] = time.perf_counter() - start
     warm_up(engine, workload, vocab_size)
     report.other_benchmarks["colocated"] = other_benchmarks()
-    progress("colocated: baseline (streams alone)")
-    report.phases.append(baseline_phase("colocated", engine, workload, vocab_size))
-    progress("colocated: long prompts arriving")
-    phase, step_ends = loaded_phase("colocated", engine, workload, vocab_size)
-    report.phases.append(phase)
+    baseline, loaded, step_ends = both_phases("colocated", engine, workload, vocab_size)
+    report.phases += [baseline, loaded]
     report.colocated_step_p50_s = percentile([b - a for a, b in itertools.pairwise(step_ends)], 50)
     engine.shutdown()
 
@@ -591,14 +627,11 @@ def disaggregated_run(report: Report, model_dir: Path, vocab_size: int) -> None:
     try:
         warm_up(engine, workload, vocab_size)
         report.other_benchmarks["disaggregated"] = other_benchmarks()
-        progress("disaggregated: baseline (streams alone)")
-        report.phases.append(baseline_phase("disaggregated", engine, workload, vocab_size))
         transfers: list[Transfer] = []
         stalls: list[tuple[float, float]] = []
-        instrument(engine, transfers, stalls)
-        progress("disaggregated: long prompts arriving")
-        phase, step_ends = loaded_phase("disaggregated", engine, workload, vocab_size)
-        report.phases.append(phase)
+        baseline, loaded, step_ends = both_phases("disaggregated", engine, workload, vocab_size,
+                                                  lambda: instrument(engine, transfers, stalls))
+        report.phases += [baseline, loaded]
         report.anatomy = anatomy(stalls, step_ends)
     finally:
         for e in (engine.prefill, *engine.decoders):
@@ -761,8 +794,9 @@ def ttft_lines(report: Report) -> list[str]:
                          + (longs if loaded else ""))
     lines.append("  (while long prompts arrive the streams come in just after the first one and wait for its prefill;")
     starts = report.workload.starts
-    lines.append(f"   their TTFT is over {starts} starts: the phase's own and {starts - 1} just before it on the idle"
-                 " engine, each stopped once every stream has its first token)")
+    lines.append(f"   their TTFT is over {starts} starts: the phase's own and {starts - 1} alone on the idle engine,"
+                 " before the baseline, just before the phase and after it, each stopped once every stream has its"
+                 " first token)")
     return lines
 
 

@@ -28,7 +28,7 @@ calibration did not see, which are measured in the same run:
   step at ep=2 and ep=4 (Ray worker groups, gloo all-to-alls; 4 ranks share 2 cores); TTFT of a 16k-token
   prompt on the long-context model; and the workload of `disagg.py` (8 streams while 16k-64k prompts keep
   arriving, colocated on `--threads` threads and disaggregated on 1 + 1): p50/p99 TPOT of the streams, p50/p99 TTFT of
-  the streams' first requests (over disagg.py's 8 starts of the phase, the simulation's over as many seeds) and
+  the streams' first requests (over disagg.py's 16 starts of the phase, the simulation's over as many seeds) and
   TTFT of each long prompt. The queueing figures come from the planner's discrete-event simulation, which drives
   the engine's own Scheduler and BlockManager: each the median over 9 simulated runs of the workload.
 
