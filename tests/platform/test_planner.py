@@ -163,9 +163,18 @@ def test_a_steps_spread_is_drawn_from_calibrated_steps_of_about_its_length() -> 
     both = Efficiency(step_excess=[[1.0, 0.0]], replica_step_excess=[[1.0, 0.5]])
     assert StepSpread(both, replica=True).draw(1.0) == 0.5 and StepSpread(both).draw(1.0) == 0.0
     assert StepSpread(Efficiency(step_excess=[[1.0, 0.0]]), replica=True).draw(1.0) == 0.0  # none timed there
+    # its prefill group draws from every prefill step timed there, whatever their price and its own
+    prefill = Efficiency(step_excess=[[0.01, 0.0]], replica_step_excess=[[0.01, 0.0]],
+                         replica_prefill_excess=[[0.02, 0.003], [0.05, 0.001], [0.5, 0.002]])
+    drawn = {round(StepSpread(prefill, seed=s, replica=True, prefill=True).draw(0.01), 6) for s in range(40)}
+    assert min(drawn) >= 0.001 and max(drawn) <= 0.003 and len(drawn) > 10
+    assert StepSpread(prefill, replica=True).draw(0.01) == 0.0  # its decode group: the window, as before
+    assert StepSpread(prefill, prefill=True).draw(0.01) == 0.0  # not a replica: calibration's steps alone
     for bad in ([[0.0, 0.1]], [[0.01, -0.001]], [[]]):  # a point is its fastest (> 0), then excesses (>= 0)
         with pytest.raises(InvalidRequestError, match="step_excess"):
             Efficiency(step_excess=bad)
+        with pytest.raises(InvalidRequestError, match="replica_prefill_excess"):
+            Efficiency(replica_prefill_excess=bad)
 
 
 def test_a_decode_batch_is_timed_inside_a_disaggregated_replica_on_ray() -> None:

@@ -958,8 +958,8 @@ def calibrate(out: Path, threads: int = 1, quick: bool = False, progress: Progre
         alone = own_steps([p for p in points if model_key(p.model) == model_key(replica_model)],
                           replace(base, efficiency=efficiency))
         priced_by = replace(base, efficiency=replace(efficiency, own_steps=alone))
-        efficiency = replace(efficiency, replica_step_excess=step_excess(decode_points) + replica_prefill_excess(
-            prefill_steps, replica_model, priced_by))
+        efficiency = replace(efficiency, replica_step_excess=step_excess(decode_points),
+                             replica_prefill_excess=replica_prefill_excess(prefill_steps, replica_model, priced_by))
     hardware = replace(base, efficiency=efficiency, kv_link=kv_link, sources={
         "hbm_bandwidth": "measured: sum over a 256 MB fp32 tensor, best of 5",
         "flops": "measured: fp32 matmuls, best of three shapes",

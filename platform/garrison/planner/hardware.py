@@ -104,6 +104,9 @@ class Efficiency:
     # The same for a decode group's steps timed inside a disaggregated replica on this host (a calibrated,
     # time-shared one: its prefill group computing and KV moving on the same cores), for such replicas' steps.
     replica_step_excess: list[list[float]] = field(default_factory=list)
+    # Per step of that replica's prefill group (on Ray): its price, then what it took over that. A replica's
+    # prefill step draws from all of them, whatever its price (`simulate.StepSpread`).
+    replica_prefill_excess: list[list[float]] = field(default_factory=list)
     # Models whose own steps calibration timed (`garrison plan calibrate --model`), by `models.model_key`: per
     # kind of step (`step_time.step_kind`: "decode", one-token rows only; "prefill", any prefill segment;
     # "blockwise", one attending past a key block), [fitted, measured] seconds of each. The fit is one set of
@@ -128,7 +131,7 @@ class Efficiency:
             raise InvalidRequestError(f"invalid efficiency {self}: shares must be in (0, 1], overlap max or sum")
         if any(int(rows) < 1 or not share > 0 for rows, share in self.gemm_curve.items()):
             raise InvalidRequestError(f"invalid gemm_curve {self.gemm_curve}: rows >= 1 -> a share of peak > 0")
-        for name in ("step_excess", "replica_step_excess"):
+        for name in ("step_excess", "replica_step_excess", "replica_prefill_excess"):
             points = getattr(self, name)
             if any(not point or point[0] <= 0 or min(point) < 0 for point in points):
                 raise InvalidRequestError(f"invalid {name}: each point is its fastest step (> 0 s), then excesses "

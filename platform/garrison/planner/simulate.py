@@ -106,11 +106,17 @@ class StepSpread:
     """What a step takes over its fastest run, drawn (seeded: a plan is reproducible) from what calibration's
     repeated steps of about its length took over theirs: within a factor of 2 of its fastest, else the nearest
     point's. Without such points, every step takes `step_jitter_s` more. `replica`: a disaggregated replica on a
-    time-shared host, whose steps spread as calibration's decode steps inside such a replica did."""
+    time-shared host, whose steps spread as calibration's decode steps inside such a replica did; with `prefill`,
+    its prefill group's, whose steps take what any of calibration's replica's prefill steps took over its price.
+    Not by price: those steps' excess is what the host and Ray add to a rank's call, 0-9 ms at the median of each
+    2 ms of price from 12 to 60 ms with no trend at the cheap end, where a window by price holds a few dozen steps
+    of a few shapes (in one profile 25-67% of them at zero: shapes the fit prices high). disagg.py's start, whose
+    first prefill step is priced 9.4 ms, took 2.4-6 ms over that (medians of 24 starts, seven times); its window
+    drew 1.1 ms at the median."""
 
     WINDOW = 2.0
 
-    def __init__(self, efficiency: Efficiency, seed: int = 0, replica: bool = False) -> None:
+    def __init__(self, efficiency: Efficiency, seed: int = 0, replica: bool = False, prefill: bool = False) -> None:
         measured = efficiency.replica_step_excess if replica and efficiency.replica_step_excess else \
             efficiency.step_excess
         points = sorted((p[0], p[1:]) for p in measured if len(p) > 1)
@@ -119,8 +125,12 @@ class StepSpread:
         self._jitter = efficiency.step_jitter_s
         self._rng = random.Random(seed)
         self._pools: dict[int, list[float]] = {}
+        self._whole = sorted(x for p in efficiency.replica_prefill_excess for x in p[1:]) if replica and prefill \
+            else []  # the one pool of a replica's prefill steps, whatever their price
 
     def draw(self, fastest: float) -> float:
+        if self._whole and fastest > 0:
+            return _quantile(self._whole, self._rng.random())
         if not self._fastest or fastest <= 0:
             return self._jitter
         return _quantile(self._pool(fastest), self._rng.random())
@@ -149,10 +159,12 @@ class SimEngine:
     @classmethod
     def build(cls, step_model: StepTimeModel, num_blocks: int, block_size: int, max_num_seqs: int,
               max_num_batched_tokens: int, seed: int = 0, replica: bool = False) -> SimEngine:
-        """`seed`: of the steps' spread (give each engine of a replica its own); `replica`: see `StepSpread`."""
+        """`seed`: of the steps' spread (give each engine of a replica its own); `replica`: see `StepSpread` (a
+        prefill group's steps are its `prefill` ones)."""
         blocks = BlockManager(num_blocks, block_size, enable_prefix_caching=False)
+        prefill = replica and step_model.group.role == "prefill"
         return cls(step_model, Scheduler(blocks, max_num_seqs, max_num_batched_tokens),
-                   StepSpread(step_model.hw.efficiency, seed, replica))
+                   StepSpread(step_model.hw.efficiency, seed, replica, prefill))
 
     @property
     def block_manager(self) -> BlockManager:
