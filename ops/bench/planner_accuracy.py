@@ -257,7 +257,7 @@ def disagg_model_points(report: Report, model_dir: Path, quick: bool, threads: i
                         for context in (shortest, shortest + workload.stream_tokens)]
 
             # The decode batches are timed three times, between the other points, and the fastest kept with every
-            # step's time: one run's batch at the longer context came out 3.88 ms at its fastest (2.11-2.65 in four
+            # step's time: one run's batch at the longer context came out 3.88 ms at its fastest (2.11-2.65 in five
             # others), a spell of the host that priced that run's disaggregated TPOT p50 50% high.
             rounds = [decodes()]
             others = prefill_points(engine, model, prompt, workload.max_num_batched_tokens, repeats=4)
