@@ -66,7 +66,8 @@ import torch
 from _common import finite_or_none, fmt_load, machine_facts, progress, save_random_llama4
 from garrison.model_refs import resolve_model
 from garrison.planner.calibrate import (EP_MODELS, EP_SIZES, EPSteps, Point, PrefillStep, batched_prefill_point,
-                                       calibrate, decode_point, ep_points, prefill_points, replica_points)
+                                       calibrate, decode_point, ep_points, fastest_of, prefill_points,
+                                       replica_points)
 from garrison.planner.hardware import Hardware
 from garrison.planner.layout import Group
 from garrison.planner.memory import Precision
@@ -252,6 +253,7 @@ def disagg_model_points(report: Report, model_dir: Path, quick: bool, threads: i
             engine = LLMEngine.from_path(model_dir, replace(workload.engine_config(), worker_threads=count))
             model = engine.model_config
             engine.generate([[3, 4, 5] * 50], SamplingParams(max_tokens=4, ignore_eos=True))
+
             def decodes() -> list[Point]:
                 return [decode_point(engine, model, 8, context, 16 if quick else 48)
                         for context in (shortest, shortest + workload.stream_tokens)]
@@ -269,11 +271,6 @@ def disagg_model_points(report: Report, model_dir: Path, quick: bool, threads: i
             points[count] = [fastest_of(list(timed)) for timed in zip(*rounds)] + others
             engine.shutdown()
     return points
-
-
-def fastest_of(repeats: list[Point]) -> Point:
-    """One point timed several times: the fastest step of all, and every step's time."""
-    return replace(min(repeats, key=lambda p: p.seconds), times=[t for p in repeats for t in p.times])
 
 
 def probe(report: Report, model_dir: Path, when: str) -> None:

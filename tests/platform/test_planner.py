@@ -170,6 +170,8 @@ def test_a_steps_spread_is_drawn_from_calibrated_steps_of_about_its_length() -> 
     assert min(drawn) >= 0.001 and max(drawn) <= 0.003 and len(drawn) > 10
     assert StepSpread(prefill, replica=True).draw(0.01) == 0.0  # its decode group: the window, as before
     assert StepSpread(prefill, prefill=True).draw(0.01) == 0.0  # not a replica: calibration's steps alone
+    older = Efficiency(step_excess=[[0.01, 0.0]], replica_step_excess=[[0.01, 0.004]])  # a profile from before
+    assert StepSpread(older, replica=True, prefill=True).draw(0.01) == 0.004  # its prefill steps: by price
     for bad in ([[0.0, 0.1]], [[0.01, -0.001]], [[]]):  # a point is its fastest (> 0), then excesses (>= 0)
         with pytest.raises(InvalidRequestError, match="step_excess"):
             Efficiency(step_excess=bad)

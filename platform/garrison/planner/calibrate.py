@@ -751,11 +751,13 @@ def _ep_rounds(directories: list[Path], config: EngineConfig, ep: int, quick: bo
     finally:
         for engine in engines:
             engine.shutdown()
-    merged = []
-    for run in runs:
-        times = [t for point in run for t in point.times]
-        merged.append(replace(run[0], label=f"{run[0].label} ep={ep}", seconds=min(times), times=times))
-    return merged
+    return [replace(fastest_of(run), label=f"{run[0].label} ep={ep}") for run in runs]
+
+
+def fastest_of(repeats: list[Point]) -> Point:
+    """One point timed several times (rounds apart, so a spell of the host reaches only some): the fastest step of
+    all, and every step's time."""
+    return replace(min(repeats, key=lambda p: p.seconds), times=[t for p in repeats for t in p.times])
 
 
 def ep_link(steps: EPSteps, fitted: Hardware, bandwidth: float) -> tuple[Link, dict[int, float], dict[str, Any]] | None:
